@@ -1,0 +1,208 @@
+"""`clipx prep|train|eval|demo`: parse arguments, call the library, turn ClipxError into one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from clipx.errors import ClipxError
+
+# Nothing clipx runs may reach a model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ClipxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipx", description="CLIP-style contrastive training on webdataset shards")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_prep(commands)
+    _add_train(commands)
+    _add_eval(commands)
+    _add_demo(commands)
+    return parser
+
+
+# ---- prep -------------------------------------------------------------------------------------
+
+def _add_prep(commands) -> None:
+    prep = commands.add_parser("prep", help="write webdataset shards + sizes.json")
+    sources = prep.add_subparsers(dest="source", required=True)
+
+    digits = sources.add_parser("digits", help="scikit-learn's handwritten digits, split into train/ and test/")
+    digits.add_argument("--image-size", type=int, default=32)
+    digits.add_argument("--shard-size", type=int, default=256)
+    digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument("--test-fraction", type=float, default=0.2)
+    digits.add_argument("--templates", default=None, help="YAML with classnames and templates (default: digits)")
+    digits.set_defaults(func=_prep_digits)
+
+    for name, help_text in (("folder", "a folder of images + a captions file"),
+                            ("csv", "a captions table whose image column holds paths")):
+        table = sources.add_parser(name, help=help_text)
+        table.add_argument("--captions", required=True, help="CSV, TSV, JSONL or Parquet file")
+        table.add_argument("--images", default=None, help="folder the image paths are relative to "
+                                                          "(default: the captions file's folder)")
+        table.add_argument("--image-column", default="image")
+        table.add_argument("--caption-column", default="caption")
+        table.set_defaults(func=_prep_folder)
+
+    hf = sources.add_parser("hf", help="a Hugging Face `datasets` dataset on local disk")
+    hf.add_argument("--dataset", required=True, help="folder saved with save_to_disk, or data files for --builder")
+    hf.add_argument("--builder", default=None, help="build from local files: csv, json, parquet, imagefolder")
+    hf.add_argument("--split", default="train")
+    hf.add_argument("--image-column", default="image")
+    hf.add_argument("--caption-column", default="text")
+    hf.set_defaults(func=_prep_hf)
+
+    for sub in sources.choices.values():
+        sub.add_argument("--out", required=True, help="output folder for shards and sizes.json")
+        sub.add_argument("--workers", type=int, default=2, help="image re-encoding processes")
+        if sub is not digits:
+            sub.add_argument("--image-size", type=int, default=224)
+            sub.add_argument("--shard-size", type=int, default=10000)
+
+
+def _prep_digits(args) -> int:
+    from data_prep import prep_digits
+
+    summaries = prep_digits(Path(args.out), image_size=args.image_size, shard_size=args.shard_size,
+                            test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
+                            templates_file=args.templates)
+    for split, summary in summaries.items():
+        print(f"{split}: {summary.format()}")
+    return 0
+
+
+def _prep_folder(args) -> int:
+    from data_prep import prep_folder
+
+    images = args.images or str(Path(args.captions).parent)
+    summary = prep_folder(images, args.captions, Path(args.out), image_column=args.image_column,
+                          caption_column=args.caption_column, image_size=args.image_size,
+                          shard_size=args.shard_size, workers=args.workers)
+    print(summary.format())
+    return 0
+
+
+def _prep_hf(args) -> int:
+    from data_prep import prep_hf
+
+    summary = prep_hf(args.dataset, Path(args.out), image_column=args.image_column,
+                      caption_column=args.caption_column, split=args.split, builder=args.builder,
+                      image_size=args.image_size, shard_size=args.shard_size, workers=args.workers)
+    print(summary.format())
+    return 0
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+def _add_train(commands) -> None:
+    train = commands.add_parser("train", help="train from a YAML config (+ section.key=value overrides)")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo-digits.yaml")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 data.workers=4")
+
+
+def _train(args) -> int:
+    from clipx.config import load_config
+    from clipx.train.loop import train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+def _add_eval(commands) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on shards, write JSON")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    for task in ("zero-shot", "retrieval"):
+        sub = tasks.add_parser(task)
+        sub.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
+        sub.add_argument("--data", required=True, help="shard pattern or folder of shards")
+        sub.add_argument("--out", required=True, help="JSON file to write")
+        sub.add_argument("--batch-size", type=int, default=256)
+        sub.add_argument("--workers", type=int, default=2)
+        if task == "zero-shot":
+            sub.add_argument("--templates", default=None,
+                             help="shipped name (digits, imagenet) or YAML path; default: the checkpoint's eval.templates")
+            sub.add_argument("--label-key", default=None, help="field of the .json holding the class index")
+        sub.set_defaults(func=_eval)
+
+
+def _eval(args) -> int:
+    from clipx.data.tokenizer import Tokenizer
+    from clipx.train.checkpoint import load_model
+    from eval.run import default_device, evaluate
+
+    device = default_device()
+    model, config = load_model(args.checkpoint, device)
+    zero_shot = args.task == "zero-shot"
+    results = evaluate(model, Tokenizer(config.model), config.model, args.data, device,
+                       zero_shot=zero_shot, retrieval=not zero_shot,
+                       templates=(getattr(args, "templates", None) or config.eval.templates),
+                       label_key=(getattr(args, "label_key", None) or config.eval.label_key),
+                       batch_size=args.batch_size, workers=args.workers)
+    results["checkpoint"] = str(args.checkpoint)
+    write_json(args.out, results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write JSON via a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+# ---- demo -------------------------------------------------------------------------------------
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser("demo", help="digits end to end: prep, train, evaluate, results.json")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--mode", default="clip", choices=["clip"])
+    demo.add_argument("--config", default=None, help="default: configs/demo-digits.yaml of this checkout")
+    demo.add_argument("--shuffle-captions", action="store_true",
+                      help="control run: captions shuffled across images, so the pairing carries no signal")
+    demo.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    from clipx.demo import print_table, run_demo
+
+    results = run_demo(Path(args.out), config_path=args.config, overrides=args.overrides,
+                       shuffle_captions=args.shuffle_captions)
+    print_table(results)
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Typed, immutable run configuration: YAML file + dotted ``key=value`` overrides.
+
+``load_config`` validates everything before any model, data loader or process group exists, so
+a typo in a key or a value of the wrong type costs a one-line error, not a crashed job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from clipx.errors import ClipxError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `precision: no` as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def read_yaml(text: str):
+    """Parse YAML with 1.2 booleans (see _Loader)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # An open_clip architecture name ("ViT-B-32", "RN50", ...) or a path to an open_clip-style model
+    # JSON (embed_dim, vision_cfg, text_cfg). Relative paths resolve against the YAML file's folder.
+    name: str = "ViT-B-32"
+    # The resolved architecture, filled in by load_config so that a checkpoint's config.yaml alone
+    # rebuilds the model, wherever the original JSON lived.
+    arch: Optional[dict] = None
+    # "open_clip": the text tower described by arch["text_cfg"];
+    # "hf": a transformers model from a local directory (hf_text_path) plus a linear projection.
+    text_tower: str = "open_clip"
+    hf_text_path: Optional[str] = None
+    hf_pooling: str = "mean"  # mean | cls
+    hf_context_length: int = 64
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # shard pattern with brace expansion, e.g. "data/train/shard-{000000..000099}.tar"
+    val: Optional[str] = None  # validation shards for evaluation during training
+    # Samples per epoch; None reads sizes.json beside the shards.
+    train_num_samples: Optional[int] = None
+    resampled: bool = False  # sample shards with replacement (seeded) instead of splitting them
+    workers: int = 2  # data-loader worker processes per rank
+    shuffle_buffer: int = 2000  # samples held in the shuffle buffer of each worker
+    crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 disables the crop
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "clip"
+    # none: each rank sees only its own negatives; global: full (N, N) logits on every rank;
+    # local: this rank's rows against all gathered columns, (B, N) logits per rank.
+    gather: str = "local"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 256  # per device (per micro-batch when grad_accum_steps > 1)
+    steps: Optional[int] = None  # total optimizer steps; wins over epochs
+    epochs: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip_norm: Optional[float] = None
+    grad_accum_steps: int = 1
+    precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    threads: Optional[int] = None  # torch intra-op threads per process; None keeps torch's default
+    output_dir: str = "runs/train"
+    checkpoint_every: int = 1000  # steps; the final step is always saved
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training; 0 evaluates only after the last step
+    zero_shot: bool = True
+    retrieval: bool = True
+    # Class names and prompt templates: a name shipped in eval/templates ("digits", "imagenet")
+    # or a path to a YAML file with `classnames` and `templates`.
+    templates: str = "digits"
+    label_key: str = "label"  # field of each sample's .json (or a .cls member) holding the class index
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "model.text_tower": ("open_clip", "hf"),
+    "model.hf_pooling": ("mean", "cls"),
+    "loss.name": ("clip",),
+    "loss.gather": ("none", "global", "local"),
+    "train.precision": ("no", "bf16", "fp16"),
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``section.key=value`` overrides, validate, resolve the model arch."""
+    raw: dict = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ClipxError(f"config file {path} does not exist")
+        try:
+            raw = read_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ClipxError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ClipxError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        base_dir = path.resolve().parent
+    for item in overrides:
+        key, value = _parse_override(item)
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ClipxError(f"config section '{section}' must be a mapping")
+        raw[section][name] = value
+    config = config_from_dict(raw)
+    config = _resolve_model_arch(config, base_dir)
+    validate(config)
+    return config
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a Config from nested dicts, rejecting unknown keys and values of the wrong type."""
+    sections = {}
+    for section, values in raw.items():
+        section_cls = _SECTIONS.get(section)
+        if section_cls is None:
+            raise ClipxError(f"unknown config section '{section}'{_suggest(section, _SECTIONS)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ClipxError(f"config section '{section}' must be a mapping, got {values!r}")
+        known = _fields(section_cls)
+        kwargs = {}
+        for name, value in values.items():
+            if name not in known:
+                all_keys = [f"{s}.{k}" for s, c in _SECTIONS.items() for k in _fields(c)]
+                raise ClipxError(f"unknown config key '{section}.{name}'{_suggest(f'{section}.{name}', all_keys)}")
+            kwargs[name] = _coerce(f"{section}.{name}", value, _hints(section_cls)[name])
+        sections[section] = section_cls(**kwargs)
+    return Config(**sections)
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain nested dict (tuples become lists) suitable for YAML or JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML; ``load_config`` of that file gives back an equal Config."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def validate(config: Config) -> None:
+    """Check cross-field rules and value ranges; raise ClipxError on the first violation."""
+    flat = {f"{s}.{k}": v for s, sec in config_to_dict(config).items() for k, v in sec.items()}
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ClipxError(f"{key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    t = config.train
+    for key in ("train.batch_size", "train.epochs", "train.grad_accum_steps", "train.checkpoint_every",
+                "train.log_every", "eval.batch_size"):
+        if flat[key] <= 0:
+            raise ClipxError(f"{key} must be positive; got {flat[key]}")
+    if t.steps is not None and t.steps <= 0:
+        raise ClipxError(f"train.steps must be positive; got {t.steps}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ClipxError(f"train.lr must be a positive finite number; got {t.lr}")
+    if t.warmup_steps < 0 or config.eval.every < 0 or config.data.workers < 0:
+        raise ClipxError("train.warmup_steps, eval.every and data.workers must not be negative")
+    if not 0.0 < config.data.crop_scale_min <= 1.0:
+        raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
+    if config.model.text_tower == "hf" and not config.model.hf_text_path:
+        raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or "." not in key:
+        raise ClipxError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+    try:
+        value = read_yaml(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type hint, with the few lossless conversions YAML needs."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, hint)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if hint in (int, str, bool, dict) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise ClipxError(f"config key '{key}' expects {expected}; got {value!r} ({type(value).__name__})")
+
+
+def _resolve_model_arch(config: Config, base_dir: Path) -> Config:
+    """Fill ``model.arch`` from a JSON file or open_clip's built-in configs, unless already set."""
+    model = config.model
+    if model.arch is not None:
+        return config
+    name = model.name
+    if name.endswith(".json"):
+        candidates = [Path(name), base_dir / name]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ClipxError(f"model config {name} not found (looked in {Path.cwd()} and {base_dir})")
+        arch = json.loads(found.read_text())
+    else:
+        import open_clip
+
+        arch = open_clip.get_model_config(name)
+        if arch is None:
+            raise ClipxError(
+                f"unknown open_clip architecture '{name}'{_suggest(name, open_clip.list_models())}; "
+                "give an open_clip model name or a path to a model JSON"
+            )
+    return dataclasses.replace(config, model=dataclasses.replace(model, arch=arch))

@@ -1,0 +1,1 @@
+"""Data: shard lists, streaming webdataset pipelines, transforms and the tokenizer wrapper."""

@@ -1,0 +1,286 @@
+"""Streaming webdataset pipelines: shards -> samples -> decoded, transformed, tokenized batches.
+
+We do not hand these loaders to ``accelerator.prepare``: Accelerate would shard the batches across
+ranks a second time. Instead ``shard_stream`` splits shards by rank and by data-loader worker itself,
+and ``with_epoch`` gives every rank the same number of batches per epoch whatever the shard sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import multiprocessing as mp
+import random
+from typing import Callable, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from clipx.data.shards import count_samples, expand_shards
+from clipx.data.transforms import decode_image, stack_images
+from clipx.errors import ClipxError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class SharedEpoch:
+    """The current epoch, readable by data-loader workers forked after it was set."""
+
+    def __init__(self, epoch: int = 0):
+        self._value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+    def get(self) -> int:
+        return self._value.value
+
+
+class SkipCounter:
+    """Counts skipped inputs by reason across worker processes (shared memory, created before fork)."""
+
+    REASONS = ("unreadable_shard", "corrupt_tar", "undecodable_image", "missing_caption")
+
+    def __init__(self):
+        self._values = {reason: mp.Value("q", 0) for reason in self.REASONS}
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._values[reason].get_lock():
+            self._values[reason].value += n
+
+    def snapshot(self) -> dict[str, int]:
+        return {reason: value.value for reason, value in self._values.items()}
+
+    def total(self) -> int:
+        return sum(self.snapshot().values())
+
+    def handler(self, reason: str) -> Callable[[Exception], bool]:
+        """A webdataset exception handler that counts the failure and carries on."""
+        return functools.partial(_count_and_continue, self, reason)
+
+
+def _count_and_continue(counter: SkipCounter, reason: str, exn: Exception) -> bool:
+    counter.add(reason)
+    return True
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def shard_stream(urls: list[str], rank: int, world: int, seed: int, epoch: SharedEpoch,
+                 resampled: bool) -> Iterator[dict]:
+    """Endless stream of {"url": shard, "epoch": n} for this rank and worker, epoch after epoch.
+
+    Not resampled: each epoch shuffles the shard list with (seed, epoch), then deals it to ranks and
+    then to workers, so no two workers read the same shard in an epoch. Resampled: each worker draws
+    shards with replacement from its own seeded generator. The stream never ends on its own; the
+    loader's ``with_epoch`` decides how many batches make an epoch.
+    """
+    worker, workers = _worker()
+    current = epoch.get()
+    while True:
+        if resampled:
+            rng = random.Random(f"{seed}-{current}-{rank}-{worker}")
+            mine = [rng.choice(urls) for _ in range(len(urls))]
+        else:
+            order = list(urls)
+            random.Random(f"{seed}-{current}").shuffle(order)
+            mine = order[rank::world][worker::workers]
+        for url in mine:
+            yield {"url": url, "epoch": current}
+        current += 1
+
+
+def open_local_shards(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+    """Open shard files from the local filesystem only (no ``pipe:`` commands, no URLs)."""
+    for item in src:
+        try:
+            stream = open(item["url"], "rb")
+        except OSError:
+            counter.add("unreadable_shard")
+            continue
+        with stream:
+            yield {**item, "stream": stream}
+
+
+def tar_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+    """Opened tar streams -> samples grouped by key, tagged with the shard's epoch.
+
+    Corrupt members and truncated tars are counted and skipped; the rest of the shard still counts.
+    """
+    handler = counter.handler("corrupt_tar")
+    for shard in src:
+        for sample in group_by_keys(tar_file_expander([shard], handler=handler), handler=handler):
+            sample["__epoch__"] = shard.get("epoch", 0)
+            yield sample
+
+
+def first_caption(sample: dict) -> str | None:
+    """The first non-empty line of the sample's .txt member, or None."""
+    captions = all_captions(sample)
+    return captions[0] if captions else None
+
+
+def all_captions(sample: dict) -> list[str]:
+    """Every non-empty line of the .txt member (retrieval sets store several captions per image)."""
+    raw = sample.get("txt")
+    if raw is None:
+        return []
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def sample_image_bytes(sample: dict) -> bytes | None:
+    return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+
+
+def seed_augmentations(seed: int, epoch: SharedEpoch, rank: int) -> None:
+    """Seed torch's RNG in a data-loader worker from (seed, epoch, rank, worker).
+
+    Random crops then depend only on the position in the data stream, not on when the worker was
+    started, so a resumed run that replays its epoch sees the very same augmented images. In the
+    main process (workers=0) the global RNG belongs to the model and is left alone.
+    """
+    if get_worker_info() is None:
+        return
+    worker, _ = _worker()
+    torch.manual_seed(hash((seed, epoch.get(), rank, worker)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int = 0,
+                         epoch: SharedEpoch | None = None, rank: int = 0) -> Iterator[dict]:
+    """Raw samples -> {"image": (3, H, W), "text": str, "key": str}; bad ones are counted and skipped."""
+    if epoch is not None:
+        seed_augmentations(seed, epoch, rank)
+    for sample in src:
+        caption = first_caption(sample)
+        if caption is None:
+            counter.add("missing_caption")
+            continue
+        try:
+            image = transform(decode_image(sample_image_bytes(sample)))
+        except Exception:  # any decoder failure means this one sample is unusable
+            counter.add("undecodable_image")
+            continue
+        yield {"image": image, "text": caption, "key": sample["__key__"]}
+
+
+def shuffle_samples(src: Iterable[dict], bufsize: int, seed: int, rank: int, epoch: SharedEpoch) -> Iterator[dict]:
+    """A shuffle buffer of ``bufsize`` samples seeded per (seed, epoch, rank, worker): reproducible runs."""
+    worker, _ = _worker()
+    rng = random.Random(f"{seed}-{epoch.get()}-{rank}-{worker}")
+    buffer: list[dict] = []
+    current = None
+    for sample in src:
+        if sample["__epoch__"] != current:
+            # Drain at an epoch boundary: the next pass over the data must not overtake this one.
+            rng.shuffle(buffer)
+            yield from buffer
+            buffer, current = [], sample["__epoch__"]
+        buffer.append(sample)
+        if len(buffer) >= bufsize:
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate_train(src: Iterable[dict], batch_size: int, tokenizer) -> Iterator[dict]:
+    """Samples -> {"image": (B, 3, H, W), "text": (B, L) token ids, "key": list[str]}; drops the last partial batch."""
+    buffer: list[dict] = []
+    for sample in src:
+        buffer.append(sample)
+        if len(buffer) == batch_size:
+            yield {
+                "image": stack_images([s["image"] for s in buffer]),
+                "text": tokenizer([s["text"] for s in buffer]),
+                "key": [s["key"] for s in buffer],
+            }
+            buffer = []
+
+
+def steps_per_epoch(num_samples: int, global_batch: int, workers: int) -> tuple[int, int]:
+    """(batches per rank per epoch, batches per worker): a multiple of the worker count, like open_clip."""
+    workers = max(workers, 1)
+    per_worker = max(1, math.ceil(math.ceil(num_samples / global_batch) / workers))
+    return per_worker * workers, per_worker
+
+
+def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: int, rank: int, world: int,
+                       epoch: SharedEpoch, counter: SkipCounter):
+    """The training loader for this rank and the number of batches it yields per epoch."""
+    urls = expand_shards(data_cfg.train, "data.train")
+    workers = data_cfg.workers
+    if not data_cfg.resampled and len(urls) < world * max(workers, 1):
+        raise ClipxError(
+            f"data.train has {len(urls)} shards but {world} rank(s) x {max(workers, 1)} worker(s) need at least "
+            f"{world * max(workers, 1)}; write more, smaller shards, lower data.workers, or set data.resampled=true"
+        )
+    num_samples = data_cfg.train_num_samples or count_samples(urls)
+    batches, per_worker = steps_per_epoch(num_samples, batch_size * world, workers)
+    pipeline = wds.DataPipeline(
+        functools.partial(shard_stream, urls, rank, world, seed, epoch, data_cfg.resampled),
+        functools.partial(open_local_shards, counter=counter),
+        functools.partial(tar_samples, counter=counter),
+        functools.partial(shuffle_samples, bufsize=data_cfg.shuffle_buffer, seed=seed, rank=rank, epoch=epoch),
+        functools.partial(decode_train_samples, transform=transform, counter=counter, seed=seed, epoch=epoch,
+                          rank=rank),
+        functools.partial(collate_train, batch_size=batch_size, tokenizer=tokenizer),
+    ).with_epoch(per_worker)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                           prefetch_factor=4 if workers > 0 else None)
+    return loader, batches
+
+
+def decode_eval_samples(src: Iterable[dict], transform, label_key: str, counter: SkipCounter) -> Iterator[dict]:
+    """Raw samples -> {"image", "captions": list[str], "label": int (-1 if none), "key"}."""
+    for sample in src:
+        try:
+            image = transform(decode_image(sample_image_bytes(sample)))
+        except Exception:
+            counter.add("undecodable_image")
+            continue
+        yield {"image": image, "captions": all_captions(sample), "label": _label(sample, label_key),
+               "key": sample["__key__"]}
+
+
+def _label(sample: dict, label_key: str) -> int:
+    if "cls" in sample:
+        return int(sample["cls"].decode().strip())
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        if isinstance(meta, dict) and label_key in meta:
+            return int(meta[label_key])
+    return -1
+
+
+def collate_eval(samples: list[dict]) -> dict:
+    return {
+        "image": stack_images([s["image"] for s in samples]),
+        "captions": [s["captions"] for s in samples],
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+    }
+
+
+def build_eval_loader(pattern: str, transform, label_key: str, batch_size: int, workers: int,
+                      counter: SkipCounter | None = None, what: str = "evaluation shards"):
+    """Every sample of ``pattern`` exactly once, in batches (the last one may be smaller)."""
+    urls = expand_shards(pattern, what)
+    counter = counter or SkipCounter()
+    workers = min(workers, len(urls))
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_worker,
+        functools.partial(open_local_shards, counter=counter),
+        functools.partial(tar_samples, counter=counter),
+        functools.partial(decode_eval_samples, transform=transform, label_key=label_key, counter=counter),
+        wds.batched(batch_size, collation_fn=collate_eval, partial=True),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)

@@ -1,0 +1,51 @@
+"""Shard lists: brace expansion, existence checks and sample counts from sizes.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import braceexpand
+
+from clipx.errors import ClipxError
+
+
+def expand_shards(pattern: str, what: str = "data.train") -> list[str]:
+    """Expand ``a-{000..009}.tar`` (``::``-separated lists too, or a folder of .tar files) into paths.
+
+    Raises a one-line ClipxError when the pattern is empty, matches nothing, or names missing files.
+    """
+    if not pattern or not pattern.strip():
+        raise ClipxError(f"{what} is empty; give a shard pattern such as data/train/shard-{{000000..000009}}.tar")
+    if Path(pattern).is_dir():  # a folder written by `clipx prep`: all of its shards
+        urls = sorted(str(p) for p in Path(pattern).glob("*.tar"))
+        if not urls:
+            raise ClipxError(f"{what}: folder {pattern} holds no .tar shards; run `clipx prep` first")
+        return urls
+    urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part.strip())]
+    missing = [u for u in urls if not Path(u).is_file()]
+    if len(missing) == len(urls):
+        raise ClipxError(f"{what} pattern {pattern!r} matched no files; check the path or run `clipx prep` first")
+    if missing:
+        raise ClipxError(f"{what}: {len(missing)} of {len(urls)} shards do not exist, first {missing[0]}")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int:
+    """Total samples in ``urls`` according to the sizes.json written beside them by `clipx prep`."""
+    sizes: dict[Path, dict] = {}
+    total = 0
+    for url in urls:
+        folder = Path(url).parent
+        if folder not in sizes:
+            sizes_file = folder / "sizes.json"
+            if not sizes_file.is_file():
+                raise ClipxError(
+                    f"no sizes.json in {folder}; write shards with `clipx prep` or set data.train_num_samples"
+                )
+            sizes[folder] = json.loads(sizes_file.read_text())
+        name = Path(url).name
+        if name not in sizes[folder]:
+            raise ClipxError(f"{folder / 'sizes.json'} has no entry for {name}; set data.train_num_samples")
+        total += int(sizes[folder][name])
+    return total

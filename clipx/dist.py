@@ -1,0 +1,45 @@
+"""Collectives that are valid at world size 1 without any process group.
+
+Losses call these instead of torch.distributed directly, so the same loss code runs in a unit test,
+on one GPU, and across nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 with gradients flowing back to every rank's slice.
+
+    (B, ...) -> (world_size * B, ...), ordered by rank. The backward pass sums the gradients that
+    all ranks computed for a slice and returns them to the rank that owns it.
+    """
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0; this rank's slice keeps its autograd history, the others are constants."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank()] = x
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,53 @@
+"""Symmetric InfoNCE (the CLIP loss) on features, with negatives gathered across ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clipx import dist
+
+GATHER_MODES = ("none", "global", "local")
+
+
+class ClipLoss(nn.Module):
+    """Cross-entropy of image->text and text->image logits, averaged.
+
+    gather:
+      none   -- each rank contrasts only its own batch: (B, B) logits, fewest negatives.
+      global -- every rank builds the full (N, N) logits over the global batch N = world * B.
+      local  -- this rank's B rows against all N gathered columns: (B, N) logits, the same loss and
+                gradients as ``global`` with 1/world of the logit memory. The default.
+
+    In ``global`` and ``local`` the gather keeps gradients: each rank's features receive the sum of
+    what every rank's loss says about them, which is exactly what averaging gradients across ranks
+    (DDP) needs to reproduce the single-process gradient of the mean loss.
+    """
+
+    def __init__(self, gather: str = "local"):
+        super().__init__()
+        if gather not in GATHER_MODES:
+            raise ValueError(f"gather must be one of {GATHER_MODES}; got {gather!r}")
+        self.gather = gather
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+        """image_features, text_features: (B, D), L2-normalised; logit_scale: scalar, already exp()'d."""
+        batch = image_features.shape[0]
+        if self.gather == "none" or not dist.is_distributed():
+            logits = logit_scale * image_features @ text_features.T  # (B, B)
+            labels = torch.arange(batch, device=logits.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+        all_images = dist.gather_with_grad(image_features)  # (N, D)
+        all_texts = dist.gather_with_grad(text_features)  # (N, D)
+        if self.gather == "global":
+            logits = logit_scale * all_images @ all_texts.T  # (N, N)
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+        labels = torch.arange(batch, device=image_features.device) + dist.rank() * batch
+        logits_per_image = logit_scale * image_features @ all_texts.T  # (B, N)
+        logits_per_text = logit_scale * text_features @ all_images.T  # (B, N)
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

@@ -1,0 +1,45 @@
+"""DualEncoder: an image tower, a text tower and the learnable temperature."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers embedding into one space, plus a learnable logit scale.
+
+    Attribute names (``visual``, ``text``, ``logit_scale``) follow open_clip's CustomTextCLIP, so
+    the state dict of a DualEncoder with open_clip towers is also a valid open_clip state dict.
+    """
+
+    def __init__(self, visual: nn.Module, text: nn.Module, init_temperature: float = 0.07,
+                 max_logit_scale: float = 100.0, init_logit_bias: Optional[float] = None):
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        # The scale is learned in log space (CLIP): log(1 / 0.07) at init, clamped at log(100) so the
+        # softmax cannot become arbitrarily sharp.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if init_logit_bias is not None else None
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, E), unit norm."""
+        return F.normalize(self.visual(images), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, E), unit norm."""
+        return F.normalize(self.text(tokens), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """The multiplicative logit scale exp(t), clamped; gradients stop at the clamp."""
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        """Returns (image_features (B, E), text_features (B, E), logit_scale scalar)."""
+        return self.encode_image(images), self.encode_text(tokens), self.scale()

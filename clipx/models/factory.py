@@ -1,0 +1,23 @@
+"""create_model: a DualEncoder from the model section of a config."""
+
+from __future__ import annotations
+
+from clipx.config import ModelConfig
+from clipx.models.dual_encoder import DualEncoder
+from clipx.models.towers import HFTextTower, build_open_clip_text, build_open_clip_vision
+
+
+def create_model(cfg: ModelConfig) -> DualEncoder:
+    """Build towers as the config says; weights are random (checkpoints are loaded separately)."""
+    visual = build_open_clip_vision(cfg.arch)
+    if cfg.text_tower == "hf":
+        text = HFTextTower(cfg.hf_text_path, cfg.arch["embed_dim"], cfg.hf_pooling)
+    else:
+        text = build_open_clip_text(cfg.arch)
+    return DualEncoder(visual, text, cfg.init_temperature, cfg.max_logit_scale)
+
+
+def image_size(cfg: ModelConfig) -> int:
+    """The square input resolution the vision tower expects."""
+    size = cfg.arch["vision_cfg"].get("image_size", 224)
+    return size if isinstance(size, int) else int(size[0])

@@ -1,0 +1,63 @@
+"""Image and text towers: open_clip's, or a Hugging Face transformers text model from local disk.
+
+Every tower maps its input to (B, embed_dim) features before normalisation; DualEncoder owns the
+normalisation and the temperature.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from clipx.errors import ClipxError
+
+
+def build_open_clip_vision(arch: dict) -> nn.Module:
+    """open_clip's vision tower (ViT, ModifiedResNet or timm) for an architecture dict. images (B, 3, H, W) -> (B, E)."""
+    from open_clip.model import _build_vision_tower
+
+    return _build_vision_tower(arch["embed_dim"], arch["vision_cfg"], quick_gelu=arch.get("quick_gelu", False))
+
+
+def build_open_clip_text(arch: dict) -> nn.Module:
+    """open_clip's text transformer for an architecture dict. tokens (B, L) -> (B, E)."""
+    from open_clip.model import _build_text_tower
+
+    if arch["text_cfg"].get("hf_model_name"):
+        raise ClipxError(
+            "this open_clip architecture uses a Hugging Face text model; set model.text_tower=hf and "
+            "model.hf_text_path to a local copy of it"
+        )
+    return _build_text_tower(arch["embed_dim"], arch["text_cfg"], quick_gelu=arch.get("quick_gelu", False))
+
+
+class HFTextTower(nn.Module):
+    """A transformers encoder loaded from a local directory, pooled, then linearly projected.
+
+    tokens: (B, L) input ids, padded with the tokenizer's pad id -> (B, embed_dim).
+    """
+
+    def __init__(self, path: str, embed_dim: int, pooling: str = "mean"):
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory must never turn into a download
+        from transformers import AutoConfig, AutoModel
+
+        if not os.path.isdir(path):
+            raise ClipxError(f"model.hf_text_path {path} is not a directory holding a transformers model")
+        self.config = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.transformer = AutoModel.from_pretrained(path, local_files_only=True)
+        self.pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        self.pooling = pooling
+        self.proj = nn.Linear(self.config.hidden_size, embed_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = (tokens != self.pad_token_id).long()  # (B, L)
+        hidden = self.transformer(input_ids=tokens, attention_mask=mask).last_hidden_state  # (B, L, H)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
+        return self.proj(pooled)

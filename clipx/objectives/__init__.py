@@ -1,0 +1,23 @@
+"""Objectives (model + loss) selected by ``loss.name``."""
+
+from __future__ import annotations
+
+from clipx.losses import ClipLoss
+from clipx.objectives.base import Objective
+from clipx.objectives.clip import ClipObjective
+from clipx.registry import Registry
+
+OBJECTIVES: Registry = Registry("loss")
+
+
+@OBJECTIVES.register("clip")
+def _clip(model, loss_cfg) -> Objective:
+    return ClipObjective(model, ClipLoss(gather=loss_cfg.gather))
+
+
+def build_objective(model, loss_cfg) -> Objective:
+    """The objective for ``loss_cfg.name`` around an already built (and prepared) model."""
+    return OBJECTIVES.get(loss_cfg.name)(model, loss_cfg)
+
+
+__all__ = ["Objective", "ClipObjective", "build_objective", "OBJECTIVES"]

@@ -1,0 +1,1 @@
+"""Training: the loop, optimizer groups, the schedule and checkpoints."""

@@ -1,0 +1,101 @@
+"""Checkpoint directories: Accelerate's training state + the resolved config + trainer counters.
+
+Layout of ``<output_dir>/checkpoints/step-000000100/``:
+  model.safetensors          DualEncoder weights (what evaluators load)
+  optimizer.bin, scheduler.bin, random_states_*.pkl, ...   accelerator.save_state
+  config.yaml                the resolved config: rebuilds the model with no other file
+  trainer_state.json         step, epoch, batches consumed
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from clipx.config import Config, dump_config, load_config
+from clipx.errors import ClipxError
+
+CHECKPOINT_DIRNAME = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # micro-batches consumed on this rank
+    epoch: int = 0
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIRNAME / f"step-{step:09d}"
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: TrainerState) -> Path:
+    """Save everything needed to resume and to evaluate; every rank must call this."""
+    path = checkpoint_dir(output_dir, state.step)
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        dump_config(config, path / "config.yaml")
+        (path / "trainer_state.json").write_text(json.dumps(asdict(state)))
+    accelerator.wait_for_everyone()
+    return path
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (trainer_state.json is written last) in step order."""
+    folder = Path(output_dir) / CHECKPOINT_DIRNAME
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _STEP_RE.match(p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+
+def resolve_resume(output_dir: str | Path, resume: str) -> Path:
+    """``latest`` -> the newest complete checkpoint under output_dir; otherwise ``resume`` is a path."""
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise ClipxError(f"--resume latest: no checkpoint under {Path(output_dir) / CHECKPOINT_DIRNAME}")
+        return checkpoints[-1]
+    return as_checkpoint(resume)
+
+
+def load_trainer_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def as_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest checkpoint of a run directory; ClipxError otherwise."""
+    path = Path(path)
+    if (path / CHECKPOINT_DIRNAME).is_dir():
+        checkpoints = list_checkpoints(path)
+        if checkpoints:
+            return checkpoints[-1]
+    if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
+        raise ClipxError(
+            f"{path} is not a clipx checkpoint (expected config.yaml and model.safetensors, or a run directory "
+            "with checkpoints/)"
+        )
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, config) from a checkpoint directory, built from its own config.yaml alone."""
+    from clipx.models import create_model
+
+    path = as_checkpoint(path)
+    config = load_config(path / "config.yaml")
+    model = create_model(config.model)
+    weights = load_file(str(path / "model.safetensors"), device="cpu")
+    # DDP-wrapped models can save with a "module." prefix.
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ClipxError(f"{path}/model.safetensors does not match its config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.to(device).eval(), config

@@ -1,0 +1,209 @@
+"""The training loop: build everything from a Config, then step, log, evaluate and checkpoint.
+
+The loop is method-agnostic: it calls ``objective(batch)``, backpropagates ``out["loss"]``, steps,
+and calls ``objective.after_step()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from clipx.config import Config, dump_config
+from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
+from clipx.data.tokenizer import Tokenizer
+from clipx.data.transforms import image_transform
+from clipx.models import create_model, image_size
+from clipx.objectives import build_objective
+from clipx.train.checkpoint import TrainerState, load_trainer_state, resolve_resume, save_checkpoint
+from clipx.train.metrics_log import MetricsLog
+from clipx.train.optim import build_optimizer
+from clipx.train.schedule import cosine_with_warmup
+
+
+class TrainStream:
+    """Endless (epoch, batch) pairs for this rank, re-entering the loader once per epoch."""
+
+    def __init__(self, config: Config, tokenizer, accelerator: Accelerator):
+        cfg = config.model
+        transform = image_transform(image_size(cfg), cfg.image_mean, cfg.image_std, train=True,
+                                    crop_scale_min=config.data.crop_scale_min)
+        self.epoch = SharedEpoch()
+        self.skipped = SkipCounter()
+        self.loader, self.batches_per_epoch = build_train_loader(
+            config.data, config.train.batch_size, transform, tokenizer, config.train.seed,
+            accelerator.process_index, accelerator.num_processes, self.epoch, self.skipped,
+        )
+
+    def batches(self, already_consumed: int = 0):
+        """Yield (epoch, batch), starting after ``already_consumed`` batches of this run.
+
+        Shard order and shuffle buffers are seeded by (seed, epoch, rank, worker), so replaying the
+        current epoch and dropping the consumed batches restores the exact batch sequence on resume.
+        """
+        epoch, skip = divmod(already_consumed, self.batches_per_epoch)
+        while True:
+            self.epoch.set(epoch)
+            for index, batch in enumerate(self.loader):
+                if index >= skip:
+                    yield epoch, batch
+            epoch, skip = epoch + 1, 0
+
+
+@dataclass
+class Trainer:
+    """Everything a training step needs, built once by ``build_trainer``."""
+
+    config: Config
+    accelerator: Accelerator
+    model: torch.nn.Module
+    objective: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tokenizer: Tokenizer
+    stream: TrainStream
+    total_steps: int
+    log: MetricsLog
+
+
+def total_steps(train_cfg, batches_per_epoch: int) -> int:
+    """Optimizer steps for the run: ``train.steps`` if set, else ``epochs`` worth of batches."""
+    if train_cfg.steps is not None:
+        return train_cfg.steps
+    return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.grad_accum_steps)
+
+
+def build_trainer(config: Config) -> Trainer:
+    tcfg = config.train
+    accelerator = Accelerator(mixed_precision=tcfg.precision, gradient_accumulation_steps=tcfg.grad_accum_steps)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    set_seed(tcfg.seed)
+    model = create_model(config.model).to(accelerator.device)
+    tokenizer = Tokenizer(config.model)
+    optimizer = build_optimizer(model, tcfg)
+    stream = TrainStream(config, tokenizer, accelerator)
+    steps = total_steps(tcfg, stream.batches_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(cosine_with_warmup, total_steps=steps, warmup_steps=tcfg.warmup_steps))
+    # The scheduler is stepped by us once per optimizer step; Accelerate's wrapper would step it once
+    # per process. It still travels in every checkpoint.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    objective = build_objective(model, config.loss)
+    log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process)
+    return Trainer(config, accelerator, model, objective, optimizer, scheduler, tokenizer, stream, steps, log)
+
+
+def train_step(t: Trainer, batches) -> dict:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns detached metrics."""
+    loss_sum = torch.zeros((), device=t.accelerator.device)
+    for _ in range(t.config.train.grad_accum_steps):
+        epoch, batch = next(batches)
+        batch = {k: v.to(t.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        with t.accelerator.accumulate(t.model):
+            out = t.objective(batch)
+            t.accelerator.backward(out["loss"])
+        loss_sum += out["loss"].detach()
+    if t.config.train.grad_clip_norm:
+        t.accelerator.clip_grad_norm_(t.model.parameters(), t.config.train.grad_clip_norm)
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.objective.after_step()
+    # Tensors, not floats: reading them forces a device sync, so the caller reads only when logging.
+    return {"loss": loss_sum / t.config.train.grad_accum_steps, "epoch": epoch, **out["metrics"]}
+
+
+def evaluate_now(t: Trainer, step: int) -> dict | None:
+    """Zero-shot and retrieval on data.val (main process; the others wait)."""
+    if not t.config.data.val or not (t.config.eval.zero_shot or t.config.eval.retrieval):
+        return None
+    results = None
+    if t.accelerator.is_main_process:
+        from eval.run import evaluate, flatten_metrics
+
+        e = t.config.eval
+        results = evaluate(t.accelerator.unwrap_model(t.model), t.tokenizer, t.config.model, t.config.data.val,
+                           t.accelerator.device, e.zero_shot, e.retrieval, e.templates, e.label_key, e.batch_size,
+                           t.config.data.workers)
+        t.log.log(step, "eval", flatten_metrics(results))
+    t.accelerator.wait_for_everyone()
+    return results
+
+
+def train(config: Config, resume: str | None = None) -> dict:
+    """Train as ``config`` says; returns (and writes to summary.json) the run's summary."""
+    t = build_trainer(config)
+    state = TrainerState()
+    if resume:
+        path = resolve_resume(config.train.output_dir, resume)
+        t.accelerator.load_state(str(path))
+        state = load_trainer_state(path)
+        t.accelerator.print(f"resumed from {path} at step {state.step}")
+    if t.accelerator.is_main_process:
+        dump_config(config, Path(config.train.output_dir) / "config.yaml")
+    summary = run_loop(t, state)
+    t.log.close()
+    if t.accelerator.is_main_process:
+        (Path(config.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    t.accelerator.end_training()
+    return summary
+
+
+def run_loop(t: Trainer, state: TrainerState) -> dict:
+    cfg = t.config
+    samples_per_step = cfg.train.batch_size * t.accelerator.num_processes * cfg.train.grad_accum_steps
+    batches = t.stream.batches(state.batches)
+    bar = tqdm(total=t.total_steps, initial=state.step, disable=not t.accelerator.is_main_process,
+               unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    paused, window_start, window_step, results, last = 0.0, start, state.step, None, {}
+    first_step = state.step
+    while state.step < t.total_steps:
+        out = train_step(t, batches)
+        state.step += 1
+        state.batches += cfg.train.grad_accum_steps
+        state.epoch = int(out.pop("epoch"))
+        bar.update(1)
+        finished = state.step == t.total_steps
+        if state.step % cfg.train.log_every == 0 or finished:
+            now = time.perf_counter()
+            rate = (state.step - window_step) * samples_per_step / max(now - window_start, 1e-9)
+            last = {k: float(v) for k, v in out.items()}
+            last.update(lr=t.scheduler.get_last_lr()[0], epoch=state.epoch, samples_per_second=rate,
+                        skipped=t.stream.skipped.total())
+            t.log.log(state.step, "train", last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+            window_start, window_step = time.perf_counter(), state.step
+        pause_start = time.perf_counter()
+        if (cfg.eval.every and state.step % cfg.eval.every == 0) or finished:
+            results = evaluate_now(t, state.step)
+        if state.step % cfg.train.checkpoint_every == 0 or finished:
+            checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state)
+        pause = time.perf_counter() - pause_start
+        paused += pause
+        window_start += pause
+    bar.close()
+    wall = time.perf_counter() - start
+    steps_run = state.step - first_step
+    return {
+        "steps": state.step,
+        "epochs": state.epoch + 1,
+        "wall_seconds": wall,
+        "train_seconds": wall - paused,
+        "samples_per_second": steps_run * samples_per_step / max(wall - paused, 1e-9),
+        "final_loss": last.get("loss"),
+        "checkpoint": str(checkpoint) if steps_run else None,
+        "eval": results,
+        "skipped": t.stream.skipped.snapshot(),
+    }

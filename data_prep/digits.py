@@ -1,0 +1,99 @@
+"""scikit-learn's handwritten digits (1,797 real 8x8 scans, no download) as captioned shards."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from clipx.errors import ClipxError
+from data_prep.pipeline import Sample, write_samples
+from data_prep.writer import PrepSummary
+
+
+def prep_digits(
+    out_dir,
+    image_size: int = 32,
+    shard_size: int = 256,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    workers: int = 2,
+    templates_file=None,
+) -> dict[str, PrepSummary]:
+    """Write `out_dir/train` and `out_dir/test` shards of the digits; return both summaries.
+
+    The split is stratified by class and fixed by `seed`. Each caption is one prompt template
+    (also picked by `seed`) filled with the class name, both read from `templates_file`
+    (default: the packaged `eval/templates/digits.yaml`). Meta: label, classname, source_index.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ClipxError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    classnames, templates = load_templates(templates_file)
+    from sklearn.datasets import load_digits  # heavy import, only needed here
+
+    digits = load_digits()
+    # Scans hold 0..16 ink levels; stretch to the full 8-bit range for JPEG.
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+    labels = digits.target
+    if labels.max() >= len(classnames):
+        raise ClipxError(f"templates file lists {len(classnames)} class names; digits need 10")
+    # One draw per source image, so a sample's caption does not depend on the split.
+    template_ids = np.random.default_rng(seed).integers(len(templates), size=len(labels))
+    summaries = {}
+    for split, indices in zip(("train", "test"), _split(labels, test_fraction, seed)):
+        samples = (
+            Sample(
+                source=pixels[i],
+                caption=templates[template_ids[i]].format(classnames[labels[i]]),
+                meta={"label": int(labels[i]), "classname": classnames[labels[i]], "source_index": int(i)},
+            )
+            for i in indices
+        )
+        summaries[split] = write_samples(
+            samples, Path(out_dir) / split, image_size=image_size, shard_size=shard_size,
+            workers=workers, total=len(indices), desc=f"digits {split}",
+        )
+    return summaries
+
+
+def load_templates(templates_file=None) -> tuple[list[str], list[str]]:
+    """Read `classnames` and `templates` (each with one "{}") from a YAML file."""
+    resource = Path(templates_file) if templates_file is not None else default_templates_file()
+    if not resource.is_file():
+        raise ClipxError(f"templates file {resource} not found; pass --templates FILE")
+    try:
+        data = yaml.safe_load(resource.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ClipxError(f"templates file {resource} is not valid YAML: {error}".splitlines()[0]) from error
+    classnames = data.get("classnames") if isinstance(data, dict) else None
+    templates = data.get("templates") if isinstance(data, dict) else None
+    if not classnames or not templates:
+        raise ClipxError(f"templates file {resource} needs non-empty lists 'classnames' and 'templates'")
+    bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
+    if bad:
+        raise ClipxError(f"templates file {resource}: template {bad[0]!r} has no '{{}}' for the class name")
+    return [str(c) for c in classnames], list(templates)
+
+
+def default_templates_file():
+    """The packaged digits templates; falls back to the source tree when `eval` is not a package."""
+    try:
+        resource = importlib.resources.files("eval") / "templates" / "digits.yaml"
+        if resource.is_file():
+            return resource
+    except (ModuleNotFoundError, TypeError, ValueError):
+        pass
+    return Path(__file__).resolve().parents[1] / "eval" / "templates" / "digits.yaml"
+
+
+def _split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    try:
+        return train_test_split(
+            np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:  # e.g. too few test samples to hold every class
+        raise ClipxError(f"cannot split digits with test fraction {test_fraction}: {error}") from error

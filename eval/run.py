@@ -1,0 +1,50 @@
+"""evaluate(): embed a shard set once and compute the requested metrics (used by the CLI and training)."""
+
+from __future__ import annotations
+
+import torch
+
+from clipx.data.pipeline import SkipCounter, build_eval_loader
+from clipx.data.transforms import image_transform
+from clipx.models import image_size
+from eval.embed import embed_dataset
+from eval.retrieval import retrieval_eval
+from eval.templates import load_templates
+from eval.zero_shot import build_zero_shot_classifier, zero_shot_metrics
+
+
+def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool = True, retrieval: bool = True,
+             templates: str = "digits", label_key: str = "label", batch_size: int = 256, workers: int = 2) -> dict:
+    """{"zero_shot": {...}, "retrieval": {...}, "num_images": N, "skipped": {...}} for ``shards``."""
+    transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=False)
+    counter = SkipCounter()
+    loader = build_eval_loader(shards, transform, label_key, batch_size, workers, counter)
+    was_training = model.training
+    embeddings = embed_dataset(model, loader, tokenizer, device, with_texts=retrieval)
+    results: dict = {"num_images": int(embeddings.image_features.shape[0])}
+    if zero_shot:
+        classnames, prompts = load_templates(templates)
+        classifier = build_zero_shot_classifier(model, tokenizer, classnames, prompts, device)
+        results["zero_shot"] = zero_shot_metrics(embeddings, classifier)
+    if retrieval:
+        results["retrieval"] = retrieval_eval(embeddings)
+        results["num_captions"] = int(embeddings.text_features.shape[0])
+    results["skipped"] = counter.snapshot()
+    model.train(was_training)
+    return results
+
+
+def flatten_metrics(results: dict, prefix: str = "") -> dict[str, float]:
+    """{"zero_shot": {"top1": x}} -> {"zero_shot.top1": x}, for logs and tables."""
+    flat = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{name}."))
+        elif isinstance(value, (int, float)):
+            flat[name] = value
+    return flat
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny digits shards and a tiny model config, built in temporary folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_ARCH = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn digits as shards: <dir>/train (6 shards of <=256) and <dir>/test (2 shards)."""
+    from data_prep import prep_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    prep_digits(out, image_size=32, shard_size=256, workers=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.json"
+    path.write_text(json.dumps(TINY_ARCH))
+    return path
+
+
+def tiny_overrides(digits_dir: Path, model_json: Path, out: Path, **extra) -> list[str]:
+    """Overrides that turn any config into a seconds-long CPU run on the digits shards."""
+    base = {
+        "model.name": str(model_json), "data.train": str(digits_dir / "train"), "data.val": str(digits_dir / "test"),
+        "data.workers": 2, "data.shuffle_buffer": 200, "train.batch_size": 64, "train.steps": 4,
+        "train.warmup_steps": 1, "train.output_dir": str(out), "train.log_every": 1, "train.threads": 1,
+        "train.precision": "no",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,62 @@
+"""Metric functions on hand-made embeddings whose answers are known by construction."""
+
+import pytest
+import torch
+
+from eval.metrics import classification_metrics, retrieval_metrics
+
+
+def test_classification_top1_top5_and_mean_per_class_recall():
+    # 4 samples, 6 classes. Sample 0 and 1 right at top-1; sample 2 right only at rank 2; sample 3 never.
+    logits = torch.tensor([
+        [9.0, 1, 0, 0, 0, 0],   # label 0: rank 1
+        [0.0, 9, 1, 0, 0, 0],   # label 1: rank 1
+        [9.0, 8, 0, 0, 0, 0],   # label 1: rank 2
+        [9.0, 8, 7, 6, 5, 0],   # label 5: rank 6 (outside top-5)
+    ])
+    labels = torch.tensor([0, 1, 1, 5])
+    m = classification_metrics(logits, labels)
+    assert m["top1"] == pytest.approx(2 / 4)
+    assert m["top5"] == pytest.approx(3 / 4)
+    # class 0: 1/1, class 1: 1/2, class 5: 0/1 -> mean 0.5
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+def test_top5_with_fewer_than_five_classes_counts_all_classes():
+    m = classification_metrics(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 0]))
+    assert m["top1"] == pytest.approx(0.5) and m["top5"] == pytest.approx(1.0)
+
+
+def test_classification_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        classification_metrics(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
+
+
+def test_retrieval_with_several_captions_per_image():
+    # 3 images on the axes; 5 captions: image 0 has captions 0 and 1, image 1 has 2, image 2 has 3 and 4.
+    images = torch.eye(3)
+    texts = torch.tensor([
+        [1.0, 0.0, 0.0],   # caption 0 -> image 0, exact
+        [0.3, 0.9, 0.1],   # caption 1 -> image 0, but looks more like image 1: image 0 ranks second
+        [0.0, 1.0, 0.0],   # caption 2 -> image 1, exact
+        [0.0, 0.0, 1.0],   # caption 3 -> image 2, exact
+        [0.6, 0.0, 0.8],   # caption 4 -> image 2
+    ])
+    texts = torch.nn.functional.normalize(texts, dim=-1)
+    owners = torch.tensor([0, 0, 1, 2, 2])
+    m = retrieval_metrics(images, texts, owners, ks=(1, 2, 10))
+    # text->image: captions 0, 2, 3, 4 hit at R@1 (caption 4: 0.8 for image 2 vs 0.6); caption 1 hits at R@2.
+    assert m["text_to_image"]["R@1"] == pytest.approx(4 / 5)
+    assert m["text_to_image"]["R@2"] == pytest.approx(1.0)
+    # image->text R@1: image 0 -> caption 0 (own); image 1 -> caption 2 (own); image 2 -> caption 3 (own).
+    assert m["image_to_text"]["R@1"] == pytest.approx(1.0)
+    assert m["image_to_text"]["R@10"] == pytest.approx(1.0)
+
+
+def test_image_to_text_counts_any_of_the_captions():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # caption 0 belongs to image 0 but points at image 1
+    owners = torch.tensor([0, 1])
+    m = retrieval_metrics(images, texts, owners, ks=(1, 2))
+    assert m["image_to_text"]["R@1"] == 0.0 and m["image_to_text"]["R@2"] == 1.0
+    assert m["text_to_image"]["R@1"] == 0.0 and m["text_to_image"]["R@2"] == 1.0

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_demo(commands)
+    table = commands.add_parser("table", help="Markdown table of demo results.json files")
+    table.add_argument("results", nargs="+")
+    table.set_defaults(func=_table)
     return parser
 
 
@@ -201,6 +204,16 @@ def _demo(args) -> int:
                        shuffle_captions=args.shuffle_captions)
     print_table(results)
     print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _table(args) -> int:
+    from clipx.demo import markdown_table
+
+    missing = [p for p in args.results if not Path(p).is_file()]
+    if missing:
+        raise ClipxError(f"results file {missing[0]} does not exist; run `clipx demo` first")
+    print(markdown_table(args.results))
     return 0
 
 

@@ -74,3 +74,33 @@ def print_table(results: dict) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value:10.3f}" if value < 100 else f"{name:<{width}}  {value:10.1f}")
+
+
+TABLE_COLUMNS = (
+    ("zero-shot top-1", ("zero_shot", "top1")),
+    ("zero-shot top-5", ("zero_shot", "top5")),
+    ("mean per-class recall", ("zero_shot", "mean_per_class_recall")),
+    ("image->text R@1", ("retrieval", "image_to_text", "R@1")),
+    ("text->image R@1", ("retrieval", "text_to_image", "R@1")),
+    ("text->image R@10", ("retrieval", "text_to_image", "R@10")),
+    ("train samples/s", ("train", "samples_per_second")),
+    ("train wall s", ("train", "wall_seconds")),
+    ("demo total s", ("total_seconds",)),
+)
+
+
+def markdown_table(paths: list[str | Path]) -> str:
+    """A Markdown table with one row per demo results.json, for README and BENCHMARKS."""
+    lines = ["| run | " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |",
+             "|---|" + "---:|" * len(TABLE_COLUMNS)]
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        cells = []
+        for _, keys in TABLE_COLUMNS:
+            value = results
+            for key in keys:
+                value = value[key]
+            cells.append(f"{value:.3f}" if value < 10 else f"{value:.0f}")
+        name = "captions shuffled (control)" if results["control"]["shuffled_captions"] else "digits demo"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

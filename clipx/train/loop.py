@@ -6,6 +6,7 @@ and calls ``objective.after_step()``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -144,66 +146,99 @@ def evaluate_now(t: Trainer, step: int) -> dict | None:
 def train(config: Config, resume: str | None = None) -> dict:
     """Train as ``config`` says; returns (and writes to summary.json) the run's summary."""
     t = build_trainer(config)
-    state = TrainerState()
-    if resume:
-        path = resolve_resume(config.train.output_dir, resume)
-        t.accelerator.load_state(str(path))
-        state = load_trainer_state(path)
-        t.accelerator.print(f"resumed from {path} at step {state.step}")
-    if t.accelerator.is_main_process:
-        dump_config(config, Path(config.train.output_dir) / "config.yaml")
-    summary = run_loop(t, state)
-    t.log.close()
-    if t.accelerator.is_main_process:
-        (Path(config.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    t.accelerator.end_training()
+    try:
+        state = TrainerState()
+        if resume:
+            path = resolve_resume(config.train.output_dir, resume)
+            t.accelerator.load_state(str(path))
+            state = load_trainer_state(path)
+            t.accelerator.print(f"resumed from {path} at step {state.step}")
+        if t.accelerator.is_main_process:
+            dump_config(config, Path(config.train.output_dir) / "config.yaml")
+        summary = run_loop(t, state)
+        if t.accelerator.is_main_process:
+            (Path(config.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    finally:
+        t.log.close()
+        t.accelerator.end_training()
+        # Accelerate keeps its settings in a process-wide singleton; forget them (not the process
+        # group) so that another run in this process may choose a different precision.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return summary
+
+
+class Throughput:
+    """Samples per second over training time only: evaluation and checkpoint pauses are excluded."""
+
+    def __init__(self, samples_per_step: int, step: int):
+        self.samples_per_step = samples_per_step
+        self.start = self.window_start = time.perf_counter()
+        self.window_step = step
+        self.paused_seconds = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        yield
+        pause = time.perf_counter() - began
+        self.paused_seconds += pause
+        self.window_start += pause
+
+    def window_rate(self, step: int) -> float:
+        """Rate since the previous call, then start a new window."""
+        now = time.perf_counter()
+        rate = (step - self.window_step) * self.samples_per_step / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_step = now, step
+        return rate
+
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def train_seconds(self) -> float:
+        return self.wall_seconds() - self.paused_seconds
+
+
+def log_train_step(t: Trainer, state: TrainerState, out: dict, clock: Throughput, bar) -> dict:
+    """Read the step's scalars (the one device sync per log interval) and write them out."""
+    values = {k: float(v) for k, v in out.items()}
+    values.update(lr=t.scheduler.get_last_lr()[0], epoch=state.epoch, samples_per_second=clock.window_rate(state.step),
+                  skipped=t.stream.skipped.total())
+    t.log.log(state.step, "train", values)
+    bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+    return values
 
 
 def run_loop(t: Trainer, state: TrainerState) -> dict:
     cfg = t.config
-    samples_per_step = cfg.train.batch_size * t.accelerator.num_processes * cfg.train.grad_accum_steps
+    accum = cfg.train.grad_accum_steps
+    clock = Throughput(cfg.train.batch_size * t.accelerator.num_processes * accum, state.step)
     batches = t.stream.batches(state.batches)
     bar = tqdm(total=t.total_steps, initial=state.step, disable=not t.accelerator.is_main_process,
                unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
-    paused, window_start, window_step, results, last = 0.0, start, state.step, None, {}
-    first_step = state.step
+    first_step, last, results, checkpoint = state.step, {}, None, None
     while state.step < t.total_steps:
         out = train_step(t, batches)
         state.step += 1
-        state.batches += cfg.train.grad_accum_steps
+        state.batches += accum
         state.epoch = int(out.pop("epoch"))
         bar.update(1)
         finished = state.step == t.total_steps
         if state.step % cfg.train.log_every == 0 or finished:
-            now = time.perf_counter()
-            rate = (state.step - window_step) * samples_per_step / max(now - window_start, 1e-9)
-            last = {k: float(v) for k, v in out.items()}
-            last.update(lr=t.scheduler.get_last_lr()[0], epoch=state.epoch, samples_per_second=rate,
-                        skipped=t.stream.skipped.total())
-            t.log.log(state.step, "train", last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-            window_start, window_step = time.perf_counter(), state.step
-        pause_start = time.perf_counter()
-        if (cfg.eval.every and state.step % cfg.eval.every == 0) or finished:
-            results = evaluate_now(t, state.step)
-        if state.step % cfg.train.checkpoint_every == 0 or finished:
-            checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state)
-        pause = time.perf_counter() - pause_start
-        paused += pause
-        window_start += pause
+            last = log_train_step(t, state, out, clock, bar)
+        with clock.paused():
+            if (cfg.eval.every and state.step % cfg.eval.every == 0) or finished:
+                results = evaluate_now(t, state.step)
+            if state.step % cfg.train.checkpoint_every == 0 or finished:
+                checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state)
     bar.close()
-    wall = time.perf_counter() - start
-    steps_run = state.step - first_step
     return {
         "steps": state.step,
         "epochs": state.epoch + 1,
-        "wall_seconds": wall,
-        "train_seconds": wall - paused,
-        "samples_per_second": steps_run * samples_per_step / max(wall - paused, 1e-9),
+        "wall_seconds": clock.wall_seconds(),
+        "train_seconds": clock.train_seconds(),
+        "samples_per_second": (state.step - first_step) * clock.samples_per_step / max(clock.train_seconds(), 1e-9),
         "final_loss": last.get("loss"),
-        "checkpoint": str(checkpoint) if steps_run else None,
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "eval": results,
         "skipped": t.stream.skipped.snapshot(),
     }

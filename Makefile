@@ -17,8 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/clipx demo --out runs/demo
 
+# pytest exits 5 when it collected no tests: a missing suite must fail loudly, not pass quietly.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	@$(VENV)/bin/python -m pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$status
 
 clean:
 	rm -rf runs build *.egg-info

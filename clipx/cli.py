@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from clipx.errors import ClipxError
-
-# Nothing clipx runs may reach a model or dataset hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
+from clipx.fileio import write_json_atomic
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -63,6 +58,9 @@ def _add_prep(commands) -> None:
                                                           "(default: the captions file's folder)")
         table.add_argument("--image-column", default="image")
         table.add_argument("--caption-column", default="caption")
+        table.add_argument("--group-by-image", action="store_true",
+                           help="rows naming the same image become one sample with one caption per line "
+                                "(Flickr30k/COCO retrieval tables)")
         table.set_defaults(func=_prep_folder)
 
     hf = sources.add_parser("hf", help="a Hugging Face `datasets` dataset on local disk")
@@ -98,7 +96,7 @@ def _prep_folder(args) -> int:
     images = args.images or str(Path(args.captions).parent)
     summary = prep_folder(images, args.captions, Path(args.out), image_column=args.image_column,
                           caption_column=args.caption_column, image_size=args.image_size,
-                          shard_size=args.shard_size, workers=args.workers)
+                          shard_size=args.shard_size, workers=args.workers, group_by_image=args.group_by_image)
     print(summary.format())
     return 0
 
@@ -170,18 +168,9 @@ def _eval(args) -> int:
                        label_key=(getattr(args, "label_key", None) or config.eval.label_key),
                        batch_size=args.batch_size, workers=args.workers)
     results["checkpoint"] = str(args.checkpoint)
-    write_json(args.out, results)
+    write_json_atomic(Path(args.out), results)
     print(json.dumps(results, indent=2))
     return 0
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 # ---- demo -------------------------------------------------------------------------------------

@@ -124,8 +124,6 @@ class Config:
 CHOICES = {
     "model.text_tower": ("open_clip", "hf"),
     "model.hf_pooling": ("mean", "cls"),
-    "loss.name": ("clip",),
-    "loss.gather": ("none", "global", "local"),
     "train.precision": ("no", "bf16", "fp16"),
 }
 
@@ -148,10 +146,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         key, value = _parse_override(item)
         section, _, name = key.partition(".")
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or an empty `section:` line in the YAML
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise ClipxError(f"config section '{section}' must be a mapping")
         raw[section][name] = value
+        if key == "model.name" and isinstance(raw["model"], dict):
+            raw["model"].pop("arch", None)  # a new architecture replaces one inlined in a saved config
     config = config_from_dict(raw)
     config = _resolve_model_arch(config, base_dir)
     validate(config)
@@ -192,8 +193,12 @@ def dump_config(config: Config, path: str | Path) -> None:
 
 def validate(config: Config) -> None:
     """Check cross-field rules and value ranges; raise ClipxError on the first violation."""
+    from clipx.losses import GATHER_MODES
+    from clipx.objectives import OBJECTIVES
+
     flat = {f"{s}.{k}": v for s, sec in config_to_dict(config).items() for k, v in sec.items()}
-    for key, allowed in CHOICES.items():
+    choices = {**CHOICES, "loss.name": tuple(OBJECTIVES.list()), "loss.gather": GATHER_MODES}
+    for key, allowed in choices.items():
         if flat[key] not in allowed:
             raise ClipxError(f"{key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
     t = config.train
@@ -201,8 +206,9 @@ def validate(config: Config) -> None:
                 "train.log_every", "eval.batch_size"):
         if flat[key] <= 0:
             raise ClipxError(f"{key} must be positive; got {flat[key]}")
-    if t.steps is not None and t.steps <= 0:
-        raise ClipxError(f"train.steps must be positive; got {t.steps}")
+    for key in ("train.steps", "train.threads", "train.grad_clip_norm", "data.train_num_samples"):
+        if flat[key] is not None and flat[key] <= 0:
+            raise ClipxError(f"{key} must be positive (or null); got {flat[key]}")
     if not (math.isfinite(t.lr) and t.lr > 0):
         raise ClipxError(f"train.lr must be a positive finite number; got {t.lr}")
     if t.warmup_steps < 0 or config.eval.every < 0 or config.data.workers < 0:
@@ -264,18 +270,30 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ClipxError(f"config key '{key}' expects {expected}; got {value!r} ({type(value).__name__})")
 
 
+def _resolve_path(value: str, base_dir: Path, what: str) -> Path:
+    """A path relative to the YAML file's folder, else to the current directory; must exist."""
+    candidates = [Path(value)] if Path(value).is_absolute() else [base_dir / value, Path.cwd() / value]
+    found = next((p for p in candidates if p.exists()), None)
+    if found is None:
+        raise ClipxError(f"{what} {value} not found (looked in {', '.join(str(p.parent) for p in candidates)})")
+    return found.resolve()
+
+
 def _resolve_model_arch(config: Config, base_dir: Path) -> Config:
-    """Fill ``model.arch`` from a JSON file or open_clip's built-in configs, unless already set."""
+    """Fill ``model.arch`` from a JSON file or open_clip's built-in configs, unless already set.
+
+    Local paths (model JSON, Hugging Face text model) become absolute, so a checkpoint's config
+    works from any directory.
+    """
     model = config.model
+    if model.hf_text_path:
+        hf_path = str(_resolve_path(model.hf_text_path, base_dir, "model.hf_text_path"))
+        model = dataclasses.replace(model, hf_text_path=hf_path)
     if model.arch is not None:
-        return config
+        return dataclasses.replace(config, model=model)
     name = model.name
     if name.endswith(".json"):
-        candidates = [Path(name), base_dir / name]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise ClipxError(f"model config {name} not found (looked in {Path.cwd()} and {base_dir})")
-        arch = json.loads(found.read_text())
+        arch = _read_model_json(_resolve_path(name, base_dir, "model config"))
     else:
         import open_clip
 
@@ -286,3 +304,15 @@ def _resolve_model_arch(config: Config, base_dir: Path) -> Config:
                 "give an open_clip model name or a path to a model JSON"
             )
     return dataclasses.replace(config, model=dataclasses.replace(model, arch=arch))
+
+
+def _read_model_json(path: Path) -> dict:
+    """An open_clip-format model JSON: embed_dim, vision_cfg and text_cfg."""
+    try:
+        arch = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ClipxError(f"model config {path} is not valid JSON: {error}") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(arch, dict) or k not in arch]
+    if missing:
+        raise ClipxError(f"model config {path} lacks {', '.join(missing)} (open_clip's model JSON format)")
+    return arch

@@ -22,6 +22,22 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns, to each rank, the sum over ranks of its slice's gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss contributes to every slice
+        return grad.chunk(world_size(), dim=0)[rank()]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 with gradients flowing back to every rank's slice.
 
@@ -30,9 +46,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _AllGatherWithGrad.apply(x)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

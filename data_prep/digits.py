@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from clipx.errors import ClipxError
+from eval.templates import load_templates
 from data_prep.pipeline import Sample, write_samples
 from data_prep.writer import PrepSummary
 
@@ -26,11 +25,11 @@ def prep_digits(
 
     The split is stratified by class and fixed by `seed`. Each caption is one prompt template
     (also picked by `seed`) filled with the class name, both read from `templates_file`
-    (default: the packaged `eval/templates/digits.yaml`). Meta: label, classname, source_index.
+    (a path or a shipped name; default: `eval/templates/digits.yaml`). Meta: label, classname, source_index.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ClipxError(f"test fraction must be between 0 and 1, got {test_fraction}")
-    classnames, templates = load_templates(templates_file)
+    classnames, templates = load_templates(templates_file or "digits")
     from sklearn.datasets import load_digits  # heavy import, only needed here
 
     digits = load_digits()
@@ -56,36 +55,6 @@ def prep_digits(
             workers=workers, total=len(indices), desc=f"digits {split}",
         )
     return summaries
-
-
-def load_templates(templates_file=None) -> tuple[list[str], list[str]]:
-    """Read `classnames` and `templates` (each with one "{}") from a YAML file."""
-    resource = Path(templates_file) if templates_file is not None else default_templates_file()
-    if not resource.is_file():
-        raise ClipxError(f"templates file {resource} not found; pass --templates FILE")
-    try:
-        data = yaml.safe_load(resource.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ClipxError(f"templates file {resource} is not valid YAML: {error}".splitlines()[0]) from error
-    classnames = data.get("classnames") if isinstance(data, dict) else None
-    templates = data.get("templates") if isinstance(data, dict) else None
-    if not classnames or not templates:
-        raise ClipxError(f"templates file {resource} needs non-empty lists 'classnames' and 'templates'")
-    bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
-    if bad:
-        raise ClipxError(f"templates file {resource}: template {bad[0]!r} has no '{{}}' for the class name")
-    return [str(c) for c in classnames], list(templates)
-
-
-def default_templates_file():
-    """The packaged digits templates; falls back to the source tree when `eval` is not a package."""
-    try:
-        resource = importlib.resources.files("eval") / "templates" / "digits.yaml"
-        if resource.is_file():
-            return resource
-    except (ModuleNotFoundError, TypeError, ValueError):
-        pass
-    return Path(__file__).resolve().parents[1] / "eval" / "templates" / "digits.yaml"
 
 
 def _split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

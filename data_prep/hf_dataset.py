@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from clipx.errors import ClipxError
@@ -54,8 +53,6 @@ def prep_hf(
 
 def _import_datasets():
     # datasets and huggingface_hub read these once, at import time; a user's own setting wins.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
     return datasets

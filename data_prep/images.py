@@ -9,9 +9,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from clipx.data.transforms import MAX_IMAGE_PIXELS
+
 # Checked from the header before any pixel is decoded, so a hostile file cannot claim
-# gigapixels and exhaust memory; 8192 x 8192 is far above any training resolution.
-MAX_PIXELS = 8192 * 8192
+# gigapixels and exhaust memory; the trainer's decoder uses the same cap.
+MAX_PIXELS = MAX_IMAGE_PIXELS
 JPEG_QUALITY = 95
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from clipx.errors import ClipxError
+from clipx.fileio import write_json_atomic
 
 SIZES_FILE = "sizes.json"
 
@@ -132,13 +133,6 @@ class ShardWriter:
         for path in self.out_dir.iterdir():
             if pattern.fullmatch(path.name) and path.name not in self.sizes:
                 path.unlink()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temp file and rename it, so readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def jsonable(value):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from clipx.errors import ClipxError
+
 
 @dataclass
 class Embeddings:
@@ -30,7 +32,8 @@ def embed_dataset(model, loader, tokenizer, device, with_texts: bool = True, tex
             owners.extend([first + offset] * len(sample_captions))
         keys.extend(batch["key"])
     if not images:
-        raise ValueError("the evaluation loader yielded no samples")
+        raise ClipxError("the evaluation shards yielded no decodable image; check the shards' members "
+                         "(.jpg/.png/.webp + .txt)")
     texts = embed_texts(model, tokenizer, captions, device, text_batch) if with_texts and captions else None
     return Embeddings(
         image_features=torch.cat(images),

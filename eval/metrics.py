@@ -39,10 +39,13 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     positives = torch.zeros(num_images, num_texts, dtype=torch.bool)
     positives[text_to_image, torch.arange(num_texts)] = True
 
+    # An image without captions can never be found; it does not count as an image->text query.
+    has_caption = positives.any(dim=1)  # (N,)
     image_to_text, text_to_image_recall = {}, {}
     for k in ks:
         top_texts = similarity.topk(min(k, num_texts), dim=1).indices  # (N, k)
-        image_to_text[f"R@{k}"] = positives.gather(1, top_texts).any(dim=1).float().mean().item()
+        hits = positives.gather(1, top_texts).any(dim=1)[has_caption]
+        image_to_text[f"R@{k}"] = hits.float().mean().item()
         top_images = similarity.T.topk(min(k, num_images), dim=1).indices  # (M, k)
         text_to_image_recall[f"R@{k}"] = (top_images == text_to_image.unsqueeze(1)).any(dim=1).float().mean().item()
     return {"image_to_text": image_to_text, "text_to_image": text_to_image_recall}

@@ -15,26 +15,41 @@ def shipped_template_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_templates(name_or_path: str) -> tuple[list[str], list[str]]:
+def load_templates(name_or_path: str | Path) -> tuple[list[str], list[str]]:
     """(classnames, templates) from a shipped name ("digits", "imagenet") or a YAML path.
 
     The YAML holds ``classnames: [...]`` and ``templates: [...]``, each template with one ``{}``.
+    Every problem with the file is a one-line ClipxError.
     """
     path = Path(name_or_path)
-    if not path.is_file():
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    else:
         shipped = resources.files("eval") / "templates" / f"{name_or_path}.yaml"
         if not shipped.is_file():
-            raise ClipxError(
-                f"templates {name_or_path!r} is neither a file nor a shipped set ({', '.join(shipped_template_names())})"
-            )
-        text = shipped.read_text()
-    else:
-        text = path.read_text()
-    doc = yaml.safe_load(text) or {}
-    classnames, templates = doc.get("classnames"), doc.get("templates")
-    if not classnames or not templates:
-        raise ClipxError(f"templates file {name_or_path} needs non-empty 'classnames' and 'templates' lists")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ClipxError(f"template {bad[0]!r} in {name_or_path} has no '{{}}' for the class name")
-    return [str(c) for c in classnames], [str(t) for t in templates]
+            raise ClipxError(f"templates {str(name_or_path)!r} is neither a file nor a shipped set "
+                             f"({', '.join(shipped_template_names())})")
+        text = shipped.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ClipxError(f"templates file {name_or_path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    classnames = doc.get("classnames") if isinstance(doc, dict) else None
+    templates = doc.get("templates") if isinstance(doc, dict) else None
+    if not isinstance(classnames, list) or not isinstance(templates, list) or not classnames or not templates:
+        raise ClipxError(f"templates file {name_or_path} needs non-empty lists 'classnames' and 'templates'")
+    for template in templates:
+        if not _is_template(template):
+            raise ClipxError(f"templates file {name_or_path}: template {template!r} must be text with exactly one "
+                             "'{}' for the class name")
+    return [str(c) for c in classnames], list(templates)
+
+
+def _is_template(template) -> bool:
+    if not isinstance(template, str) or template.count("{}") != 1:
+        return False
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return True

@@ -88,12 +88,14 @@ def test_resume_latest_continues_to_the_same_weights(tmp_path, digits_dir, tiny_
 
 
 def one_line_error(result, *needles):
+    """Exit status 2 and exactly one `error:` line (progress bars may precede it), no traceback."""
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [part for line in result.stderr.splitlines() for part in line.split("\r")]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in errors[0], errors[0]
 
 
 def test_bad_inputs_get_one_line_errors(tmp_path, digits_dir):
@@ -110,3 +112,30 @@ def test_bad_inputs_get_one_line_errors(tmp_path, digits_dir):
                    "'image'")
     one_line_error(clipx("prep", "folder", "--captions", captions, "--image-column", "file",
                          "--out", tmp_path / "out", check=False), "'caption'")
+
+
+def test_unusable_data_and_damaged_checkpoints_get_one_line_errors(tmp_path, digits_dir, tiny_model_json):
+    garbage = tmp_path / "garbage"
+    (garbage / "train").mkdir(parents=True)
+    for i in range(2):
+        (garbage / "train" / f"shard-{i:06d}.tar").write_bytes(b"not a tar file at all" * 100)
+    (garbage / "train" / "sizes.json").write_text('{"shard-000000.tar": 10, "shard-000001.tar": 10}')
+    # Every shard is corrupt: training must stop with a message, not wait forever for a batch.
+    one_line_error(clipx("train", "--config", DEMO, *tiny_overrides(garbage, tiny_model_json, tmp_path / "run"),
+                         "data.val=null", check=False), "no readable sample")
+
+    bad_templates = tmp_path / "t.yaml"
+    bad_templates.write_text("classnames: [a]\ntemplates: [no placeholder]\n")
+    one_line_error(clipx("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, tmp_path / "r2"),
+                         f"eval.templates={bad_templates}", check=False), "exactly one")
+    assert not (tmp_path / "r2" / "checkpoints").exists()  # refused before any training
+
+    run = tmp_path / "r3"
+    clipx("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, run, **{"train.steps": 1}))
+    checkpoint = run / "checkpoints" / "step-000000001"
+    (checkpoint / "trainer_state.json").unlink()
+    one_line_error(clipx("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, run),
+                         "--resume", checkpoint, check=False), "trainer_state.json")
+    (checkpoint / "model.safetensors").write_bytes(b"\x00" * 64)
+    one_line_error(clipx("eval", "zero-shot", "--checkpoint", checkpoint, "--data", digits_dir / "test",
+                         "--out", tmp_path / "z.json", check=False), "cannot be read")

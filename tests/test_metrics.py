@@ -60,3 +60,27 @@ def test_image_to_text_counts_any_of_the_captions():
     m = retrieval_metrics(images, texts, owners, ks=(1, 2))
     assert m["image_to_text"]["R@1"] == 0.0 and m["image_to_text"]["R@2"] == 1.0
     assert m["text_to_image"]["R@1"] == 0.0 and m["text_to_image"]["R@2"] == 1.0
+
+
+def test_images_without_captions_do_not_count_for_image_to_text():
+    images = torch.eye(3)
+    texts = torch.eye(3)[:2]  # image 2 has no caption
+    m = retrieval_metrics(images, texts, torch.tensor([0, 1]), ks=(1,))
+    assert m["image_to_text"]["R@1"] == 1.0
+
+
+def test_templates_must_be_valid(tmp_path):
+    from clipx.errors import ClipxError
+    from eval.templates import load_templates
+
+    assert len(load_templates("imagenet")[0]) == 1000
+    for body, message in [("classnames: [a\n", "not valid YAML"), ("- a\n- b\n", "non-empty lists"),
+                          ("classnames: [a]\ntemplates: [3]\n", "exactly one"),
+                          ("classnames: [a]\ntemplates: ['{0} {1}']\n", "exactly one"),
+                          ("classnames: [a]\ntemplates: ['a {} of {}']\n", "exactly one")]:
+        path = tmp_path / "t.yaml"
+        path.write_text(body)
+        with pytest.raises(ClipxError, match=message):
+            load_templates(path)
+    with pytest.raises(ClipxError, match="neither a file nor a shipped set"):
+        load_templates("nonexistent-set")

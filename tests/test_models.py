@@ -33,7 +33,9 @@ def test_logit_scale_is_clamped_at_100():
     model = DualEncoder(torch.nn.Identity(), torch.nn.Identity(), init_temperature=0.07, max_logit_scale=100.0)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1000.0))
+    model.clamp_logit_scale_()
     assert model.scale().item() == pytest.approx(100.0, rel=1e-5)
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
 
 
 def test_state_dict_uses_open_clip_custom_text_clip_names(tiny_config):

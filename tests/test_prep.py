@@ -16,7 +16,7 @@ from PIL import Image
 
 from clipx.errors import ClipxError
 from data_prep import prep_digits, prep_folder, prep_hf
-from data_prep.digits import load_templates
+from eval.templates import load_templates
 from data_prep.images import encode_image
 from data_prep.writer import PrepSummary, ShardWriter
 
@@ -45,17 +45,14 @@ def decode(jpg: bytes) -> Image.Image:
     return image
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    summaries = prep_digits(out, image_size=32, shard_size=256, workers=0)
+def test_digits_summaries(tmp_path):
+    summaries = prep_digits(tmp_path, image_size=16, shard_size=256, workers=0)
     assert summaries["train"].written == 1437 and summaries["test"].written == 360
     assert summaries["train"].skipped == {} and summaries["train"].shards == 6
-    return out
 
 
 def test_digits_split_layout_and_captions(digits_dir):
-    classnames, _ = load_templates()
+    classnames, _ = load_templates("digits")
     splits = {s: read_shards(digits_dir / s) for s in ("train", "test")}
     assert len(splits["train"]) == 1437 and len(splits["test"]) == 360
     sources = []
@@ -256,3 +253,16 @@ def test_writer_keys_and_stale_shards(tmp_path):
     assert not (tmp_path / "shard-000007.tar").exists() and (tmp_path / "keep.tar").exists()
     text = PrepSummary(written=5, skipped={"missing_image": 2}, shards=1, seconds=1.0, out_dir="o").format()
     assert "5 samples" in text and "missing_image: 2" in text
+
+
+def test_folder_prep_groups_several_captions_per_image(image_folder, tmp_path):
+    """Flickr/COCO tables repeat the image once per caption; grouped, each image is one sample."""
+    images, _ = image_folder
+    rows = [{"image": "red.png", "caption": "a red box"}, {"image": "gray.jpg", "caption": "a gray image"},
+            {"image": "red.png", "caption": "something  red"}, {"image": "red.png", "caption": ""}]
+    _write_table(rows, tmp_path / "c.csv")
+    summary = prep_folder(images, tmp_path / "c.csv", tmp_path / "out", image_size=16, workers=0,
+                          group_by_image=True)
+    assert summary.written == 2
+    captions = sorted(s["txt"].decode() for s in read_shards(tmp_path / "out").values())
+    assert captions == ["a gray image", "a red box\nsomething red"]

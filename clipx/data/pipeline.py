@@ -19,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from clipx.data import batch as batch_keys
 from clipx.data.shards import count_samples, expand_shards
 from clipx.data.transforms import decode_image, stack_images
 from clipx.errors import ClipxError
@@ -42,7 +43,7 @@ class SharedEpoch:
 class SkipCounter:
     """Counts skipped inputs by reason across worker processes (shared memory, created before fork)."""
 
-    REASONS = ("unreadable_shard", "corrupt_tar", "undecodable_image", "missing_caption")
+    REASONS = ("unreadable_shard", "corrupt_tar", "undecodable_image", "missing_caption", "bad_label")
 
     def __init__(self):
         self._values = {reason: mp.Value("q", 0) for reason in self.REASONS}
@@ -108,15 +109,41 @@ def open_local_shards(src: Iterable[dict], counter: SkipCounter) -> Iterator[dic
             yield {**item, "stream": stream}
 
 
+class PassGuard:
+    """Fails loudly when a whole pass over a worker's shards yields nothing usable.
+
+    The shard stream is endless, so without this a data set of only corrupt or wrongly named
+    members would not end training: it would wait forever for a first batch.
+    """
+
+    def __init__(self, what: str, counter: SkipCounter):
+        self.what, self.counter = what, counter
+        self.epoch, self.seen = None, 0
+
+    def check(self, epoch: int) -> None:
+        """Call with the epoch of each new item; raises if the previous pass saw none."""
+        if epoch != self.epoch:
+            if self.epoch is not None and self.seen == 0:
+                raise ClipxError(f"a full pass over the training shards gave no {self.what} (skipped: "
+                                 f"{self.counter.snapshot()}); check that samples hold .jpg/.png/.webp and .txt")
+            self.epoch, self.seen = epoch, 0
+
+    def count(self) -> None:
+        self.seen += 1
+
+
 def tar_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
     """Opened tar streams -> samples grouped by key, tagged with the shard's epoch.
 
     Corrupt members and truncated tars are counted and skipped; the rest of the shard still counts.
     """
     handler = counter.handler("corrupt_tar")
+    guard = PassGuard("readable sample", counter)
     for shard in src:
+        guard.check(shard.get("epoch", 0))
         for sample in group_by_keys(tar_file_expander([shard], handler=handler), handler=handler):
             sample["__epoch__"] = shard.get("epoch", 0)
+            guard.count()
             yield sample
 
 
@@ -157,7 +184,9 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
     """Raw samples -> {"image": (3, H, W), "text": str, "key": str}; bad ones are counted and skipped."""
     if epoch is not None:
         seed_augmentations(seed, epoch, rank)
+    guard = PassGuard("usable image-caption pair", counter)
     for sample in src:
+        guard.check(sample["__epoch__"])
         caption = first_caption(sample)
         if caption is None:
             counter.add("missing_caption")
@@ -167,6 +196,7 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         except Exception:  # any decoder failure means this one sample is unusable
             counter.add("undecodable_image")
             continue
+        guard.count()
         yield {"image": image, "text": caption, "key": sample["__key__"]}
 
 
@@ -198,9 +228,9 @@ def collate_train(src: Iterable[dict], batch_size: int, tokenizer) -> Iterator[d
         buffer.append(sample)
         if len(buffer) == batch_size:
             yield {
-                "image": stack_images([s["image"] for s in buffer]),
-                "text": tokenizer([s["text"] for s in buffer]),
-                "key": [s["key"] for s in buffer],
+                batch_keys.IMAGE: stack_images([s["image"] for s in buffer]),
+                batch_keys.TEXT: tokenizer([s["text"] for s in buffer]),
+                batch_keys.KEY: [s["key"] for s in buffer],
             }
             buffer = []
 
@@ -246,11 +276,16 @@ def decode_eval_samples(src: Iterable[dict], transform, label_key: str, counter:
         except Exception:
             counter.add("undecodable_image")
             continue
-        yield {"image": image, "captions": all_captions(sample), "label": _label(sample, label_key),
-               "key": sample["__key__"]}
+        try:
+            label = _label(sample, label_key)
+        except (ValueError, TypeError, UnicodeDecodeError):  # malformed .cls or .json
+            counter.add("bad_label")
+            continue
+        yield {"image": image, "captions": all_captions(sample), "label": label, "key": sample["__key__"]}
 
 
 def _label(sample: dict, label_key: str) -> int:
+    """The class index from a .cls member or the .json field ``label_key``; -1 when there is none."""
     if "cls" in sample:
         return int(sample["cls"].decode().strip())
     if "json" in sample:
@@ -258,6 +293,16 @@ def _label(sample: dict, label_key: str) -> int:
         if isinstance(meta, dict) and label_key in meta:
             return int(meta[label_key])
     return -1
+
+
+def worker_error_message(error: ClipxError) -> str:
+    """The one-line message of a ClipxError, also when a DataLoader worker re-raised it.
+
+    Re-raised worker errors carry "Caught ClipxError in DataLoader worker ..." and the worker's
+    traceback; the original message is the last line, after the exception's qualified name.
+    """
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+    return last.split("ClipxError: ", 1)[-1]
 
 
 def collate_eval(samples: list[dict]) -> dict:

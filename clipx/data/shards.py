@@ -43,7 +43,11 @@ def count_samples(urls: list[str]) -> int:
                 raise ClipxError(
                     f"no sizes.json in {folder}; write shards with `clipx prep` or set data.train_num_samples"
                 )
-            sizes[folder] = json.loads(sizes_file.read_text())
+            try:
+                sizes[folder] = json.loads(sizes_file.read_text())
+            except json.JSONDecodeError as error:
+                raise ClipxError(f"{sizes_file} is not valid JSON ({error}); rewrite the shards with "
+                                 "`clipx prep` or set data.train_num_samples") from None
         name = Path(url).name
         if name not in sizes[folder]:
             raise ClipxError(f"{folder / 'sizes.json'} has no entry for {name}; set data.train_num_samples")

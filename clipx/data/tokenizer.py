@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from clipx.config import ModelConfig
@@ -14,7 +12,6 @@ class Tokenizer:
 
     def __init__(self, cfg: ModelConfig):
         if cfg.text_tower == "hf":
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from transformers import AutoTokenizer
 
             self._hf = AutoTokenizer.from_pretrained(cfg.hf_text_path, local_files_only=True)

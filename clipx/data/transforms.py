@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 # Decoding a crafted header can allocate gigabytes; refuse anything larger than this before decoding.
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# 8192 x 8192 is far above any training resolution.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def decode_image(data: bytes) -> Image.Image:

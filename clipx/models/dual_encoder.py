@@ -22,8 +22,8 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.visual = visual
         self.text = text
-        # The scale is learned in log space (CLIP): log(1 / 0.07) at init, clamped at log(100) so the
-        # softmax cannot become arbitrarily sharp.
+        # The scale is learned in log space (CLIP): log(1 / 0.07) at init, clamped at log(100) after
+        # every optimizer step (clamp_logit_scale_) so the softmax cannot become arbitrarily sharp.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if init_logit_bias is not None else None
         self.max_log_scale = math.log(max_logit_scale)
@@ -37,8 +37,14 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text(tokens), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """The multiplicative logit scale exp(t), clamped; gradients stop at the clamp."""
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+        """The multiplicative logit scale exp(t)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the parameter itself (as open_clip does), not only its use in forward: a clamp in
+        forward alone zeroes the gradient and leaves the optimizer's momentum pushing it further."""
+        self.logit_scale.clamp_(0.0, self.max_log_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         """Returns (image_features (B, E), text_features (B, E), logit_scale scalar)."""

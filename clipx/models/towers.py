@@ -41,7 +41,6 @@ class HFTextTower(nn.Module):
 
     def __init__(self, path: str, embed_dim: int, pooling: str = "mean"):
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory must never turn into a download
         from transformers import AutoConfig, AutoModel
 
         if not os.path.isdir(path):

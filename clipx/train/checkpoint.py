@@ -62,11 +62,30 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path:
         if not checkpoints:
             raise ClipxError(f"--resume latest: no checkpoint under {Path(output_dir) / CHECKPOINT_DIRNAME}")
         return checkpoints[-1]
-    return as_checkpoint(resume)
+    path = as_checkpoint(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ClipxError(f"--resume {resume}: {path} has no trainer_state.json, so it is not a complete "
+                         "training checkpoint")
+    return path
 
 
 def load_trainer_state(path: Path) -> TrainerState:
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    try:
+        return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ClipxError(f"{path}/trainer_state.json is damaged ({error}); resume from another checkpoint") from None
+
+
+def load_training_state(accelerator, path: Path) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG states saved by ``save_checkpoint``."""
+    state = load_trainer_state(path)
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ClipxError(f"cannot resume from {path}: {first_line} (was it written by a different model "
+                         "or optimizer config?)") from None
+    return state
 
 
 def as_checkpoint(path: str | Path) -> Path:
@@ -91,11 +110,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     path = as_checkpoint(path)
     config = load_config(path / "config.yaml")
     model = create_model(config.model)
-    weights = load_file(str(path / "model.safetensors"), device="cpu")
+    try:
+        weights = load_file(str(path / "model.safetensors"), device="cpu")
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ClipxError(f"{path}/model.safetensors cannot be read: {str(error).splitlines()[0]}") from None
     # DDP-wrapped models can save with a "module." prefix.
     weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ClipxError(f"{path}/model.safetensors does not match its config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise ClipxError(f"{path}/model.safetensors does not match its config.yaml: {detail}") from None
     return model.to(device).eval(), config

@@ -10,7 +10,7 @@ import contextlib
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,12 +20,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from clipx.config import Config, dump_config
-from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
+from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader, worker_error_message
+from clipx.data.shards import expand_shards
+from clipx.errors import ClipxError
 from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
 from clipx.models import create_model, image_size
 from clipx.objectives import build_objective
-from clipx.train.checkpoint import TrainerState, load_trainer_state, resolve_resume, save_checkpoint
+from clipx.train.checkpoint import TrainerState, load_training_state, resolve_resume, save_checkpoint
 from clipx.train.metrics_log import MetricsLog
 from clipx.train.optim import build_optimizer
 from clipx.train.schedule import cosine_with_warmup
@@ -34,16 +36,13 @@ from clipx.train.schedule import cosine_with_warmup
 class TrainStream:
     """Endless (epoch, batch) pairs for this rank, re-entering the loader once per epoch."""
 
-    def __init__(self, config: Config, tokenizer, accelerator: Accelerator):
-        cfg = config.model
-        transform = image_transform(image_size(cfg), cfg.image_mean, cfg.image_std, train=True,
-                                    crop_scale_min=config.data.crop_scale_min)
+    def __init__(self, data_cfg, model_cfg, batch_size: int, seed: int, tokenizer, rank: int, world: int):
+        transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=True,
+                                    crop_scale_min=data_cfg.crop_scale_min)
         self.epoch = SharedEpoch()
         self.skipped = SkipCounter()
         self.loader, self.batches_per_epoch = build_train_loader(
-            config.data, config.train.batch_size, transform, tokenizer, config.train.seed,
-            accelerator.process_index, accelerator.num_processes, self.epoch, self.skipped,
-        )
+            data_cfg, batch_size, transform, tokenizer, seed, rank, world, self.epoch, self.skipped)
 
     def batches(self, already_consumed: int = 0):
         """Yield (epoch, batch), starting after ``already_consumed`` batches of this run.
@@ -54,9 +53,12 @@ class TrainStream:
         epoch, skip = divmod(already_consumed, self.batches_per_epoch)
         while True:
             self.epoch.set(epoch)
-            for index, batch in enumerate(self.loader):
-                if index >= skip:
-                    yield epoch, batch
+            try:
+                for index, batch in enumerate(self.loader):
+                    if index >= skip:
+                        yield epoch, batch
+            except ClipxError as error:  # raised in a worker: keep the user's one line, drop the traceback
+                raise ClipxError(worker_error_message(error)) from None
             epoch, skip = epoch + 1, 0
 
 
@@ -83,16 +85,32 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.grad_accum_steps)
 
 
+def check_evaluation_inputs(config: Config) -> None:
+    """Fail before training, not after it, when the validation shards or templates are unusable."""
+    if not config.data.val:
+        return
+    from eval.templates import load_templates
+
+    expand_shards(config.data.val, "data.val")
+    if config.eval.zero_shot:
+        load_templates(config.eval.templates)
+
+
 def build_trainer(config: Config) -> Trainer:
     tcfg = config.train
-    accelerator = Accelerator(mixed_precision=tcfg.precision, gradient_accumulation_steps=tcfg.grad_accum_steps)
+    check_evaluation_inputs(config)
+    try:
+        accelerator = Accelerator(mixed_precision=tcfg.precision, gradient_accumulation_steps=tcfg.grad_accum_steps)
+    except ValueError as error:  # e.g. a precision this device cannot run
+        raise ClipxError(f"train.precision={tcfg.precision}: {str(error).splitlines()[0]}") from None
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)
     model = create_model(config.model).to(accelerator.device)
     tokenizer = Tokenizer(config.model)
     optimizer = build_optimizer(model, tcfg)
-    stream = TrainStream(config, tokenizer, accelerator)
+    stream = TrainStream(config.data, config.model, tcfg.batch_size, tcfg.seed, tokenizer,
+                         accelerator.process_index, accelerator.num_processes)
     steps = total_steps(tcfg, stream.batches_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(cosine_with_warmup, total_steps=steps, warmup_steps=tcfg.warmup_steps))
@@ -150,8 +168,7 @@ def train(config: Config, resume: str | None = None) -> dict:
         state = TrainerState()
         if resume:
             path = resolve_resume(config.train.output_dir, resume)
-            t.accelerator.load_state(str(path))
-            state = load_trainer_state(path)
+            state = load_training_state(t.accelerator, path)
             t.accelerator.print(f"resumed from {path} at step {state.step}")
         if t.accelerator.is_main_process:
             dump_config(config, Path(config.train.output_dir) / "config.yaml")
@@ -199,8 +216,11 @@ class Throughput:
 
 
 def log_train_step(t: Trainer, state: TrainerState, out: dict, clock: Throughput, bar) -> dict:
-    """Read the step's scalars (the one device sync per log interval) and write them out."""
-    values = {k: float(v) for k, v in out.items()}
+    """Read the step's scalars (the one device sync per log interval) and write them out.
+
+    Values are averaged over ranks: with gathered negatives each rank's loss covers only its rows.
+    """
+    values = {k: float(t.accelerator.reduce(v.detach().float(), reduction="mean")) for k, v in out.items()}
     values.update(lr=t.scheduler.get_last_lr()[0], epoch=state.epoch, samples_per_second=clock.window_rate(state.step),
                   skipped=t.stream.skipped.total())
     t.log.log(state.step, "train", values)
@@ -208,37 +228,52 @@ def log_train_step(t: Trainer, state: TrainerState, out: dict, clock: Throughput
     return values
 
 
+@dataclass
+class LoopRecord:
+    """What the loop reports at the end: the latest logged values, evaluation and checkpoint."""
+
+    logged: dict = field(default_factory=dict)
+    evaluation: dict | None = None
+    checkpoint: Path | None = None
+
+
+def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, record: LoopRecord) -> None:
+    """One optimizer step, then whatever logging, checkpointing and evaluation falls due."""
+    cfg = t.config
+    out = train_step(t, batches)
+    state.step += 1
+    state.batches += cfg.train.grad_accum_steps
+    state.epoch = int(out.pop("epoch"))
+    bar.update(1)
+    finished = state.step == t.total_steps
+    if state.step % cfg.train.log_every == 0 or finished:
+        record.logged = log_train_step(t, state, out, clock, bar)
+    with clock.paused():
+        # Save before evaluating, so an evaluation failure never costs the trained weights.
+        if state.step % cfg.train.checkpoint_every == 0 or finished:
+            record.checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state)
+        if (cfg.eval.every and state.step % cfg.eval.every == 0) or finished:
+            record.evaluation = evaluate_now(t, state.step)
+
+
 def run_loop(t: Trainer, state: TrainerState) -> dict:
     cfg = t.config
-    accum = cfg.train.grad_accum_steps
-    clock = Throughput(cfg.train.batch_size * t.accelerator.num_processes * accum, state.step)
+    clock = Throughput(cfg.train.batch_size * t.accelerator.num_processes * cfg.train.grad_accum_steps, state.step)
     batches = t.stream.batches(state.batches)
     bar = tqdm(total=t.total_steps, initial=state.step, disable=not t.accelerator.is_main_process,
                unit="step", dynamic_ncols=True)
-    first_step, last, results, checkpoint = state.step, {}, None, None
-    while state.step < t.total_steps:
-        out = train_step(t, batches)
-        state.step += 1
-        state.batches += accum
-        state.epoch = int(out.pop("epoch"))
-        bar.update(1)
-        finished = state.step == t.total_steps
-        if state.step % cfg.train.log_every == 0 or finished:
-            last = log_train_step(t, state, out, clock, bar)
-        with clock.paused():
-            if (cfg.eval.every and state.step % cfg.eval.every == 0) or finished:
-                results = evaluate_now(t, state.step)
-            if state.step % cfg.train.checkpoint_every == 0 or finished:
-                checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state)
-    bar.close()
+    first_step, record = state.step, LoopRecord()
+    with bar:  # closed on errors too, so a failure message starts on its own line
+        while state.step < t.total_steps:
+            run_step(t, state, batches, clock, bar, record)
     return {
         "steps": state.step,
         "epochs": state.epoch + 1,
         "wall_seconds": clock.wall_seconds(),
         "train_seconds": clock.train_seconds(),
         "samples_per_second": (state.step - first_step) * clock.samples_per_step / max(clock.train_seconds(), 1e-9),
-        "final_loss": last.get("loss"),
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "eval": results,
+        "final_loss": record.logged.get("loss"),
+        "checkpoint": str(record.checkpoint) if record.checkpoint else None,
+        "eval": record.evaluation,
         "skipped": t.stream.skipped.snapshot(),
     }

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_demo(commands)
+    _add_plan(commands)
     table = commands.add_parser("table", help="Markdown table of demo results.json files")
     table.add_argument("results", nargs="+")
     table.set_defaults(func=_table)
@@ -193,6 +194,27 @@ def _demo(args) -> int:
                        shuffle_captions=args.shuffle_captions)
     print_table(results)
     print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _add_plan(commands) -> None:
+    plan = commands.add_parser("plan", help="per-rank memory estimate for a config, before launching")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs)")
+    plan.add_argument("--global-batch", type=int, default=None,
+                      help="samples per optimizer step over all ranks (default: train.batch_size x world size)")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.gather=global")
+    plan.set_defaults(func=_plan)
+
+
+def _plan(args) -> int:
+    from clipx.config import load_config
+    from clipx.plan import plan_memory
+
+    if args.world_size < 1 or (args.global_batch is not None and args.global_batch < args.world_size):
+        raise ClipxError("--world-size must be >= 1 and --global-batch at least the world size")
+    config = load_config(args.config, args.overrides)
+    print(plan_memory(config, args.world_size, args.global_batch).table())
     return 0
 
 

@@ -53,8 +53,9 @@ class ModelConfig:
     hf_text_path: Optional[str] = None
     hf_pooling: str = "mean"  # mean | cls
     hf_context_length: int = 64
-    init_temperature: float = 0.07
+    init_temperature: float = 0.07  # CLIP: 0.07 (scale 1/0.07); SigLIP: 0.1 (scale 10)
     max_logit_scale: float = 100.0
+    init_logit_bias: Optional[float] = None  # SigLIP's learnable bias, -10 in the paper; None: no bias
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
 
@@ -81,7 +82,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 256  # per device (per micro-batch when grad_accum_steps > 1)
+    batch_size: int = 256  # per device; per micro-batch when accum_steps > 1
     steps: Optional[int] = None  # total optimizer steps; wins over epochs
     epochs: int = 1
     lr: float = 5e-4
@@ -91,13 +92,24 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_clip_norm: Optional[float] = None
-    grad_accum_steps: int = 1
+    # K micro-batches per optimizer step. features (GradCache): the loss sees all K x B samples as one
+    # batch, at micro-batch memory, for one extra forward pass; naive: K separate losses of B
+    # samples each (fewer negatives: not the same objective), gradients summed.
+    accum_steps: int = 1
+    accum_mode: str = "features"  # features | naive
     precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     threads: Optional[int] = None  # torch intra-op threads per process; None keeps torch's default
+    # Recompute tower activations in backward instead of storing them: less memory, ~30% more compute.
+    grad_checkpointing: bool = False
+    # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
+    compile: bool = False
     output_dir: str = "runs/train"
     checkpoint_every: int = 1000  # steps; the final step is always saved
     log_every: int = 10
+    # A collective (all-gather, all-reduce) that waits longer than this fails with an error naming
+    # the rank, instead of hanging the job.
+    collective_timeout_s: int = 1800
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ CHOICES = {
     "model.text_tower": ("open_clip", "hf"),
     "model.hf_pooling": ("mean", "cls"),
     "train.precision": ("no", "bf16", "fp16"),
+    "train.accum_mode": ("features", "naive"),
 }
 
 
@@ -202,8 +215,8 @@ def validate(config: Config) -> None:
         if flat[key] not in allowed:
             raise ClipxError(f"{key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
     t = config.train
-    for key in ("train.batch_size", "train.epochs", "train.grad_accum_steps", "train.checkpoint_every",
-                "train.log_every", "eval.batch_size"):
+    for key in ("train.batch_size", "train.epochs", "train.accum_steps", "train.checkpoint_every",
+                "train.log_every", "eval.batch_size", "train.collective_timeout_s"):
         if flat[key] <= 0:
             raise ClipxError(f"{key} must be positive; got {flat[key]}")
     for key in ("train.steps", "train.threads", "train.grad_clip_norm", "data.train_num_samples"):
@@ -215,6 +228,11 @@ def validate(config: Config) -> None:
         raise ClipxError("train.warmup_steps, eval.every and data.workers must not be negative")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
+    if config.loss.name == "siglip" and config.model.init_logit_bias is None:
+        raise ClipxError("loss.name=siglip needs model.init_logit_bias (the paper uses -10, with "
+                         "model.init_temperature=0.1)")
+    if t.accum_steps > 1 and t.accum_mode == "features" and t.precision == "fp16":
+        raise ClipxError("train.accum_mode=features supports train.precision no or bf16, not fp16")
     if config.model.text_tower == "hf" and not config.model.hf_text_path:
         raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")
 

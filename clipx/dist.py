@@ -6,8 +6,12 @@ on one GPU, and across nodes.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+
+from clipx.errors import ClipxError
 
 
 def is_distributed() -> bool:
@@ -47,6 +51,33 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return _AllGatherWithGrad.apply(x)
+
+
+@contextlib.contextmanager
+def collective_timeout_guard(timeout_s: float):
+    """Turn a collective that timed out into a one-line error naming this rank.
+
+    A rank that stops calling collectives (a crash, a hang in its data) leaves the others waiting;
+    the process group's timeout ends the wait, and this says which rank gave up and why.
+    """
+    try:
+        yield
+    except (RuntimeError, getattr(dist, "DistBackendError", RuntimeError)) as error:
+        message = str(error)
+        if "timeout" not in message.lower() and "timed out" not in message.lower():
+            raise
+        raise ClipxError(f"rank {rank()} of {world_size()}: a collective operation waited longer than "
+                         f"{timeout_s:g} s (train.collective_timeout_s) for the other ranks; see their logs "
+                         "for the rank that stopped") from None
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (tensors, lists, dicts), in rank order; ``[obj]`` without a process group."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 from clipx.data.pipeline import SkipCounter, build_eval_loader
 from clipx.data.transforms import image_transform
 from clipx.models import image_size
-from eval.embed import embed_dataset
+from clipx import dist
+from eval.embed import embed_dataset, merge_embeddings
 from eval.retrieval import retrieval_eval
 from eval.templates import load_templates
 from eval.zero_shot import build_zero_shot_classifier, zero_shot_metrics
@@ -15,12 +16,18 @@ from eval.zero_shot import build_zero_shot_classifier, zero_shot_metrics
 
 def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool = True, retrieval: bool = True,
              templates: str = "digits", label_key: str = "label", batch_size: int = 256, workers: int = 2) -> dict:
-    """{"zero_shot": {...}, "retrieval": {...}, "num_images": N, "skipped": {...}} for ``shards``."""
+    """{"zero_shot": {...}, "retrieval": {...}, "num_images": N, "skipped": {...}} for ``shards``.
+
+    In a process group every rank must call this: each embeds the samples whose keys hash to it,
+    the embeddings are gathered, and every rank computes the same metrics on all of them.
+    """
     transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=False)
     counter = SkipCounter()
-    loader = build_eval_loader(shards, transform, label_key, batch_size, workers, counter)
+    rank, world = dist.rank(), dist.world_size()
+    loader = build_eval_loader(shards, transform, label_key, batch_size, workers, counter, rank=rank, world=world)
     was_training = model.training
-    embeddings = embed_dataset(model, loader, tokenizer, device, with_texts=retrieval)
+    local = embed_dataset(model, loader, tokenizer, device, model_cfg.arch["embed_dim"], with_texts=retrieval)
+    embeddings = merge_embeddings(dist.gather_objects(local))
     results: dict = {"num_images": int(embeddings.image_features.shape[0])}
     if zero_shot:
         classnames, prompts = load_templates(templates)
@@ -29,9 +36,13 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
     if retrieval:
         results["retrieval"] = retrieval_eval(embeddings)
         results["num_captions"] = int(embeddings.text_features.shape[0])
-    results["skipped"] = counter.snapshot()
+    results["skipped"] = _sum_counts(dist.gather_objects(counter.snapshot()))
     model.train(was_training)
     return results
+
+
+def _sum_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
+    return {reason: sum(counts[reason] for counts in per_rank) for reason in per_rank[0]}
 
 
 def flatten_metrics(results: dict, prefix: str = "") -> dict[str, float]:

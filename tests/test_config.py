@@ -79,7 +79,7 @@ def test_every_shipped_recipe_validates_and_builds_its_model(recipe):
     with torch.no_grad():
         images = torch.randn(2, 3, size, size)
         tokens = Tokenizer(config.model)(["a photo of a cat", "a dog"])
-        image_features, text_features, scale = model(images, tokens)
+        image_features, text_features, scale, _ = model(images, tokens)
     assert image_features.shape == text_features.shape == (2, config.model.arch["embed_dim"])
     assert scale.item() == pytest.approx(1 / config.model.init_temperature, rel=1e-4)
 

@@ -139,3 +139,15 @@ def test_unusable_data_and_damaged_checkpoints_get_one_line_errors(tmp_path, dig
     (checkpoint / "model.safetensors").write_bytes(b"\x00" * 64)
     one_line_error(clipx("eval", "zero-shot", "--checkpoint", checkpoint, "--data", digits_dir / "test",
                          "--out", tmp_path / "z.json", check=False), "cannot be read")
+
+
+@pytest.mark.parametrize("options", [{"train.grad_checkpointing": True},
+                                     {"train.accum_steps": 2, "train.accum_mode": "features"},
+                                     {"train.accum_steps": 2, "train.accum_mode": "naive"},
+                                     {"train.compile": True}],
+                         ids=["grad-checkpointing", "accum-features", "accum-naive", "compile"])
+def test_training_options_run_a_step(options, tmp_path, digits_dir, tiny_model_json):
+    summary = train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
+        "train.steps": 2, "data.val": "null", **options})))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert summary["first_step_seconds"] > 0

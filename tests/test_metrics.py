@@ -84,3 +84,18 @@ def test_templates_must_be_valid(tmp_path):
             load_templates(path)
     with pytest.raises(ClipxError, match="neither a file nor a shipped set"):
         load_templates("nonexistent-set")
+
+
+def test_merged_embeddings_are_ordered_by_key_and_deduplicated():
+    from eval.embed import Embeddings, merge_embeddings
+
+    def part(keys, owners):
+        n = len(keys)
+        return Embeddings(torch.eye(4)[[int(k) for k in keys]], torch.tensor([int(k) for k in keys]), keys,
+                          torch.eye(4)[[int(keys[o]) for o in owners]], torch.tensor(owners))
+
+    merged = merge_embeddings([part(["2", "0"], [0, 1, 1]), part(["1", "0"], [0, 1])])
+    assert merged.keys == ["0", "1", "2"]  # "0" read by both ranks counts once
+    assert merged.labels.tolist() == [0, 1, 2]
+    assert merged.text_to_image.tolist() == [0, 0, 1, 2]  # captions follow their images, in order
+    assert torch.equal(merged.text_features, torch.eye(4)[[0, 0, 1, 2]])

@@ -22,7 +22,7 @@ def tiny_config(tiny_model_json):
 def test_dual_encoder_outputs_unit_features_and_initial_temperature(tiny_config):
     model = create_model(tiny_config.model)
     tokens = Tokenizer(tiny_config.model)(["a handwritten seven.", "a photo of the digit two."])
-    image_features, text_features, scale = model(torch.randn(2, 3, 32, 32), tokens)
+    image_features, text_features, scale, _ = model(torch.randn(2, 3, 32, 32), tokens)
     assert image_features.shape == (2, 32) and text_features.shape == (2, 32)
     assert torch.allclose(image_features.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert torch.allclose(text_features.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing as mp
 import random
+import zlib
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -314,9 +315,21 @@ def collate_eval(samples: list[dict]) -> dict:
     }
 
 
+def owned_by_rank(src: Iterable[dict], rank: int, world: int) -> Iterator[dict]:
+    """Keep the samples whose key hashes to this rank, before any decoding.
+
+    Every rank reads every shard but decodes only its share, so evaluation splits evenly whatever
+    the number of shards, and the split depends on keys alone (not on shard or worker order).
+    """
+    for sample in src:
+        if world == 1 or zlib.crc32(sample["__key__"].encode()) % world == rank:
+            yield sample
+
+
 def build_eval_loader(pattern: str, transform, label_key: str, batch_size: int, workers: int,
-                      counter: SkipCounter | None = None, what: str = "evaluation shards"):
-    """Every sample of ``pattern`` exactly once, in batches (the last one may be smaller)."""
+                      counter: SkipCounter | None = None, what: str = "evaluation shards",
+                      rank: int = 0, world: int = 1):
+    """This rank's share of the samples of ``pattern``, each exactly once, in batches (the last may be smaller)."""
     urls = expand_shards(pattern, what)
     counter = counter or SkipCounter()
     workers = min(workers, len(urls))
@@ -325,6 +338,7 @@ def build_eval_loader(pattern: str, transform, label_key: str, batch_size: int, 
         wds.split_by_worker,
         functools.partial(open_local_shards, counter=counter),
         functools.partial(tar_samples, counter=counter),
+        functools.partial(owned_by_rank, rank=rank, world=world),
         functools.partial(decode_eval_samples, transform=transform, label_key=label_key, counter=counter),
         wds.batched(batch_size, collation_fn=collate_eval, partial=True),
     )

@@ -28,6 +28,17 @@ class DualEncoder(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if init_logit_bias is not None else None
         self.max_log_scale = math.log(max_logit_scale)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute both towers' activations during backward (open_clip and transformers towers)."""
+        for tower in (self.visual, self.text):
+            if hasattr(tower, "set_grad_checkpointing"):
+                tower.set_grad_checkpointing(enable)
+            elif hasattr(tower, "transformer") and hasattr(tower.transformer, "gradient_checkpointing_enable"):
+                if enable:
+                    tower.transformer.gradient_checkpointing_enable()
+                else:
+                    tower.transformer.gradient_checkpointing_disable()
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, E), unit norm."""
         return F.normalize(self.visual(images), dim=-1)
@@ -47,5 +58,9 @@ class DualEncoder(nn.Module):
         self.logit_scale.clamp_(0.0, self.max_log_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        """Returns (image_features (B, E), text_features (B, E), logit_scale scalar)."""
-        return self.encode_image(images), self.encode_text(tokens), self.scale()
+        """(image_features (B, E), text_features (B, E), logit_scale scalar, logit_bias scalar or None).
+
+        The scale and bias come out of forward (not read off the module by the loss) so that DDP
+        sees them used in forward like every other parameter.
+        """
+        return self.encode_image(images), self.encode_text(tokens), self.scale(), self.logit_bias

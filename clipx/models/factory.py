@@ -14,7 +14,7 @@ def create_model(cfg: ModelConfig) -> DualEncoder:
         text = HFTextTower(cfg.hf_text_path, cfg.arch["embed_dim"], cfg.hf_pooling)
     else:
         text = build_open_clip_text(cfg.arch)
-    return DualEncoder(visual, text, cfg.init_temperature, cfg.max_logit_scale)
+    return DualEncoder(visual, text, cfg.init_temperature, cfg.max_logit_scale, cfg.init_logit_bias)
 
 
 def image_size(cfg: ModelConfig) -> int:

@@ -1,7 +1,9 @@
 """Objective: the one thing that differs between training methods.
 
 The training loop only does ``out = objective(batch)``, backpropagates ``out["loss"]``, steps the
-optimizer, and calls ``objective.after_step()``; it never asks which method it runs.
+optimizer, and calls ``objective.after_step()``; it never asks which method it runs. Objectives
+whose loss couples samples across the batch split ``__call__`` into ``features`` and
+``loss_from_features``, which lets the loop cache features across micro-batches (GradCache).
 """
 
 from __future__ import annotations
@@ -10,11 +12,18 @@ import torch
 
 
 class Objective:
-    """Model + loss. Subclasses implement ``__call__`` and may override ``after_step``."""
+    """Model + loss. Subclasses implement ``features`` and ``loss_from_features``."""
+
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch -> named tensors: per-sample ones with a leading batch dim, and 0-dim scalars."""
+        raise NotImplementedError
+
+    def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
+        """features (of one or several micro-batches, concatenated) -> {"loss": scalar, "metrics": {...}}."""
+        raise NotImplementedError
 
     def __call__(self, batch: dict) -> dict:
-        """batch (on device) -> {"loss": scalar tensor, "metrics": {name: scalar tensor}}."""
-        raise NotImplementedError
+        return self.loss_from_features(self.features(batch))
 
     def after_step(self) -> None:
         """Runs after every optimizer step (momentum encoders update here, never inside forward)."""

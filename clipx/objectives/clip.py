@@ -1,4 +1,4 @@
-"""The CLIP objective: DualEncoder features into a contrastive loss on features."""
+"""The image-text objective: DualEncoder features into a contrastive loss on features (CLIP or SigLIP)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,43 @@ from clipx.data.batch import IMAGE, TEXT
 from clipx.objectives.base import Objective
 
 
-class ClipObjective(Objective):
-    """Image-text contrastive training of a (possibly Accelerate-wrapped) DualEncoder."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
-    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module):
+
+class ContrastiveObjective(Objective):
+    """Image-text contrastive training of a (possibly Accelerate-wrapped) DualEncoder.
+
+    ``loss`` is a ClipLoss (called with features and the logit scale) or a SigLipLoss (also given
+    the logit bias); ``uses_bias`` says which.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module, uses_bias: bool = False):
         self.model = model
         self.loss = loss
+        self.uses_bias = uses_bias
 
-    def __call__(self, batch: dict) -> dict:
-        image_features, text_features, logit_scale = self.model(batch[IMAGE], batch[TEXT])
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        image_features, text_features, logit_scale, logit_bias = self.model(batch[IMAGE], batch[TEXT])
         # Features may come out of bf16/fp16 autocast; the softmax over many negatives wants fp32.
-        loss = self.loss(image_features.float(), text_features.float(), logit_scale.float())
-        return {"loss": loss, "metrics": {"logit_scale": logit_scale.detach()}}
+        out = {"image": image_features.float(), "text": text_features.float(), "logit_scale": logit_scale.float()}
+        if self.uses_bias:
+            out["logit_bias"] = logit_bias.float()
+        return out
+
+    def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
+        extra = (features["logit_bias"],) if self.uses_bias else ()
+        loss = self.loss(features["image"], features["text"], features["logit_scale"], *extra)
+        metrics = {"logit_scale": features["logit_scale"].detach()}
+        if self.uses_bias:
+            metrics["logit_bias"] = features["logit_bias"].detach()
+        return {"loss": loss, "metrics": metrics}
 
     def after_step(self) -> None:
-        getattr(self.model, "module", self.model).clamp_logit_scale_()  # unwrap DDP
+        unwrap(self.model).clamp_logit_scale_()
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         return [self.model]

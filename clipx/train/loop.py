@@ -7,8 +7,10 @@ and calls ``objective.after_step()``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
+from clipx import dist
 from clipx.config import Config, dump_config
 from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader, worker_error_message
 from clipx.data.shards import expand_shards
@@ -31,6 +34,7 @@ from clipx.train.checkpoint import TrainerState, load_training_state, resolve_re
 from clipx.train.metrics_log import MetricsLog
 from clipx.train.optim import build_optimizer
 from clipx.train.schedule import cosine_with_warmup
+from clipx.train.step import micro_batch_gradients
 
 
 class TrainStream:
@@ -82,7 +86,28 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     """Optimizer steps for the run: ``train.steps`` if set, else ``epochs`` worth of batches."""
     if train_cfg.steps is not None:
         return train_cfg.steps
-    return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.grad_accum_steps)
+    return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
+
+
+def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800) -> Accelerator:
+    """An Accelerator that also forms a process group of CPU processes.
+
+    Without ``cpu=True`` Accelerate treats torchrun-launched CPU processes as independent
+    single-process runs (DistributedType.NO): each would train alone on its shard split. A launcher
+    that started more processes than Accelerate sees is refused rather than run wrong.
+    """
+    try:
+        # Accumulation is done by clipx.train.step (it needs feature caching), not by Accelerate.
+        accelerator = Accelerator(
+            mixed_precision=precision, cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s))])
+    except ValueError as error:  # e.g. a precision this device cannot run
+        raise ClipxError(f"train.precision={precision}: {str(error).splitlines()[0]}") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ClipxError(f"the launcher started {launched} processes but Accelerate formed a group of "
+                         f"{accelerator.num_processes}; check the launch command and its environment")
+    return accelerator
 
 
 def check_evaluation_inputs(config: Config) -> None:
@@ -99,14 +124,13 @@ def check_evaluation_inputs(config: Config) -> None:
 def build_trainer(config: Config) -> Trainer:
     tcfg = config.train
     check_evaluation_inputs(config)
-    try:
-        accelerator = Accelerator(mixed_precision=tcfg.precision, gradient_accumulation_steps=tcfg.grad_accum_steps)
-    except ValueError as error:  # e.g. a precision this device cannot run
-        raise ClipxError(f"train.precision={tcfg.precision}: {str(error).splitlines()[0]}") from None
+    accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)
     model = create_model(config.model).to(accelerator.device)
+    if tcfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     tokenizer = Tokenizer(config.model)
     optimizer = build_optimizer(model, tcfg)
     stream = TrainStream(config.data, config.model, tcfg.batch_size, tcfg.seed, tokenizer,
@@ -117,6 +141,9 @@ def build_trainer(config: Config) -> Trainer:
     # The scheduler is stepped by us once per optimizer step; Accelerate's wrapper would step it once
     # per process. It still travels in every checkpoint.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if tcfg.compile:
+        # Compiled after DDP wrapping, as DDP's optimizer expects; the first steps include compilation.
+        model = torch.compile(model)
     accelerator.register_for_checkpointing(scheduler)
     objective = build_objective(model, config.loss)
     log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process)
@@ -124,16 +151,13 @@ def build_trainer(config: Config) -> Trainer:
 
 
 def train_step(t: Trainer, batches) -> dict:
-    """One optimizer step over ``grad_accum_steps`` micro-batches; returns detached metrics."""
-    loss_sum = torch.zeros((), device=t.accelerator.device)
-    for _ in range(t.config.train.grad_accum_steps):
+    """One optimizer step over ``train.accum_steps`` micro-batches; returns detached metrics."""
+    micro_batches = []
+    for _ in range(t.config.train.accum_steps):
         epoch, batch = next(batches)
-        batch = {k: v.to(t.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                 for k, v in batch.items()}
-        with t.accelerator.accumulate(t.model):
-            out = t.objective(batch)
-            t.accelerator.backward(out["loss"])
-        loss_sum += out["loss"].detach()
+        micro_batches.append({k: v.to(t.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                              for k, v in batch.items()})
+    out = micro_batch_gradients(t.accelerator, t.model, t.objective, micro_batches, t.config.train.accum_mode)
     if t.config.train.grad_clip_norm:
         t.accelerator.clip_grad_norm_(t.model.parameters(), t.config.train.grad_clip_norm)
     t.optimizer.step()
@@ -141,23 +165,20 @@ def train_step(t: Trainer, batches) -> dict:
     t.optimizer.zero_grad(set_to_none=True)
     t.objective.after_step()
     # Tensors, not floats: reading them forces a device sync, so the caller reads only when logging.
-    return {"loss": loss_sum / t.config.train.grad_accum_steps, "epoch": epoch, **out["metrics"]}
+    return {"loss": out["loss"], "epoch": epoch, **out["metrics"]}
 
 
 def evaluate_now(t: Trainer, step: int) -> dict | None:
-    """Zero-shot and retrieval on data.val (main process; the others wait)."""
+    """Zero-shot and retrieval on data.val, sharded across all ranks (each embeds its share)."""
     if not t.config.data.val or not (t.config.eval.zero_shot or t.config.eval.retrieval):
         return None
-    results = None
-    if t.accelerator.is_main_process:
-        from eval.run import evaluate, flatten_metrics
+    from eval.run import evaluate, flatten_metrics
 
-        e = t.config.eval
-        results = evaluate(t.accelerator.unwrap_model(t.model), t.tokenizer, t.config.model, t.config.data.val,
-                           t.accelerator.device, e.zero_shot, e.retrieval, e.templates, e.label_key, e.batch_size,
-                           t.config.data.workers)
-        t.log.log(step, "eval", flatten_metrics(results))
-    t.accelerator.wait_for_everyone()
+    e = t.config.eval
+    results = evaluate(t.accelerator.unwrap_model(t.model), t.tokenizer, t.config.model, t.config.data.val,
+                       t.accelerator.device, e.zero_shot, e.retrieval, e.templates, e.label_key, e.batch_size,
+                       t.config.data.workers)
+    t.log.log(step, "eval", flatten_metrics(results))
     return results
 
 
@@ -172,7 +193,8 @@ def train(config: Config, resume: str | None = None) -> dict:
             t.accelerator.print(f"resumed from {path} at step {state.step}")
         if t.accelerator.is_main_process:
             dump_config(config, Path(config.train.output_dir) / "config.yaml")
-        summary = run_loop(t, state)
+        with dist.collective_timeout_guard(config.train.collective_timeout_s):
+            summary = run_loop(t, state)
         if t.accelerator.is_main_process:
             (Path(config.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
@@ -235,6 +257,7 @@ class LoopRecord:
     logged: dict = field(default_factory=dict)
     evaluation: dict | None = None
     checkpoint: Path | None = None
+    first_step_seconds: float = 0.0
 
 
 def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, record: LoopRecord) -> None:
@@ -242,7 +265,7 @@ def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, r
     cfg = t.config
     out = train_step(t, batches)
     state.step += 1
-    state.batches += cfg.train.grad_accum_steps
+    state.batches += cfg.train.accum_steps
     state.epoch = int(out.pop("epoch"))
     bar.update(1)
     finished = state.step == t.total_steps
@@ -258,14 +281,18 @@ def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, r
 
 def run_loop(t: Trainer, state: TrainerState) -> dict:
     cfg = t.config
-    clock = Throughput(cfg.train.batch_size * t.accelerator.num_processes * cfg.train.grad_accum_steps, state.step)
+    clock = Throughput(cfg.train.batch_size * t.accelerator.num_processes * cfg.train.accum_steps, state.step)
     batches = t.stream.batches(state.batches)
     bar = tqdm(total=t.total_steps, initial=state.step, disable=not t.accelerator.is_main_process,
                unit="step", dynamic_ncols=True)
     first_step, record = state.step, LoopRecord()
     with bar:  # closed on errors too, so a failure message starts on its own line
         while state.step < t.total_steps:
+            started = time.perf_counter()
             run_step(t, state, batches, clock, bar, record)
+            if state.step == first_step + 1:
+                # Worker start-up, first decode and (with train.compile) compilation: reported apart.
+                record.first_step_seconds = time.perf_counter() - started
     return {
         "steps": state.step,
         "epochs": state.epoch + 1,
@@ -276,4 +303,6 @@ def run_loop(t: Trainer, state: TrainerState) -> dict:
         "checkpoint": str(record.checkpoint) if record.checkpoint else None,
         "eval": record.evaluation,
         "skipped": t.stream.skipped.snapshot(),
+        "world_size": t.accelerator.num_processes,
+        "first_step_seconds": record.first_step_seconds,
     }

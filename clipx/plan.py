@@ -1,0 +1,107 @@
+"""`clipx plan`: per-rank memory estimates, so batches are sized before a job is launched.
+
+Estimates, per rank, for one training step:
+  logits       the contrastive logit matrices: (B, B), (B, N) or (N, N) for gather none/local/global,
+               times LOGIT_COPIES (fp32: both directions' logits and log-probabilities)
+  features     the gathered image and text features and their gradients
+  activations  what autograd saves in the towers' forward pass, measured on a 2-sample forward and
+               scaled to the micro-batch
+  model state  fp32 parameters, gradients and AdamW's two moments (16 bytes a parameter)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from clipx.config import Config
+
+FP32 = 4
+# Each direction's cross-entropy keeps the fp32 logits and their log-softmax until backward.
+LOGIT_COPIES = 4
+
+
+@dataclass
+class MemoryPlan:
+    world_size: int
+    micro_batch: int  # per rank, per forward
+    global_batch: int  # negatives the loss sees: world x micro-batch x (accum_steps with feature caching)
+    logits: int
+    features: int
+    activations: int
+    model_state: int
+
+    @property
+    def total(self) -> int:
+        return self.logits + self.features + self.activations + self.model_state
+
+    def table(self) -> str:
+        rows = [("logit matrices", self.logits), ("gathered features + grads", self.features),
+                ("tower activations (micro-batch)", self.activations),
+                ("params + grads + AdamW", self.model_state), ("total", self.total)]
+        head = (f"per-rank memory: world size {self.world_size}, micro-batch {self.micro_batch}, "
+                f"global batch {self.global_batch}")
+        return "\n".join([head] + [f"  {name:<32} {_human(size):>10}" for name, size in rows])
+
+
+def logit_bytes(gather: str, local_rows: int, world_size: int) -> int:
+    """Bytes of the loss's logit matrices on one rank, for ``local_rows`` samples per rank."""
+    total_rows = local_rows * world_size
+    rows, cols = {"none": (local_rows, local_rows), "local": (local_rows, total_rows),
+                  "global": (total_rows, total_rows)}[gather]
+    return LOGIT_COPIES * rows * cols * FP32
+
+
+def plan_memory(config: Config, world_size: int, global_batch: int | None = None) -> MemoryPlan:
+    """Estimate one rank's memory for ``config`` at ``world_size`` (and optionally a global batch)."""
+    from clipx.models import create_model
+
+    t = config.train
+    accum = t.accum_steps
+    micro = global_batch // (world_size * accum) if global_batch else t.batch_size
+    features_per_rank = micro * accum if t.accum_mode == "features" else micro
+    model = create_model(config.model)
+    embed_dim = config.model.arch["embed_dim"]
+    gathered = 1 if config.loss.gather == "none" else world_size
+    return MemoryPlan(
+        world_size=world_size,
+        micro_batch=micro,
+        global_batch=features_per_rank * gathered,
+        logits=logit_bytes(config.loss.gather, features_per_rank, world_size),
+        features=2 * 2 * features_per_rank * gathered * embed_dim * FP32,
+        activations=activation_bytes(model, config, micro),
+        model_state=16 * sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+
+
+def activation_bytes(model, config: Config, batch: int, probe: int = 2) -> int:
+    """Bytes autograd saves in one forward of ``batch`` samples, measured at ``probe`` and scaled."""
+    from clipx.data.tokenizer import Tokenizer
+    from clipx.models import image_size
+
+    size = image_size(config.model)
+    tokens = Tokenizer(config.model)(["a photo of something"] * probe)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:  # weights saved for backward are not activations
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.train.precision == "bf16"
+                else contextlib.nullcontext())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        model(torch.randn(probe, 3, size, size), tokens)
+    return sum(seen.values()) * batch // probe
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size:.1f} GiB"

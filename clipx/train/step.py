@@ -1,0 +1,89 @@
+"""Gradients for one optimizer step from K micro-batches: naive accumulation or feature caching.
+
+Feature caching (GradCache, Gao et al. 2021; open_clip's "accumulate features") gives the gradient
+of one step at batch K x B with the memory of a micro-batch: embed every micro-batch without
+autograd, compute the contrastive loss once over all K x B features, then re-run each micro-batch
+with autograd and feed it the gradient its features received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def micro_batch_gradients(accelerator, model, objective, micro_batches: list[dict], mode: str) -> dict:
+    """Accumulate gradients of ``micro_batches`` into the model; returns the objective's output."""
+    if mode == "features" and len(micro_batches) > 1:
+        return _feature_cache(accelerator, model, objective, micro_batches)
+    return _naive(accelerator, model, objective, micro_batches)
+
+
+def _sync_last(accelerator, model, index: int, count: int):
+    """DDP all-reduces gradients once, after the last micro-batch's backward."""
+    return accelerator.no_sync(model) if index < count - 1 else contextlib.nullcontext()
+
+
+def _naive(accelerator, model, objective, micro_batches: list[dict]) -> dict:
+    """K independent losses of B samples each, averaged: fewer negatives than one batch of K x B."""
+    count = len(micro_batches)
+    losses = []
+    for index, batch in enumerate(micro_batches):
+        with _sync_last(accelerator, model, index, count):
+            out = objective(batch)
+            accelerator.backward(out["loss"] / count)
+        losses.append(out["loss"].detach())
+    return {"loss": torch.stack(losses).mean(), "metrics": out["metrics"]}
+
+
+def _feature_cache(accelerator, model, objective, micro_batches: list[dict]) -> dict:
+    count = len(micro_batches)
+    rng_states, cached = [], []
+    with torch.no_grad():
+        for batch in micro_batches:
+            rng_states.append(_rng_state())
+            cached.append(objective.features(batch))
+    leaves = [{k: v.detach().requires_grad_() for k, v in features.items()} for features in cached]
+    out = objective.loss_from_features(_concat(leaves))
+    out["loss"].backward()  # gradients w.r.t. the cached features only: the towers are not in this graph
+    for index, (batch, features) in enumerate(zip(micro_batches, leaves)):
+        _restore_rng_state(rng_states[index])  # the replay must see the same randomness as the first pass
+        with _sync_last(accelerator, model, index, count):
+            replayed = objective.features(batch)
+            tensors, grads = [], []
+            for name, value in replayed.items():
+                if value.ndim == 0:
+                    # Scalars (logit scale, bias) entered the loss once, from the first micro-batch;
+                    # each replay carries an equal share of their gradient.
+                    grad = leaves[0][name].grad
+                    grad = None if grad is None else grad / count
+                else:
+                    grad = features[name].grad
+                if grad is not None:
+                    tensors.append(value)
+                    grads.append(grad)
+            torch.autograd.backward(tensors, grads)
+    return {"loss": out["loss"].detach(), "metrics": out["metrics"]}
+
+
+def _concat(per_micro_batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate per-sample tensors along the batch dim; 0-dim scalars come from the first entry.
+
+    Scalars are the same in every micro-batch (parameters do not change within a step), and
+    using one copy gives the loss exactly the graph of a single large batch.
+    """
+    first = per_micro_batch[0]
+    return {name: first[name] if first[name].ndim == 0 else torch.cat([f[name] for f in per_micro_batch])
+            for name in first}
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _restore_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts whose output goes into BENCHMARKS.md with the command that produced it."""

@@ -1,0 +1,145 @@
+"""Cases run by torchrun in 2 processes (see launch.py); each rank saves its results for the test.
+
+Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 cases.py CASE OUT_DIR [ARGS]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+GLOBAL_BATCH = 8
+
+
+def tiny_problem(seed: int = 0, siglip: bool = False):
+    """A seeded tiny DualEncoder (open_clip towers) and a global batch of random images and tokens."""
+    import dataclasses
+
+    from clipx.config import load_config
+    from clipx.models import create_model
+    from tests.conftest import REPO, TINY_ARCH
+
+    config = load_config(REPO / "configs" / "demo-digits.yaml", [])
+    model_cfg = dataclasses.replace(config.model, arch=TINY_ARCH)
+    if siglip:
+        model_cfg = dataclasses.replace(model_cfg, init_temperature=0.1, init_logit_bias=-10.0)
+    config = dataclasses.replace(config, model=model_cfg)
+    torch.manual_seed(seed)
+    model = create_model(config.model)
+    generator = torch.Generator().manual_seed(seed + 1)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
+    tokens = torch.randint(1, 400, (GLOBAL_BATCH, 16), generator=generator)
+    return model, images, tokens
+
+
+def tiny_model_and_config(seed: int = 0):
+    """The seeded tiny model with its config (for evaluation cases)."""
+    import dataclasses
+
+    from clipx.config import load_config
+    from clipx.models import create_model
+    from tests.conftest import REPO, TINY_ARCH
+
+    config = load_config(REPO / "configs" / "demo-digits.yaml", [])
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=TINY_ARCH))
+    torch.manual_seed(seed)
+    return create_model(config.model).eval(), config
+
+
+def loss_and_grads(model, loss_fn, images, tokens) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, backward; (loss, {parameter name: gradient}) with names as in the bare model."""
+    model.zero_grad(set_to_none=True)
+    image_features, text_features, scale, bias = model(images, tokens)
+    loss = loss_fn(image_features, text_features, scale, *(() if bias is None else (bias,)))
+    loss.backward()
+    bare = getattr(model, "module", model)
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in bare.named_parameters() if p.grad is not None}
+
+
+def case_clip_gather(out_dir: Path) -> dict:
+    """ClipLoss in every gather mode on this rank's half of the global batch, through Accelerate's DDP."""
+    from clipx.losses import ClipLoss
+    from clipx.train.loop import make_accelerator
+
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    results = {}
+    for gather in ("none", "global", "local"):
+        model, images, tokens = tiny_problem()
+        model = accelerator.prepare(model)
+        rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        loss, grads = loss_and_grads(model, ClipLoss(gather=gather), images[rows], tokens[rows])
+        results[gather] = {"loss": loss, "grads": grads}
+    return results
+
+
+def case_siglip(out_dir: Path) -> dict:
+    """SigLipLoss on this rank's half of the batch, texts passed around the ring."""
+    from clipx.losses import SigLipLoss
+    from clipx.train.loop import make_accelerator
+
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model, images, tokens = tiny_problem(siglip=True)
+    model = accelerator.prepare(model)
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    loss, grads = loss_and_grads(model, SigLipLoss(), images[rows], tokens[rows])
+    return {"siglip": {"loss": loss, "grads": grads}}
+
+
+def case_evaluate(out_dir: Path, shards: str) -> dict:
+    """Sharded zero-shot + retrieval evaluation of the seeded tiny model."""
+    from clipx.data.tokenizer import Tokenizer
+    from clipx.train.loop import make_accelerator
+    from eval.run import evaluate
+
+    accelerator = make_accelerator()
+    model, config = tiny_model_and_config()
+    results = evaluate(model, Tokenizer(config.model), config.model, shards, accelerator.device, workers=1)
+    return {"evaluation": results}
+
+
+def case_timeout(out_dir: Path) -> dict:
+    """Rank 1 never joins the all-reduce: rank 0 must fail within the timeout with a message naming it."""
+    import time
+
+    import torch.distributed as dist
+
+    from clipx import dist as clipx_dist
+    from clipx.errors import ClipxError
+    from clipx.train.loop import make_accelerator
+
+    make_accelerator(collective_timeout_s=3)
+    message = ""
+    if dist.get_rank() == 0:
+        started = time.monotonic()
+        try:
+            with clipx_dist.collective_timeout_guard(3):
+                dist.all_reduce(torch.ones(1))
+        except ClipxError as error:
+            message = str(error)
+        return {"message": message, "seconds": time.monotonic() - started}
+    time.sleep(8)
+    return {"message": message, "seconds": 0.0}
+
+
+CASES = {"clip_gather": case_clip_gather, "siglip": case_siglip, "evaluate": case_evaluate,
+         "timeout": case_timeout}
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    case, out_dir = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    results = CASES[case](out_dir, *sys.argv[3:])
+    results.update(rank=dist.get_rank(), world_size=dist.get_world_size())
+    torch.save(results, out_dir / f"rank{dist.get_rank()}.pt")
+    if case != "timeout":  # the timeout case leaves the group broken on purpose
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

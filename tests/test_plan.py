@@ -1,0 +1,53 @@
+"""`clipx plan`: its logit-matrix estimate against a measured peak, and how it scales."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipx.config import load_config
+from clipx.losses import ClipLoss
+from clipx.plan import logit_bytes, plan_memory
+from eval.bench.memory import peak_bytes_during
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("batch", [2048, 4096])
+def test_logit_estimate_matches_the_measured_peak_of_the_loss(batch):
+    torch.manual_seed(0)
+    images = F.normalize(torch.randn(batch, 512), dim=-1).requires_grad_()
+    texts = F.normalize(torch.randn(batch, 512), dim=-1).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+
+    def step():
+        ClipLoss(gather="none")(images, texts, scale).backward()
+
+    step()
+    measured = peak_bytes_during(step)
+    estimate = logit_bytes("none", batch, 1)
+    assert 0.85 * estimate <= measured <= 1.15 * estimate, (measured, estimate)
+
+
+def test_local_logits_grow_linearly_and_global_quadratically_with_ranks():
+    per_rank = 256
+    local = [logit_bytes("local", per_rank, world) for world in (1, 2, 4, 8)]
+    global_ = [logit_bytes("global", per_rank, world) for world in (1, 2, 4, 8)]
+    assert [x / local[0] for x in local] == [1, 2, 4, 8]
+    assert [x / global_[0] for x in global_] == [1, 4, 16, 64]
+
+
+def test_plan_for_the_laion_recipe_and_the_cli(tiny_model_json):
+    config = load_config(REPO / "configs" / "vit-b-32-laion.yaml")
+    plan = plan_memory(config, world_size=128)
+    assert plan.micro_batch == 256 and plan.global_batch == 32768
+    assert plan.logits == logit_bytes("local", 256, 128)
+    assert plan.model_state == 16 * 151_277_313  # ViT-B/32 CLIP parameters
+    assert plan.activations > 0
+    out = subprocess.run([sys.executable, "-m", "clipx.cli", "plan", "--config", str(REPO / "configs" / "demo-digits.yaml"),
+                          "--world-size", "4", "--global-batch", "1024", "loss.gather=global"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "global batch 1024" in out.stdout and "logit matrices" in out.stdout
+    assert "16.0 MiB" in out.stdout  # 4 copies x 1024 x 1024 x 4 bytes, on every rank

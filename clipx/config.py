@@ -104,6 +104,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
     compile: bool = False
+    # Shard parameters, gradients and optimizer state across GPUs (Accelerate's FSDP plugin, FSDP2).
+    fsdp: bool = False
     output_dir: str = "runs/train"
     checkpoint_every: int = 1000  # steps; the final step is always saved
     log_every: int = 10

@@ -1,8 +1,9 @@
 """`clipx plan`: per-rank memory estimates, so batches are sized before a job is launched.
 
 Estimates, per rank, for one training step:
-  logits       the contrastive logit matrices: (B, B), (B, N) or (N, N) for gather none/local/global,
-               times LOGIT_COPIES (fp32: both directions' logits and log-probabilities)
+  logits       the contrastive logit matrices: (B, B) for gather none, (N, N) for global, both times
+               LOGIT_COPIES (fp32: both directions' logits and log-probabilities); for local, the
+               (B, chunk) blocks that ClipLoss streams, times LOCAL_BLOCK_COPIES
   features     the gathered image and text features and their gradients
   activations  what autograd saves in the towers' forward pass, measured on a 2-sample forward and
                scaled to the micro-batch
@@ -21,6 +22,9 @@ from clipx.config import Config
 FP32 = 4
 # Each direction's cross-entropy keeps the fp32 logits and their log-softmax until backward.
 LOGIT_COPIES = 4
+# The chunked local loss holds a block's similarities, probabilities and gradient at once.
+LOCAL_BLOCK_COPIES = 3
+LOCAL_CHUNK = 1024  # ClipLoss's default chunk_size
 
 
 @dataclass
@@ -46,12 +50,19 @@ class MemoryPlan:
         return "\n".join([head] + [f"  {name:<32} {_human(size):>10}" for name, size in rows])
 
 
-def logit_bytes(gather: str, local_rows: int, world_size: int) -> int:
+def logit_bytes(gather: str, local_rows: int, world_size: int, chunk: int = LOCAL_CHUNK) -> int:
     """Bytes of the loss's logit matrices on one rank, for ``local_rows`` samples per rank."""
     total_rows = local_rows * world_size
-    rows, cols = {"none": (local_rows, local_rows), "local": (local_rows, total_rows),
-                  "global": (total_rows, total_rows)}[gather]
-    return LOGIT_COPIES * rows * cols * FP32
+    if gather == "local" and world_size > 1:
+        return LOCAL_BLOCK_COPIES * local_rows * min(total_rows, chunk) * FP32
+    rows = total_rows if gather == "global" else local_rows  # one process: local == none == dense
+    return LOGIT_COPIES * rows * rows * FP32
+
+
+def feature_bytes(gather: str, local_rows: int, world_size: int, embed_dim: int) -> int:
+    """Bytes of the (gathered) image and text features and their gradients on one rank."""
+    rows = local_rows if gather == "none" else local_rows * world_size
+    return 2 * 2 * rows * embed_dim * FP32
 
 
 def plan_memory(config: Config, world_size: int, global_batch: int | None = None) -> MemoryPlan:
@@ -70,7 +81,7 @@ def plan_memory(config: Config, world_size: int, global_batch: int | None = None
         micro_batch=micro,
         global_batch=features_per_rank * gathered,
         logits=logit_bytes(config.loss.gather, features_per_rank, world_size),
-        features=2 * 2 * features_per_rank * gathered * embed_dim * FP32,
+        features=feature_bytes(config.loss.gather, features_per_rank, world_size, embed_dim),
         activations=activation_bytes(model, config, micro),
         model_state=16 * sum(p.numel() for p in model.parameters() if p.requires_grad),
     )

@@ -65,3 +65,18 @@ def test_gradient_reaches_features_and_temperature():
 def test_unknown_gather_mode_is_rejected():
     with pytest.raises(ValueError, match="gather"):
         ClipLoss(gather="both")
+
+
+def test_chunked_cross_entropy_matches_the_dense_one_and_passes_gradcheck():
+    from clipx.losses.chunked import ChunkedCrossEntropy
+
+    torch.manual_seed(0)
+    queries = F.normalize(torch.randn(5, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    keys = F.normalize(torch.randn(11, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([3, 0, 10, 5, 7])
+    for chunk in (1, 3, 11, 64):
+        value = ChunkedCrossEntropy.apply(queries, keys, scale, targets, chunk)
+        assert value.item() == pytest.approx(F.cross_entropy(scale * queries @ keys.T, targets).item(), abs=1e-12)
+    assert torch.autograd.gradcheck(lambda q, k, s: ChunkedCrossEntropy.apply(q, k, s, targets, 3),
+                                    (queries, keys, scale))

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipx import dist
+from clipx.losses.chunked import ChunkedCrossEntropy
 
 GATHER_MODES = ("none", "global", "local")
 
@@ -17,19 +18,21 @@ class ClipLoss(nn.Module):
     gather:
       none   -- each rank contrasts only its own batch: (B, B) logits, fewest negatives.
       global -- every rank builds the full (N, N) logits over the global batch N = world * B.
-      local  -- this rank's B rows against all N gathered columns: (B, N) logits, the same loss and
-                gradients as ``global`` with 1/world of the logit memory. The default.
+      local  -- this rank's B rows against all N gathered columns, the same loss and gradients as
+                ``global``; the columns are streamed in chunks of ``chunk_size``, so no (B, N) matrix
+                is ever held and memory grows linearly with N. The default.
 
     In ``global`` and ``local`` the gather keeps gradients: each rank's features receive the sum of
     what every rank's loss says about them, which is exactly what averaging gradients across ranks
     (DDP) needs to reproduce the single-process gradient of the mean loss.
     """
 
-    def __init__(self, gather: str = "local"):
+    def __init__(self, gather: str = "local", chunk_size: int = 1024):
         super().__init__()
         if gather not in GATHER_MODES:
             raise ValueError(f"gather must be one of {GATHER_MODES}; got {gather!r}")
         self.gather = gather
+        self.chunk_size = chunk_size
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,9 @@ class ClipLoss(nn.Module):
             labels = torch.arange(logits.shape[0], device=logits.device)
             return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
+        # This rank's B rows against all N columns, streamed in column chunks: the (B, N) logits are
+        # never held, so the loss's memory grows with N only through the gathered (N, D) features.
         labels = torch.arange(batch, device=image_features.device) + dist.rank() * batch
-        logits_per_image = logit_scale * image_features @ all_texts.T  # (B, N)
-        logits_per_text = logit_scale * text_features @ all_images.T  # (B, N)
-        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        image_to_text = ChunkedCrossEntropy.apply(image_features, all_texts, logit_scale, labels, self.chunk_size)
+        text_to_image = ChunkedCrossEntropy.apply(text_features, all_images, logit_scale, labels, self.chunk_size)
+        return (image_to_text + text_to_image) / 2

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
 
 from clipx.config import Config, dump_config, load_config
 from clipx.errors import ClipxError
@@ -39,6 +40,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: 
     """Save everything needed to resume and to evaluate; every rank must call this."""
     path = checkpoint_dir(output_dir, state.step)
     accelerator.save_state(str(path))
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP's own files are sharded or pickled; evaluators read one safetensors file of full weights.
+        weights = accelerator.get_state_dict(accelerator._models[0])
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
     if accelerator.is_main_process:
         dump_config(config, path / "config.yaml")
         (path / "trainer_state.json").write_text(json.dumps(asdict(state)))

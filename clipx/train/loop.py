@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from clipx import dist
@@ -89,17 +89,20 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
 
 
-def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800) -> Accelerator:
+def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800, fsdp: bool = False) -> Accelerator:
     """An Accelerator that also forms a process group of CPU processes.
 
     Without ``cpu=True`` Accelerate treats torchrun-launched CPU processes as independent
     single-process runs (DistributedType.NO): each would train alone on its shard split. A launcher
     that started more processes than Accelerate sees is refused rather than run wrong.
     """
+    if fsdp and not torch.cuda.is_available():
+        raise ClipxError("train.fsdp needs GPUs: Accelerate runs CPU process groups as plain data parallel")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT") if fsdp else None
     try:
         # Accumulation is done by clipx.train.step (it needs feature caching), not by Accelerate.
         accelerator = Accelerator(
-            mixed_precision=precision, cpu=not torch.cuda.is_available(),
+            mixed_precision=precision, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s))])
     except ValueError as error:  # e.g. a precision this device cannot run
         raise ClipxError(f"train.precision={precision}: {str(error).splitlines()[0]}") from None
@@ -124,7 +127,7 @@ def check_evaluation_inputs(config: Config) -> None:
 def build_trainer(config: Config) -> Trainer:
     tcfg = config.train
     check_evaluation_inputs(config)
-    accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s)
+    accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s, tcfg.fsdp)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)

@@ -4,7 +4,7 @@ Run on 2 CPU processes (what BENCHMARKS.md reports):
     python -m torch.distributed.run --standalone --nproc_per_node 2 eval/bench/loss_memory.py --out FILE.json
 Each rank holds B = global / 2 random unit features of width D; the figure is the rise of the
 process's peak resident memory (VmHWM) during one forward + backward of ClipLoss, beside the
-`clipx plan` estimate of the logit matrices.
+`clipx plan` estimate of the logit matrices plus gathered features and their gradients.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from clipx.losses import ClipLoss
-from clipx.plan import logit_bytes
+from clipx.plan import feature_bytes, logit_bytes
 from clipx.train.loop import make_accelerator
 from eval.bench.memory import peak_bytes_during
 
@@ -55,15 +55,16 @@ def main() -> None:
             dist.all_gather_object(peaks, peak)
             rows.append({"gather": gather, "global_batch": global_batch, "world_size": world,
                          "peak_mib_per_rank": max(peaks) / 2**20,
-                         "plan_logits_mib": logit_bytes(gather, global_batch // world, world) / 2**20})
+                         "plan_mib": (logit_bytes(gather, global_batch // world, world)
+                                      + feature_bytes(gather, global_batch // world, world, args.dim)) / 2**20})
     if accelerator.is_main_process:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
-        print("| gather | global batch | ranks | measured peak MiB/rank | `clipx plan` logits MiB |")
+        print("| gather | global batch | ranks | measured peak MiB/rank | `clipx plan` logits + features MiB |")
         print("|---|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['gather']} | {r['global_batch']} | {r['world_size']} | {r['peak_mib_per_rank']:.1f} | "
-                  f"{r['plan_logits_mib']:.1f} |")
+                  f"{r['plan_mib']:.1f} |")
 
 
 if __name__ == "__main__":

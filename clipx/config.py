@@ -104,8 +104,6 @@ class TrainConfig:
     grad_checkpointing: bool = False
     # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
     compile: bool = False
-    # Shard parameters, gradients and optimizer state across GPUs (Accelerate's FSDP plugin, FSDP2).
-    fsdp: bool = False
     output_dir: str = "runs/train"
     checkpoint_every: int = 1000  # steps; the final step is always saved
     log_every: int = 10
@@ -230,6 +228,9 @@ def validate(config: Config) -> None:
         raise ClipxError("train.warmup_steps, eval.every and data.workers must not be negative")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
+    if config.loss.name == "siglip" and config.loss.gather == "global":
+        raise ClipxError("loss.gather=global is CLIP-only; SigLIP passes texts around the ranks with "
+                         "loss.gather=local (or none for local negatives only)")
     if config.loss.name == "siglip" and config.model.init_logit_bias is None:
         raise ClipxError("loss.name=siglip needs model.init_logit_bias (the paper uses -10, with "
                          "model.init_temperature=0.1)")

@@ -54,6 +54,7 @@ def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shu
                                           "final_loss")},
         "eval": {"num_images": final["num_images"], "num_captions": final["num_captions"]},
         "control": {"shuffled_captions": shuffle_captions},
+        "loss": config.loss.name,
         "checkpoint": summary["checkpoint"],
         "total_seconds": time.perf_counter() - started,
     }
@@ -103,5 +104,7 @@ def markdown_table(paths: list[str | Path]) -> str:
                 value = value[key]
             cells.append(f"{value:.3f}" if value < 10 else f"{value:.0f}")
         name = "captions shuffled (control)" if results["control"]["shuffled_captions"] else "digits demo"
+        if results.get("loss", "clip") != "clip":
+            name += f" ({results['loss']})"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -78,13 +78,3 @@ def gather_objects(obj) -> list:
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0; this rank's slice keeps its autograd history, the others are constants."""
-    if not is_distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank()] = x
-    return torch.cat(parts, dim=0)

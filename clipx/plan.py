@@ -65,6 +65,12 @@ def feature_bytes(gather: str, local_rows: int, world_size: int, embed_dim: int)
     return 2 * 2 * rows * embed_dim * FP32
 
 
+def siglip_bytes(local_rows: int, embed_dim: int) -> tuple[int, int]:
+    """(logits, features) for SigLipLoss: one (B, B) block at a time (similarities, logits, gradient);
+    own features and gradients plus one travelling text block with its gradient, sent and received."""
+    return 3 * local_rows * local_rows * FP32, (2 * 2 + 2 * 2) * local_rows * embed_dim * FP32
+
+
 def plan_memory(config: Config, world_size: int, global_batch: int | None = None) -> MemoryPlan:
     """Estimate one rank's memory for ``config`` at ``world_size`` (and optionally a global batch)."""
     from clipx.models import create_model
@@ -76,12 +82,17 @@ def plan_memory(config: Config, world_size: int, global_batch: int | None = None
     model = create_model(config.model)
     embed_dim = config.model.arch["embed_dim"]
     gathered = 1 if config.loss.gather == "none" else world_size
+    if config.loss.name == "siglip":
+        logits, features = siglip_bytes(features_per_rank, embed_dim)
+    else:
+        logits = logit_bytes(config.loss.gather, features_per_rank, world_size)
+        features = feature_bytes(config.loss.gather, features_per_rank, world_size, embed_dim)
     return MemoryPlan(
         world_size=world_size,
         micro_batch=micro,
         global_batch=features_per_rank * gathered,
-        logits=logit_bytes(config.loss.gather, features_per_rank, world_size),
-        features=feature_bytes(config.loss.gather, features_per_rank, world_size, embed_dim),
+        logits=logits,
+        features=features,
         activations=activation_bytes(model, config, micro),
         model_state=16 * sum(p.numel() for p in model.parameters() if p.requires_grad),
     )

@@ -16,6 +16,7 @@ class Embeddings:
     keys: list[str]  # (N,)
     text_features: torch.Tensor  # (M, D), unit norm, every caption of every image
     text_to_image: torch.Tensor  # (M,), index into the images
+    duplicates: int = 0  # samples dropped because their key was already seen
 
 
 @torch.no_grad()
@@ -78,6 +79,7 @@ def merge_embeddings(parts: list[Embeddings]) -> Embeddings:
         keys=[keys[i] for i in order],
         text_features=texts[kept],
         text_to_image=text_owner[kept],
+        duplicates=len(keys) - len(order),
     )
 
 

@@ -37,12 +37,19 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
         results["retrieval"] = retrieval_eval(embeddings)
         results["num_captions"] = int(embeddings.text_features.shape[0])
     results["skipped"] = _sum_counts(dist.gather_objects(counter.snapshot()))
+    results["skipped"]["duplicate_key"] = embeddings.duplicates
     model.train(was_training)
     return results
 
 
+# Every rank reads every shard and only then keeps its own samples: failures found before that
+# split are seen by all ranks alike and count once; the others are summed.
+_SEEN_BY_EVERY_RANK = ("unreadable_shard", "corrupt_tar")
+
+
 def _sum_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
-    return {reason: sum(counts[reason] for counts in per_rank) for reason in per_rank[0]}
+    return {reason: per_rank[0][reason] if reason in _SEEN_BY_EVERY_RANK else sum(c[reason] for c in per_rank)
+            for reason in per_rank[0]}
 
 
 def flatten_metrics(results: dict, prefix: str = "") -> dict[str, float]:

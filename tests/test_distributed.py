@@ -188,3 +188,27 @@ def test_two_nodes_on_loopback_train_and_checkpoint(tmp_path, digits_dir, tiny_m
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert (run / "checkpoints" / "step-000000004" / "model.safetensors").is_file()
+
+
+def test_resampled_mode_trains_on_fewer_shards_than_ranks(tmp_path, digits_dir, tiny_model_json):
+    """One shard for 2 ranks: refused without resampling (no rank may starve), fine with it."""
+    import json
+    import shutil
+
+    from tests.conftest import REPO, tiny_overrides
+    from tests.distributed.launch import torchrun
+
+    single = tmp_path / "single" / "train"
+    single.mkdir(parents=True)
+    shutil.copy(digits_dir / "train" / "shard-000000.tar", single)
+    (single / "sizes.json").write_text(json.dumps({"shard-000000.tar": 256}))
+    base = ["-m", "clipx.train", "--config", str(REPO / "configs" / "demo-digits.yaml")]
+    overrides = tiny_overrides(tmp_path / "single", tiny_model_json, tmp_path / "run", **{
+        "train.steps": 3, "data.workers": 1, "train.batch_size": 16, "data.val": "null",
+        "train.collective_timeout_s": 120})
+    refused = torchrun([*base, *overrides], tmp_path, timeout=300)
+    assert refused.returncode != 0 and "need at least 2" in refused.stderr
+    result = torchrun([*base, *overrides, "data.resampled=true"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3

@@ -104,9 +104,8 @@ def test_bad_inputs_get_one_line_errors(tmp_path, digits_dir):
     one_line_error(clipx("train", "--config", DEMO, "train.bacth_size=3", check=False),
                    "train.bacth_size", "did you mean 'train.batch_size'")
     one_line_error(clipx("train", "--config", DEMO, "train.steps=many", check=False), "train.steps", "expects int")
-    if not torch.cuda.is_available():
-        one_line_error(clipx("train", "--config", DEMO, f"data.train={digits_dir / 'train'}", "train.fsdp=true",
-                             check=False), "train.fsdp needs GPUs")
+    one_line_error(clipx("train", "--config", DEMO, "loss.name=siglip", "model.init_logit_bias=-10",
+                         "loss.gather=global", check=False), "CLIP-only")
     one_line_error(clipx("eval", "zero-shot", "--checkpoint", tmp_path, "--data", digits_dir / "test",
                          "--out", tmp_path / "x.json", check=False), "is not a clipx checkpoint")
     captions = tmp_path / "captions.csv"

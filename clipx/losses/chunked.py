@@ -10,11 +10,24 @@ from __future__ import annotations
 import torch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """mean_i [ logsumexp_j(s q_i . k_j) - s q_i . k_{t_i} ]  for queries (B, D), keys (N, D), targets (B,)."""
 
     @staticmethod
     def forward(ctx, queries, keys, scale, targets, chunk: int):
+        # fp32 with autocast off in both passes: backward recomputes the blocks and must reproduce
+        # exactly the log-sum-exp that forward accumulated.
+        ctx.dtypes = (queries.dtype, keys.dtype, scale.dtype)
+        with torch.autocast(queries.device.type, enabled=False):
+            return ChunkedCrossEntropy._forward(ctx, upcast(queries), upcast(keys), upcast(scale), targets, chunk)
+
+    @staticmethod
+    def _forward(ctx, queries, keys, scale, targets, chunk: int):
         lse = torch.full((queries.shape[0],), float("-inf"), dtype=queries.dtype, device=queries.device)
         for start in range(0, keys.shape[0], chunk):
             block = scale * queries @ keys[start:start + chunk].T  # (B, c), transient
@@ -26,6 +39,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            grads = ChunkedCrossEntropy._backward(ctx, upcast(grad_loss))
+        return (*(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         queries, keys, scale, targets, lse = ctx.saved_tensors
         batch = queries.shape[0]
         d_queries = torch.zeros_like(queries)
@@ -42,4 +61,4 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             d_queries += scale * d_block @ key_block
             d_keys[start:start + ctx.chunk] = scale * d_block.T @ queries
             d_scale += (d_block * similarity).sum()
-        return d_queries, d_keys, d_scale, None, None
+        return d_queries, d_keys, d_scale

@@ -12,6 +12,13 @@ from clipx.losses.chunked import ChunkedCrossEntropy
 GATHER_MODES = ("none", "global", "local")
 
 
+def _dense(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy over the full (M, M) logits of matching rows."""
+    logits = logit_scale * images @ texts.T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 class ClipLoss(nn.Module):
     """Cross-entropy of image->text and text->image logits, averaged.
 
@@ -39,16 +46,11 @@ class ClipLoss(nn.Module):
         """image_features, text_features: (B, D), L2-normalised; logit_scale: scalar, already exp()'d."""
         batch = image_features.shape[0]
         if self.gather == "none" or not dist.is_distributed():
-            logits = logit_scale * image_features @ text_features.T  # (B, B)
-            labels = torch.arange(batch, device=logits.device)
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
+            return _dense(image_features, text_features, logit_scale)  # (B, B) logits
         all_images = dist.gather_with_grad(image_features)  # (N, D)
         all_texts = dist.gather_with_grad(text_features)  # (N, D)
         if self.gather == "global":
-            logits = logit_scale * all_images @ all_texts.T  # (N, N)
-            labels = torch.arange(logits.shape[0], device=logits.device)
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            return _dense(all_images, all_texts, logit_scale)  # (N, N) logits on every rank
 
         # This rank's B rows against all N columns, streamed in column chunks: the (B, N) logits are
         # never held, so the loss's memory grows with N only through the gathered (N, D) features.

@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from clipx.config import Config, dump_config, load_config
 from clipx.errors import ClipxError
@@ -40,11 +39,6 @@ def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: 
     """Save everything needed to resume and to evaluate; every rank must call this."""
     path = checkpoint_dir(output_dir, state.step)
     accelerator.save_state(str(path))
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # FSDP's own files are sharded or pickled; evaluators read one safetensors file of full weights.
-        weights = accelerator.get_state_dict(accelerator._models[0])
-        if accelerator.is_main_process:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
     if accelerator.is_main_process:
         dump_config(config, path / "config.yaml")
         (path / "trainer_state.json").write_text(json.dumps(asdict(state)))
@@ -61,13 +55,13 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
 
 
-def resolve_resume(output_dir: str | Path, resume: str) -> Path:
-    """``latest`` -> the newest complete checkpoint under output_dir; otherwise ``resume`` is a path."""
+def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
+    """``latest`` -> the newest complete checkpoint under output_dir, or None when there is none yet
+    (so one job script serves the first submission and every requeue); otherwise ``resume`` is a
+    checkpoint path, which must exist."""
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            raise ClipxError(f"--resume latest: no checkpoint under {Path(output_dir) / CHECKPOINT_DIRNAME}")
-        return checkpoints[-1]
+        return checkpoints[-1] if checkpoints else None
     path = as_checkpoint(resume)
     if not (path / "trainer_state.json").is_file():
         raise ClipxError(f"--resume {resume}: {path} has no trainer_state.json, so it is not a complete "

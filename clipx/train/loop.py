@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from clipx import dist
@@ -30,6 +30,7 @@ from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
 from clipx.models import create_model, image_size
 from clipx.objectives import build_objective
+from clipx.objectives.clip import unwrap
 from clipx.train.checkpoint import TrainerState, load_training_state, resolve_resume, save_checkpoint
 from clipx.train.metrics_log import MetricsLog
 from clipx.train.optim import build_optimizer
@@ -89,28 +90,34 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
 
 
-def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800, fsdp: bool = False) -> Accelerator:
+def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800) -> Accelerator:
     """An Accelerator that also forms a process group of CPU processes.
 
     Without ``cpu=True`` Accelerate treats torchrun-launched CPU processes as independent
     single-process runs (DistributedType.NO): each would train alone on its shard split. A launcher
     that started more processes than Accelerate sees is refused rather than run wrong.
     """
-    if fsdp and not torch.cuda.is_available():
-        raise ClipxError("train.fsdp needs GPUs: Accelerate runs CPU process groups as plain data parallel")
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT") if fsdp else None
     try:
         # Accumulation is done by clipx.train.step (it needs feature caching), not by Accelerate.
         accelerator = Accelerator(
-            mixed_precision=precision, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin,
+            mixed_precision=precision, cpu=not torch.accelerator.is_available(),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s))])
     except ValueError as error:  # e.g. a precision this device cannot run
         raise ClipxError(f"train.precision={precision}: {str(error).splitlines()[0]}") from None
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if launched != accelerator.num_processes:
         raise ClipxError(f"the launcher started {launched} processes but Accelerate formed a group of "
-                         f"{accelerator.num_processes}; check the launch command and its environment")
+                         f"{accelerator.num_processes}; start them with torchrun or accelerate launch")
     return accelerator
+
+
+def launched_processes() -> int:
+    """How many processes the launcher says it started: torchrun/Accelerate's WORLD_SIZE, else the
+    task count of an `srun` step or an MPI launcher (which start processes without WORLD_SIZE)."""
+    for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
 
 
 def check_evaluation_inputs(config: Config) -> None:
@@ -127,7 +134,7 @@ def check_evaluation_inputs(config: Config) -> None:
 def build_trainer(config: Config) -> Trainer:
     tcfg = config.train
     check_evaluation_inputs(config)
-    accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s, tcfg.fsdp)
+    accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)
@@ -178,7 +185,7 @@ def evaluate_now(t: Trainer, step: int) -> dict | None:
     from eval.run import evaluate, flatten_metrics
 
     e = t.config.eval
-    results = evaluate(t.accelerator.unwrap_model(t.model), t.tokenizer, t.config.model, t.config.data.val,
+    results = evaluate(unwrap(t.model), t.tokenizer, t.config.model, t.config.data.val,
                        t.accelerator.device, e.zero_shot, e.retrieval, e.templates, e.label_key, e.batch_size,
                        t.config.data.workers)
     t.log.log(step, "eval", flatten_metrics(results))
@@ -190,10 +197,12 @@ def train(config: Config, resume: str | None = None) -> dict:
     t = build_trainer(config)
     try:
         state = TrainerState()
-        if resume:
-            path = resolve_resume(config.train.output_dir, resume)
+        path = resolve_resume(config.train.output_dir, resume) if resume else None
+        if path is not None:
             state = load_training_state(t.accelerator, path)
             t.accelerator.print(f"resumed from {path} at step {state.step}")
+        elif resume:
+            t.accelerator.print(f"--resume {resume}: no checkpoint in {config.train.output_dir} yet; starting at step 0")
         if t.accelerator.is_main_process:
             dump_config(config, Path(config.train.output_dir) / "config.yaml")
         with dist.collective_timeout_guard(config.train.collective_timeout_s):

@@ -15,6 +15,16 @@ GLOBAL_BATCH = 8
 
 def tiny_problem(seed: int = 0, siglip: bool = False):
     """A seeded tiny DualEncoder (open_clip towers) and a global batch of random images and tokens."""
+    model, _ = tiny_model_and_config(seed, siglip)
+    model.train()
+    generator = torch.Generator().manual_seed(seed + 1)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
+    tokens = torch.randint(1, 400, (GLOBAL_BATCH, 16), generator=generator)
+    return model, images, tokens
+
+
+def tiny_model_and_config(seed: int = 0, siglip: bool = False):
+    """The seeded tiny model (open_clip towers of TINY_ARCH, eval mode) with its config."""
     import dataclasses
 
     from clipx.config import load_config
@@ -26,24 +36,6 @@ def tiny_problem(seed: int = 0, siglip: bool = False):
     if siglip:
         model_cfg = dataclasses.replace(model_cfg, init_temperature=0.1, init_logit_bias=-10.0)
     config = dataclasses.replace(config, model=model_cfg)
-    torch.manual_seed(seed)
-    model = create_model(config.model)
-    generator = torch.Generator().manual_seed(seed + 1)
-    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
-    tokens = torch.randint(1, 400, (GLOBAL_BATCH, 16), generator=generator)
-    return model, images, tokens
-
-
-def tiny_model_and_config(seed: int = 0):
-    """The seeded tiny model with its config (for evaluation cases)."""
-    import dataclasses
-
-    from clipx.config import load_config
-    from clipx.models import create_model
-    from tests.conftest import REPO, TINY_ARCH
-
-    config = load_config(REPO / "configs" / "demo-digits.yaml", [])
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=TINY_ARCH))
     torch.manual_seed(seed)
     return create_model(config.model).eval(), config
 

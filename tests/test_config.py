@@ -1,6 +1,5 @@
 """Config loading: overrides, types, unknown keys, round trip, and every shipped recipe builds."""
 
-from pathlib import Path
 
 import pytest
 import torch

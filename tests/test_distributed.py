@@ -212,3 +212,13 @@ def test_resampled_mode_trains_on_fewer_shards_than_ranks(tmp_path, digits_dir, 
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
+
+
+def test_feature_caching_across_ranks_equals_one_process_with_the_whole_batch(tmp_path):
+    """2 ranks x 2 micro-batches x 2 samples, replayed under DDP: the gradient of one batch of 8."""
+    ranks = [r["accum"] for r in run_two_processes("accum_features", tmp_path)]
+    model, images, tokens = tiny_problem()
+    expected_loss, expected_grads = loss_and_grads(model, ClipLoss(gather="local"), images, tokens)
+    assert_close(sum(r["loss"] for r in ranks) / 2, expected_loss, "loss")
+    for rank in ranks:
+        assert_grads_equal(rank["grads"], expected_grads)

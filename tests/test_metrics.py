@@ -90,7 +90,6 @@ def test_merged_embeddings_are_ordered_by_key_and_deduplicated():
     from eval.embed import Embeddings, merge_embeddings
 
     def part(keys, owners):
-        n = len(keys)
         return Embeddings(torch.eye(4)[[int(k) for k in keys]], torch.tensor([int(k) for k in keys]), keys,
                           torch.eye(4)[[int(keys[o]) for o in owners]], torch.tensor(owners))
 

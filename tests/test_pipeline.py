@@ -1,7 +1,6 @@
 """The shard reader: round trip from `clipx prep` shards, epochs, determinism, corrupt data, errors."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

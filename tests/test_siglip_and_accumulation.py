@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from clipx.losses import ClipLoss, SigLipLoss
 from clipx.objectives import ContrastiveObjective
-from clipx.train.loop import make_accelerator
+from clipx.train.runtime import make_accelerator
 from clipx.train.step import micro_batch_gradients
 from tests.distributed.cases import tiny_problem
 

@@ -7,10 +7,8 @@ and calls ``objective.after_step()``.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,22 +16,23 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from clipx import dist
 from clipx.config import Config, dump_config
 from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader, worker_error_message
 from clipx.data.shards import expand_shards
-from clipx.errors import ClipxError
 from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
+from clipx.errors import ClipxError
 from clipx.models import create_model, image_size
 from clipx.objectives import build_objective
 from clipx.objectives.clip import unwrap
 from clipx.train.checkpoint import TrainerState, load_training_state, resolve_resume, save_checkpoint
 from clipx.train.metrics_log import MetricsLog
 from clipx.train.optim import build_optimizer
+from clipx.train.runtime import make_accelerator
 from clipx.train.schedule import cosine_with_warmup
 from clipx.train.step import micro_batch_gradients
 
@@ -90,36 +89,6 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
 
 
-def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800) -> Accelerator:
-    """An Accelerator that also forms a process group of CPU processes.
-
-    Without ``cpu=True`` Accelerate treats torchrun-launched CPU processes as independent
-    single-process runs (DistributedType.NO): each would train alone on its shard split. A launcher
-    that started more processes than Accelerate sees is refused rather than run wrong.
-    """
-    try:
-        # Accumulation is done by clipx.train.step (it needs feature caching), not by Accelerate.
-        accelerator = Accelerator(
-            mixed_precision=precision, cpu=not torch.accelerator.is_available(),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s))])
-    except ValueError as error:  # e.g. a precision this device cannot run
-        raise ClipxError(f"train.precision={precision}: {str(error).splitlines()[0]}") from None
-    launched = launched_processes()
-    if launched != accelerator.num_processes:
-        raise ClipxError(f"the launcher started {launched} processes but Accelerate formed a group of "
-                         f"{accelerator.num_processes}; start them with torchrun or accelerate launch")
-    return accelerator
-
-
-def launched_processes() -> int:
-    """How many processes the launcher says it started: torchrun/Accelerate's WORLD_SIZE, else the
-    task count of an `srun` step or an MPI launcher (which start processes without WORLD_SIZE)."""
-    for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 1
-
-
 def check_evaluation_inputs(config: Config) -> None:
     """Fail before training, not after it, when the validation shards or templates are unusable."""
     if not config.data.val:
@@ -152,7 +121,8 @@ def build_trainer(config: Config) -> Trainer:
     # per process. It still travels in every checkpoint.
     model, optimizer = accelerator.prepare(model, optimizer)
     if tcfg.compile:
-        # Compiled after DDP wrapping, as DDP's optimizer expects; the first steps include compilation.
+        # Compile the DDP-wrapped model: torch.compile then splits graphs at DDP's gradient buckets so
+        # communication still overlaps backward. The first step includes compilation.
         model = torch.compile(model)
     accelerator.register_for_checkpointing(scheduler)
     objective = build_objective(model, config.loss)

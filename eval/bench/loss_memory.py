@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from clipx.losses import ClipLoss, SigLipLoss
 from clipx.plan import feature_bytes, logit_bytes, siglip_bytes
-from clipx.train.loop import make_accelerator
+from clipx.train.runtime import make_accelerator
 from eval.bench.memory import peak_bytes_during
 
 LOSSES = {

@@ -53,7 +53,7 @@ def loss_and_grads(model, loss_fn, images, tokens) -> tuple[torch.Tensor, dict[s
 def case_clip_gather(out_dir: Path) -> dict:
     """ClipLoss in every gather mode on this rank's half of the global batch, through Accelerate's DDP."""
     from clipx.losses import ClipLoss
-    from clipx.train.loop import make_accelerator
+    from clipx.train.runtime import make_accelerator
 
     accelerator = make_accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -71,7 +71,7 @@ def case_clip_gather(out_dir: Path) -> dict:
 def case_siglip(out_dir: Path) -> dict:
     """SigLipLoss on this rank's half of the batch, texts passed around the ring."""
     from clipx.losses import SigLipLoss
-    from clipx.train.loop import make_accelerator
+    from clipx.train.runtime import make_accelerator
 
     accelerator = make_accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -85,7 +85,7 @@ def case_siglip(out_dir: Path) -> dict:
 def case_evaluate(out_dir: Path, shards: str) -> dict:
     """Sharded zero-shot + retrieval evaluation of the seeded tiny model."""
     from clipx.data.tokenizer import Tokenizer
-    from clipx.train.loop import make_accelerator
+    from clipx.train.runtime import make_accelerator
     from eval.run import evaluate
 
     accelerator = make_accelerator()
@@ -102,7 +102,7 @@ def case_timeout(out_dir: Path) -> dict:
 
     from clipx import dist as clipx_dist
     from clipx.errors import ClipxError
-    from clipx.train.loop import make_accelerator
+    from clipx.train.runtime import make_accelerator
 
     make_accelerator(collective_timeout_s=3)
     message = ""
@@ -118,7 +118,28 @@ def case_timeout(out_dir: Path) -> dict:
     return {"message": message, "seconds": 0.0}
 
 
-CASES = {"clip_gather": case_clip_gather, "siglip": case_siglip, "evaluate": case_evaluate,
+def case_accum_features(out_dir: Path) -> dict:
+    """Feature caching on 2 ranks x 2 micro-batches of 2, through DDP (no_sync until the last replay)."""
+    from clipx.losses import ClipLoss
+    from clipx.objectives import ContrastiveObjective
+    from clipx.train.runtime import make_accelerator
+    from clipx.train.step import micro_batch_gradients
+
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model, images, tokens = tiny_problem()
+    model = accelerator.prepare(model)
+    per_rank = GLOBAL_BATCH // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    images, tokens = images[mine], tokens[mine]
+    micro = [{"image": images[i:i + 2], "text": tokens[i:i + 2]} for i in range(0, per_rank, 2)]
+    out = micro_batch_gradients(accelerator, model, ContrastiveObjective(model, ClipLoss(gather="local")), micro,
+                                "features")
+    grads = {n: p.grad.detach().clone() for n, p in model.module.named_parameters() if p.grad is not None}
+    return {"accum": {"loss": out["loss"], "grads": grads}}
+
+
+CASES = {"clip_gather": case_clip_gather, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
          "timeout": case_timeout}
 
 

@@ -1,0 +1,42 @@
+"""The Accelerator every clipx process runs under, and the check that the launcher formed a real group."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from clipx.errors import ClipxError
+
+
+def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800) -> Accelerator:
+    """An Accelerator that also forms a process group of CPU processes.
+
+    Without ``cpu=True`` Accelerate treats torchrun-launched CPU processes as independent
+    single-process runs (DistributedType.NO): each would train alone on its shard split. A launcher
+    that started more processes than Accelerate sees is refused rather than run wrong.
+    """
+    try:
+        # Accumulation is done by clipx.train.step (it needs feature caching), not by Accelerate.
+        accelerator = Accelerator(
+            mixed_precision=precision, cpu=not torch.accelerator.is_available(),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s))])
+    except ValueError as error:  # e.g. a precision this device cannot run
+        raise ClipxError(f"train.precision={precision}: {str(error).splitlines()[0]}") from None
+    launched = launched_processes()
+    if launched != accelerator.num_processes:
+        raise ClipxError(f"the launcher started {launched} processes but Accelerate formed a group of "
+                         f"{accelerator.num_processes}; start them with torchrun or accelerate launch")
+    return accelerator
+
+
+def launched_processes() -> int:
+    """How many processes the launcher says it started: torchrun/Accelerate's WORLD_SIZE, else the
+    task count of an `srun` step or an MPI launcher (which start processes without WORLD_SIZE)."""
+    for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1

@@ -141,6 +141,19 @@ def _train(args) -> int:
 def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on shards, write JSON")
     tasks = evaluate.add_subparsers(dest="task", required=True)
+    for task in ("knn", "linear-probe"):
+        sub = tasks.add_parser(task, help="frozen image features of any encoder (CLIP image tower or SSL)")
+        sub.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
+        sub.add_argument("--train-data", required=True, help="labelled shards: the kNN memory bank / probe training set")
+        sub.add_argument("--data", required=True, help="labelled shards to classify")
+        sub.add_argument("--out", required=True, help="JSON file to write")
+        sub.add_argument("--label-key", default="label", help="field of the .json holding the class index")
+        sub.add_argument("--batch-size", type=int, default=256)
+        sub.add_argument("--workers", type=int, default=2)
+        if task == "knn":
+            sub.add_argument("--k", type=int, default=20)
+            sub.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
+        sub.set_defaults(func=_eval_probe)
     for task in ("zero-shot", "retrieval"):
         sub = tasks.add_parser(task)
         sub.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
@@ -176,10 +189,28 @@ def _eval(args) -> int:
 
 # ---- demo -------------------------------------------------------------------------------------
 
+def _eval_probe(args) -> int:
+    from clipx.train.checkpoint import load_model
+    from eval.image_probes import knn_eval, labelled_features, linear_probe_eval
+    from eval.run import default_device
+
+    device = default_device()
+    model, config = load_model(args.checkpoint, device)
+    train, test = (labelled_features(model, config.model, shards, device, args.label_key, args.batch_size,
+                                     args.workers) for shards in (args.train_data, args.data))
+    key = "knn" if args.task == "knn" else "linear_probe"
+    metrics = knn_eval(train, test, args.k, args.temperature) if key == "knn" else linear_probe_eval(train, test)
+    results = {key: metrics, "num_train": len(train[1]), "num_test": len(test[1]), "checkpoint": str(args.checkpoint)}
+    write_json_atomic(Path(args.out), results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="digits end to end: prep, train, evaluate, results.json")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--mode", default="clip", choices=["clip"])
+    demo.add_argument("--mode", default="clip", choices=["clip", "simclr"],
+                      help="clip: image-text; simclr: image-only self-supervised, with kNN and linear probes")
     demo.add_argument("--config", default=None, help="default: configs/demo-digits.yaml of this checkout")
     demo.add_argument("--shuffle-captions", action="store_true",
                       help="control run: captions shuffled across images, so the pairing carries no signal")
@@ -188,6 +219,13 @@ def _add_demo(commands) -> None:
 
 
 def _demo(args) -> int:
+    if args.mode != "clip":
+        from clipx.demo_ssl import print_ssl_table, run_ssl_demo
+
+        out = Path(args.out if args.out != "runs/demo" else f"runs/{args.mode}-demo")
+        print_ssl_table(run_ssl_demo(args.mode, out, config_path=args.config, overrides=args.overrides))
+        print(f"wrote {out / 'results.json'}")
+        return 0
     from clipx.demo import print_table, run_demo
 
     results = run_demo(Path(args.out), config_path=args.config, overrides=args.overrides,
@@ -220,11 +258,15 @@ def _plan(args) -> int:
 
 def _table(args) -> int:
     from clipx.demo import markdown_table
+    from clipx.demo_ssl import ssl_markdown_table
 
     missing = [p for p in args.results if not Path(p).is_file()]
     if missing:
         raise ClipxError(f"results file {missing[0]} does not exist; run `clipx demo` first")
-    print(markdown_table(args.results))
+    image_only = ["knn" in json.loads(Path(p).read_text()) for p in args.results]
+    if len(set(image_only)) > 1:
+        raise ClipxError("give either image-text demo results or self-supervised ones, not both in one table")
+    print(ssl_markdown_table(args.results) if image_only[0] else markdown_table(args.results))
     return 0
 
 

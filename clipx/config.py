@@ -125,12 +125,32 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SSLConfig:
+    """Image-only self-supervised training (loss.name: ntxent)."""
+
+    # "open_clip": the vision tower described by model.name; or a torchvision ResNet ("resnet18", ...).
+    encoder: str = "open_clip"
+    recipe: str = "simclr"  # view augmentations: simclr | mocov2
+    views: int = 2
+    crop_scale_min: float = 0.08
+    flip_prob: float = 0.5  # 0 for data where mirroring changes meaning (digits, text)
+    jitter_strength: float = 1.0
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    head_hidden: int = 512
+    head_out: int = 128
+    temperature: float = 0.1
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
 
 CHOICES = {
@@ -138,6 +158,7 @@ CHOICES = {
     "model.hf_pooling": ("mean", "cls"),
     "train.precision": ("no", "bf16", "fp16"),
     "train.accum_mode": ("features", "naive"),
+    "ssl.recipe": ("simclr", "mocov2"),
 }
 
 
@@ -240,7 +261,8 @@ def validate(config: Config) -> None:
         raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig,
+             "ssl": SSLConfig}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

@@ -50,16 +50,23 @@ def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shu
     results = {
         "zero_shot": final["zero_shot"],
         "retrieval": final["retrieval"],
-        "train": {k: summary[k] for k in ("samples_per_second", "wall_seconds", "train_seconds", "steps",
-                                          "final_loss")},
         "eval": {"num_images": final["num_images"], "num_captions": final["num_captions"]},
         "control": {"shuffled_captions": shuffle_captions},
+        **run_record(summary, config, started),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def run_record(summary: dict, config, started: float) -> dict:
+    """The training part of a demo's results.json: throughput, wall time, loss, checkpoint."""
+    return {
+        "train": {k: summary[k] for k in ("samples_per_second", "wall_seconds", "train_seconds", "steps",
+                                          "final_loss")},
         "loss": config.loss.name,
         "checkpoint": summary["checkpoint"],
         "total_seconds": time.perf_counter() - started,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    return results
 
 
 def print_table(results: dict) -> None:
@@ -73,6 +80,11 @@ def print_table(results: dict) -> None:
     ]
     if results["control"]["shuffled_captions"]:
         print("CONTROL RUN: captions shuffled across images (expect chance-level zero-shot, about 0.10)")
+    print_rows(rows)
+
+
+def print_rows(rows: list[tuple[str, float]]) -> None:
+    """A two-column table of named numbers on stdout."""
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value:10.3f}" if value < 100 else f"{name:<{width}}  {value:10.1f}")

@@ -73,8 +73,11 @@ def siglip_bytes(local_rows: int, embed_dim: int) -> tuple[int, int]:
 
 def plan_memory(config: Config, world_size: int, global_batch: int | None = None) -> MemoryPlan:
     """Estimate one rank's memory for ``config`` at ``world_size`` (and optionally a global batch)."""
+    from clipx.errors import ClipxError
     from clipx.models import create_model
 
+    if config.loss.name not in ("clip", "siglip"):
+        raise ClipxError(f"clipx plan covers the image-text losses (clip, siglip), not loss.name={config.loss.name}")
     t = config.train
     accum = t.accum_steps
     micro = global_batch // (world_size * accum) if global_batch else t.batch_size

@@ -222,3 +222,21 @@ def test_feature_caching_across_ranks_equals_one_process_with_the_whole_batch(tm
     assert_close(sum(r["loss"] for r in ranks) / 2, expected_loss, "loss")
     for rank in ranks:
         assert_grads_equal(rank["grads"], expected_grads)
+
+
+def test_ntxent_across_ranks_equals_one_process_on_the_union_batch(tmp_path):
+    from clipx.losses import NTXentLoss
+
+    ranks = run_two_processes("ntxent", tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    z1 = torch.randn(GLOBAL_BATCH, 6, generator=generator, requires_grad=True)
+    z2 = torch.randn(GLOBAL_BATCH, 6, generator=generator, requires_grad=True)
+    expected = NTXentLoss(0.2)(z1, z2)
+    expected.backward()
+    assert_close(sum(r["loss"] for r in ranks) / 2, expected.detach(), "loss")
+    half = GLOBAL_BATCH // 2
+    for rank, r in enumerate(ranks):
+        rows = slice(rank * half, (rank + 1) * half)
+        # Each rank's inputs receive the gradient of the *sum* of both ranks' losses: /2 is DDP's average.
+        assert_close(r["grad_z1"] / 2, z1.grad[rows], "z1")
+        assert_close(r["grad_z2"] / 2, z2.grad[rows], "z2")

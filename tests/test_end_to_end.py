@@ -164,3 +164,19 @@ def test_training_with_the_packaged_minilm_as_text_tower(tmp_path, digits_dir, t
         "train.steps": 2, "train.batch_size": 16, "model.text_tower": "hf", "model.hf_text_path": path,
         "model.hf_context_length": 16})))
     assert summary["steps"] == 2 and summary["eval"]["zero_shot"]["top1"] >= 0.0
+
+
+@pytest.mark.parametrize("mode", ["clip", "simclr"])
+def test_demo_writes_the_documented_results_keys(mode, tmp_path, tiny_model_json):
+    """`clipx demo` end to end, shortened to 2 steps of the tiny model (the full run is in BENCHMARKS.md)."""
+    out = tmp_path / "demo"
+    clipx("demo", "--mode", mode, "--out", out, f"model.name={tiny_model_json}", "train.steps=2",
+          "train.warmup_steps=1", "train.batch_size=32", "train.threads=2")
+    results = json.loads((out / "results.json").read_text())
+    assert {"samples_per_second", "wall_seconds"} <= set(results["train"]) and results["train"]["steps"] == 2
+    if mode == "clip":
+        assert {"top1", "top5"} <= set(results["zero_shot"])
+        assert "R@1" in results["retrieval"]["image_to_text"] and "R@1" in results["retrieval"]["text_to_image"]
+    else:
+        for section in (results, results["baseline"]):
+            assert 0.0 <= section["knn"]["top1"] <= 1.0 and 0.0 <= section["linear_probe"]["top1"] <= 1.0

@@ -181,15 +181,19 @@ def seed_augmentations(seed: int, epoch: SharedEpoch, rank: int) -> None:
 
 
 def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int = 0,
-                         epoch: SharedEpoch | None = None, rank: int = 0) -> Iterator[dict]:
-    """Raw samples -> {"image": (3, H, W), "text": str, "key": str}; bad ones are counted and skipped."""
+                         epoch: SharedEpoch | None = None, rank: int = 0, needs_text: bool = True) -> Iterator[dict]:
+    """Raw samples -> {"image": transform's output, "text": str or None, "key": str}.
+
+    Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
+    needs no caption, and ``transform`` may return a list of augmented views.
+    """
     if epoch is not None:
         seed_augmentations(seed, epoch, rank)
-    guard = PassGuard("usable image-caption pair", counter)
+    guard = PassGuard("usable image-caption pair" if needs_text else "usable image", counter)
     for sample in src:
         guard.check(sample["__epoch__"])
         caption = first_caption(sample)
-        if caption is None:
+        if caption is None and needs_text:
             counter.add("missing_caption")
             continue
         try:
@@ -223,17 +227,25 @@ def shuffle_samples(src: Iterable[dict], bufsize: int, seed: int, rank: int, epo
 
 
 def collate_train(src: Iterable[dict], batch_size: int, tokenizer) -> Iterator[dict]:
-    """Samples -> {"image": (B, 3, H, W), "text": (B, L) token ids, "key": list[str]}; drops the last partial batch."""
+    """Samples -> batches of ``batch_size`` (the last partial one is dropped).
+
+    With a tokenizer: {"image": (B, 3, H, W), "text": (B, L) token ids, "key"}; without one (image-only
+    objectives, whose transform returns V views): {"views": V tensors (B, 3, H, W), "key"}.
+    """
     buffer: list[dict] = []
     for sample in src:
         buffer.append(sample)
-        if len(buffer) == batch_size:
-            yield {
-                batch_keys.IMAGE: stack_images([s["image"] for s in buffer]),
-                batch_keys.TEXT: tokenizer([s["text"] for s in buffer]),
-                batch_keys.KEY: [s["key"] for s in buffer],
-            }
-            buffer = []
+        if len(buffer) < batch_size:
+            continue
+        batch = {batch_keys.KEY: [s["key"] for s in buffer]}
+        if tokenizer is None:
+            batch[batch_keys.VIEWS] = [stack_images([s["image"][v] for s in buffer])
+                                       for v in range(len(buffer[0]["image"]))]
+        else:
+            batch[batch_keys.IMAGE] = stack_images([s["image"] for s in buffer])
+            batch[batch_keys.TEXT] = tokenizer([s["text"] for s in buffer])
+        yield batch
+        buffer = []
 
 
 def steps_per_epoch(num_samples: int, global_batch: int, workers: int) -> tuple[int, int]:
@@ -261,7 +273,7 @@ def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: in
         functools.partial(tar_samples, counter=counter),
         functools.partial(shuffle_samples, bufsize=data_cfg.shuffle_buffer, seed=seed, rank=rank, epoch=epoch),
         functools.partial(decode_train_samples, transform=transform, counter=counter, seed=seed, epoch=epoch,
-                          rank=rank),
+                          rank=rank, needs_text=tokenizer is not None),
         functools.partial(collate_train, batch_size=batch_size, tokenizer=tokenizer),
     ).with_epoch(per_worker)
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),

@@ -105,11 +105,11 @@ def as_checkpoint(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, config) from a checkpoint directory, built from its own config.yaml alone."""
-    from clipx.models import create_model
+    from clipx.objectives import build_model
 
     path = as_checkpoint(path)
     config = load_config(path / "config.yaml")
-    model = create_model(config.model)
+    model = build_model(config)
     try:
         weights = load_file(str(path / "model.safetensors"), device="cpu")
     except Exception as error:  # safetensors raises its own error types for damaged files

@@ -26,8 +26,8 @@ from clipx.data.shards import expand_shards
 from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
 from clipx.errors import ClipxError
-from clipx.models import create_model, image_size
-from clipx.objectives import build_objective
+from clipx.models import image_size
+from clipx.objectives import IMAGE_TEXT, build_objective, objective_spec
 from clipx.objectives.clip import unwrap
 from clipx.train.checkpoint import TrainerState, load_training_state, resolve_resume, save_checkpoint
 from clipx.train.metrics_log import MetricsLog
@@ -40,9 +40,7 @@ from clipx.train.step import micro_batch_gradients
 class TrainStream:
     """Endless (epoch, batch) pairs for this rank, re-entering the loader once per epoch."""
 
-    def __init__(self, data_cfg, model_cfg, batch_size: int, seed: int, tokenizer, rank: int, world: int):
-        transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=True,
-                                    crop_scale_min=data_cfg.crop_scale_min)
+    def __init__(self, data_cfg, transform, batch_size: int, seed: int, tokenizer, rank: int, world: int):
         self.epoch = SharedEpoch()
         self.skipped = SkipCounter()
         self.loader, self.batches_per_epoch = build_train_loader(
@@ -89,6 +87,16 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
 
 
+def train_transform(config: Config, inputs: str):
+    """PIL image -> what the objective's batches hold: one tensor, or a list of augmented views."""
+    size, mean, std = image_size(config.model), config.model.image_mean, config.model.image_std
+    if inputs == IMAGE_TEXT:
+        return image_transform(size, mean, std, train=True, crop_scale_min=config.data.crop_scale_min)
+    from clipx.ssl.views import MultiView, view_augmentation
+
+    return MultiView(view_augmentation(config.ssl, size, mean, std), config.ssl.views)
+
+
 def check_evaluation_inputs(config: Config) -> None:
     """Fail before training, not after it, when the validation shards or templates are unusable."""
     if not config.data.val:
@@ -107,12 +115,13 @@ def build_trainer(config: Config) -> Trainer:
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)
-    model = create_model(config.model).to(accelerator.device)
+    spec = objective_spec(config.loss.name)
+    model = spec.build_model(config.model, config.ssl).to(accelerator.device)
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    tokenizer = Tokenizer(config.model)
+    tokenizer = Tokenizer(config.model) if spec.inputs == IMAGE_TEXT else None
     optimizer = build_optimizer(model, tcfg)
-    stream = TrainStream(config.data, config.model, tcfg.batch_size, tcfg.seed, tokenizer,
+    stream = TrainStream(config.data, train_transform(config, spec.inputs), tcfg.batch_size, tcfg.seed, tokenizer,
                          accelerator.process_index, accelerator.num_processes)
     steps = total_steps(tcfg, stream.batches_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -125,7 +134,7 @@ def build_trainer(config: Config) -> Trainer:
         # communication still overlaps backward. The first step includes compilation.
         model = torch.compile(model)
     accelerator.register_for_checkpointing(scheduler)
-    objective = build_objective(model, config.loss)
+    objective = build_objective(model, config)
     log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process)
     return Trainer(config, accelerator, model, objective, optimizer, scheduler, tokenizer, stream, steps, log)
 
@@ -149,8 +158,11 @@ def train_step(t: Trainer, batches) -> dict:
 
 
 def evaluate_now(t: Trainer, step: int) -> dict | None:
-    """Zero-shot and retrieval on data.val, sharded across all ranks (each embeds its share)."""
-    if not t.config.data.val or not (t.config.eval.zero_shot or t.config.eval.retrieval):
+    """Zero-shot and retrieval on data.val, sharded across all ranks (each embeds its share).
+
+    Image-only objectives have no text tower: they are evaluated afterwards with kNN and linear probes.
+    """
+    if t.tokenizer is None or not t.config.data.val or not (t.config.eval.zero_shot or t.config.eval.retrieval):
         return None
     from eval.run import evaluate, flatten_metrics
 

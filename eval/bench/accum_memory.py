@@ -22,7 +22,7 @@ from eval.bench.memory import peak_bytes_during
 def measure(config, batch: int, accum: int, mode: str) -> float:
     torch.manual_seed(0)
     model = create_model(config.model)
-    objective = build_objective(model, config.loss)
+    objective = build_objective(model, config)
     size = image_size(config.model)
     tokens = Tokenizer(config.model)(["a handwritten seven."] * batch)
     images = torch.randn(batch, 3, size, size)

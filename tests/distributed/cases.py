@@ -140,7 +140,24 @@ def case_accum_features(out_dir: Path) -> dict:
     return {"accum": {"loss": out["loss"], "grads": grads}}
 
 
-CASES = {"clip_gather": case_clip_gather, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
+def case_ntxent(out_dir: Path) -> dict:
+    """NT-Xent on this rank's half of a batch of view pairs, negatives gathered from both ranks."""
+    from clipx.losses import NTXentLoss
+    from clipx.train.runtime import make_accelerator
+
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    generator = torch.Generator().manual_seed(0)
+    z1 = torch.randn(GLOBAL_BATCH, 6, generator=generator)
+    z2 = torch.randn(GLOBAL_BATCH, 6, generator=generator)
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    mine1, mine2 = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
+    loss = NTXentLoss(0.2)(mine1, mine2)
+    loss.backward()
+    return {"loss": loss.detach(), "grad_z1": mine1.grad, "grad_z2": mine2.grad}
+
+
+CASES = {"clip_gather": case_clip_gather, "ntxent": case_ntxent, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
          "timeout": case_timeout}
 
 

@@ -1,0 +1,28 @@
+"""SimCLR: two augmented views of each image, pulled together by NT-Xent against all other views."""
+
+from __future__ import annotations
+
+import torch
+
+from clipx.data.batch import VIEWS
+from clipx.objectives.base import Objective
+
+
+class SimCLRObjective(Objective):
+    """An ImageEncoder (possibly Accelerate-wrapped) and an NTXentLoss."""
+
+    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module):
+        self.model = model
+        self.loss = loss
+
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        first, second = batch[VIEWS][:2]
+        # One forward over both views, so BatchNorm in the head normalises them together.
+        projections = self.model(torch.cat([first, second])).float()  # (2B, P)
+        return {"view1": projections[: len(first)], "view2": projections[len(first):]}
+
+    def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
+        return {"loss": self.loss(features["view1"], features["view2"]), "metrics": {}}
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [self.model]

@@ -1,0 +1,1 @@
+"""Self-supervised image encoders: view augmentations and the encoder + projection head."""

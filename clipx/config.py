@@ -131,8 +131,7 @@ class SSLConfig:
     # "open_clip": the vision tower described by model.name; or a torchvision ResNet ("resnet18", ...).
     encoder: str = "open_clip"
     recipe: str = "simclr"  # view augmentations: simclr | mocov2
-    views: int = 2
-    crop_scale_min: float = 0.08
+    views: int = 2  # the crop's lower scale bound is data.crop_scale_min (SimCLR's paper uses 0.08)
     flip_prob: float = 0.5  # 0 for data where mirroring changes meaning (digits, text)
     jitter_strength: float = 1.0
     jitter_prob: float = 0.8

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torchvision import transforms as T
 
 
-def view_augmentation(ssl_cfg, size: int, mean, std):
+def view_augmentation(ssl_cfg, size: int, mean, std, crop_scale_min: float):
     """PIL image -> normalised (3, size, size) tensor, one random view.
 
     simclr: colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, blur; mocov2: jitter
@@ -17,7 +17,7 @@ def view_augmentation(ssl_cfg, size: int, mean, std):
               else T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s))
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(ssl_cfg.crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(p=ssl_cfg.flip_prob),
         T.RandomApply([jitter], p=ssl_cfg.jitter_prob),
         T.RandomGrayscale(p=ssl_cfg.grayscale_prob),

@@ -94,7 +94,7 @@ def train_transform(config: Config, inputs: str):
         return image_transform(size, mean, std, train=True, crop_scale_min=config.data.crop_scale_min)
     from clipx.ssl.views import MultiView, view_augmentation
 
-    return MultiView(view_augmentation(config.ssl, size, mean, std), config.ssl.views)
+    return MultiView(view_augmentation(config.ssl, size, mean, std, config.data.crop_scale_min), config.ssl.views)
 
 
 def check_evaluation_inputs(config: Config) -> None:

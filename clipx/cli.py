@@ -209,9 +209,11 @@ def _eval_probe(args) -> int:
 def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="digits end to end: prep, train, evaluate, results.json")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--mode", default="clip", choices=["clip", "simclr"],
-                      help="clip: image-text; simclr: image-only self-supervised, with kNN and linear probes")
-    demo.add_argument("--config", default=None, help="default: configs/demo-digits.yaml of this checkout")
+    demo.add_argument("--mode", default="clip", choices=["clip", "simclr", "moco", "swav"],
+                      help="clip: image-text; simclr, moco, swav: image-only self-supervised, with kNN and "
+                      "linear probes")
+    demo.add_argument("--config", default=None,
+                      help="default: configs/demo-digits.yaml (clip) or configs/<mode>-digits.yaml of this checkout")
     demo.add_argument("--shuffle-captions", action="store_true",
                       help="control run: captions shuffled across images, so the pairing carries no signal")
     demo.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")

@@ -126,12 +126,12 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SSLConfig:
-    """Image-only self-supervised training (loss.name: ntxent)."""
+    """Image-only self-supervised training (loss.name: ntxent | moco | swav)."""
 
     # "open_clip": the vision tower described by model.name; or a torchvision ResNet ("resnet18", ...).
     encoder: str = "open_clip"
     recipe: str = "simclr"  # view augmentations: simclr | mocov2
-    views: int = 2  # the crop's lower scale bound is data.crop_scale_min (SimCLR's paper uses 0.08)
+    views: int = 2  # global views; their crop's lower scale bound is data.crop_scale_min (SimCLR: 0.08)
     flip_prob: float = 0.5  # 0 for data where mirroring changes meaning (digits, text)
     jitter_strength: float = 1.0
     jitter_prob: float = 0.8
@@ -139,7 +139,28 @@ class SSLConfig:
     blur_prob: float = 0.5
     head_hidden: int = 512
     head_out: int = 128
-    temperature: float = 0.1
+    temperature: float = 0.1  # NT-Xent, MoCo's InfoNCE, SwAV's swapped prediction
+    # BatchNorm across the batch: local (per device), sync (over all ranks; GPU only), or shuffle
+    # (MoCo: the key encoder sees a random share of the global batch, so BN cannot leak the pair).
+    batchnorm: str = "local"
+    bn_splits: int = 1  # normalise this many interleaved groups of a device's batch apart (emulates devices)
+    # MoCo (loss.name: moco)
+    moco_version: int = 2  # 2: queue of negatives; 3: no queue, symmetric loss, prediction head
+    momentum: float = 0.99  # key encoder EMA: k <- m k + (1 - m) q
+    momentum_cosine: bool = True  # raise m to 1 along a half cosine over the run (BYOL, MoCo v3)
+    predictor_hidden: int = 512  # MoCo v3's prediction head
+    # MoCo v2: negatives (global, a multiple of the global batch); SwAV: stored embeddings per global
+    # view and rank, used in the Sinkhorn assignment once full; 0 = no queue.
+    queue_size: int = 4096
+    # SwAV (loss.name: swav)
+    prototypes: int = 3000
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    freeze_prototypes_steps: int = 0  # prototypes get zero gradient for the first steps (SwAV paper)
+    queue_start_step: int = 0  # SwAV: the queue joins the assignment from this step (once full)
+    small_crops: int = 0  # multi-crop: extra low-resolution views (SwAV)
+    small_crop_size: int = 96  # px; a multiple of the ViT patch size for open_clip encoders
+    small_crop_scale: tuple = (0.05, 0.14)
 
 
 @dataclass(frozen=True)
@@ -158,6 +179,8 @@ CHOICES = {
     "train.precision": ("no", "bf16", "fp16"),
     "train.accum_mode": ("features", "naive"),
     "ssl.recipe": ("simclr", "mocov2"),
+    "ssl.batchnorm": ("local", "sync", "shuffle"),
+    "ssl.moco_version": (2, 3),
 }
 
 
@@ -233,7 +256,7 @@ def validate(config: Config) -> None:
     choices = {**CHOICES, "loss.name": tuple(OBJECTIVES.list()), "loss.gather": GATHER_MODES}
     for key, allowed in choices.items():
         if flat[key] not in allowed:
-            raise ClipxError(f"{key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
+            raise ClipxError(f"{key} must be one of {', '.join(map(str, allowed))}; got {flat[key]!r}")
     t = config.train
     for key in ("train.batch_size", "train.epochs", "train.accum_steps", "train.checkpoint_every",
                 "train.log_every", "eval.batch_size", "train.collective_timeout_s"):
@@ -256,8 +279,36 @@ def validate(config: Config) -> None:
                          "model.init_temperature=0.1)")
     if t.accum_steps > 1 and t.accum_mode == "features" and t.precision == "fp16":
         raise ClipxError("train.accum_mode=features supports train.precision no or bf16, not fp16")
+    _validate_ssl(config)
     if config.model.text_tower == "hf" and not config.model.hf_text_path:
         raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")
+
+
+def _validate_ssl(config: Config) -> None:
+    s, method = config.ssl, config.loss.name
+    for key in ("views", "head_hidden", "head_out", "bn_splits", "predictor_hidden", "prototypes", "sinkhorn_iters",
+                "small_crop_size"):
+        if getattr(s, key) <= 0:
+            raise ClipxError(f"ssl.{key} must be positive; got {getattr(s, key)}")
+    for key in ("queue_size", "freeze_prototypes_steps", "queue_start_step", "small_crops"):
+        if getattr(s, key) < 0:
+            raise ClipxError(f"ssl.{key} must not be negative; got {getattr(s, key)}")
+    if not (s.temperature > 0 and s.sinkhorn_epsilon > 0 and 0.0 <= s.momentum <= 1.0):
+        raise ClipxError("ssl.temperature and ssl.sinkhorn_epsilon must be positive and ssl.momentum in [0, 1]")
+    scale = s.small_crop_scale
+    if len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale) or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ClipxError(f"ssl.small_crop_scale must be [min, max] with 0 < min <= max <= 1; got {list(s.small_crop_scale)}")
+    if s.batchnorm == "shuffle" and method != "moco":
+        raise ClipxError("ssl.batchnorm=shuffle shuffles MoCo's key batch; use local or sync for loss.name="
+                         f"{method}")
+    if s.batchnorm == "sync" and s.bn_splits > 1:
+        raise ClipxError("ssl.bn_splits splits BatchNorm within a device; it cannot be combined with ssl.batchnorm=sync")
+    if method == "swav" and s.views != 2:
+        raise ClipxError("SwAV swaps predictions between 2 global views (ssl.views=2); add ssl.small_crops for more")
+    if s.small_crops and method != "swav":
+        raise ClipxError(f"ssl.small_crops (multi-crop) is used by loss.name=swav only, not {method}")
+    if method == "moco" and s.moco_version == 2 and s.queue_size == 0:
+        raise ClipxError("MoCo v2 needs ssl.queue_size > 0 negatives (or ssl.moco_version=3, which needs none)")
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig,

@@ -11,7 +11,7 @@ from pathlib import Path
 from clipx.demo import REPO_CONFIGS, print_rows, run_record
 from clipx.errors import ClipxError
 
-MODE_CONFIGS = {"simclr": "simclr-digits.yaml"}
+MODE_CONFIGS = {"simclr": "simclr-digits.yaml", "moco": "moco-digits.yaml", "swav": "swav-digits.yaml"}
 
 
 def probe(model, model_cfg, data: Path, device) -> dict:
@@ -21,6 +21,13 @@ def probe(model, model_cfg, data: Path, device) -> dict:
     train = labelled_features(model, model_cfg, str(data / "train"), device)
     test = labelled_features(model, model_cfg, str(data / "test"), device)
     return {"knn": knn_eval(train, test), "linear_probe": linear_probe_eval(train, test)}
+
+
+def method_name(config) -> str:
+    """The method a config trains, as the tables show it: simclr, moco v2, moco v3, swav."""
+    if config.loss.name == "moco":
+        return f"moco v{config.ssl.moco_version}"
+    return {"ntxent": "simclr"}.get(config.loss.name, config.loss.name)
 
 
 def run_ssl_demo(mode: str, out: Path, config_path: str | Path | None = None, overrides=()) -> dict:
@@ -51,6 +58,7 @@ def run_ssl_demo(mode: str, out: Path, config_path: str | Path | None = None, ov
         **probe(trained, config.model, data, device),
         "baseline": probe(baseline, config.model, data, device),
         "mode": mode,
+        "method": method_name(config),
         **run_record(summary, config, started),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -68,11 +76,11 @@ def print_ssl_table(results: dict) -> None:
 
 def ssl_markdown_table(paths: list[str | Path]) -> str:
     """A Markdown table with one row per self-supervised demo results.json."""
-    lines = ["| mode | kNN top-1 | linear probe top-1 | random-init kNN top-1 | random-init linear probe top-1 "
+    lines = ["| method | kNN top-1 | linear probe top-1 | random-init kNN top-1 | random-init linear probe top-1 "
              "| train steps | train samples/s | demo total s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for path in paths:
         r = json.loads(Path(path).read_text())
-        lines.append(f"| {r['mode']} | {r['knn']['top1']:.3f} | {r['linear_probe']['top1']:.3f} | "
+        lines.append(f"| {r.get('method', r['mode'])} | {r['knn']['top1']:.3f} | {r['linear_probe']['top1']:.3f} | "
                      f"{r['baseline']['knn']['top1']:.3f} | {r['baseline']['linear_probe']['top1']:.3f} | "
                      f"{r['train']['steps']} | {r['train']['samples_per_second']:.0f} | {r['total_seconds']:.0f} |")
     return "\n".join(lines)

@@ -78,3 +78,34 @@ def gather_objects(obj) -> list:
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without autograd: (B, ...) -> (world_size * B, ...), in rank order."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op at world size 1); returns ``x``."""
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_max_(x: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks (a no-op at world size 1); returns ``x``."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In place: every rank gets rank ``src``'s ``x`` (a no-op at world size 1); returns ``x``."""
+    if is_distributed():
+        dist.broadcast(x, src)
+    return x

@@ -240,3 +240,32 @@ def test_ntxent_across_ranks_equals_one_process_on_the_union_batch(tmp_path):
         # Each rank's inputs receive the gradient of the *sum* of both ranks' losses: /2 is DDP's average.
         assert_close(r["grad_z1"] / 2, z1.grad[rows], "z1")
         assert_close(r["grad_z2"] / 2, z2.grad[rows], "z2")
+
+
+def test_sinkhorn_across_ranks_equals_one_process_on_the_union_batch(tmp_path):
+    from clipx.ssl.swav import sinkhorn
+    from tests.distributed.cases import sinkhorn_scores
+
+    ranks = run_two_processes("sinkhorn", tmp_path)
+    expected = sinkhorn(sinkhorn_scores(), 0.05, 10)
+    assert_close(torch.cat([r["codes"] for r in ranks]), expected, "codes")
+
+
+def test_moco_keys_are_gathered_for_the_loss_and_the_queue(tmp_path):
+    from clipx.objectives.moco import batch_infonce
+
+    ranks = run_two_processes("moco", tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(GLOBAL_BATCH, 6, generator=generator, requires_grad=True)
+    keys = torch.randn(GLOBAL_BATCH, 6, generator=generator)
+    expected = batch_infonce(queries, keys, 0.2)
+    expected.backward()
+    assert_close(sum(r["loss"] for r in ranks) / 2, expected.detach(), "loss")
+    half = GLOBAL_BATCH // 2
+    for rank, r in enumerate(ranks):
+        # Keys carry no gradient, so each rank's queries get exactly their own loss's gradient.
+        assert_close(r["grad"] / 2, queries.grad[half * rank:half * (rank + 1)], "queries")
+        assert_close(r["shuffled"], r["unshuffled"], "shuffled key encoder output, back in input order")
+    # Both ranks hold the same queue: the global batch twice into 12 rows, wrapped at the end.
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"]) and ranks[0]["pointer"] == ranks[1]["pointer"] == 4
+    assert torch.equal(ranks[0]["queue"], torch.cat([keys[4:8], keys[4:8], keys[:4]]))

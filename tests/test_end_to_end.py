@@ -166,7 +166,7 @@ def test_training_with_the_packaged_minilm_as_text_tower(tmp_path, digits_dir, t
     assert summary["steps"] == 2 and summary["eval"]["zero_shot"]["top1"] >= 0.0
 
 
-@pytest.mark.parametrize("mode", ["clip", "simclr"])
+@pytest.mark.parametrize("mode", ["clip", "simclr", "moco", "swav"])
 def test_demo_writes_the_documented_results_keys(mode, tmp_path, tiny_model_json):
     """`clipx demo` end to end, shortened to 2 steps of the tiny model (the full run is in BENCHMARKS.md)."""
     out = tmp_path / "demo"

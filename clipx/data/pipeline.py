@@ -276,8 +276,14 @@ def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: in
                           rank=rank, needs_text=tokenizer is not None),
         functools.partial(collate_train, batch_size=batch_size, tokenizer=tokenizer),
     ).with_epoch(per_worker)
+    # Persistent workers: re-entering the loader each epoch would otherwise fork and re-import every
+    # worker (seconds per epoch on small data). Workers read the epoch from shared memory when the
+    # next epoch's iteration starts, after TrainStream has set it. The loader draws its workers' base
+    # seed from its own generator, not the global RNG, so starting an iteration (as a resumed run
+    # does) leaves the model's random stream (MoCo's shuffles, dropout) exactly as an unbroken run has it.
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                           prefetch_factor=4 if workers > 0 else None)
+                           prefetch_factor=4 if workers > 0 else None, persistent_workers=workers > 0,
+                           generator=torch.Generator().manual_seed(seed))
     return loader, batches
 
 

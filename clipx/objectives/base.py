@@ -1,7 +1,7 @@
 """Objective: the one thing that differs between training methods.
 
 The training loop only does ``out = objective(batch)``, backpropagates ``out["loss"]``, steps the
-optimizer, and calls ``objective.after_step()``; it never asks which method it runs. Objectives
+optimizer, and calls ``objective.after_step(step, total_steps)``; it never asks which method it runs. Objectives
 whose loss couples samples across the batch split ``__call__`` into ``features`` and
 ``loss_from_features``, which lets the loop cache features across micro-batches (GradCache).
 """
@@ -25,8 +25,17 @@ class Objective:
     def __call__(self, batch: dict) -> dict:
         return self.loss_from_features(self.features(batch))
 
-    def after_step(self) -> None:
-        """Runs after every optimizer step (momentum encoders update here, never inside forward)."""
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Runs after optimizer step number ``step`` (1-based) of ``total_steps``: momentum encoders
+        and queues update here, never inside forward."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Training state outside the model (queues, counters) that a checkpoint must carry, as
+        tensors; each rank saves its own."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         """Modules whose parameters the optimizer updates."""

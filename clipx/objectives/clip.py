@@ -43,7 +43,7 @@ class ContrastiveObjective(Objective):
             metrics["logit_bias"] = features["logit_bias"].detach()
         return {"loss": loss, "metrics": metrics}
 
-    def after_step(self) -> None:
+    def after_step(self, step: int, total_steps: int) -> None:
         unwrap(self.model).clamp_logit_scale_()
 
     def trainable_modules(self) -> list[torch.nn.Module]:

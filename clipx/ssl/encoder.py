@@ -33,6 +33,34 @@ def torchvision_resnet(name: str, image_size: int) -> tuple[nn.Module, int]:
     return net, width
 
 
+def backbone_any_size(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``backbone(images)``, also for an open_clip ViT given images smaller than its native size
+    (multi-crop's small crops): its positional embedding is then resampled to the smaller grid."""
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(backbone, VisionTransformer) or images.shape[-1] == backbone.image_size[-1]:
+        return backbone(images)
+    return vit_forward_resampled(backbone, images)
+
+
+def vit_forward_resampled(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """open_clip's ViT forward with the positional embedding resampled to the images' patch grid.
+
+    At the native size it equals ``backbone(images)`` (a test holds it to that, so a change in
+    open_clip's forward shows up there rather than as silently different small-crop features).
+    """
+    x = backbone.conv1(images).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+    position = backbone.positional_embedding  # (1 + native_grid^2, width)
+    native, grid = backbone.grid_size[0], images.shape[-1] // backbone.patch_size[0]
+    patches = position[1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
+    patches = nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    position = torch.cat([position[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
+    cls = backbone.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = backbone.ln_pre(backbone.patch_dropout(torch.cat([cls, x], dim=1) + position.to(x.dtype)))
+    pooled, _ = backbone._pool(backbone.transformer(x))  # open_clip's own pooling and final norm
+    return pooled @ backbone.proj if backbone.proj is not None else pooled
+
+
 class ImageEncoder(nn.Module):
     """backbone: images (B, 3, H, W) -> features (B, F); head: features -> projections (B, P)."""
 
@@ -50,9 +78,25 @@ class ImageEncoder(nn.Module):
         """Unit-norm backbone features (B, F), what evaluators compare."""
         return nn.functional.normalize(self.backbone(images), dim=-1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, P) projections (not normalised; the loss decides)."""
-        return self.head(self.backbone(images))
+    def backbone_features(self, views: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, H, W), or a list of views whose sizes may differ (multi-crop) -> (sum of B, F).
+
+        Consecutive views of one size go through the backbone together, as in SwAV.
+        """
+        if torch.is_tensor(views):
+            return self.backbone(views)
+        features, start = [], 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features.append(backbone_any_size(self.backbone, torch.cat(views[start:end])))
+            start = end
+        return torch.cat(features)
+
+    def forward(self, views: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, H, W) or a list of views -> (sum of B, P) projections (not normalised; the loss decides)."""
+        return self.head(self.backbone_features(views))
 
 
 def create_image_encoder(model_cfg, ssl_cfg) -> ImageEncoder:

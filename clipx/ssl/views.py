@@ -1,12 +1,13 @@
-"""Two (or more) augmented views per image: the SimCLR and MoCo v2 recipes, scaled to any image size."""
+"""Augmented views per image: the SimCLR and MoCo v2 recipes, scaled to any image size, and
+SwAV's multi-crop (global views plus low-resolution small crops)."""
 
 from __future__ import annotations
 
 from torchvision import transforms as T
 
 
-def view_augmentation(ssl_cfg, size: int, mean, std, crop_scale_min: float):
-    """PIL image -> normalised (3, size, size) tensor, one random view.
+def view_augmentation(ssl_cfg, size: int, mean, std, scale: tuple[float, float]):
+    """PIL image -> normalised (3, size, size) tensor, one random view of ``scale`` of its area.
 
     simclr: colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, blur; mocov2: jitter
     (0.4, 0.4, 0.4, 0.1). The blur kernel is ~10% of the image side (odd), as in SimCLR, so the
@@ -17,7 +18,7 @@ def view_augmentation(ssl_cfg, size: int, mean, std, crop_scale_min: float):
               else T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s))
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(p=ssl_cfg.flip_prob),
         T.RandomApply([jitter], p=ssl_cfg.jitter_prob),
         T.RandomGrayscale(p=ssl_cfg.grayscale_prob),
@@ -28,10 +29,21 @@ def view_augmentation(ssl_cfg, size: int, mean, std, crop_scale_min: float):
 
 
 class MultiView:
-    """Callable: PIL image -> list of ``count`` independently augmented views."""
+    """Callable: PIL image -> ``count`` global views, then ``small_count`` small crops (multi-crop)."""
 
-    def __init__(self, augmentation, count: int = 2):
+    def __init__(self, augmentation, count: int = 2, small_augmentation=None, small_count: int = 0):
         self.augmentation, self.count = augmentation, count
+        self.small_augmentation, self.small_count = small_augmentation, small_count
 
     def __call__(self, image):
-        return [self.augmentation(image) for _ in range(self.count)]
+        views = [self.augmentation(image) for _ in range(self.count)]
+        return views + [self.small_augmentation(image) for _ in range(self.small_count)]
+
+
+def ssl_views(ssl_cfg, size: int, mean, std, crop_scale_min: float) -> MultiView:
+    """The configured views: ``ssl.views`` global crops of ``size`` px covering at least
+    ``crop_scale_min`` of the image, and ``ssl.small_crops`` crops of ``ssl.small_crop_size`` px."""
+    small = (view_augmentation(ssl_cfg, ssl_cfg.small_crop_size, mean, std, tuple(ssl_cfg.small_crop_scale))
+             if ssl_cfg.small_crops else None)
+    return MultiView(view_augmentation(ssl_cfg, size, mean, std, (crop_scale_min, 1.0)), ssl_cfg.views,
+                     small, ssl_cfg.small_crops)

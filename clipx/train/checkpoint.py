@@ -3,8 +3,9 @@
 Layout of ``<output_dir>/checkpoints/step-000000100/``:
   model.safetensors          DualEncoder weights (what evaluators load)
   optimizer.bin, scheduler.bin, random_states_*.pkl, ...   accelerator.save_state
+  objective_state_<rank>.safetensors   the objective's own state (MoCo/SwAV queues), one per rank
   config.yaml                the resolved config: rebuilds the model with no other file
-  trainer_state.json         step, epoch, batches consumed
+  trainer_state.json         step, epoch, batches consumed (written last: marks the checkpoint complete)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from clipx.config import Config, dump_config, load_config
 from clipx.errors import ClipxError
@@ -35,10 +36,19 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINT_DIRNAME / f"step-{step:09d}"
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: TrainerState) -> Path:
+def objective_state_file(path: Path, rank: int) -> Path:
+    return path / f"objective_state_{rank}.safetensors"
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: TrainerState, objective) -> Path:
     """Save everything needed to resume and to evaluate; every rank must call this."""
     path = checkpoint_dir(output_dir, state.step)
     accelerator.save_state(str(path))
+    objective_state = objective.state_dict()
+    if objective_state:
+        save_file({k: v.contiguous() for k, v in objective_state.items()},
+                  str(objective_state_file(path, accelerator.process_index)))
+    accelerator.wait_for_everyone()  # every rank's files exist before the completion marker
     if accelerator.is_main_process:
         dump_config(config, path / "config.yaml")
         (path / "trainer_state.json").write_text(json.dumps(asdict(state)))
@@ -76,9 +86,15 @@ def load_trainer_state(path: Path) -> TrainerState:
         raise ClipxError(f"{path}/trainer_state.json is damaged ({error}); resume from another checkpoint") from None
 
 
-def load_training_state(accelerator, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler and RNG states saved by ``save_checkpoint``."""
+def load_training_state(accelerator, path: Path, objective) -> TrainerState:
+    """Restore model, optimizer, scheduler, RNG and objective states saved by ``save_checkpoint``."""
     state = load_trainer_state(path)
+    if objective.state_dict():
+        file = objective_state_file(path, accelerator.process_index)
+        if not file.is_file():
+            raise ClipxError(f"cannot resume from {path}: it has no {file.name} (was it written by fewer "
+                             "processes, or another objective?)")
+        objective.load_state_dict(load_file(str(file), device=str(accelerator.device)))
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, ValueError, KeyError, OSError) as error:

@@ -1,7 +1,7 @@
 """The training loop: build everything from a Config, then step, log, evaluate and checkpoint.
 
 The loop is method-agnostic: it calls ``objective(batch)``, backpropagates ``out["loss"]``, steps,
-and calls ``objective.after_step()``.
+and calls ``objective.after_step(step, total_steps)``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
 from clipx.errors import ClipxError
 from clipx.models import image_size
-from clipx.objectives import IMAGE_TEXT, build_objective, objective_spec
+from clipx.objectives import IMAGE_TEXT, VIEWS, build_model, build_objective, objective_spec
 from clipx.objectives.clip import unwrap
+from clipx.ssl.batchnorm import sync_batchnorm
 from clipx.train.checkpoint import TrainerState, load_training_state, resolve_resume, save_checkpoint
 from clipx.train.metrics_log import MetricsLog
 from clipx.train.optim import build_optimizer
@@ -92,9 +93,9 @@ def train_transform(config: Config, inputs: str):
     size, mean, std = image_size(config.model), config.model.image_mean, config.model.image_std
     if inputs == IMAGE_TEXT:
         return image_transform(size, mean, std, train=True, crop_scale_min=config.data.crop_scale_min)
-    from clipx.ssl.views import MultiView, view_augmentation
+    from clipx.ssl.views import ssl_views
 
-    return MultiView(view_augmentation(config.ssl, size, mean, std, config.data.crop_scale_min), config.ssl.views)
+    return ssl_views(config.ssl, size, mean, std, config.data.crop_scale_min)
 
 
 def check_evaluation_inputs(config: Config) -> None:
@@ -116,7 +117,10 @@ def build_trainer(config: Config) -> Trainer:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)
     spec = objective_spec(config.loss.name)
-    model = spec.build_model(config.model, config.ssl).to(accelerator.device)
+    model = build_model(config)
+    if spec.inputs == VIEWS and config.ssl.batchnorm == "sync":
+        model = sync_batchnorm(model, accelerator)
+    model = model.to(accelerator.device)
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = Tokenizer(config.model) if spec.inputs == IMAGE_TEXT else None
@@ -139,20 +143,32 @@ def build_trainer(config: Config) -> Trainer:
     return Trainer(config, accelerator, model, objective, optimizer, scheduler, tokenizer, stream, steps, log)
 
 
-def train_step(t: Trainer, batches) -> dict:
-    """One optimizer step over ``train.accum_steps`` micro-batches; returns detached metrics."""
+def to_device(batch: dict, device) -> dict:
+    """Move a batch's tensors, and lists of tensors (views), to ``device``; keys stay on the host."""
+    def move(value):
+        if torch.is_tensor(value):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, list) and value and torch.is_tensor(value[0]):
+            return [v.to(device, non_blocking=True) for v in value]
+        return value
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+def train_step(t: Trainer, batches, step: int) -> dict:
+    """Optimizer step number ``step`` (1-based) over ``train.accum_steps`` micro-batches; returns
+    detached metrics."""
     micro_batches = []
     for _ in range(t.config.train.accum_steps):
         epoch, batch = next(batches)
-        micro_batches.append({k: v.to(t.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                              for k, v in batch.items()})
+        micro_batches.append(to_device(batch, t.accelerator.device))
     out = micro_batch_gradients(t.accelerator, t.model, t.objective, micro_batches, t.config.train.accum_mode)
     if t.config.train.grad_clip_norm:
         t.accelerator.clip_grad_norm_(t.model.parameters(), t.config.train.grad_clip_norm)
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    t.objective.after_step()
+    t.objective.after_step(step, t.total_steps)
     # Tensors, not floats: reading them forces a device sync, so the caller reads only when logging.
     return {"loss": out["loss"], "epoch": epoch, **out["metrics"]}
 
@@ -181,7 +197,7 @@ def train(config: Config, resume: str | None = None) -> dict:
         state = TrainerState()
         path = resolve_resume(config.train.output_dir, resume) if resume else None
         if path is not None:
-            state = load_training_state(t.accelerator, path)
+            state = load_training_state(t.accelerator, path, t.objective)
             t.accelerator.print(f"resumed from {path} at step {state.step}")
         elif resume:
             t.accelerator.print(f"--resume {resume}: no checkpoint in {config.train.output_dir} yet; starting at step 0")
@@ -257,7 +273,7 @@ class LoopRecord:
 def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, record: LoopRecord) -> None:
     """One optimizer step, then whatever logging, checkpointing and evaluation falls due."""
     cfg = t.config
-    out = train_step(t, batches)
+    out = train_step(t, batches, state.step + 1)
     state.step += 1
     state.batches += cfg.train.accum_steps
     state.epoch = int(out.pop("epoch"))
@@ -268,7 +284,7 @@ def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, r
     with clock.paused():
         # Save before evaluating, so an evaluation failure never costs the trained weights.
         if state.step % cfg.train.checkpoint_every == 0 or finished:
-            record.checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state)
+            record.checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state, t.objective)
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or finished:
             record.evaluation = evaluate_now(t, state.step)
 

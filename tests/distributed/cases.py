@@ -140,24 +140,75 @@ def case_accum_features(out_dir: Path) -> dict:
     return {"accum": {"loss": out["loss"], "grads": grads}}
 
 
-def case_ntxent(out_dir: Path) -> dict:
-    """NT-Xent on this rank's half of a batch of view pairs, negatives gathered from both ranks."""
-    from clipx.losses import NTXentLoss
+def paired_halves() -> tuple[torch.Tensor, torch.Tensor, slice]:
+    """Two (GLOBAL_BATCH, 6) tensors drawn from seed 0, and the rows that belong to this rank."""
     from clipx.train.runtime import make_accelerator
 
     accelerator = make_accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(0)
-    z1 = torch.randn(GLOBAL_BATCH, 6, generator=generator)
-    z2 = torch.randn(GLOBAL_BATCH, 6, generator=generator)
-    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    first = torch.randn(GLOBAL_BATCH, 6, generator=generator)
+    second = torch.randn(GLOBAL_BATCH, 6, generator=generator)
+    return first, second, slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+
+
+def case_ntxent(out_dir: Path) -> dict:
+    """NT-Xent on this rank's half of a batch of view pairs, negatives gathered from both ranks."""
+    from clipx.losses import NTXentLoss
+
+    z1, z2, rows = paired_halves()
     mine1, mine2 = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
     loss = NTXentLoss(0.2)(mine1, mine2)
     loss.backward()
     return {"loss": loss.detach(), "grad_z1": mine1.grad, "grad_z2": mine2.grad}
 
 
-CASES = {"clip_gather": case_clip_gather, "ntxent": case_ntxent, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
+def case_sinkhorn(out_dir: Path) -> dict:
+    """Sinkhorn–Knopp codes of this rank's half of a score matrix, marginals over both ranks."""
+    from clipx.ssl.swav import sinkhorn
+    from clipx.train.runtime import make_accelerator
+
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    scores = sinkhorn_scores()
+    half = len(scores) // world
+    return {"codes": sinkhorn(scores[rank * half:(rank + 1) * half], 0.05, 10)}
+
+
+def sinkhorn_scores() -> torch.Tensor:
+    """(64, 12) cosine scores of random unit vectors against 12 random unit prototypes."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(64, 16, generator=generator), dim=1)
+    prototypes = torch.nn.functional.normalize(torch.randn(12, 16, generator=generator), dim=1)
+    return z @ prototypes.T
+
+
+def case_moco(out_dir: Path) -> dict:
+    """MoCo across ranks: v3's in-batch InfoNCE with gathered keys, the v2 queue fed with gathered
+    keys, and the key encoder's BatchNorm shuffle, each on this rank's half of a global batch."""
+    from clipx import dist as clipx_dist
+    from clipx.objectives.moco import batch_infonce
+    from clipx.ssl.batchnorm import shuffled_forward
+    from clipx.ssl.queue import FeatureQueue
+
+    queries, keys, rows = paired_halves()
+    rank = clipx_dist.rank()
+    mine = queries[rows].clone().requires_grad_()
+    loss = batch_infonce(mine, keys[rows], 0.2)
+    loss.backward()
+    queue = FeatureQueue(12, 6)
+    for _ in range(2):  # 16 rows into 12: wraps around
+        queue.enqueue(clipx_dist.gather_no_grad(keys[rows]))
+    torch.manual_seed(rank)  # different on each rank: the permutation must still be rank 0's
+    per_sample = torch.nn.Linear(6, 3)
+    torch.nn.init.constant_(per_sample.weight, 0.5)  # the same encoder on both ranks, as under DDP
+    torch.nn.init.constant_(per_sample.bias, 0.1)
+    shuffled = shuffled_forward(per_sample, keys[rows])
+    return {"loss": loss.detach(), "grad": mine.grad, "queue": queue.features, "pointer": queue.pointer,
+            "shuffled": shuffled, "unshuffled": per_sample(keys[rows]).detach()}
+
+
+CASES = {"clip_gather": case_clip_gather, "ntxent": case_ntxent, "sinkhorn": case_sinkhorn, "moco": case_moco, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
          "timeout": case_timeout}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,9 +27,18 @@ def run_two_processes(case: str, out_dir: Path, *args: str, timeout: int = 300) 
     started one process cannot pass.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = torchrun([str(REPO / "tests" / "distributed" / "cases.py"), case, str(out_dir), *args], out_dir, timeout)
+    command = [str(REPO / "tests" / "distributed" / "cases.py"), case, str(out_dir), *args]
+    result = torchrun(command, out_dir, timeout)
     if result.returncode != 0:
-        raise AssertionError(f"2-process case {case} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        # The cases are deterministic, so a real failure fails again; a second launch only absorbs
+        # the rare failure of torchrun's local rendezvous seen about once in a few full suites on this
+        # 2-core machine. The first attempt's stderr stays in the warning and beside the results.
+        (out_dir / "first_attempt_stderr.txt").write_text(result.stderr)
+        warnings.warn(f"2-process case {case} failed once ({result.returncode}); relaunching. "
+                      f"stderr tail: {result.stderr[-1500:]}")
+        result = torchrun(command, out_dir, timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"2-process case {case} failed twice ({result.returncode}):\n{result.stderr[-4000:]}")
     results = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["world_size"] for r in results] == [2, 2], "the launcher did not start 2 processes"
     assert [r["rank"] for r in results] == [0, 1]

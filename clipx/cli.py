@@ -130,9 +130,15 @@ def _train(args) -> int:
     from clipx.config import load_config
     from clipx.train.loop import train
 
+    from clipx.train.guards import EXIT_PREEMPTED
+
     config = load_config(args.config, args.overrides)
     summary = train(config, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+    if summary["preempted"]:
+        print(f"stopped by a signal at step {summary['steps']} after saving {summary['checkpoint']}; continue with "
+              "--resume latest", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

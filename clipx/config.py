@@ -106,6 +106,12 @@ class TrainConfig:
     compile: bool = False
     output_dir: str = "runs/train"
     checkpoint_every: int = 1000  # steps; the final step is always saved
+    keep_checkpoints: Optional[int] = None  # newest N kept (pruned after a new one is complete); None: all
+    # On SIGTERM/SIGINT every rank saves at the same step and the run exits with status 75; if the
+    # save takes longer than this, the process exits anyway (the previous checkpoint stays complete).
+    preempt_grace_s: float = 120.0
+    # Steps whose loss or gradient norm is not finite apply no update; this many in a row stop the run.
+    max_nonfinite_steps: int = 5
     log_every: int = 10
     # A collective (all-gather, all-reduce) that waits longer than this fails with an error naming
     # the rank, instead of hanging the job.
@@ -259,10 +265,12 @@ def validate(config: Config) -> None:
             raise ClipxError(f"{key} must be one of {', '.join(map(str, allowed))}; got {flat[key]!r}")
     t = config.train
     for key in ("train.batch_size", "train.epochs", "train.accum_steps", "train.checkpoint_every",
+                "train.max_nonfinite_steps", "train.preempt_grace_s",
                 "train.log_every", "eval.batch_size", "train.collective_timeout_s"):
         if flat[key] <= 0:
             raise ClipxError(f"{key} must be positive; got {flat[key]}")
-    for key in ("train.steps", "train.threads", "train.grad_clip_norm", "data.train_num_samples"):
+    for key in ("train.steps", "train.threads", "train.grad_clip_norm", "data.train_num_samples",
+                "train.keep_checkpoints"):
         if flat[key] is not None and flat[key] <= 0:
             raise ClipxError(f"{key} must be positive (or null); got {flat[key]}")
     if not (math.isfinite(t.lr) and t.lr > 0):

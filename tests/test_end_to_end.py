@@ -35,7 +35,8 @@ def test_prep_train_and_both_evaluators_through_the_cli(tmp_path, tiny_model_jso
         "train.steps": 6, "train.checkpoint_every": 3, "eval.every": 3}))
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["step-000000003", "step-000000006"]
-    for name in ("config.yaml", "model.safetensors", "optimizer.bin", "trainer_state.json"):
+    for name in ("config.yaml", "model.safetensors", "state.safetensors", "rank0.json", "trainer_state.json",
+                 "manifest.json"):
         assert (run / "checkpoints" / checkpoints[-1] / name).is_file()
     records = read_metrics(run)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]

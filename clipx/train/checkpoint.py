@@ -1,27 +1,40 @@
-"""Checkpoint directories: Accelerate's training state + the resolved config + trainer counters.
+"""Checkpoint directories: written atomically, verified on load, never unpickled.
 
 Layout of ``<output_dir>/checkpoints/step-000000100/``:
-  model.safetensors          DualEncoder weights (what evaluators load)
-  optimizer.bin, scheduler.bin, random_states_*.pkl, ...   accelerator.save_state
-  objective_state_<rank>.safetensors   the objective's own state (MoCo/SwAV queues), one per rank
+  model.safetensors          the model's weights (what evaluators load)
+  state.safetensors/.json    optimizer, LR scheduler and loss scaler (the same on every rank)
+  rank<r>.safetensors/.json  rank r's RNG states and its objective's state (MoCo/SwAV queues)
   config.yaml                the resolved config: rebuilds the model with no other file
-  trainer_state.json         step, epoch, batches consumed (written last: marks the checkpoint complete)
+  trainer_state.json         step, epoch, batches consumed, world size
+  manifest.json              written last: the SHA-256 of every other file
+
+A checkpoint is written into ``checkpoints/.tmp-step-.../``, every file fsynced, then renamed into
+place: a crash at any moment leaves either no new checkpoint or a complete one, and only
+directories with a manifest count. Old checkpoints are pruned after the new one is in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipx.config import Config, dump_config, load_config
 from clipx.errors import ClipxError
+from clipx.train.state_io import fsync_dir, fsync_file, load_tree, save_tree, write_text_synced
 
 CHECKPOINT_DIRNAME = "checkpoints"
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -30,78 +43,162 @@ class TrainerState:
     step: int = 0  # optimizer steps done
     batches: int = 0  # micro-batches consumed on this rank
     epoch: int = 0
+    world_size: int = 1  # processes that wrote the checkpoint: the sample order depends on it
+
+
+@dataclass
+class Stateful:
+    """What a checkpoint saves and restores besides the counters."""
+
+    model: torch.nn.Module  # unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    objective: object
+    scaler: object | None = None
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINT_DIRNAME / f"step-{step:09d}"
 
 
-def objective_state_file(path: Path, rank: int) -> Path:
-    return path / f"objective_state_{rank}.safetensors"
-
-
-def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: TrainerState, objective) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: TrainerState, parts: Stateful,
+                    keep: int | None = None) -> Path:
     """Save everything needed to resume and to evaluate; every rank must call this."""
-    path = checkpoint_dir(output_dir, state.step)
-    accelerator.save_state(str(path))
-    objective_state = objective.state_dict()
-    if objective_state:
-        save_file({k: v.contiguous() for k, v in objective_state.items()},
-                  str(objective_state_file(path, accelerator.process_index)))
-    accelerator.wait_for_everyone()  # every rank's files exist before the completion marker
+    final = checkpoint_dir(output_dir, state.step)
+    tmp = final.with_name(TMP_PREFIX + final.name)
+    weights = parts.model.state_dict()
+    broken = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:  # a checkpoint must never carry NaN or inf: resuming from it could only repeat the failure
+        raise ClipxError(f"step {state.step}: {len(broken)} weight tensor(s) hold NaN or inf (first: {broken[0]}); "
+                         "not saving. The last complete checkpoint is still usable")
     if accelerator.is_main_process:
-        dump_config(config, path / "config.yaml")
-        (path / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    return path
+    rank = accelerator.process_index
+    save_tree(tmp / f"rank{rank}", {"rng": rng_state(), "objective": parts.objective.state_dict()})
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        fsync_file(tmp / "model.safetensors")
+        save_tree(tmp / "state", {"optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                                  "scaler": parts.scaler.state_dict() if parts.scaler is not None else None})
+        dump_config(config, tmp / "config.yaml")
+        fsync_file(tmp / "config.yaml")
+        write_text_synced(tmp / "trainer_state.json", json.dumps(asdict(state)))
+    accelerator.wait_for_everyone()  # every rank's files are on disk before the manifest vouches for them
+    if accelerator.is_main_process:
+        write_text_synced(tmp / MANIFEST, json.dumps({"step": state.step, "sha256": {
+            p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}}, indent=1))
+        fsync_dir(tmp)
+        if final.exists():  # the same step saved again after an earlier resume: the new one wins
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_dir(final.parent)
+        if keep:
+            for old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete what an interrupted save left behind (``.tmp-*`` directories); returns what went."""
+    folder = Path(output_dir) / CHECKPOINT_DIRNAME
+    stray = sorted(folder.glob(TMP_PREFIX + "*")) if folder.is_dir() else []
+    for path in stray:
+        shutil.rmtree(path, ignore_errors=True)
+    return stray
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (trainer_state.json is written last) in step order."""
+    """Complete checkpoints (those with a manifest) in step order."""
     folder = Path(output_dir) / CHECKPOINT_DIRNAME
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _STEP_RE.match(p.name) and (p / "trainer_state.json").is_file()]
+    found = [p for p in folder.iterdir() if _STEP_RE.match(p.name) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
 
 
 def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
     """``latest`` -> the newest complete checkpoint under output_dir, or None when there is none yet
     (so one job script serves the first submission and every requeue); otherwise ``resume`` is a
-    checkpoint path, which must exist."""
+    checkpoint path, which must be complete."""
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     path = as_checkpoint(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise ClipxError(f"--resume {resume}: {path} has no trainer_state.json, so it is not a complete "
-                         "training checkpoint")
+    if not (path / MANIFEST).is_file():
+        raise ClipxError(f"--resume {resume}: {path} has no {MANIFEST}, so it is not a complete training checkpoint")
     return path
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest of ``path`` after checking every file it lists; ClipxError naming the first bad one."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        expected = manifest["sha256"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ClipxError(f"{path}/{MANIFEST} is missing or damaged ({error}); resume from another checkpoint") from None
+    for name, digest in expected.items():
+        file = path / name
+        if not file.is_file() or file_digest(file) != digest:
+            raise ClipxError(f"{file} is missing or does not match its checksum in {MANIFEST}; the checkpoint is "
+                             "damaged: resume from another one")
+    return manifest
 
 
 def load_trainer_state(path: Path) -> TrainerState:
     try:
         return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-    except (json.JSONDecodeError, TypeError) as error:
+    except (OSError, json.JSONDecodeError, TypeError) as error:
         raise ClipxError(f"{path}/trainer_state.json is damaged ({error}); resume from another checkpoint") from None
 
 
-def load_training_state(accelerator, path: Path, objective) -> TrainerState:
-    """Restore model, optimizer, scheduler, RNG and objective states saved by ``save_checkpoint``."""
+def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerState:
+    """Restore what ``save_checkpoint`` wrote, after verifying every file against the manifest."""
+    verify_checkpoint(path)
     state = load_trainer_state(path)
-    if objective.state_dict():
-        file = objective_state_file(path, accelerator.process_index)
-        if not file.is_file():
-            raise ClipxError(f"cannot resume from {path}: it has no {file.name} (was it written by fewer "
-                             "processes, or another objective?)")
-        objective.load_state_dict(load_file(str(file), device=str(accelerator.device)))
+    if state.world_size != accelerator.num_processes:
+        raise ClipxError(f"{path} was written by {state.world_size} process(es) and this run has "
+                         f"{accelerator.num_processes}: each rank's data position, RNG and queues belong to one "
+                         "rank, so resume with the same number of processes")
     try:
-        accelerator.load_state(str(path))
-    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        parts.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(accelerator.device)))
+        shared = load_tree(path / "state")
+        parts.optimizer.load_state_dict(shared["optimizer"])
+        parts.scheduler.load_state_dict(shared["scheduler"])
+        if parts.scaler is not None and shared["scaler"] is not None:
+            parts.scaler.load_state_dict(shared["scaler"])
+        mine = load_tree(path / f"rank{accelerator.process_index}", device=accelerator.device)
+        parts.objective.load_state_dict(mine["objective"])
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, json.JSONDecodeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ClipxError(f"cannot resume from {path}: {first_line} (was it written by a different model "
-                         "or optimizer config?)") from None
+        raise ClipxError(f"cannot resume from {path}: {first_line} (was it written by a different model, "
+                         "optimizer or objective config?)") from None
+    set_rng_state(mine["rng"])
     return state
+
+
+def rng_state() -> dict:
+    """Every random stream training draws from: Python, NumPy, torch CPU and CUDA."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def as_checkpoint(path: str | Path) -> Path:

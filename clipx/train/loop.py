@@ -30,7 +30,9 @@ from clipx.models import image_size
 from clipx.objectives import IMAGE_TEXT, VIEWS, build_model, build_objective, objective_spec
 from clipx.objectives.clip import unwrap
 from clipx.ssl.batchnorm import sync_batchnorm
-from clipx.train.checkpoint import TrainerState, load_training_state, resolve_resume, save_checkpoint
+from clipx.train.checkpoint import (Stateful, TrainerState, load_training_state, remove_partial_checkpoints,
+                                    resolve_resume, save_checkpoint)
+from clipx.train.guards import NonFiniteGuard, StopRequest
 from clipx.train.metrics_log import MetricsLog
 from clipx.train.optim import build_optimizer
 from clipx.train.runtime import make_accelerator
@@ -79,6 +81,11 @@ class Trainer:
     stream: TrainStream
     total_steps: int
     log: MetricsLog
+    guard: NonFiniteGuard
+
+    def stateful(self) -> Stateful:
+        """What checkpoints save and restore besides the counters."""
+        return Stateful(unwrap(self.model), self.optimizer, self.scheduler, self.objective, self.accelerator.scaler)
 
 
 def total_steps(train_cfg, batches_per_epoch: int) -> int:
@@ -131,16 +138,16 @@ def build_trainer(config: Config) -> Trainer:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(cosine_with_warmup, total_steps=steps, warmup_steps=tcfg.warmup_steps))
     # The scheduler is stepped by us once per optimizer step; Accelerate's wrapper would step it once
-    # per process. It still travels in every checkpoint.
+    # per process. Checkpoints carry it (see Trainer.stateful).
     model, optimizer = accelerator.prepare(model, optimizer)
     if tcfg.compile:
         # Compile the DDP-wrapped model: torch.compile then splits graphs at DDP's gradient buckets so
         # communication still overlaps backward. The first step includes compilation.
         model = torch.compile(model)
-    accelerator.register_for_checkpointing(scheduler)
     objective = build_objective(model, config)
     log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process)
-    return Trainer(config, accelerator, model, objective, optimizer, scheduler, tokenizer, stream, steps, log)
+    return Trainer(config, accelerator, model, objective, optimizer, scheduler, tokenizer, stream, steps, log,
+                   NonFiniteGuard(tcfg.max_nonfinite_steps))
 
 
 def to_device(batch: dict, device) -> dict:
@@ -163,14 +170,15 @@ def train_step(t: Trainer, batches, step: int) -> dict:
         epoch, batch = next(batches)
         micro_batches.append(to_device(batch, t.accelerator.device))
     out = micro_batch_gradients(t.accelerator, t.model, t.objective, micro_batches, t.config.train.accum_mode)
-    if t.config.train.grad_clip_norm:
-        t.accelerator.clip_grad_norm_(t.model.parameters(), t.config.train.grad_clip_norm)
-    t.optimizer.step()
+    # The norm is needed anyway to decide on the step; with no clipping configured, clip at infinity.
+    grad_norm = t.accelerator.clip_grad_norm_(t.model.parameters(), t.config.train.grad_clip_norm or float("inf"))
+    if t.guard.allows_update(out["loss"], grad_norm, step):  # the same answer on every rank
+        t.optimizer.step()
+        t.objective.after_step(step, t.total_steps)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    t.objective.after_step(step, t.total_steps)
     # Tensors, not floats: reading them forces a device sync, so the caller reads only when logging.
-    return {"loss": out["loss"], "epoch": epoch, **out["metrics"]}
+    return {"loss": out["loss"], "grad_norm": grad_norm, "epoch": epoch, **out["metrics"]}
 
 
 def evaluate_now(t: Trainer, step: int) -> dict | None:
@@ -193,21 +201,27 @@ def evaluate_now(t: Trainer, step: int) -> dict | None:
 def train(config: Config, resume: str | None = None) -> dict:
     """Train as ``config`` says; returns (and writes to summary.json) the run's summary."""
     t = build_trainer(config)
+    stop = StopRequest(config.train.preempt_grace_s)
     try:
-        state = TrainerState()
+        state = TrainerState(world_size=t.accelerator.num_processes)
+        if t.accelerator.is_main_process:
+            for stray in remove_partial_checkpoints(config.train.output_dir):
+                t.accelerator.print(f"removed {stray}, left by a save that did not finish")
+        t.accelerator.wait_for_everyone()
         path = resolve_resume(config.train.output_dir, resume) if resume else None
         if path is not None:
-            state = load_training_state(t.accelerator, path, t.objective)
+            state = load_training_state(t.accelerator, path, t.stateful())
             t.accelerator.print(f"resumed from {path} at step {state.step}")
         elif resume:
             t.accelerator.print(f"--resume {resume}: no checkpoint in {config.train.output_dir} yet; starting at step 0")
         if t.accelerator.is_main_process:
             dump_config(config, Path(config.train.output_dir) / "config.yaml")
         with dist.collective_timeout_guard(config.train.collective_timeout_s):
-            summary = run_loop(t, state)
+            summary = run_loop(t, state, stop)
         if t.accelerator.is_main_process:
             (Path(config.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     finally:
+        stop.close()
         t.log.close()
         t.accelerator.end_training()
         # Accelerate keeps its settings in a process-wide singleton; forget them (not the process
@@ -254,7 +268,7 @@ def log_train_step(t: Trainer, state: TrainerState, out: dict, clock: Throughput
     """
     values = {k: float(t.accelerator.reduce(v.detach().float(), reduction="mean")) for k, v in out.items()}
     values.update(lr=t.scheduler.get_last_lr()[0], epoch=state.epoch, samples_per_second=clock.window_rate(state.step),
-                  skipped=t.stream.skipped.total())
+                  skipped=t.stream.skipped.total(), nonfinite_steps=t.guard.total)
     t.log.log(state.step, "train", values)
     bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
     return values
@@ -268,10 +282,13 @@ class LoopRecord:
     evaluation: dict | None = None
     checkpoint: Path | None = None
     first_step_seconds: float = 0.0
+    preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving
 
 
-def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, record: LoopRecord) -> None:
-    """One optimizer step, then whatever logging, checkpointing and evaluation falls due."""
+def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, record: LoopRecord,
+             stop: StopRequest) -> None:
+    """One optimizer step, then whatever logging, checkpointing and evaluation falls due; on a stop
+    request (any rank's), a checkpoint of this step and no evaluation."""
     cfg = t.config
     out = train_step(t, batches, state.step + 1)
     state.step += 1
@@ -279,17 +296,19 @@ def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, r
     state.epoch = int(out.pop("epoch"))
     bar.update(1)
     finished = state.step == t.total_steps
-    if state.step % cfg.train.log_every == 0 or finished:
+    record.preempted = not finished and stop.agreed(t.accelerator.device)
+    if state.step % cfg.train.log_every == 0 or finished or record.preempted:
         record.logged = log_train_step(t, state, out, clock, bar)
     with clock.paused():
         # Save before evaluating, so an evaluation failure never costs the trained weights.
-        if state.step % cfg.train.checkpoint_every == 0 or finished:
-            record.checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state, t.objective)
-        if (cfg.eval.every and state.step % cfg.eval.every == 0) or finished:
+        if state.step % cfg.train.checkpoint_every == 0 or finished or record.preempted:
+            record.checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state, t.stateful(),
+                                                keep=cfg.train.keep_checkpoints)
+        if (cfg.eval.every and state.step % cfg.eval.every == 0 and not record.preempted) or finished:
             record.evaluation = evaluate_now(t, state.step)
 
 
-def run_loop(t: Trainer, state: TrainerState) -> dict:
+def run_loop(t: Trainer, state: TrainerState, stop: StopRequest) -> dict:
     cfg = t.config
     clock = Throughput(cfg.train.batch_size * t.accelerator.num_processes * cfg.train.accum_steps, state.step)
     batches = t.stream.batches(state.batches)
@@ -297,9 +316,9 @@ def run_loop(t: Trainer, state: TrainerState) -> dict:
                unit="step", dynamic_ncols=True)
     first_step, record = state.step, LoopRecord()
     with bar:  # closed on errors too, so a failure message starts on its own line
-        while state.step < t.total_steps:
+        while state.step < t.total_steps and not record.preempted:
             started = time.perf_counter()
-            run_step(t, state, batches, clock, bar, record)
+            run_step(t, state, batches, clock, bar, record, stop)
             if state.step == first_step + 1:
                 # Worker start-up, first decode and (with train.compile) compilation: reported apart.
                 record.first_step_seconds = time.perf_counter() - started
@@ -315,4 +334,6 @@ def run_loop(t: Trainer, state: TrainerState) -> dict:
         "skipped": t.stream.skipped.snapshot(),
         "world_size": t.accelerator.num_processes,
         "first_step_seconds": record.first_step_seconds,
+        "preempted": record.preempted,
+        "nonfinite_steps": t.guard.total,
     }

@@ -1,0 +1,126 @@
+"""Kill a training run with SIGKILL at random moments (many inside checkpoint saves), resume it each
+time with ``--resume latest``, and compare the final weights with an uninterrupted run.
+
+    .venv/bin/python eval/bench/fault_injection.py --kills 10      # prints a JSON report
+
+tests/test_reliability.py runs the same with 10 kills on the tiny model; RELIABILITY.md records it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "demo-digits.yaml"
+
+
+def train_command(overrides: list[str], resume: bool) -> list[str]:
+    command = [sys.executable, "-m", "clipx.cli", "train", "--config", str(CONFIG), *overrides]
+    return command + (["--resume", "latest"] if resume else [])
+
+
+def logged_steps(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    return metrics.read_text().count('"kind": "train"') if metrics.is_file() else 0
+
+
+def kill_once(overrides: list[str], run: Path, rng: random.Random, timeout: float = 300) -> dict | None:
+    """Start (resuming), wait for 1-3 new steps plus a random fraction of a step, SIGKILL.
+
+    Returns where the kill landed, or None if the run finished first.
+    """
+    before = logged_steps(run)
+    wanted, extra_delay = before + rng.randint(1, 3), rng.uniform(0.0, 0.4)
+    process = subprocess.Popen(train_command(overrides, resume=True), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while logged_steps(run) < wanted and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError("a training run made no progress")
+        time.sleep(0.01)
+    time.sleep(extra_delay)
+    if process.poll() is not None:
+        return None
+    during_save = any((run / "checkpoints").glob(".tmp-*"))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return {"after_step": logged_steps(run), "during_save": during_save}
+
+
+def verify_all(run: Path) -> int:
+    """Every checkpoint that counts as complete passes its checksums; returns how many there are."""
+    from clipx.train.checkpoint import list_checkpoints, verify_checkpoint
+
+    checkpoints = list_checkpoints(run)
+    for checkpoint in checkpoints:
+        verify_checkpoint(checkpoint)  # raises on a torn or damaged one
+    return len(checkpoints)
+
+
+def run_fault_injection(work: Path, overrides: list[str], kills: int, seed: int = 0) -> dict:
+    """Reference run, then a run killed ``kills`` times and resumed to the end; the report."""
+    from clipx.train.checkpoint import list_checkpoints
+
+    reference, faulty = work / "reference", work / "faulty"
+    subprocess.run(train_command([*overrides, f"train.output_dir={reference}"], resume=False), cwd=REPO,
+                   check=True, capture_output=True)
+    rng = random.Random(seed)
+    run_overrides = [*overrides, f"train.output_dir={faulty}"]
+    events = []
+    while len(events) < kills:
+        event = kill_once(run_overrides, faulty, rng)
+        if event is None:
+            raise RuntimeError(f"the run finished after {len(events)} kills; give it more steps")
+        event["complete_checkpoints"] = verify_all(faulty)
+        events.append(event)
+    final = subprocess.run(train_command(run_overrides, resume=True), cwd=REPO, capture_output=True, text=True)
+    if final.returncode != 0:
+        raise RuntimeError(final.stderr[-2000:])
+    expected = load_file(list_checkpoints(reference)[-1] / "model.safetensors")
+    actual = load_file(list_checkpoints(faulty)[-1] / "model.safetensors")
+    return {
+        "kills": len(events),
+        "kills_during_save": sum(e["during_save"] for e in events),
+        "bitwise_equal": expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected),
+        "stray_temporary_dirs": len(list((faulty / "checkpoints").glob(".tmp-*"))),
+        "complete_checkpoints_verified": verify_all(faulty),
+        "events": events,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/fault_injection"))
+    parser.add_argument("--model", default=str(REPO / "configs" / "models" / "tiny-digits.json"))
+    args = parser.parse_args()
+
+    from data_prep import prep_digits
+
+    data = args.work / "data"
+    if not (data / "train" / "sizes.json").is_file():
+        prep_digits(data, image_size=32, shard_size=256, workers=2)
+    overrides = [f"model.name={args.model}", f"data.train={data / 'train'}", "data.val=null", "data.workers=2",
+                 f"train.steps={args.steps}", "train.batch_size=32", "train.checkpoint_every=1",
+                 "train.keep_checkpoints=3", "train.log_every=1", "train.threads=1", "train.warmup_steps=1"]
+    for name in ("reference", "faulty"):
+        subprocess.run(["rm", "-rf", str(args.work / name)], check=True)
+    report = run_fault_injection(args.work, overrides, args.kills, args.seed)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -91,14 +91,24 @@ def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: 
             p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}}, indent=1))
         fsync_dir(tmp)
         if final.exists():  # the same step saved again after an earlier resume: the new one wins
-            shutil.rmtree(final)
+            discard(final)
         tmp.rename(final)
         fsync_dir(final.parent)
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old)
+                discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def discard(checkpoint: Path) -> None:
+    """Delete a checkpoint so that no crash can leave it half deleted yet still listed: first rename
+    it out of the listing (atomic), then remove the files."""
+    trash = checkpoint.with_name(f"{TMP_PREFIX}discard-{checkpoint.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    checkpoint.rename(trash)
+    fsync_dir(checkpoint.parent)
+    shutil.rmtree(trash)
 
 
 def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -317,6 +317,12 @@ def _validate_ssl(config: Config) -> None:
         raise ClipxError(f"ssl.small_crops (multi-crop) is used by loss.name=swav only, not {method}")
     if method == "moco" and s.moco_version == 2 and s.queue_size == 0:
         raise ClipxError("MoCo v2 needs ssl.queue_size > 0 negatives (or ssl.moco_version=3, which needs none)")
+    per_process = config.train.batch_size * config.train.accum_steps
+    if method == "moco" and s.moco_version == 2 and s.queue_size % per_process:
+        # The full rule (a multiple of the global batch) needs the process count, checked when the
+        # objective is built; this part of it is known before any process starts.
+        raise ClipxError(f"ssl.queue_size={s.queue_size} must be a multiple of the global batch, hence of "
+                         f"train.batch_size x train.accum_steps = {per_process}")
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig,

@@ -94,9 +94,15 @@ def test_moco_resume_restores_weights_and_queue_exactly(version, tmp_path, digit
         assert queue == {}  # MoCo v3 keeps no queue
 
 
-def test_moco_queue_must_hold_whole_global_batches(tiny_model_json):
-    config = tiny_config(MOCO, tiny_model_json, **{"ssl.queue_size": 100, "train.batch_size": 64})
-    with pytest.raises(ClipxError, match="multiple of the global batch 64"):
+def test_moco_queue_must_hold_whole_global_batches(tiny_model_json, monkeypatch):
+    with pytest.raises(ClipxError, match="multiple of the global batch, hence of .* = 64"):  # before launch
+        tiny_config(MOCO, tiny_model_json, **{"ssl.queue_size": 96, "train.batch_size": 64})
+    from clipx import dist
+
+    # 2 processes x 64 = 128: 192 passes the per-process rule but not the global one.
+    config = tiny_config(MOCO, tiny_model_json, **{"ssl.queue_size": 192, "train.batch_size": 64})
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with pytest.raises(ClipxError, match="multiple of the global batch 128"):
         build_objective(build_model(config), config)
 
 

@@ -74,8 +74,9 @@ class NonFiniteGuard:
         self.total = 0
 
     def allows_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
-        finite = bool(torch.isfinite(loss.detach()).all()) and bool(torch.isfinite(grad_norm).all())
-        if not any_rank(not finite, loss.device):
+        # One device-side flag and one host read per step (after the all-reduce, if any).
+        broken = (~(torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm).all())).float().reshape(1)
+        if not bool(dist.all_reduce_max_(broken).item()):
             self.streak = 0
             return True
         self.streak += 1

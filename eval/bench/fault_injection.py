@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def main() -> None:
                  f"train.steps={args.steps}", "train.batch_size=32", "train.checkpoint_every=1",
                  "train.keep_checkpoints=3", "train.log_every=1", "train.threads=1", "train.warmup_steps=1"]
     for name in ("reference", "faulty"):
-        subprocess.run(["rm", "-rf", str(args.work / name)], check=True)
+        shutil.rmtree(args.work / name, ignore_errors=True)
     report = run_fault_injection(args.work, overrides, args.kills, args.seed)
     print(json.dumps(report, indent=2))
 

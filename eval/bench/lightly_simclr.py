@@ -144,7 +144,7 @@ def main() -> None:
                         "lightly_version": lightly.__version__, "torch_version": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"| trainer | kNN top-1 | train samples/s |\n|---|---:|---:|")
+    print("| trainer | kNN top-1 | train samples/s |\n|---|---:|---:|")
     for name in ("clipx", "lightly"):
         print(f"| {name} | {results[name]['knn_top1']:.3f} | {results[name]['samples_per_second']:.0f} |")
     print(f"\n{args.steps} steps of batch {config.train.batch_size}, {args.threads} threads, lightly "

@@ -70,6 +70,11 @@ class DataConfig:
     workers: int = 2  # data-loader worker processes per rank
     shuffle_buffer: int = 2000  # samples held in the shuffle buffer of each worker
     crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 disables the crop
+    # Stop the run when more than this share of an epoch's inputs is skipped (corrupt, undecodable,
+    # captionless...): a mostly broken data set should not quietly train on what is left. None: never.
+    max_skip_fraction: Optional[float] = 0.1
+    # Shard URLs "pipe:CMD" run a shell command per shard; refused unless set.
+    allow_pipe_urls: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,13 @@ class TrainConfig:
     preempt_grace_s: float = 120.0
     # Steps whose loss or gradient norm is not finite apply no update; this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # A step whose loss exceeds this multiple of the running mean loss (EMA of accepted steps) is a
+    # spike: like a non-finite step it applies no update and counts towards max_nonfinite_steps.
+    # Judged after loss_spike_warmup steps. None: off.
+    loss_spike_factor: Optional[float] = None
+    loss_spike_warmup: int = 100
+    # Write every step's sample keys to sample_keys.rank{N}.jsonl (an audit trail of what was trained on).
+    log_sample_keys: bool = False
     log_every: int = 10
     # A collective (all-gather, all-reduce) that waits longer than this fails with an error naming
     # the rank, instead of hanging the job.
@@ -275,8 +287,12 @@ def validate(config: Config) -> None:
             raise ClipxError(f"{key} must be positive (or null); got {flat[key]}")
     if not (math.isfinite(t.lr) and t.lr > 0):
         raise ClipxError(f"train.lr must be a positive finite number; got {t.lr}")
-    if t.warmup_steps < 0 or config.eval.every < 0 or config.data.workers < 0:
-        raise ClipxError("train.warmup_steps, eval.every and data.workers must not be negative")
+    if t.warmup_steps < 0 or config.eval.every < 0 or config.data.workers < 0 or t.loss_spike_warmup < 0:
+        raise ClipxError("train.warmup_steps, train.loss_spike_warmup, eval.every and data.workers must not be negative")
+    if config.data.max_skip_fraction is not None and not 0.0 <= config.data.max_skip_fraction <= 1.0:
+        raise ClipxError(f"data.max_skip_fraction must be in [0, 1] (or null); got {config.data.max_skip_fraction}")
+    if t.loss_spike_factor is not None and not t.loss_spike_factor > 1.0:
+        raise ClipxError(f"train.loss_spike_factor must be above 1 (or null); got {t.loss_spike_factor}")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
     if config.loss.name == "siglip" and config.loss.gather == "global":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,16 @@ def tiny_overrides(digits_dir: Path, model_json: Path, out: Path, **extra) -> li
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+DEMO = REPO / "configs" / "demo-digits.yaml"
+
+
+def run_training(config_overrides: list[str], *extra: str, check: bool = True,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """`clipx train --config configs/demo-digits.yaml OVERRIDES EXTRA` in a fresh process."""
+    command = [sys.executable, "-m", "clipx.cli", "train", "--config", str(DEMO), *config_overrides, *extra]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result

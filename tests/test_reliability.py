@@ -15,17 +15,7 @@ from safetensors.torch import load_file
 from clipx.config import load_config
 from clipx.errors import ClipxError
 from clipx.train.checkpoint import MANIFEST, file_digest, list_checkpoints, verify_checkpoint
-from tests.conftest import REPO, tiny_overrides
-
-DEMO = REPO / "configs" / "demo-digits.yaml"
-
-
-def run_training(config_overrides: list[str], *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "clipx.cli", "train", "--config", str(DEMO), *config_overrides, *extra]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+from tests.conftest import DEMO, REPO, run_training, tiny_overrides
 
 
 def weights(run) -> dict[str, torch.Tensor]:
@@ -159,9 +149,36 @@ def test_non_finite_steps_apply_no_update_and_too_many_stop_the_run(tmp_path, di
 
     calls["n"], poisoned_steps = 0, set(range(1, 100))
     monkeypatch.setattr(loop, "micro_batch_gradients", poisoned)
-    with pytest.raises(ClipxError, match="step 2: .* not finite .* for 2 consecutive steps"):
+    with pytest.raises(ClipxError, match="step 2: .* not finite .*; 2 consecutive steps applied no update"):
         loop.train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "run2", **{
             "train.steps": 5, "train.max_nonfinite_steps": 2, "data.val": "null"})))
+
+
+def test_a_loss_spike_applies_no_update_and_the_running_mean_travels_in_checkpoints(tmp_path, digits_dir,
+                                                                                      tiny_model_json, monkeypatch):
+    import clipx.train.loop as loop
+
+    real = loop.micro_batch_gradients
+    calls = {"n": 0}
+
+    def spiking(accelerator, model, objective, micro_batches, mode):
+        calls["n"] += 1
+        out = real(accelerator, model, objective, micro_batches, mode)
+        return {**out, "loss": out["loss"] * 50} if calls["n"] == 5 else out
+
+    monkeypatch.setattr(loop, "micro_batch_gradients", spiking)
+    run = tmp_path / "run"
+    summary = loop.train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, run, **{
+        "train.steps": 6, "train.checkpoint_every": 1, "data.val": "null", "train.loss_spike_factor": 3.0,
+        "train.loss_spike_warmup": 3})))
+    assert summary["loss_spike_steps"] == 1 and summary["nonfinite_steps"] == 0
+    step4 = load_file(run / "checkpoints" / "step-000000004" / "model.safetensors")
+    step5 = load_file(run / "checkpoints" / "step-000000005" / "model.safetensors")
+    step6 = load_file(run / "checkpoints" / "step-000000006" / "model.safetensors")
+    assert all(torch.equal(step4[k], step5[k]) for k in step4)  # the spike applied nothing
+    assert not all(torch.equal(step5[k], step6[k]) for k in step5)  # the next step did
+    guard = json.loads((run / "checkpoints" / "step-000000006" / "trainer_state.json").read_text())["guard"]
+    assert guard["spikes"] == 1 and guard["accepted"] == 5 and guard["streak"] == 0 and guard["loss_mean"] > 0
 
 
 def test_sigterm_saves_at_one_step_exits_75_and_resumes_to_the_same_weights(tmp_path, digits_dir, tiny_model_json):
@@ -202,7 +219,8 @@ def test_a_save_that_outlasts_the_grace_period_still_exits_75():
 
 def test_ten_sigkills_anywhere_then_resume_give_the_uninterrupted_weights(tmp_path, digits_dir, tiny_model_json):
     """SIGKILL at 10 random moments (checkpoints are saved every step, so several land inside a
-    save); after each, every complete checkpoint verifies; the resumed run ends bitwise equal."""
+    save); after each, every complete checkpoint verifies; the resumed run ends bitwise equal,
+    having trained on the same sample keys in the same order."""
     from eval.bench.fault_injection import run_fault_injection
 
     overrides = tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
@@ -211,5 +229,6 @@ def test_ten_sigkills_anywhere_then_resume_give_the_uninterrupted_weights(tmp_pa
     report = run_fault_injection(tmp_path, overrides, kills=10, seed=0)
     assert report["kills"] == 10
     assert report["bitwise_equal"], report
+    assert report["sample_keys_equal"] and report["sample_keys_logged"] == 60 * 32
     assert report["stray_temporary_dirs"] == 0 and report["complete_checkpoints_verified"] == 3
     assert report["events"][-1]["complete_checkpoints"] >= 1

@@ -21,8 +21,8 @@ from torch.utils.data import get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from clipx.data import batch as batch_keys
-from clipx.data.shards import count_samples, expand_shards
-from clipx.data.transforms import decode_image, stack_images
+from clipx.data.shards import PIPE_PREFIX, count_samples, expand_shards
+from clipx.data.transforms import ImageTooLarge, decode_image, stack_images
 from clipx.errors import ClipxError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -42,22 +42,51 @@ class SharedEpoch:
 
 
 class SkipCounter:
-    """Counts skipped inputs by reason across worker processes (shared memory, created before fork)."""
+    """Counts skipped inputs by reason, and usable samples, across worker processes.
 
-    REASONS = ("unreadable_shard", "corrupt_tar", "undecodable_image", "missing_caption", "bad_label")
+    The counts live in shared memory created before the workers fork. The training stream resets
+    them at each epoch start (workers are idle then) and reads them when the epoch's loader is
+    exhausted, which gives per-epoch figures that do not depend on timing.
+
+    Reasons: a shard that cannot be opened or read as a tar (each such event counts once, since
+    the samples it held are unknown), a sample key repeated within a shard, a sample with no image
+    member, an image that does not decode (garbage, HTML), an image header over the pixel cap, a
+    sample with no or an empty caption, a malformed label.
+    """
+
+    REASONS = ("unreadable_shard", "corrupt_tar", "duplicate_key", "missing_image", "undecodable_image",
+               "oversized_image", "missing_caption", "bad_label")
+    USED = "used"
 
     def __init__(self):
         self._values = {reason: mp.Value("q", 0) for reason in self.REASONS}
+        self._used = mp.Value("q", 0)
 
     def add(self, reason: str, n: int = 1) -> None:
         with self._values[reason].get_lock():
             self._values[reason].value += n
 
+    def add_used(self) -> None:
+        with self._used.get_lock():
+            self._used.value += 1
+
     def snapshot(self) -> dict[str, int]:
         return {reason: value.value for reason, value in self._values.items()}
 
+    def used(self) -> int:
+        """Samples that decoded and went on to batching."""
+        return self._used.value
+
+    def counts(self) -> dict[str, int]:
+        """Skips by reason, plus "used"."""
+        return {**self.snapshot(), self.USED: self.used()}
+
     def total(self) -> int:
         return sum(self.snapshot().values())
+
+    def reset(self) -> None:
+        for value in (*self._values.values(), self._used):
+            value.value = 0
 
     def handler(self, reason: str) -> Callable[[Exception], bool]:
         """A webdataset exception handler that counts the failure and carries on."""
@@ -65,8 +94,15 @@ class SkipCounter:
 
 
 def _count_and_continue(counter: SkipCounter, reason: str, exn: Exception) -> bool:
-    counter.add(reason)
+    # webdataset raises this when one sample holds the same member twice (a.jpg, a.txt, a.jpg): the
+    # later member is dropped, the sample keeps its first.
+    counter.add("duplicate_key" if "duplicate file name" in str(exn) else reason)
     return True
+
+
+# Follows the last shard of each pass through the training pipeline, so that stages can act at a
+# pass boundary (drain the shuffle buffer, check the pass gave something) without reading ahead.
+END_OF_PASS = {"__end_of_pass__": True}
 
 
 def _worker() -> tuple[int, int]:
@@ -76,7 +112,8 @@ def _worker() -> tuple[int, int]:
 
 def shard_stream(urls: list[str], rank: int, world: int, seed: int, epoch: SharedEpoch,
                  resampled: bool) -> Iterator[dict]:
-    """Endless stream of {"url": shard, "epoch": n} for this rank and worker, epoch after epoch.
+    """Endless stream of {"url": shard} for this rank and worker, pass after pass, each pass
+    followed by an END_OF_PASS marker.
 
     Not resampled: each epoch shuffles the shard list with (seed, epoch), then deals it to ranks and
     then to workers, so no two workers read the same shard in an epoch. Resampled: each worker draws
@@ -94,20 +131,39 @@ def shard_stream(urls: list[str], rank: int, world: int, seed: int, epoch: Share
             random.Random(f"{seed}-{current}").shuffle(order)
             mine = order[rank::world][worker::workers]
         for url in mine:
-            yield {"url": url, "epoch": current}
+            yield {"url": url}
+        yield END_OF_PASS
         current += 1
 
 
-def open_local_shards(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Open shard files from the local filesystem only (no ``pipe:`` commands, no URLs)."""
+def open_shards(src: Iterable[dict], counter: SkipCounter, allow_pipe: bool = False) -> Iterator[dict]:
+    """Open shards from the local filesystem; ``pipe:`` commands only when the config opts in.
+
+    A ``pipe:`` URL runs a shell command, so a shard list from an untrusted source could run
+    anything; ``expand_shards`` refuses them unless ``data.allow_pipe_urls`` is set.
+    """
     for item in src:
+        if item is END_OF_PASS:
+            yield item
+            continue
+        url = item["url"]
         try:
-            stream = open(item["url"], "rb")
+            if url.startswith(PIPE_PREFIX):
+                if not allow_pipe:
+                    raise ClipxError(f"shard {url!r} is a pipe: command; set data.allow_pipe_urls=true to run it")
+                stream = wds.gopen(url, "rb")
+            else:
+                stream = open(url, "rb")
         except OSError:
             counter.add("unreadable_shard")
             continue
-        with stream:
+        try:
             yield {**item, "stream": stream}
+        finally:
+            try:
+                stream.close()
+            except OSError:  # a pipe: command that exited non-zero reports it on close
+                counter.add("unreadable_shard")
 
 
 class PassGuard:
@@ -119,31 +175,39 @@ class PassGuard:
 
     def __init__(self, what: str, counter: SkipCounter):
         self.what, self.counter = what, counter
-        self.epoch, self.seen = None, 0
-
-    def check(self, epoch: int) -> None:
-        """Call with the epoch of each new item; raises if the previous pass saw none."""
-        if epoch != self.epoch:
-            if self.epoch is not None and self.seen == 0:
-                raise ClipxError(f"a full pass over the training shards gave no {self.what} (skipped: "
-                                 f"{self.counter.snapshot()}); check that samples hold .jpg/.png/.webp and .txt")
-            self.epoch, self.seen = epoch, 0
+        self.seen = 0
 
     def count(self) -> None:
         self.seen += 1
 
+    def end_of_pass(self) -> None:
+        if self.seen == 0:
+            raise ClipxError(f"a full pass over the training shards gave no {self.what} (skipped: "
+                             f"{self.counter.snapshot()}); check that samples hold .jpg/.png/.webp and .txt")
+        self.seen = 0
+
 
 def tar_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Opened tar streams -> samples grouped by key, tagged with the shard's epoch.
+    """Opened tar streams -> samples grouped by key (END_OF_PASS markers pass through).
 
-    Corrupt members and truncated tars are counted and skipped; the rest of the shard still counts.
+    Truncated or unreadable tars are counted once and the samples read before the damage still
+    count. A key seen earlier in the same shard is a duplicate: the first sample wins. (Keys are
+    only checked within a shard: webdataset writers, clipx prep and img2dataset included, make
+    keys unique per shard.)
     """
     handler = counter.handler("corrupt_tar")
     guard = PassGuard("readable sample", counter)
     for shard in src:
-        guard.check(shard.get("epoch", 0))
+        if shard is END_OF_PASS:
+            guard.end_of_pass()
+            yield shard
+            continue
+        seen: set[str] = set()
         for sample in group_by_keys(tar_file_expander([shard], handler=handler), handler=handler):
-            sample["__epoch__"] = shard.get("epoch", 0)
+            if sample["__key__"] in seen:
+                counter.add("duplicate_key")
+                continue
+            seen.add(sample["__key__"])
             guard.count()
             yield sample
 
@@ -191,32 +255,51 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         seed_augmentations(seed, epoch, rank)
     guard = PassGuard("usable image-caption pair" if needs_text else "usable image", counter)
     for sample in src:
-        guard.check(sample["__epoch__"])
+        if sample is END_OF_PASS:
+            guard.end_of_pass()
+            continue
         caption = first_caption(sample)
         if caption is None and needs_text:
             counter.add("missing_caption")
             continue
-        try:
-            image = transform(decode_image(sample_image_bytes(sample)))
-        except Exception:  # any decoder failure means this one sample is unusable
-            counter.add("undecodable_image")
+        image, reason = decode_or_reason(sample, transform)
+        if reason is not None:
+            counter.add(reason)
             continue
         guard.count()
+        counter.add_used()
         yield {"image": image, "text": caption, "key": sample["__key__"]}
 
 
+def decode_or_reason(sample: dict, transform):
+    """(transformed image, None), or (None, the skip reason) when the sample's image is unusable."""
+    data = sample_image_bytes(sample)
+    if data is None:
+        return None, "missing_image"
+    try:
+        return transform(decode_image(data)), None
+    except ImageTooLarge:
+        return None, "oversized_image"
+    except Exception:  # any other decoder failure (garbage, HTML, truncated file) spoils this one sample
+        return None, "undecodable_image"
+
+
 def shuffle_samples(src: Iterable[dict], bufsize: int, seed: int, rank: int, epoch: SharedEpoch) -> Iterator[dict]:
-    """A shuffle buffer of ``bufsize`` samples seeded per (seed, epoch, rank, worker): reproducible runs."""
+    """A shuffle buffer of ``bufsize`` samples seeded per (seed, epoch, rank, worker): reproducible runs.
+
+    The buffer drains at each END_OF_PASS marker (then passed on): the next pass never overtakes
+    this one, and draining needs no peek into the next pass, whose reads would be counted too early.
+    """
     worker, _ = _worker()
     rng = random.Random(f"{seed}-{epoch.get()}-{rank}-{worker}")
     buffer: list[dict] = []
-    current = None
     for sample in src:
-        if sample["__epoch__"] != current:
-            # Drain at an epoch boundary: the next pass over the data must not overtake this one.
+        if sample is END_OF_PASS:
             rng.shuffle(buffer)
             yield from buffer
-            buffer, current = [], sample["__epoch__"]
+            yield sample
+            buffer = []
+            continue
         buffer.append(sample)
         if len(buffer) >= bufsize:
             index = rng.randrange(len(buffer))
@@ -258,7 +341,7 @@ def steps_per_epoch(num_samples: int, global_batch: int, workers: int) -> tuple[
 def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: int, rank: int, world: int,
                        epoch: SharedEpoch, counter: SkipCounter):
     """The training loader for this rank and the number of batches it yields per epoch."""
-    urls = expand_shards(data_cfg.train, "data.train")
+    urls = expand_shards(data_cfg.train, "data.train", allow_pipe=data_cfg.allow_pipe_urls)
     workers = data_cfg.workers
     if not data_cfg.resampled and len(urls) < world * max(workers, 1):
         raise ClipxError(
@@ -269,7 +352,7 @@ def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: in
     batches, per_worker = steps_per_epoch(num_samples, batch_size * world, workers)
     pipeline = wds.DataPipeline(
         functools.partial(shard_stream, urls, rank, world, seed, epoch, data_cfg.resampled),
-        functools.partial(open_local_shards, counter=counter),
+        functools.partial(open_shards, counter=counter, allow_pipe=data_cfg.allow_pipe_urls),
         functools.partial(tar_samples, counter=counter),
         functools.partial(shuffle_samples, bufsize=data_cfg.shuffle_buffer, seed=seed, rank=rank, epoch=epoch),
         functools.partial(decode_train_samples, transform=transform, counter=counter, seed=seed, epoch=epoch,
@@ -290,10 +373,9 @@ def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: in
 def decode_eval_samples(src: Iterable[dict], transform, label_key: str, counter: SkipCounter) -> Iterator[dict]:
     """Raw samples -> {"image", "captions": list[str], "label": int (-1 if none), "key"}."""
     for sample in src:
-        try:
-            image = transform(decode_image(sample_image_bytes(sample)))
-        except Exception:
-            counter.add("undecodable_image")
+        image, reason = decode_or_reason(sample, transform)
+        if reason is not None:
+            counter.add(reason)
             continue
         try:
             label = _label(sample, label_key)
@@ -354,7 +436,7 @@ def build_eval_loader(pattern: str, transform, label_key: str, batch_size: int, 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        functools.partial(open_local_shards, counter=counter),
+        functools.partial(open_shards, counter=counter),
         functools.partial(tar_samples, counter=counter),
         functools.partial(owned_by_rank, rank=rank, world=world),
         functools.partial(decode_eval_samples, transform=transform, label_key=label_key, counter=counter),

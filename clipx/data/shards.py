@@ -10,10 +10,15 @@ import braceexpand
 from clipx.errors import ClipxError
 
 
-def expand_shards(pattern: str, what: str = "data.train") -> list[str]:
+PIPE_PREFIX = "pipe:"
+
+
+def expand_shards(pattern: str, what: str = "data.train", allow_pipe: bool = False) -> list[str]:
     """Expand ``a-{000..009}.tar`` (``::``-separated lists too, or a folder of .tar files) into paths.
 
     Raises a one-line ClipxError when the pattern is empty, matches nothing, or names missing files.
+    ``pipe:CMD`` URLs run a shell command per shard, so they are refused unless ``allow_pipe``
+    (the config's ``data.allow_pipe_urls``); their existence cannot be checked ahead.
     """
     if not pattern or not pattern.strip():
         raise ClipxError(f"{what} is empty; give a shard pattern such as data/train/shard-{{000000..000009}}.tar")
@@ -23,7 +28,11 @@ def expand_shards(pattern: str, what: str = "data.train") -> list[str]:
             raise ClipxError(f"{what}: folder {pattern} holds no .tar shards; run `clipx prep` first")
         return urls
     urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part.strip())]
-    missing = [u for u in urls if not Path(u).is_file()]
+    pipes = [u for u in urls if u.startswith(PIPE_PREFIX)]
+    if pipes and not allow_pipe:
+        raise ClipxError(f"{what} has pipe: URLs, which run shell commands (first {pipes[0]!r}); set "
+                         "data.allow_pipe_urls=true if you trust them")
+    missing = [u for u in urls if not u.startswith(PIPE_PREFIX) and not Path(u).is_file()]
     if len(missing) == len(urls):
         raise ClipxError(f"{what} pattern {pattern!r} matched no files; check the path or run `clipx prep` first")
     if missing:
@@ -36,6 +45,8 @@ def count_samples(urls: list[str]) -> int:
     sizes: dict[Path, dict] = {}
     total = 0
     for url in urls:
+        if url.startswith(PIPE_PREFIX):
+            raise ClipxError("pipe: shards have no sizes.json to count; set data.train_num_samples")
         folder = Path(url).parent
         if folder not in sizes:
             sizes_file = folder / "sizes.json"

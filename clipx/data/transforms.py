@@ -13,12 +13,20 @@ from torchvision import transforms as T
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
+class ImageTooLarge(ValueError):
+    """The image header declares more pixels than MAX_IMAGE_PIXELS (a decompression bomb, or just huge)."""
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """JPEG/PNG/... bytes -> RGB PIL image. Raises ValueError for oversized or undecodable input."""
-    image = Image.open(io.BytesIO(data))
+    """JPEG/PNG/... bytes -> RGB PIL image. Raises ImageTooLarge for an oversized header (read before
+    any pixel is decoded) and other exceptions for undecodable input."""
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as error:  # PIL's own, higher cap, checked inside open()
+        raise ImageTooLarge(str(error)) from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image of {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS} pixel cap")
+        raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS} pixel cap")
     return image.convert("RGB")
 
 

@@ -20,7 +20,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,8 @@ class TrainerState:
     batches: int = 0  # micro-batches consumed on this rank
     epoch: int = 0
     world_size: int = 1  # processes that wrote the checkpoint: the sample order depends on it
+    guard: dict = field(default_factory=dict)  # UpdateGuard's counters and running loss mean
+    skips_by_epoch: dict = field(default_factory=dict)  # finished epochs' skipped inputs, summed over ranks
 
 
 @dataclass

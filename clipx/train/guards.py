@@ -64,25 +64,68 @@ class StopRequest:
         self._previous = {}
 
 
-class NonFiniteGuard:
-    """Counts steps whose loss or gradient norm was not finite on some rank; those steps apply no
-    update. ``limit`` consecutive ones stop the run with a message naming the step."""
+class UpdateGuard:
+    """Decides, identically on every rank, whether a step's update may be applied.
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    A step is refused when its loss or gradient norm is not finite on some rank, or (with
+    ``spike_factor``) when the loss averaged over ranks exceeds ``spike_factor`` times the running
+    mean of accepted losses, once ``spike_warmup`` steps have been accepted. Refused steps apply no
+    update and are counted; ``limit`` refused steps in a row stop the run with a message naming the
+    step. The running mean is the same on every rank (it follows the rank-averaged loss) and
+    travels in checkpoints, so a resumed run makes the same decisions.
+    """
+
+    EMA_DECAY = 0.98  # a running mean over roughly the last 50 accepted steps
+
+    def __init__(self, limit: int, spike_factor: float | None = None, spike_warmup: int = 100):
+        self.limit, self.spike_factor, self.spike_warmup = limit, spike_factor, spike_warmup
         self.streak = 0
-        self.total = 0
+        self.nonfinite = 0  # refused steps, by cause
+        self.spikes = 0
+        self.accepted = 0
+        self.loss_mean = 0.0  # EMA of accepted rank-averaged losses (bias-corrected when read)
 
     def allows_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
-        # One device-side flag and one host read per step (after the all-reduce, if any).
-        broken = (~(torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm).all())).float().reshape(1)
-        if not bool(dist.all_reduce_max_(broken).item()):
-            self.streak = 0
-            return True
+        broken = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm).all())
+        # One all-reduce and one host read per step: [ranks with a broken step, sum of losses].
+        summed = dist.all_reduce_sum_(torch.stack([broken.float(), loss.detach().float().reshape(())]))
+        broken_ranks, loss_sum = summed.tolist()
+        if broken_ranks > 0:
+            self.nonfinite += 1
+            return self._refuse(step, "the loss or gradient norm was not finite on some rank")
+        mean_loss = loss_sum / dist.world_size()
+        if self._is_spike(mean_loss):
+            self.spikes += 1
+            return self._refuse(step, f"the loss spiked above {self.spike_factor} x its running mean "
+                                      f"{self.running_mean():.4g} (train.loss_spike_factor)")
+        self.streak = 0
+        self.accepted += 1
+        self.loss_mean = self.EMA_DECAY * self.loss_mean + (1 - self.EMA_DECAY) * mean_loss
+        return True
+
+    def running_mean(self) -> float:
+        return self.loss_mean / (1 - self.EMA_DECAY ** self.accepted) if self.accepted else float("nan")
+
+    def _is_spike(self, loss: float) -> bool:
+        return (self.spike_factor is not None and self.accepted >= self.spike_warmup
+                and loss > self.spike_factor * self.running_mean())
+
+    def _refuse(self, step: int, why: str) -> bool:
         self.streak += 1
-        self.total += 1
         if self.streak >= self.limit:
-            raise ClipxError(f"step {step}: the loss or gradient norm was not finite on some rank for {self.streak} "
-                             f"consecutive steps (train.max_nonfinite_steps), so no update was applied; lower "
-                             "train.lr, set train.grad_clip_norm, or look for broken samples")
+            raise ClipxError(f"step {step}: {why}; {self.streak} consecutive steps applied no update "
+                             "(train.max_nonfinite_steps), so the run stops. Lower train.lr, set "
+                             "train.grad_clip_norm, or look for broken samples")
         return False
+
+    @property
+    def refused(self) -> int:
+        return self.nonfinite + self.spikes
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "nonfinite": self.nonfinite, "spikes": self.spikes,
+                "accepted": self.accepted, "loss_mean": self.loss_mean}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)

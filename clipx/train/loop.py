@@ -32,11 +32,12 @@ from clipx.objectives.clip import unwrap
 from clipx.ssl.batchnorm import sync_batchnorm
 from clipx.train.checkpoint import (Stateful, TrainerState, load_training_state, remove_partial_checkpoints,
                                     resolve_resume, save_checkpoint)
-from clipx.train.guards import NonFiniteGuard, StopRequest
-from clipx.train.metrics_log import MetricsLog
+from clipx.train.guards import StopRequest, UpdateGuard
+from clipx.train.metrics_log import MetricsLog, SampleKeysLog
 from clipx.train.optim import build_optimizer
 from clipx.train.runtime import make_accelerator
 from clipx.train.schedule import cosine_with_warmup
+from clipx.train.skips import SkipLedger, summed_over_ranks
 from clipx.train.step import micro_batch_gradients
 
 
@@ -46,6 +47,7 @@ class TrainStream:
     def __init__(self, data_cfg, transform, batch_size: int, seed: int, tokenizer, rank: int, world: int):
         self.epoch = SharedEpoch()
         self.skipped = SkipCounter()
+        self.finished: list[tuple[int, dict[str, int]]] = []  # (epoch, this rank's counts), not yet taken
         self.loader, self.batches_per_epoch = build_train_loader(
             data_cfg, batch_size, transform, tokenizer, seed, rank, world, self.epoch, self.skipped)
 
@@ -58,13 +60,25 @@ class TrainStream:
         epoch, skip = divmod(already_consumed, self.batches_per_epoch)
         while True:
             self.epoch.set(epoch)
+            self.skipped.reset()  # the workers are idle between epochs
+            held = None
             try:
                 for index, batch in enumerate(self.loader):
-                    if index >= skip:
-                        yield epoch, batch
+                    if held is not None:
+                        yield epoch, held
+                    held = batch if index >= skip else None
             except ClipxError as error:  # raised in a worker: keep the user's one line, drop the traceback
                 raise ClipxError(worker_error_message(error)) from None
+            # The loader is exhausted, so the epoch's counts are final. Record them before handing
+            # over its last batch: a checkpoint saved at that step then includes the whole epoch.
+            self.finished.append((epoch, self.skipped.counts()))
+            if held is not None:
+                yield epoch, held
             epoch, skip = epoch + 1, 0
+
+    def take_finished(self) -> list[tuple[int, dict[str, int]]]:
+        taken, self.finished = self.finished, []
+        return taken
 
 
 @dataclass
@@ -81,7 +95,9 @@ class Trainer:
     stream: TrainStream
     total_steps: int
     log: MetricsLog
-    guard: NonFiniteGuard
+    guard: UpdateGuard
+    skips: SkipLedger
+    keys_log: SampleKeysLog | None = None
 
     def stateful(self) -> Stateful:
         """What checkpoints save and restore besides the counters."""
@@ -105,8 +121,10 @@ def train_transform(config: Config, inputs: str):
     return ssl_views(config.ssl, size, mean, std, config.data.crop_scale_min)
 
 
-def check_evaluation_inputs(config: Config) -> None:
-    """Fail before training, not after it, when the validation shards or templates are unusable."""
+def check_inputs(config: Config) -> None:
+    """Fail before any process group forms, not after training, when the training or validation
+    shards or the templates are unusable."""
+    expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls)
     if not config.data.val:
         return
     from eval.templates import load_templates
@@ -118,7 +136,7 @@ def check_evaluation_inputs(config: Config) -> None:
 
 def build_trainer(config: Config) -> Trainer:
     tcfg = config.train
-    check_evaluation_inputs(config)
+    check_inputs(config)
     accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -146,8 +164,10 @@ def build_trainer(config: Config) -> Trainer:
         model = torch.compile(model)
     objective = build_objective(model, config)
     log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process)
+    guard = UpdateGuard(tcfg.max_nonfinite_steps, tcfg.loss_spike_factor, tcfg.loss_spike_warmup)
+    keys_log = SampleKeysLog(tcfg.output_dir, accelerator.process_index) if tcfg.log_sample_keys else None
     return Trainer(config, accelerator, model, objective, optimizer, scheduler, tokenizer, stream, steps, log,
-                   NonFiniteGuard(tcfg.max_nonfinite_steps))
+                   guard, SkipLedger(config.data.max_skip_fraction), keys_log)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -168,6 +188,8 @@ def train_step(t: Trainer, batches, step: int) -> dict:
     micro_batches = []
     for _ in range(t.config.train.accum_steps):
         epoch, batch = next(batches)
+        if t.keys_log is not None:
+            t.keys_log.write(step, batch["key"])
         micro_batches.append(to_device(batch, t.accelerator.device))
     out = micro_batch_gradients(t.accelerator, t.model, t.objective, micro_batches, t.config.train.accum_mode)
     # The norm is needed anyway to decide on the step; with no clipping configured, clip at infinity.
@@ -211,9 +233,13 @@ def train(config: Config, resume: str | None = None) -> dict:
         path = resolve_resume(config.train.output_dir, resume) if resume else None
         if path is not None:
             state = load_training_state(t.accelerator, path, t.stateful())
+            t.guard.load_state_dict(state.guard)
+            t.skips.epochs = dict(state.skips_by_epoch)
             t.accelerator.print(f"resumed from {path} at step {state.step}")
         elif resume:
             t.accelerator.print(f"--resume {resume}: no checkpoint in {config.train.output_dir} yet; starting at step 0")
+        if t.keys_log is not None:
+            t.keys_log.open(after_step=state.step)
         if t.accelerator.is_main_process:
             dump_config(config, Path(config.train.output_dir) / "config.yaml")
         with dist.collective_timeout_guard(config.train.collective_timeout_s):
@@ -223,6 +249,8 @@ def train(config: Config, resume: str | None = None) -> dict:
     finally:
         stop.close()
         t.log.close()
+        if t.keys_log is not None:
+            t.keys_log.close()
         t.accelerator.end_training()
         # Accelerate keeps its settings in a process-wide singleton; forget them (not the process
         # group) so that another run in this process may choose a different precision.
@@ -268,7 +296,7 @@ def log_train_step(t: Trainer, state: TrainerState, out: dict, clock: Throughput
     """
     values = {k: float(t.accelerator.reduce(v.detach().float(), reduction="mean")) for k, v in out.items()}
     values.update(lr=t.scheduler.get_last_lr()[0], epoch=state.epoch, samples_per_second=clock.window_rate(state.step),
-                  skipped=t.stream.skipped.total(), nonfinite_steps=t.guard.total)
+                  skipped=t.stream.skipped.total(), refused_steps=t.guard.refused)
     t.log.log(state.step, "train", values)
     bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
     return values
@@ -295,13 +323,18 @@ def run_step(t: Trainer, state: TrainerState, batches, clock: Throughput, bar, r
     state.batches += cfg.train.accum_steps
     state.epoch = int(out.pop("epoch"))
     bar.update(1)
+    t.skips.settle(t.stream.take_finished(), t.accelerator.device)
     finished = state.step == t.total_steps
     record.preempted = not finished and stop.agreed(t.accelerator.device)
     if state.step % cfg.train.log_every == 0 or finished or record.preempted:
         record.logged = log_train_step(t, state, out, clock, bar)
+        t.skips.judge_running(state.epoch, t.stream.skipped.counts(), t.accelerator.device)
     with clock.paused():
         # Save before evaluating, so an evaluation failure never costs the trained weights.
         if state.step % cfg.train.checkpoint_every == 0 or finished or record.preempted:
+            state.guard, state.skips_by_epoch = t.guard.state_dict(), dict(t.skips.epochs)
+            if t.keys_log is not None:
+                t.keys_log.flush()  # the keys of every saved step are on disk with the checkpoint
             record.checkpoint = save_checkpoint(t.accelerator, cfg.train.output_dir, cfg, state, t.stateful(),
                                                 keep=cfg.train.keep_checkpoints)
         if (cfg.eval.every and state.step % cfg.eval.every == 0 and not record.preempted) or finished:
@@ -331,9 +364,20 @@ def run_loop(t: Trainer, state: TrainerState, stop: StopRequest) -> dict:
         "final_loss": record.logged.get("loss"),
         "checkpoint": str(record.checkpoint) if record.checkpoint else None,
         "eval": record.evaluation,
-        "skipped": t.stream.skipped.snapshot(),
+        # Inputs skipped by reason, summed over ranks: finished epochs, and the run's epochs overall
+        # (the last one possibly in progress).
+        "skipped_by_epoch": t.skips.epochs,
+        "skipped": skipped_overall(t),
         "world_size": t.accelerator.num_processes,
         "first_step_seconds": record.first_step_seconds,
         "preempted": record.preempted,
-        "nonfinite_steps": t.guard.total,
+        "nonfinite_steps": t.guard.nonfinite,
+        "loss_spike_steps": t.guard.spikes,
     }
+
+
+def skipped_overall(t: Trainer) -> dict[str, int]:
+    """Finished epochs' counts plus the epoch in progress (an all-reduce: every rank calls it)."""
+    running = summed_over_ranks(t.stream.skipped.counts(), t.accelerator.device)
+    finished = t.skips.totals()
+    return {name: finished.get(name, 0) + value for name, value in running.items()}

@@ -122,6 +122,19 @@ def test_malicious_pickles_in_a_checkpoint_or_a_shard_never_run(tmp_path, digits
     assert summary["steps"] == 2 and not marker.exists()
 
 
+def test_a_model_directory_with_its_own_code_is_refused_and_the_code_never_runs(tmp_path):
+    from clipx.models.towers import HFTextTower
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "custom", "hidden_size": 8,
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"}}))
+    (tmp_path / "configuration_custom.py").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')\n")
+    with pytest.raises(ClipxError, match="contains custom code"):
+        HFTextTower(str(tmp_path), 8)
+    assert not marker.exists()
+
+
 def test_non_finite_steps_apply_no_update_and_too_many_stop_the_run(tmp_path, digits_dir, tiny_model_json,
                                                                      monkeypatch):
     import clipx.train.loop as loop

@@ -45,8 +45,13 @@ class HFTextTower(nn.Module):
 
         if not os.path.isdir(path):
             raise ClipxError(f"model.hf_text_path {path} is not a directory holding a transformers model")
-        self.config = AutoConfig.from_pretrained(path, local_files_only=True)
-        self.transformer = AutoModel.from_pretrained(path, local_files_only=True)
+        # Never run code shipped with a model directory; weights load as safetensors or with
+        # torch.load(weights_only=True) (transformers' default), never via unrestricted unpickling.
+        try:
+            self.config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except ValueError as error:  # e.g. a config that needs its own Python code (auto_map)
+            raise ClipxError(f"model.hf_text_path {path}: {str(error).splitlines()[0]}") from None
+        self.transformer = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         self.pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         self.pooling = pooling
         self.proj = nn.Linear(self.config.hidden_size, embed_dim, bias=False)

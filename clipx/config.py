@@ -107,6 +107,9 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads per process; None keeps torch's default
     # Recompute tower activations in backward instead of storing them: less memory, ~30% more compute.
     grad_checkpointing: bool = False
+    # Keep freed host memory in the process (glibc malloc tuning): 8% faster CPU steps here, at the
+    # price of a resident size that stays at its peak. See clipx/train/host_memory.py.
+    retain_host_memory: bool = True
     # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
     compile: bool = False
     output_dir: str = "runs/train"

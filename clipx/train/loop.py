@@ -33,6 +33,7 @@ from clipx.ssl.batchnorm import sync_batchnorm
 from clipx.train.checkpoint import (Stateful, TrainerState, load_training_state, remove_partial_checkpoints,
                                     resolve_resume, save_checkpoint)
 from clipx.train.guards import StopRequest, UpdateGuard
+from clipx.train.host_memory import retain_freed_host_memory
 from clipx.train.metrics_log import MetricsLog, SampleKeysLog
 from clipx.train.optim import build_optimizer
 from clipx.train.runtime import make_accelerator
@@ -138,6 +139,8 @@ def build_trainer(config: Config) -> Trainer:
     tcfg = config.train
     check_inputs(config)
     accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s)
+    if tcfg.retain_host_memory:
+        retain_freed_host_memory()  # before the loader workers fork, so that they inherit it
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)

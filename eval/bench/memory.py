@@ -14,18 +14,24 @@ import ctypes.util
 import gc
 from pathlib import Path
 
-_M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's
 
 
-def _fix_mmap_threshold(size: int = 256 * 1024) -> None:
+def reset_malloc_for_measurement(size: int = 256 * 1024) -> None:
+    """Call before warming up what is measured. Also undoes what a training run in the same process
+    did (clipx.train.host_memory tunes malloc the other way, to keep freed memory), and hands that
+    memory back (malloc_trim): reused free chunks would not show up as resident growth."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, size)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: measurements are coarser, not wrong
         pass
 
 
-_fix_mmap_threshold()
+reset_malloc_for_measurement()
 
 
 def _status_kib(field: str) -> int:

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_demo(commands)
     _add_plan(commands)
+    _add_export(commands)
+    _add_encode(commands)
     table = commands.add_parser("table", help="Markdown table of demo results.json files")
     table.add_argument("results", nargs="+")
     table.set_defaults(func=_table)
@@ -240,6 +242,43 @@ def _demo(args) -> int:
                        shuffle_captions=args.shuffle_captions)
     print_table(results)
     print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser("export", help="write a checkpoint in another tool's format")
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
+    export.add_argument("--format", required=True, choices=["open_clip"],
+                        help="open_clip: a local-dir:DIR folder (open_clip_config.json + safetensors)")
+    export.add_argument("--out", required=True, help="directory to write")
+    export.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from clipx.export import export_open_clip
+
+    out = export_open_clip(args.checkpoint, args.out)
+    print(f"wrote {out}: load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0
+
+
+def _add_encode(commands) -> None:
+    encode = commands.add_parser("encode", help="embed images and/or texts into .npy or .parquet")
+    encode.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
+    encode.add_argument("--images", help="a glob of image files (quote it), or shards: a .tar pattern or folder")
+    encode.add_argument("--texts", help="a text file, one text per line")
+    encode.add_argument("--out", required=True, help="FILE.npy (plus FILE.npy.ids.json) or FILE.parquet")
+    encode.add_argument("--batch-size", type=int, default=256)
+    encode.add_argument("--workers", type=int, default=2)
+    encode.set_defaults(func=_encode)
+
+
+def _encode(args) -> int:
+    from clipx.encode import encode
+
+    summary = encode(args.checkpoint, args.out, images=args.images, texts=args.texts, batch_size=args.batch_size,
+                     workers=args.workers)
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -1,0 +1,42 @@
+"""Export a clipx checkpoint to other tools' formats.
+
+open_clip: a directory with ``open_clip_config.json`` and ``open_clip_model.safetensors`` that
+``open_clip.create_model_and_transforms("local-dir:DIR")`` and ``open_clip.get_tokenizer("local-dir:DIR")``
+load. A DualEncoder with open_clip towers keeps open_clip's CustomTextCLIP attribute names
+(``visual``, ``text``, ``logit_scale``, ``logit_bias``), so the weights are written as they are and
+the config only needs ``custom_text: true``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from clipx.errors import ClipxError
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write ``checkpoint`` as an open_clip local directory ``out``; returns ``out``."""
+    from clipx.models import image_size
+    from clipx.train.checkpoint import load_model
+
+    model, config = load_model(checkpoint)
+    if config.model.text_tower != "open_clip" or not hasattr(model, "encode_text"):
+        raise ClipxError("only CLIP models with an open_clip text tower export to open_clip (this one has "
+                         f"text_tower={config.model.text_tower!r}); use --format hf for a transformers text tower")
+    model_cfg = {**config.model.arch, "custom_text": True}
+    if config.model.init_logit_bias is not None:  # SigLIP: open_clip then builds the logit_bias parameter
+        model_cfg["init_logit_bias"] = config.model.init_logit_bias
+    preprocess_cfg = {"size": image_size(config.model), "mode": "RGB", "mean": list(config.model.image_mean),
+                      "std": list(config.model.image_std), "interpolation": "bicubic", "resize_mode": "shortest"}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / OPEN_CLIP_WEIGHTS))
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                                   indent=2))
+    return out

@@ -1,0 +1,103 @@
+"""open_clip export round trip, the clipx.load API, and `clipx encode` to .npy and .parquet."""
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipx
+from clipx.config import load_config
+from clipx.data.transforms import decode_image
+from clipx.errors import ClipxError
+from tests.conftest import DEMO, REPO, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, digits_dir, tiny_model_json):
+    from clipx.train.loop import train
+
+    out = tmp_path_factory.mktemp("trained")
+    train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, out, **{"train.steps": 3, "data.val": "null"})))
+    return out
+
+
+def digits_images(digits_dir, count: int = 6) -> list[Image.Image]:
+    shard = sorted((digits_dir / "test").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        jpgs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")][:count]
+    return [decode_image(data) for data in jpgs]
+
+
+TEXTS = ["a handwritten seven.", "the digit zero, written by hand.", "a scan of the number four."]
+
+
+def test_open_clip_export_loads_in_open_clip_and_gives_the_same_embeddings(run_dir, digits_dir, tmp_path):
+    import open_clip
+
+    export = tmp_path / "export"
+    result = subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(run_dir), "--format",
+                             "open_clip", "--out", str(export)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    theirs, _, their_preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    their_tokenizer = open_clip.get_tokenizer(f"local-dir:{export}")
+    ours, preprocess, tokenizer = clipx.load(run_dir)
+    theirs.eval()
+    images = digits_images(digits_dir)
+    our_pixels = torch.stack([preprocess(image) for image in images])
+    their_pixels = torch.stack([their_preprocess(image) for image in images])
+    assert torch.allclose(our_pixels, their_pixels, atol=1e-6)
+    assert torch.equal(tokenizer(TEXTS), their_tokenizer(TEXTS))
+    with torch.no_grad():
+        assert torch.allclose(ours.encode_image(our_pixels), theirs.encode_image(their_pixels, normalize=True),
+                              atol=1e-5)
+        assert torch.allclose(ours.encode_text(tokenizer(TEXTS)), theirs.encode_text(their_tokenizer(TEXTS),
+                                                                                      normalize=True), atol=1e-5)
+        assert torch.allclose(ours.logit_scale, theirs.logit_scale)
+
+
+def test_encode_writes_npy_and_parquet_rows_equal_to_the_api(run_dir, digits_dir, tmp_path):
+    from clipx.encode import encode
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n\n")
+    summary = encode(str(run_dir), str(tmp_path / "e.npy"), images=str(digits_dir / "test"), texts=str(texts),
+                     batch_size=64, workers=0)
+    matrix = np.load(tmp_path / "e.npy")
+    index = json.loads((tmp_path / "e.npy.ids.json").read_text())
+    assert summary["images"] == 360 and summary["texts"] == 3 and matrix.shape == (363, summary["dim"])
+    assert index["kind"].count("image") == 360 and index["id"][-3:] == TEXTS
+    model, _, tokenizer = clipx.load(run_dir)
+    with torch.no_grad():
+        expected = model.encode_text(tokenizer(TEXTS)).numpy()
+    assert np.allclose(matrix[-3:], expected, atol=1e-6)
+    assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
+
+    # Image files by glob, one of them broken: counted, the rest embedded; parquet output.
+    for i, image in enumerate(digits_images(digits_dir, 3)):
+        image.save(tmp_path / f"img{i}.png")
+    (tmp_path / "img9.png").write_bytes(b"<html>not an image</html>")
+    result = subprocess.run([sys.executable, "-m", "clipx.cli", "encode", "--checkpoint", str(run_dir), "--images",
+                             str(tmp_path / "img*.png"), "--out", str(tmp_path / "e.parquet"), "--workers", "0"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "e.parquet").to_pydict()
+    assert table["kind"] == ["image"] * 3 and table["id"] == [str(tmp_path / f"img{i}.png") for i in range(3)]
+    assert json.loads(result.stdout)["unreadable_images"] == 1
+    assert np.allclose(np.linalg.norm(np.array(table["embedding"]), axis=1), 1.0, atol=1e-5)
+
+
+def test_encode_refuses_bad_requests_with_one_line(run_dir, tmp_path):
+    from clipx.encode import encode
+
+    with pytest.raises(ClipxError, match="--out must end in"):
+        encode(str(run_dir), str(tmp_path / "e.csv"), texts=str(tmp_path / "x"))
+    with pytest.raises(ClipxError, match="matched no files"):
+        encode(str(run_dir), str(tmp_path / "e.npy"), images=str(tmp_path / "none*.png"))
+    assert not (tmp_path / "e.npy").exists()

@@ -248,13 +248,20 @@ def _demo(args) -> int:
 def _add_export(commands) -> None:
     export = commands.add_parser("export", help="write a checkpoint in another tool's format")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
-    export.add_argument("--format", required=True, choices=["open_clip"],
-                        help="open_clip: a local-dir:DIR folder (open_clip_config.json + safetensors)")
+    export.add_argument("--format", required=True, choices=["open_clip", "hf"],
+                        help="open_clip: a local-dir:DIR folder (open_clip_config.json + safetensors); "
+                        "hf: a transformers CLIPModel folder with its tokenizer and image processor")
     export.add_argument("--out", required=True, help="directory to write")
     export.set_defaults(func=_export)
 
 
 def _export(args) -> int:
+    if args.format == "hf":
+        from clipx.export_hf import export_hf
+
+        out = export_hf(args.checkpoint, args.out)
+        print(f"wrote {out}: load it with transformers.CLIPModel.from_pretrained('{out}')")
+        return 0
     from clipx.export import export_open_clip
 
     out = export_open_clip(args.checkpoint, args.out)

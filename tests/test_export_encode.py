@@ -60,6 +60,39 @@ def test_open_clip_export_loads_in_open_clip_and_gives_the_same_embeddings(run_d
         assert torch.allclose(ours.logit_scale, theirs.logit_scale)
 
 
+def test_hf_export_loads_as_clip_model_and_gives_the_same_embeddings(run_dir, digits_dir, tmp_path):
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    export = tmp_path / "hf"
+    result = subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(run_dir), "--format",
+                             "hf", "--out", str(export)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (export / "model.safetensors").is_file() and not list(export.glob("*.bin"))
+    theirs = CLIPModel.from_pretrained(export).eval()
+    their_tokenizer = AutoTokenizer.from_pretrained(export)
+    their_processor = CLIPImageProcessor.from_pretrained(export)
+    ours, preprocess, tokenizer = clipx.load(run_dir)
+    images = digits_images(digits_dir)
+    tokens = their_tokenizer(TEXTS, padding="max_length", max_length=tokenizer.context_length, truncation=True,
+                             return_tensors="pt")["input_ids"]
+    assert torch.equal(tokens, tokenizer(TEXTS))
+    pixels = their_processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixels, torch.stack([preprocess(image) for image in images]), atol=1e-6)
+    with torch.no_grad():
+        out = theirs(input_ids=tokens, pixel_values=pixels)
+        assert torch.allclose(out.image_embeds, ours.encode_image(pixels), atol=1e-5)
+        assert torch.allclose(out.text_embeds, ours.encode_text(tokens), atol=1e-5)
+        assert torch.allclose(theirs.logit_scale, ours.logit_scale)
+
+
+def test_hf_export_refuses_what_clip_model_cannot_represent():
+    from clipx.export_hf import hf_config
+
+    arch = {"embed_dim": 8, "vision_cfg": {"width": 16, "layers": 1, "attentional_pool": True}, "text_cfg": {}}
+    with pytest.raises(ClipxError, match="attentional_pool"):
+        hf_config(arch, 2.0)
+
+
 def test_encode_writes_npy_and_parquet_rows_equal_to_the_api(run_dir, digits_dir, tmp_path):
     from clipx.encode import encode
 

@@ -58,6 +58,17 @@ class ModelConfig:
     init_logit_bias: Optional[float] = None  # SigLIP's learnable bias, -10 in the paper; None: no bias
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    # Initial weights from local disk, for training only: a clipx run or checkpoint directory, an
+    # open_clip folder (open_clip_config.json + safetensors, e.g. from `clipx export`), a Hugging Face
+    # CLIPModel folder, or a .safetensors file in open_clip or clipx names. The architecture must match.
+    pretrained: Optional[str] = None
+    # Locked (frozen) towers, as in LiT: all of a tower's weights except its last N layer groups
+    # (vision: stem, each block, head; text: embeddings, each block, final norm + projection; a
+    # transformers text tower: embeddings, each layer; clipx's projection of it stays trainable).
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -290,6 +301,8 @@ def validate(config: Config) -> None:
             raise ClipxError(f"{key} must be positive (or null); got {flat[key]}")
     if not (math.isfinite(t.lr) and t.lr > 0):
         raise ClipxError(f"train.lr must be a positive finite number; got {t.lr}")
+    if config.model.lock_image_unlocked_groups < 0 or config.model.lock_text_unlocked_layers < 0:
+        raise ClipxError("model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must not be negative")
     if t.warmup_steps < 0 or config.eval.every < 0 or config.data.workers < 0 or t.loss_spike_warmup < 0:
         raise ClipxError("train.warmup_steps, train.loss_spike_warmup, eval.every and data.workers must not be negative")
     if config.data.max_skip_fraction is not None and not 0.0 <= config.data.max_skip_fraction <= 1.0:
@@ -415,6 +428,9 @@ def _resolve_model_arch(config: Config, base_dir: Path) -> Config:
     if model.hf_text_path:
         hf_path = str(_resolve_path(model.hf_text_path, base_dir, "model.hf_text_path"))
         model = dataclasses.replace(model, hf_text_path=hf_path)
+    if model.pretrained and not Path(model.pretrained).is_absolute() and (base_dir / model.pretrained).exists():
+        # Only made absolute here: a checkpoint's config must load after its initial weights are gone.
+        model = dataclasses.replace(model, pretrained=str((base_dir / model.pretrained).resolve()))
     if model.arch is not None:
         return dataclasses.replace(config, model=model)
     name = model.name

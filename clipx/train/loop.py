@@ -27,6 +27,8 @@ from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
 from clipx.errors import ClipxError
 from clipx.models import image_size
+from clipx.models.lock import lock_towers
+from clipx.models.pretrained import init_from_pretrained
 from clipx.objectives import IMAGE_TEXT, VIEWS, build_model, build_objective, objective_spec
 from clipx.objectives.clip import unwrap
 from clipx.ssl.batchnorm import sync_batchnorm
@@ -124,8 +126,10 @@ def train_transform(config: Config, inputs: str):
 
 def check_inputs(config: Config) -> None:
     """Fail before any process group forms, not after training, when the training or validation
-    shards or the templates are unusable."""
+    shards, the initial weights or the templates are unusable."""
     expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls)
+    if config.model.pretrained and not Path(config.model.pretrained).exists():
+        raise ClipxError(f"model.pretrained {config.model.pretrained} does not exist")
     if not config.data.val:
         return
     from eval.templates import load_templates
@@ -146,6 +150,9 @@ def build_trainer(config: Config) -> Trainer:
     set_seed(tcfg.seed)
     spec = objective_spec(config.loss.name)
     model = build_model(config)
+    if config.model.pretrained:
+        init_from_pretrained(model, config.model.pretrained, config.model.text_tower)
+    lock_towers(model, config.model)
     if spec.inputs == VIEWS and config.ssl.batchnorm == "sync":
         model = sync_batchnorm(model, accelerator)
     model = model.to(accelerator.device)

@@ -1,0 +1,55 @@
+"""Locked towers (LiT): freeze a tower's weights except its last N layer groups.
+
+Groups, from the input end: the stem (embeddings), each transformer block, then the head (final
+norm and projection). ``unlocked`` counts groups from the output end, as open_clip's
+``--lock-image-unlocked-groups`` does. A transformers text tower has no head of its own: its groups
+are the embeddings and each layer (so N unlocks its last N layers), and clipx's projection after it
+always trains (it starts random).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from clipx.errors import ClipxError
+
+_BLOCK = re.compile(r"(?:transformer\.resblocks|encoder\.layer|encoder\.layers)\.(\d+)\.")
+
+
+def _group(name: str, blocks: int) -> int:
+    """0 for the stem, 1..blocks for the blocks, blocks + 1 for the head."""
+    match = _BLOCK.search(name)
+    if match:
+        return 1 + int(match.group(1))
+    # A transformers pooler counts as stem: clipx pools the hidden states itself and never uses it.
+    return blocks + 1 if name.split(".")[0] in ("ln_post", "proj", "ln_final", "text_projection") else 0
+
+
+def lock_tower(tower: torch.nn.Module, unlocked: int, keep_trainable: tuple[str, ...] = ()) -> int:
+    """Freeze ``tower`` but its last ``unlocked`` groups and the parameters named in ``keep_trainable``;
+    returns how many parameters were frozen."""
+    names = [name for name, _ in tower.named_parameters() if not name.startswith(keep_trainable)]
+    blocks = 1 + max((int(m.group(1)) for m in map(_BLOCK.search, names) if m), default=-1)
+    last_group = max(_group(name, blocks) for name in names)  # blocks + 1, or blocks without a head
+    first_unlocked = last_group + 1 - unlocked
+    frozen = 0
+    for name, param in tower.named_parameters():
+        if name.startswith(keep_trainable) or _group(name, blocks) >= first_unlocked:
+            continue
+        param.requires_grad_(False)
+        frozen += param.numel()
+    return frozen
+
+
+def lock_towers(model: torch.nn.Module, cfg) -> None:
+    """Apply model.lock_image / model.lock_text to a DualEncoder."""
+    if (cfg.lock_image or cfg.lock_text) and not hasattr(model, "text"):
+        raise ClipxError("model.lock_image and model.lock_text apply to image-text models (loss.name clip or siglip)")
+    if cfg.lock_image:
+        lock_tower(model.visual, cfg.lock_image_unlocked_groups)
+    if cfg.lock_text:
+        # A transformers tower is HFTextTower(transformer, proj): its projection starts random.
+        keep = ("proj",) if cfg.text_tower == "hf" else ()
+        lock_tower(model.text, cfg.lock_text_unlocked_layers, keep)

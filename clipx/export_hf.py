@@ -53,20 +53,21 @@ def hf_config(arch: dict, init_logit_scale: float) -> dict:
     }
 
 
+# open_clip residual-block module -> CLIPEncoderLayer module, besides the packed q/k/v projection
+# (clipx.models.pretrained reads the same table backwards).
+BLOCK_RENAMES = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
 def _blocks(state: dict, src: str, dst: str, layers: int) -> dict:
     """open_clip residual blocks (packed q/k/v) -> CLIPEncoderLayer weights."""
     out = {}
     for i in range(layers):
         s, d = f"{src}.{i}", f"{dst}.{i}"
-        for part, tensor in zip("qkv", state[f"{s}.attn.in_proj_weight"].chunk(3)):
-            out[f"{d}.self_attn.{part}_proj.weight"] = tensor
-        for part, tensor in zip("qkv", state[f"{s}.attn.in_proj_bias"].chunk(3)):
-            out[f"{d}.self_attn.{part}_proj.bias"] = tensor
-        renames = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-        for old, new in renames.items():
-            for kind in ("weight", "bias"):
-                out[f"{d}.{new}.{kind}"] = state[f"{s}.{old}.{kind}"]
+        for kind in ("weight", "bias"):
+            for part, tensor in zip("qkv", state[f"{s}.attn.in_proj_{kind}"].chunk(3)):
+                out[f"{d}.self_attn.{part}_proj.{kind}"] = tensor
+            out.update({f"{d}.{new}.{kind}": state[f"{s}.{old}.{kind}"] for old, new in BLOCK_RENAMES.items()})
     return out
 
 

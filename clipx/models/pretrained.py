@@ -56,16 +56,15 @@ def from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _blocks_from_hf(state: dict, src: str, dst: str, layers: int) -> dict:
+    """CLIPEncoderLayer weights -> open_clip residual blocks (q/k/v packed again)."""
+    from clipx.export_hf import BLOCK_RENAMES
+
     out = {}
     for i in range(layers):
         s, d = f"{src}.{i}", f"{dst}.{i}"
-        out[f"{d}.attn.in_proj_weight"] = torch.cat([state[f"{s}.self_attn.{p}_proj.weight"] for p in "qkv"])
-        out[f"{d}.attn.in_proj_bias"] = torch.cat([state[f"{s}.self_attn.{p}_proj.bias"] for p in "qkv"])
-        renames = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-        for old, new in renames.items():
-            for kind in ("weight", "bias"):
-                out[f"{d}.{new}.{kind}"] = state[f"{s}.{old}.{kind}"]
+        for kind in ("weight", "bias"):
+            out[f"{d}.attn.in_proj_{kind}"] = torch.cat([state[f"{s}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            out.update({f"{d}.{ours}.{kind}": state[f"{s}.{theirs}.{kind}"] for ours, theirs in BLOCK_RENAMES.items()})
     return out
 
 

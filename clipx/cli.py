@@ -165,7 +165,8 @@ def _add_eval(commands) -> None:
     for task in ("zero-shot", "retrieval"):
         sub = tasks.add_parser(task)
         sub.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
-        sub.add_argument("--data", required=True, help="shard pattern or folder of shards")
+        sub.add_argument("--data", required=True, help="shard pattern, folder of shards, or a CLIP_benchmark "
+                         "dataset folder (test/{0..n}.tar, nshards.txt, classnames.txt, templates)")
         sub.add_argument("--out", required=True, help="JSON file to write")
         sub.add_argument("--batch-size", type=int, default=256)
         sub.add_argument("--workers", type=int, default=2)
@@ -177,6 +178,7 @@ def _add_eval(commands) -> None:
 
 
 def _eval(args) -> int:
+    from clipx.data.shards import clip_benchmark_shards
     from clipx.data.tokenizer import Tokenizer
     from clipx.train.checkpoint import load_model
     from eval.run import default_device, evaluate
@@ -184,9 +186,14 @@ def _eval(args) -> int:
     device = default_device()
     model, config = load_model(args.checkpoint, device)
     zero_shot = args.task == "zero-shot"
-    results = evaluate(model, Tokenizer(config.model), config.model, args.data, device,
+    data, templates = args.data, getattr(args, "templates", None) or config.eval.templates
+    clip_benchmark = clip_benchmark_shards(args.data)
+    if clip_benchmark:  # a CLIP_benchmark dataset folder: its test split, and its class names and templates
+        data = clip_benchmark
+        templates = getattr(args, "templates", None) or args.data
+    results = evaluate(model, Tokenizer(config.model), config.model, data, device,
                        zero_shot=zero_shot, retrieval=not zero_shot,
-                       templates=(getattr(args, "templates", None) or config.eval.templates),
+                       templates=templates,
                        label_key=(getattr(args, "label_key", None) or config.eval.label_key),
                        batch_size=args.batch_size, workers=args.workers)
     results["checkpoint"] = str(args.checkpoint)

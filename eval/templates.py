@@ -16,12 +16,15 @@ def shipped_template_names() -> list[str]:
 
 
 def load_templates(name_or_path: str | Path) -> tuple[list[str], list[str]]:
-    """(classnames, templates) from a shipped name ("digits", "imagenet") or a YAML path.
+    """(classnames, templates) from a shipped name ("digits", "imagenet"), a YAML path, or a folder in
+    CLIP_benchmark's layout (classnames.txt and zeroshot_classification_templates.txt).
 
     The YAML holds ``classnames: [...]`` and ``templates: [...]``, each template with one ``{}``.
     Every problem with the file is a one-line ClipxError.
     """
     path = Path(name_or_path)
+    if path.is_dir():
+        return load_clip_benchmark_templates(path)
     if path.is_file():
         text = path.read_text(encoding="utf-8")
     else:
@@ -53,3 +56,24 @@ def _is_template(template) -> bool:
     except (IndexError, KeyError, ValueError):
         return False
     return True
+
+
+CLIP_BENCHMARK_FILES = ("classnames.txt", "zeroshot_classification_templates.txt")
+
+
+def load_clip_benchmark_templates(folder: Path) -> tuple[list[str], list[str]]:
+    """CLIP_benchmark's class-name and template files (one per line, templates with ``{c}``)."""
+    lines = []
+    for name in CLIP_BENCHMARK_FILES:
+        file = folder / name
+        if not file.is_file():
+            raise ClipxError(f"{folder} has no {name}: a CLIP_benchmark dataset folder holds "
+                             f"{' and '.join(CLIP_BENCHMARK_FILES)}")
+        lines.append([line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()])
+    classnames, templates = lines[0], [t.replace("{c}", "{}") for t in lines[1]]
+    for template in templates:
+        if not _is_template(template):
+            raise ClipxError(f"{folder / CLIP_BENCHMARK_FILES[1]}: template {template!r} must hold exactly one '{{c}}'")
+    if not classnames or not templates:
+        raise ClipxError(f"{folder}: {' and '.join(CLIP_BENCHMARK_FILES)} must not be empty")
+    return classnames, templates

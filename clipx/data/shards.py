@@ -40,8 +40,22 @@ def expand_shards(pattern: str, what: str = "data.train", allow_pipe: bool = Fal
     return urls
 
 
+def clip_benchmark_shards(folder: str | Path, split: str = "test") -> str | None:
+    """``folder/split/{0..n-1}.tar`` when ``folder`` is a CLIP_benchmark webdataset (it has
+    ``split/nshards.txt``); None otherwise."""
+    nshards = Path(folder) / split / "nshards.txt"
+    if not nshards.is_file():
+        return None
+    try:
+        count = int(nshards.read_text().strip())
+    except ValueError:
+        raise ClipxError(f"{nshards} must hold the number of shards; got {nshards.read_text()[:40]!r}") from None
+    return str(Path(folder) / split / f"{{0..{count - 1}}}.tar")
+
+
 def count_samples(urls: list[str]) -> int:
-    """Total samples in ``urls`` according to the sizes.json written beside them by `clipx prep`."""
+    """Total samples in ``urls``: from the sizes.json written beside them by `clipx prep`, or else
+    from img2dataset's per-shard ``{shard}_stats.json`` files (their "successes")."""
     sizes: dict[Path, dict] = {}
     total = 0
     for url in urls:
@@ -49,18 +63,30 @@ def count_samples(urls: list[str]) -> int:
             raise ClipxError("pipe: shards have no sizes.json to count; set data.train_num_samples")
         folder = Path(url).parent
         if folder not in sizes:
-            sizes_file = folder / "sizes.json"
-            if not sizes_file.is_file():
-                raise ClipxError(
-                    f"no sizes.json in {folder}; write shards with `clipx prep` or set data.train_num_samples"
-                )
-            try:
-                sizes[folder] = json.loads(sizes_file.read_text())
-            except json.JSONDecodeError as error:
-                raise ClipxError(f"{sizes_file} is not valid JSON ({error}); rewrite the shards with "
-                                 "`clipx prep` or set data.train_num_samples") from None
+            sizes[folder] = _read_sizes(folder)
         name = Path(url).name
         if name not in sizes[folder]:
             raise ClipxError(f"{folder / 'sizes.json'} has no entry for {name}; set data.train_num_samples")
         total += int(sizes[folder][name])
     return total
+
+
+def _read_sizes(folder: Path) -> dict[str, int]:
+    sizes_file = folder / "sizes.json"
+    if sizes_file.is_file():
+        try:
+            return json.loads(sizes_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ClipxError(f"{sizes_file} is not valid JSON ({error}); rewrite the shards with "
+                             "`clipx prep` or set data.train_num_samples") from None
+    stats = sorted(folder.glob("*_stats.json"))
+    if not stats:
+        raise ClipxError(f"no sizes.json (clipx prep) or *_stats.json (img2dataset) in {folder}; set "
+                         "data.train_num_samples")
+    sizes = {}
+    for file in stats:
+        try:
+            sizes[file.name.removesuffix("_stats.json") + ".tar"] = int(json.loads(file.read_text())["successes"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ClipxError(f"{file} has no readable 'successes' count; set data.train_num_samples") from None
+    return sizes

@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench browser peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,22 @@ demo: $(STAMP)
 # clipx against open_clip's own trainer on the same work (BENCHMARKS.md). The peer's extra need,
 # webdataset < 1.0, goes into runs/bench/openclip-site, seen only by the open_clip runs.
 bench: $(STAMP)
-	$(VENV)/bin/python -m pip install --quiet -e '.[bench]'
 	bash eval/bench/openclip_env.sh
 	$(VENV)/bin/python eval/bench/perf.py
 	$(VENV)/bin/python eval/bench/perf.py --markdown runs/bench/results.json --plot eval/bench/plots/scaling.png
 
+# The report test renders a page in headless Chromium: Debian's package, installed when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null || \
+	    echo "make: could not install chromium (apt-get install chromium); the report test will fail" >&2
+
+# CLIP_benchmark for the test that compares it with clipx eval (and open_clip_train for make bench):
+# into runs/bench/openclip-site, outside clipx's own environment.
+peers: $(STAMP)
+	@test -d runs/bench/openclip-site/clip_benchmark || bash eval/bench/openclip_env.sh
+
 # pytest exits 5 when it collected no tests: a missing suite must fail loudly, not pass quietly.
-test: $(STAMP)
+test: $(STAMP) browser peers
 	@$(VENV)/bin/python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status

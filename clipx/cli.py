@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(commands)
     _add_export(commands)
     _add_encode(commands)
+    _add_report(commands)
     table = commands.add_parser("table", help="Markdown table of demo results.json files")
     table.add_argument("results", nargs="+")
     table.set_defaults(func=_table)
@@ -293,6 +294,21 @@ def _encode(args) -> int:
     summary = encode(args.checkpoint, args.out, images=args.images, texts=args.texts, batch_size=args.batch_size,
                      workers=args.workers)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_report(commands) -> None:
+    report = commands.add_parser("report", help="one self-contained HTML page about a run")
+    report.add_argument("run_dir", help="a training run directory")
+    report.add_argument("--out", default=None, help="HTML file to write (default RUN_DIR/report.html)")
+    report.add_argument("--data", default=None, help="shards for the gallery and confusion matrix (default data.val)")
+    report.set_defaults(func=_report)
+
+
+def _report(args) -> int:
+    from clipx.report.html import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out, args.data)}")
     return 0
 
 

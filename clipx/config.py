@@ -139,6 +139,9 @@ class TrainConfig:
     # Write every step's sample keys to sample_keys.rank{N}.jsonl (an audit trail of what was trained on).
     log_sample_keys: bool = False
     log_every: int = 10
+    # Also log to Weights & Biases under this project (needs `pip install wandb`; offline unless
+    # WANDB_MODE says otherwise). None: TensorBoard and metrics.jsonl only.
+    wandb_project: Optional[str] = None
     # A collective (all-gather, all-reduce) that waits longer than this fails with an error naming
     # the rank, instead of hanging the job.
     collective_timeout_s: int = 1800

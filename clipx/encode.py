@@ -56,7 +56,8 @@ def is_shard_input(pattern: str) -> bool:
 def image_batches(pattern: str, preprocess, batch_size: int, workers: int):
     """Batches {"key": ids, "image": (B, 3, H, W) or None, "bad": unreadable count}, and the total, if known."""
     if is_shard_input(pattern):
-        from clipx.data.pipeline import SkipCounter, build_eval_loader
+        from clipx.data.eval_loader import build_eval_loader
+        from clipx.data.pipeline import SkipCounter
 
         counter = SkipCounter()
         loader = build_eval_loader(pattern, preprocess, "label", batch_size, workers, counter, what="--images")

@@ -22,7 +22,7 @@ class Embeddings:
 @torch.no_grad()
 def embed_dataset(model, loader, tokenizer, device, dim: int, with_texts: bool = True,
                   text_batch: int = 512) -> Embeddings:
-    """Run the model over every batch of ``loader`` (see clipx.data.pipeline.build_eval_loader).
+    """Run the model over every batch of ``loader`` (see clipx.data.eval_loader.build_eval_loader).
 
     ``dim`` is the embedding width. The result may be empty: with sharded evaluation a rank can
     own no sample.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from clipx.data.pipeline import SkipCounter, build_eval_loader
+from clipx.data.eval_loader import build_eval_loader
+from clipx.data.pipeline import SkipCounter
 from clipx.data.transforms import image_transform
 from clipx.models import image_size
 from clipx import dist

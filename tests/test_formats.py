@@ -81,3 +81,32 @@ def test_clip_benchmark_folders_evaluate_like_the_same_shards_and_templates(tmp_
 
     (folder / "classnames.txt").unlink()
     assert main([*args, "--data", str(folder), "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_clipx_eval_equals_clip_benchmark_on_the_same_exported_model_and_folder(tmp_path, digits_dir, tiny_model_json):
+    """CLIP_benchmark's own CLI (installed for tests by eval/bench/openclip_env.sh, which `make test`
+    runs) against `clipx eval` on one CLIP_benchmark folder and the checkpoint's weights."""
+    import yaml
+
+    from clipx.train.checkpoint import list_checkpoints
+    from clipx.train.loop import train
+    from eval.bench.eval_vs_clip_benchmark import (METRIC_NAMES, PEER_SITE, open_clip_model_config,
+                                                  run_clip_benchmark, run_clipx, write_clip_benchmark_dataset)
+
+    assert (PEER_SITE / "clip_benchmark").is_dir(), "run eval/bench/openclip_env.sh (make test does)"
+    train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "run", **{
+        "data.val": "null", "train.steps": 20, "train.warmup_steps": 2})))
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    test_only = tmp_path / "digits-test"
+    shutil.copytree(digits_dir / "test", test_only / "test")
+    templates = DEMO.parent.parent / "eval" / "templates" / "digits.yaml"
+    spec = yaml.safe_load(templates.read_text())
+    write_clip_benchmark_dataset(test_only, tmp_path / "cb", spec["classnames"], spec["templates"])
+    model_config = open_clip_model_config(checkpoint, tmp_path)
+    for task, names in METRIC_NAMES.items():
+        data = tmp_path / "cb" / task.removeprefix("zeroshot_")
+        _, theirs = run_clip_benchmark(task, data, model_config, checkpoint / "model.safetensors",
+                                       tmp_path / f"cb-{task}.json", 128, 0, 1)
+        _, ours = run_clipx(task, data, checkpoint, templates, tmp_path / f"cx-{task}.json", 128, 0, 1)
+        for their_name, our_name in names.items():
+            assert abs(theirs[their_name] - ours[our_name]) <= 1e-4, (task, their_name, theirs, ours)

@@ -8,11 +8,9 @@ and ``with_epoch`` gives every rank the same number of batches per epoch whateve
 from __future__ import annotations
 
 import functools
-import json
 import math
 import multiprocessing as mp
 import random
-import zlib
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -370,32 +368,6 @@ def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: in
     return loader, batches
 
 
-def decode_eval_samples(src: Iterable[dict], transform, label_key: str, counter: SkipCounter) -> Iterator[dict]:
-    """Raw samples -> {"image", "captions": list[str], "label": int (-1 if none), "key"}."""
-    for sample in src:
-        image, reason = decode_or_reason(sample, transform)
-        if reason is not None:
-            counter.add(reason)
-            continue
-        try:
-            label = _label(sample, label_key)
-        except (ValueError, TypeError, UnicodeDecodeError):  # malformed .cls or .json
-            counter.add("bad_label")
-            continue
-        yield {"image": image, "captions": all_captions(sample), "label": label, "key": sample["__key__"]}
-
-
-def _label(sample: dict, label_key: str) -> int:
-    """The class index from a .cls member or the .json field ``label_key``; -1 when there is none."""
-    if "cls" in sample:
-        return int(sample["cls"].decode().strip())
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        if isinstance(meta, dict) and label_key in meta:
-            return int(meta[label_key])
-    return -1
-
-
 def worker_error_message(error: ClipxError) -> str:
     """The one-line message of a ClipxError, also when a DataLoader worker re-raised it.
 
@@ -404,42 +376,3 @@ def worker_error_message(error: ClipxError) -> str:
     """
     last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
     return last.split("ClipxError: ", 1)[-1]
-
-
-def collate_eval(samples: list[dict]) -> dict:
-    return {
-        "image": stack_images([s["image"] for s in samples]),
-        "captions": [s["captions"] for s in samples],
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "key": [s["key"] for s in samples],
-    }
-
-
-def owned_by_rank(src: Iterable[dict], rank: int, world: int) -> Iterator[dict]:
-    """Keep the samples whose key hashes to this rank, before any decoding.
-
-    Every rank reads every shard but decodes only its share, so evaluation splits evenly whatever
-    the number of shards, and the split depends on keys alone (not on shard or worker order).
-    """
-    for sample in src:
-        if world == 1 or zlib.crc32(sample["__key__"].encode()) % world == rank:
-            yield sample
-
-
-def build_eval_loader(pattern: str, transform, label_key: str, batch_size: int, workers: int,
-                      counter: SkipCounter | None = None, what: str = "evaluation shards",
-                      rank: int = 0, world: int = 1):
-    """This rank's share of the samples of ``pattern``, each exactly once, in batches (the last may be smaller)."""
-    urls = expand_shards(pattern, what)
-    counter = counter or SkipCounter()
-    workers = min(workers, len(urls))
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.split_by_worker,
-        functools.partial(open_shards, counter=counter),
-        functools.partial(tar_samples, counter=counter),
-        functools.partial(owned_by_rank, rank=rank, world=world),
-        functools.partial(decode_eval_samples, transform=transform, label_key=label_key, counter=counter),
-        wds.batched(batch_size, collation_fn=collate_eval, partial=True),
-    )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)

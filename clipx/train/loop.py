@@ -20,8 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from clipx import dist
-from clipx.config import Config, dump_config
-from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader, worker_error_message
+from clipx.config import Config, config_to_dict, dump_config
 from clipx.data.shards import expand_shards
 from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
@@ -42,46 +41,7 @@ from clipx.train.runtime import make_accelerator
 from clipx.train.schedule import cosine_with_warmup
 from clipx.train.skips import SkipLedger, summed_over_ranks
 from clipx.train.step import micro_batch_gradients
-
-
-class TrainStream:
-    """Endless (epoch, batch) pairs for this rank, re-entering the loader once per epoch."""
-
-    def __init__(self, data_cfg, transform, batch_size: int, seed: int, tokenizer, rank: int, world: int):
-        self.epoch = SharedEpoch()
-        self.skipped = SkipCounter()
-        self.finished: list[tuple[int, dict[str, int]]] = []  # (epoch, this rank's counts), not yet taken
-        self.loader, self.batches_per_epoch = build_train_loader(
-            data_cfg, batch_size, transform, tokenizer, seed, rank, world, self.epoch, self.skipped)
-
-    def batches(self, already_consumed: int = 0):
-        """Yield (epoch, batch), starting after ``already_consumed`` batches of this run.
-
-        Shard order and shuffle buffers are seeded by (seed, epoch, rank, worker), so replaying the
-        current epoch and dropping the consumed batches restores the exact batch sequence on resume.
-        """
-        epoch, skip = divmod(already_consumed, self.batches_per_epoch)
-        while True:
-            self.epoch.set(epoch)
-            self.skipped.reset()  # the workers are idle between epochs
-            held = None
-            try:
-                for index, batch in enumerate(self.loader):
-                    if held is not None:
-                        yield epoch, held
-                    held = batch if index >= skip else None
-            except ClipxError as error:  # raised in a worker: keep the user's one line, drop the traceback
-                raise ClipxError(worker_error_message(error)) from None
-            # The loader is exhausted, so the epoch's counts are final. Record them before handing
-            # over its last batch: a checkpoint saved at that step then includes the whole epoch.
-            self.finished.append((epoch, self.skipped.counts()))
-            if held is not None:
-                yield epoch, held
-            epoch, skip = epoch + 1, 0
-
-    def take_finished(self) -> list[tuple[int, dict[str, int]]]:
-        taken, self.finished = self.finished, []
-        return taken
+from clipx.train.stream import TrainStream
 
 
 @dataclass
@@ -173,7 +133,8 @@ def build_trainer(config: Config) -> Trainer:
         # communication still overlaps backward. The first step includes compilation.
         model = torch.compile(model)
     objective = build_objective(model, config)
-    log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process)
+    log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process, wandb_project=tcfg.wandb_project,
+                     config=config_to_dict(config))
     guard = UpdateGuard(tcfg.max_nonfinite_steps, tcfg.loss_spike_factor, tcfg.loss_spike_warmup)
     keys_log = SampleKeysLog(tcfg.output_dir, accelerator.process_index) if tcfg.log_sample_keys else None
     return Trainer(config, accelerator, model, objective, optimizer, scheduler, tokenizer, stream, steps, log,
@@ -230,6 +191,17 @@ def evaluate_now(t: Trainer, step: int) -> dict | None:
     return results
 
 
+def write_run_plots(run_dir) -> None:
+    """PNG plots beside the metrics log. A plotting failure is reported, never fatal: the weights
+    and metrics are already saved."""
+    from clipx.report.plots import write_plots
+
+    try:
+        write_plots(run_dir)
+    except Exception as error:  # matplotlib or a font problem must not fail a finished run
+        print(f"warning: could not draw the run's plots: {str(error).splitlines()[0] if str(error) else error}")
+
+
 def train(config: Config, resume: str | None = None) -> dict:
     """Train as ``config`` says; returns (and writes to summary.json) the run's summary."""
     t = build_trainer(config)
@@ -256,6 +228,7 @@ def train(config: Config, resume: str | None = None) -> dict:
             summary = run_loop(t, state, stop)
         if t.accelerator.is_main_process:
             (Path(config.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_run_plots(config.train.output_dir)
     finally:
         stop.close()
         t.log.close()

@@ -9,18 +9,22 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends ``{"step": n, "kind": ..., **values}`` to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends ``{"step": n, "kind": ..., **values}`` to metrics.jsonl and mirrors scalars to TensorBoard,
+    and to Weights & Biases when ``wandb_project`` is given (wandb is then imported; it is never required)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, wandb_project: str | None = None,
+                 config: dict | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = None
+        self._tb = self._wandb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             drop_torn_tail(self.path)  # a run killed mid-write; the resumed run appends after whole lines
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            if wandb_project:
+                self._wandb = start_wandb(wandb_project, run_dir, config)
 
     def log(self, step: int, kind: str, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -28,14 +32,33 @@ class MetricsLog:
         record = {"step": step, "kind": kind, **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(f"{kind}/{name}", value, step)
+        scalars = {f"{kind}/{name}": value for name, value in record.items()
+                   if name not in ("step", "kind") and isinstance(value, (int, float)) and math.isfinite(value)}
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def start_wandb(project: str, run_dir: str | Path, config: dict | None):
+    """A wandb run named after the run directory (offline unless the user's WANDB_MODE says otherwise)."""
+    try:
+        import wandb
+    except ImportError:
+        from clipx.errors import ClipxError
+
+        raise ClipxError("train.wandb_project is set but wandb is not installed: pip install wandb, or unset "
+                         "train.wandb_project (TensorBoard logs are always written)") from None
+    os.environ.setdefault("WANDB_MODE", "offline")  # clipx never reaches the network on its own
+    return wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config or {})
 
 
 def drop_torn_tail(path: Path) -> None:

@@ -1,0 +1,198 @@
+"""`clipx report RUN_DIR`: one self-contained HTML page about a run.
+
+The page holds the run's plots (drawn from metrics.jsonl), its config, a table of final metrics,
+and, when the run has validation shards, a retrieval gallery (for a few captions, the top-5
+retrieved images, the right one marked) and a zero-shot confusion matrix. Every image is inlined
+as a data: URI, so the file can be mailed or archived alone. A script on the page records whether
+every image decoded (``data-images-rendered`` on <body>), which the browser test reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import torch
+
+from clipx.errors import ClipxError
+from clipx.report.plots import write_plots
+
+GALLERY_QUERIES = 4
+GALLERY_TOP = 5
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>clipx report: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+h1 {{ font-size: 1.5em; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: .25em .6em; text-align: left; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.plots img {{ width: 48%; margin: .5%; border: 1px solid #eee; }}
+.query {{ margin: 1em 0; }} .hits {{ display: flex; gap: .6em; }}
+.hit {{ width: 110px; font-size: .75em; text-align: center; }}
+.hit img {{ width: 96px; height: 96px; image-rendering: pixelated; border: 3px solid #ccc; }}
+.hit.right img {{ border-color: #2a9d2a; }} .hit.right {{ font-weight: bold; color: #2a7a2a; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: .8em; }}
+</style></head>
+<body data-images-rendered="pending">
+<h1>clipx report: {title}</h1>
+{sections}
+<script>
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.imagesRendered = String(images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0));
+  document.body.dataset.imageCount = String(images.length);
+}});
+</script>
+</body></html>
+"""
+
+
+def _png_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _section(title: str, body: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>\n{body}\n"
+
+
+def _metrics_table(summary: dict) -> str:
+    from eval.run import flatten_metrics
+
+    rows = {"steps": summary.get("steps"), "train samples/s": summary.get("samples_per_second"),
+            "final loss": summary.get("final_loss"), "train seconds": summary.get("train_seconds")}
+    # Skip counts only when something was skipped: a clean run's table stays about results.
+    rows.update({k: v for k, v in flatten_metrics(summary.get("eval") or {}).items()
+                 if not (k.startswith("skipped.") and v == 0)})
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td class='num'>{v:.4g}</td></tr>" if isinstance(v, float)
+                    else f"<tr><th>{html.escape(str(k))}</th><td class='num'>{html.escape(str(v))}</td></tr>"
+                    for k, v in rows.items() if v is not None)
+    return f"<table>{cells}</table>"
+
+
+def _raw_images(shards: str, keys: set[str]) -> dict[str, tuple[str, bytes]]:
+    """{key: (mime, bytes)} of the image members of ``keys`` in the shards, read as stored."""
+    from clipx.data.shards import expand_shards
+
+    mimes = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+    found = {}
+    for url in expand_shards(shards, "data.val"):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                key, _, suffix = member.name.partition(".")
+                if key in keys and suffix in mimes and key not in found:
+                    found[key] = (mimes[suffix], tar.extractfile(member).read())
+    return found
+
+
+def _gallery(embeddings, captions: list[str], shards: str) -> str:
+    """For the first captions, the top images by similarity; the caption's own image is marked."""
+    queries = list(range(min(GALLERY_QUERIES, len(captions))))
+    scores = embeddings.text_features[queries] @ embeddings.image_features.T  # (Q, N)
+    top = scores.topk(min(GALLERY_TOP, scores.shape[1]), dim=1).indices
+    wanted = {embeddings.keys[int(i)] for row in top for i in row}
+    images = _raw_images(shards, wanted)
+    blocks = []
+    for query, row in zip(queries, top):
+        right = int(embeddings.text_to_image[query])
+        hits = []
+        for rank, index in enumerate(row.tolist(), 1):
+            key = embeddings.keys[index]
+            mime, data = images[key]
+            mark = " right" if index == right else ""
+            hits.append(f"<div class='hit{mark}'><img src='{_png_uri(data, mime)}' alt='{html.escape(key)}'>"
+                        f"<br>{rank}. {html.escape(key)}{' ✓' if mark else ''}</div>")
+        blocks.append(f"<div class='query'>“{html.escape(captions[query])}”<div class='hits'>{''.join(hits)}</div></div>")
+    return ("<p>For each caption, the five most similar validation images; a green frame and ✓ mark the "
+            "image the caption belongs to.</p>" + "".join(blocks))
+
+
+def _confusion_png(labels: torch.Tensor, predictions: torch.Tensor, classnames: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(classnames)
+    matrix = torch.zeros(count, count, dtype=torch.long)
+    matrix.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.imshow(matrix.numpy(), cmap="Blues")
+    axis.set_xticks(range(count), classnames, rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(range(count), classnames, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    for i in range(count):
+        for j in range(count):
+            if matrix[i, j]:
+                axis.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                          color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    axis.set_title("zero-shot confusion matrix")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> str:
+    """Gallery and confusion matrix from the run's newest checkpoint on ``shards``."""
+    from clipx.data.eval_loader import build_eval_loader
+    from clipx.data.tokenizer import Tokenizer
+    from clipx.data.transforms import image_transform
+    from clipx.models import image_size
+    from clipx.train.checkpoint import load_model
+    from eval.embed import embed_dataset
+    from eval.templates import load_templates
+    from eval.zero_shot import build_zero_shot_classifier
+
+    model, config = load_model(run_dir)
+    if not hasattr(model, "encode_text"):
+        return _section("Evaluation", "<p>Image-only model: see its kNN and linear-probe results.</p>")
+    tokenizer = Tokenizer(config.model)
+    preprocess = image_transform(image_size(config.model), config.model.image_mean, config.model.image_std, train=False)
+    loader = build_eval_loader(shards, preprocess, config.eval.label_key, 256, 0)
+    embeddings = embed_dataset(model, loader, tokenizer, "cpu", config.model.arch["embed_dim"])
+    captions = []  # in the order embed_dataset met them: the same loader, read again without the model
+    for batch in build_eval_loader(shards, lambda image: torch.zeros(1), config.eval.label_key, 256, 0):
+        captions += [c for sample in batch["captions"] for c in sample]
+    out = ""
+    if len(embeddings.text_features):
+        out += _section("Retrieval gallery", _gallery(embeddings, captions, shards))
+    labelled = embeddings.labels >= 0
+    if templates and labelled.any():
+        classnames, prompts = load_templates(templates)
+        classifier = build_zero_shot_classifier(model, tokenizer, classnames, prompts, "cpu")
+        predictions = (embeddings.image_features[labelled] @ classifier).argmax(dim=1)
+        png = _confusion_png(embeddings.labels[labelled], predictions, classnames)
+        out += _section("Zero-shot confusion matrix", f"<img src='{_png_uri(png)}' alt='confusion matrix'>")
+    return out
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, data: str | None = None) -> Path:
+    """Render RUN_DIR's report to ``out`` (default RUN_DIR/report.html); returns the path."""
+    from clipx.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ClipxError(f"{run_dir} is not a clipx run directory (no metrics.jsonl and config.yaml)")
+    config = load_config(run_dir / "config.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    plots = write_plots(run_dir)
+    sections = _section("Final metrics", _metrics_table(summary))
+    sections += _section("Training curves", "<div class='plots'>" + "".join(
+        f"<img src='{_png_uri(p.read_bytes())}' alt='{p.stem}'>" for p in plots) + "</div>")
+    shards = data or config.data.val
+    if shards:
+        sections += _evaluation_sections(run_dir, shards, config.eval.templates if config.eval.zero_shot else None)
+    sections += _section("Config", f"<pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre>")
+    out = Path(out) if out else run_dir / "report.html"
+    tmp = out.with_name(f".{out.name}.tmp")
+    title = f"{run_dir.resolve().parent.name}/{run_dir.name}"
+    tmp.write_text(PAGE.format(title=html.escape(title), sections=sections), encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -14,6 +14,7 @@ from tests.conftest import REPO
 # keep freed memory (clipx.train.host_memory), and reused memory does not show as resident growth.
 MEASURE_LOSS_PEAK = """
 import sys, torch, torch.nn.functional as F
+from clipx.losses import ClipLoss
 from eval.bench.memory import peak_bytes_during
 batch = int(sys.argv[1])
 torch.manual_seed(0)

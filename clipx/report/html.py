@@ -52,7 +52,7 @@ window.addEventListener("load", () => {{
 """
 
 
-def _png_uri(data: bytes, mime: str = "image/png") -> str:
+def _data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
@@ -104,7 +104,7 @@ def _gallery(embeddings, captions: list[str], shards: str) -> str:
             key = embeddings.keys[index]
             mime, data = images[key]
             mark = " right" if index == right else ""
-            hits.append(f"<div class='hit{mark}'><img src='{_png_uri(data, mime)}' alt='{html.escape(key)}'>"
+            hits.append(f"<div class='hit{mark}'><img src='{_data_uri(data, mime)}' alt='{html.escape(key)}'>"
                         f"<br>{rank}. {html.escape(key)}{' ✓' if mark else ''}</div>")
         blocks.append(f"<div class='query'>“{html.escape(captions[query])}”<div class='hits'>{''.join(hits)}</div></div>")
     return ("<p>For each caption, the five most similar validation images; a green frame and ✓ mark the "
@@ -169,7 +169,7 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, prompts, "cpu")
         predictions = (embeddings.image_features[labelled] @ classifier).argmax(dim=1)
         png = _confusion_png(embeddings.labels[labelled], predictions, classnames)
-        out += _section("Zero-shot confusion matrix", f"<img src='{_png_uri(png)}' alt='confusion matrix'>")
+        out += _section("Zero-shot confusion matrix", f"<img src='{_data_uri(png)}' alt='confusion matrix'>")
     return out
 
 
@@ -185,7 +185,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
     plots = write_plots(run_dir)
     sections = _section("Final metrics", _metrics_table(summary))
     sections += _section("Training curves", "<div class='plots'>" + "".join(
-        f"<img src='{_png_uri(p.read_bytes())}' alt='{p.stem}'>" for p in plots) + "</div>")
+        f"<img src='{_data_uri(p.read_bytes())}' alt='{p.stem}'>" for p in plots) + "</div>")
     shards = data or config.data.val
     if shards:
         sections += _evaluation_sections(run_dir, shards, config.eval.templates if config.eval.zero_shot else None)

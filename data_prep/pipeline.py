@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, NamedTuple
 
 from tqdm import tqdm
@@ -100,18 +102,24 @@ def _encoded(samples: Iterable[Sample], size: int, workers: int) -> Iterator[tup
             yield from _merge(window, map(_encode_task, _tasks(window, size)))
         return
     # spawn, not fork: the parent may hold threads (tqdm, torch, datasets) that a fork
-    # would copy mid-lock; workers import only PIL and numpy, so start-up stays cheap.
+    # would copy mid-lock; workers import only PIL and numpy, so start-up stays cheap. An executor,
+    # not a Pool: a worker that dies (e.g. a script without a __main__ guard, which spawned workers
+    # re-run) breaks the executor with an error, where a Pool would respawn it forever and hang.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, os.cpu_count() or workers)) as pool:
-        # Pool.imap drains its whole input eagerly; feeding it window by window, with one
-        # window queued ahead, bounds memory while keeping the workers busy.
-        pending: deque = deque()
-        for window in windows:
-            pending.append((window, pool.imap(_encode_task, _tasks(window, size), CHUNKSIZE)))
-            if len(pending) > 1:
+    try:
+        with ProcessPoolExecutor(min(workers, os.cpu_count() or workers), mp_context=context) as pool:
+            # map() submits a whole window at once; feeding it window by window, with one window
+            # queued ahead, bounds memory while keeping the workers busy.
+            pending: deque = deque()
+            for window in windows:
+                pending.append((window, pool.map(_encode_task, _tasks(window, size), chunksize=CHUNKSIZE)))
+                if len(pending) > 1:
+                    yield from _merge(*pending.popleft())
+            while pending:
                 yield from _merge(*pending.popleft())
-        while pending:
-            yield from _merge(*pending.popleft())
+    except BrokenProcessPool:
+        raise ClipxError("a prep worker process died; from a script, call prep under `if __name__ == "
+                         "\"__main__\":` (spawned workers re-run the script), or use workers=0") from None
 
 
 def _windows(samples: Iterable[Sample], window: int) -> Iterator[list]:

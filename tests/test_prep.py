@@ -266,3 +266,21 @@ def test_folder_prep_groups_several_captions_per_image(image_folder, tmp_path):
     assert summary.written == 2
     captions = sorted(s["txt"].decode() for s in read_shards(tmp_path / "out").values())
     assert captions == ["a gray image", "a red box\nsomething red"]
+
+
+def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path):
+    """Spawned prep workers re-run the calling script; without `if __name__ == "__main__":` they die
+    at start. A multiprocessing.Pool respawned them forever; the executor reports it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "prep_script.py"
+    script.write_text("from data_prep import prep_digits\n"
+                      f"prep_digits({str(tmp_path / 'out')!r}, image_size=16, shard_size=256, workers=2)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0
+    assert "a prep worker process died" in result.stderr

@@ -54,7 +54,8 @@ def is_shard_input(pattern: str) -> bool:
 
 
 def image_batches(pattern: str, preprocess, batch_size: int, workers: int):
-    """Batches {"key": ids, "image": (B, 3, H, W) or None, "bad": unreadable count}, and the total, if known."""
+    """(batches {"key": ids, "image": (B, 3, H, W) or None, "bad": unreadable count}, the number of
+    batches if known, the shards' SkipCounter or None)."""
     if is_shard_input(pattern):
         from clipx.data.eval_loader import build_eval_loader
         from clipx.data.pipeline import SkipCounter

@@ -102,3 +102,13 @@ def test_a_pretrained_file_of_another_architecture_is_refused_with_the_key(sourc
         init_from_pretrained(model, folder / "open_clip", "open_clip")
     with pytest.raises(ClipxError, match="only .safetensors"):
         init_from_pretrained(model, other, "open_clip")
+
+
+def test_unlocked_groups_need_blocks_to_count():
+    from clipx.models.lock import lock_tower
+
+    convnet = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 4))
+    with pytest.raises(ClipxError, match="no transformer blocks"):
+        lock_tower(convnet, 1)
+    assert lock_tower(convnet, 0) == sum(p.numel() for p in convnet.parameters())
+    assert not any(p.requires_grad for p in convnet.parameters())

@@ -32,6 +32,9 @@ def lock_tower(tower: torch.nn.Module, unlocked: int, keep_trainable: tuple[str,
     returns how many parameters were frozen."""
     names = [name for name, _ in tower.named_parameters() if not name.startswith(keep_trainable)]
     blocks = 1 + max((int(m.group(1)) for m in map(_BLOCK.search, names) if m), default=-1)
+    if unlocked and not blocks:
+        raise ClipxError(f"this {type(tower).__name__} tower has no transformer blocks to count unlocked groups "
+                         "in (a ResNet?); lock it whole (unlocked groups 0) or not at all")
     last_group = max(_group(name, blocks) for name in names)  # blocks + 1, or blocks without a head
     first_unlocked = last_group + 1 - unlocked
     frozen = 0

@@ -26,9 +26,11 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
     from clipx.train.checkpoint import load_model
 
     model, config = load_model(checkpoint)
-    if config.model.text_tower != "open_clip" or not hasattr(model, "encode_text"):
-        raise ClipxError("only CLIP models with an open_clip text tower export to open_clip (this one has "
-                         f"text_tower={config.model.text_tower!r}); use --format hf for a transformers text tower")
+    if not hasattr(model, "encode_text"):
+        raise ClipxError(f"{checkpoint} is an image-only ({config.loss.name}) model: export covers CLIP models")
+    if config.model.text_tower != "open_clip":
+        raise ClipxError("a model with a transformers text tower (model.text_tower=hf) has no open_clip or CLIPModel "
+                         "layout to export to; load it with clipx.load")
     model_cfg = {**config.model.arch, "custom_text": True}
     if config.model.init_logit_bias is not None:  # SigLIP: open_clip then builds the logit_bias parameter
         model_cfg["init_logit_bias"] = config.model.init_logit_bias

@@ -134,11 +134,11 @@ def shard_stream(urls: list[str], rank: int, world: int, seed: int, epoch: Share
         current += 1
 
 
-def open_shards(src: Iterable[dict], counter: SkipCounter, allow_pipe: bool = False) -> Iterator[dict]:
-    """Open shards from the local filesystem; ``pipe:`` commands only when the config opts in.
+def open_shards(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+    """Open shards from the local filesystem, or run their ``pipe:`` command.
 
-    A ``pipe:`` URL runs a shell command, so a shard list from an untrusted source could run
-    anything; ``expand_shards`` refuses them unless ``data.allow_pipe_urls`` is set.
+    The URLs come from ``expand_shards``, which is where ``pipe:`` URLs (a shell command each)
+    are refused unless ``data.allow_pipe_urls`` is set.
     """
     for item in src:
         if item is END_OF_PASS:
@@ -146,12 +146,7 @@ def open_shards(src: Iterable[dict], counter: SkipCounter, allow_pipe: bool = Fa
             continue
         url = item["url"]
         try:
-            if url.startswith(PIPE_PREFIX):
-                if not allow_pipe:
-                    raise ClipxError(f"shard {url!r} is a pipe: command; set data.allow_pipe_urls=true to run it")
-                stream = wds.gopen(url, "rb")
-            else:
-                stream = open(url, "rb")
+            stream = wds.gopen(url, "rb") if url.startswith(PIPE_PREFIX) else open(url, "rb")
         except OSError:
             counter.add("unreadable_shard")
             continue
@@ -350,7 +345,7 @@ def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: in
     batches, per_worker = steps_per_epoch(num_samples, batch_size * world, workers)
     pipeline = wds.DataPipeline(
         functools.partial(shard_stream, urls, rank, world, seed, epoch, data_cfg.resampled),
-        functools.partial(open_shards, counter=counter, allow_pipe=data_cfg.allow_pipe_urls),
+        functools.partial(open_shards, counter=counter),
         functools.partial(tar_samples, counter=counter),
         functools.partial(shuffle_samples, bufsize=data_cfg.shuffle_buffer, seed=seed, rank=rank, epoch=epoch),
         functools.partial(decode_train_samples, transform=transform, counter=counter, seed=seed, epoch=epoch,

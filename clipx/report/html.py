@@ -155,11 +155,15 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
         return _section("Evaluation", "<p>Image-only model: see its kNN and linear-probe results.</p>")
     tokenizer = Tokenizer(config.model)
     preprocess = image_transform(image_size(config.model), config.model.image_mean, config.model.image_std, train=False)
+    captions: list[str] = []  # the texts behind embeddings.text_features, in the order embed_dataset meets them
+
+    def recording_captions(loader):
+        for batch in loader:
+            captions.extend(caption for sample in batch["captions"] for caption in sample)
+            yield batch
+
     loader = build_eval_loader(shards, preprocess, config.eval.label_key, 256, 0)
-    embeddings = embed_dataset(model, loader, tokenizer, "cpu", config.model.arch["embed_dim"])
-    captions = []  # in the order embed_dataset met them: the same loader, read again without the model
-    for batch in build_eval_loader(shards, lambda image: torch.zeros(1), config.eval.label_key, 256, 0):
-        captions += [c for sample in batch["captions"] for c in sample]
+    embeddings = embed_dataset(model, recording_captions(loader), tokenizer, "cpu", config.model.arch["embed_dim"])
     out = ""
     if len(embeddings.text_features):
         out += _section("Retrieval gallery", _gallery(embeddings, captions, shards))

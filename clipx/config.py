@@ -114,6 +114,9 @@ class TrainConfig:
     accum_steps: int = 1
     accum_mode: str = "features"  # features | naive
     precision: str = "no"  # no | bf16 | fp16
+    # fp16: the loss scaler's first scale. Overflowing steps halve it (they apply no update and are
+    # counted as overflow_steps); 2000 clean steps double it.
+    fp16_init_scale: float = 65536.0
     seed: int = 0
     threads: Optional[int] = None  # torch intra-op threads per process; None keeps torch's default
     # Recompute tower activations in backward instead of storing them: less memory, ~30% more compute.
@@ -302,6 +305,8 @@ def validate(config: Config) -> None:
                 "train.keep_checkpoints"):
         if flat[key] is not None and flat[key] <= 0:
             raise ClipxError(f"{key} must be positive (or null); got {flat[key]}")
+    if not (math.isfinite(t.fp16_init_scale) and t.fp16_init_scale > 0):
+        raise ClipxError(f"train.fp16_init_scale must be a positive finite number; got {t.fp16_init_scale}")
     if not (math.isfinite(t.lr) and t.lr > 0):
         raise ClipxError(f"train.lr must be a positive finite number; got {t.lr}")
     if config.model.lock_image_unlocked_groups < 0 or config.model.lock_text_unlocked_layers < 0:
@@ -314,14 +319,13 @@ def validate(config: Config) -> None:
         raise ClipxError(f"train.loss_spike_factor must be above 1 (or null); got {t.loss_spike_factor}")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
-    if config.loss.name == "siglip" and config.loss.gather == "global":
-        raise ClipxError("loss.gather=global is CLIP-only; SigLIP passes texts around the ranks with "
-                         "loss.gather=local (or none for local negatives only)")
+    spec = OBJECTIVES.get(config.loss.name)
+    if spec.gather_modes and config.loss.gather not in spec.gather_modes:
+        raise ClipxError(f"loss.gather={config.loss.gather} is not available for loss.name={config.loss.name}; "
+                         f"use one of {', '.join(spec.gather_modes)}")
     if config.loss.name == "siglip" and config.model.init_logit_bias is None:
         raise ClipxError("loss.name=siglip needs model.init_logit_bias (the paper uses -10, with "
                          "model.init_temperature=0.1)")
-    if t.accum_steps > 1 and t.accum_mode == "features" and t.precision == "fp16":
-        raise ClipxError("train.accum_mode=features supports train.precision no or bf16, not fp16")
     _validate_ssl(config)
     if config.model.text_tower == "hf" and not config.model.hf_text_path:
         raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")

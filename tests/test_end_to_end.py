@@ -48,14 +48,17 @@ def test_prep_train_and_both_evaluators_through_the_cli(tmp_path, tiny_model_jso
     zero_shot = json.loads((tmp_path / "zs.json").read_text())
     assert zero_shot["num_images"] == 360
     assert set(zero_shot["zero_shot"]) == {"top1", "top5", "mean_per_class_recall"}
-    assert 0.0 <= zero_shot["zero_shot"]["top1"] <= zero_shot["zero_shot"]["top5"] <= 1.0
+    # The CLI evaluator and the evaluation inside training read the same checkpoint the same way.
+    assert zero_shot["zero_shot"]["top1"] == pytest.approx(records[-1]["zero_shot.top1"], abs=1e-9)
+    assert zero_shot["zero_shot"]["top5"] == pytest.approx(records[-1]["zero_shot.top5"], abs=1e-9)
 
     clipx("eval", "retrieval", "--checkpoint", run / "checkpoints" / "step-000000006",
           "--data", data / "test", "--out", tmp_path / "ret.json")
     retrieval = json.loads((tmp_path / "ret.json").read_text())["retrieval"]
     for direction in ("image_to_text", "text_to_image"):
         r = retrieval[direction]
-        assert 0.0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1.0
+        assert r["R@1"] <= r["R@5"] <= r["R@10"]
+        assert r["R@1"] == pytest.approx(records[-1][f"retrieval.{direction}.R@1"], abs=1e-9)
 
 
 def test_a_tiny_model_learns_on_real_shards(tmp_path, digits_dir, tiny_model_json):
@@ -106,7 +109,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, digits_dir):
                    "train.bacth_size", "did you mean 'train.batch_size'")
     one_line_error(clipx("train", "--config", DEMO, "train.steps=many", check=False), "train.steps", "expects int")
     one_line_error(clipx("train", "--config", DEMO, "loss.name=siglip", "model.init_logit_bias=-10",
-                         "loss.gather=global", check=False), "CLIP-only")
+                         "loss.gather=global", check=False), "not available for loss.name=siglip")
     one_line_error(clipx("eval", "zero-shot", "--checkpoint", tmp_path, "--data", digits_dir / "test",
                          "--out", tmp_path / "x.json", check=False), "is not a clipx checkpoint")
     captions = tmp_path / "captions.csv"
@@ -164,7 +167,16 @@ def test_training_with_the_packaged_minilm_as_text_tower(tmp_path, digits_dir, t
     summary = train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
         "train.steps": 2, "train.batch_size": 16, "model.text_tower": "hf", "model.hf_text_path": path,
         "model.hf_context_length": 16})))
-    assert summary["steps"] == 2 and summary["eval"]["zero_shot"]["top1"] >= 0.0
+    assert summary["steps"] == 2 and summary["eval"]["num_images"] == 360
+    # The evaluation inside training (its HF tokenizer included) equals one of the saved checkpoint.
+    from clipx.data.tokenizer import Tokenizer
+    from clipx.train.checkpoint import load_model
+    from eval.run import evaluate
+
+    model, config = load_model(summary["checkpoint"])
+    again = evaluate(model, Tokenizer(config.model), config.model, str(digits_dir / "test"), torch.device("cpu"),
+                     retrieval=False, workers=1)
+    assert again["zero_shot"]["top1"] == pytest.approx(summary["eval"]["zero_shot"]["top1"], abs=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["clip", "simclr", "moco", "swav"])
@@ -179,5 +191,6 @@ def test_demo_writes_the_documented_results_keys(mode, tmp_path, tiny_model_json
         assert {"top1", "top5"} <= set(results["zero_shot"])
         assert "R@1" in results["retrieval"]["image_to_text"] and "R@1" in results["retrieval"]["text_to_image"]
     else:
+        # Two steps teach little, but both probes of either encoder must work: 10 classes, chance 0.1.
         for section in (results, results["baseline"]):
-            assert 0.0 <= section["knn"]["top1"] <= 1.0 and 0.0 <= section["linear_probe"]["top1"] <= 1.0
+            assert section["knn"]["top1"] > 0.3 and section["linear_probe"]["top1"] > 0.3, section

@@ -35,13 +35,59 @@ def test_matches_hand_computed_value_on_a_2x2_case():
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("gather", ["none", "global", "local"])
-def test_matches_reference_on_random_features(gather):
+def test_matches_reference_on_random_features():
     torch.manual_seed(0)
     image = F.normalize(torch.randn(5, 3), dim=-1)
     text = F.normalize(torch.randn(5, 3), dim=-1)
-    loss = ClipLoss(gather=gather)(image, text, torch.tensor(10.0))
+    loss = ClipLoss(gather="none")(image, text, torch.tensor(10.0))
     assert loss.item() == pytest.approx(reference_clip_loss(image.tolist(), text.tolist(), 10.0), abs=1e-5)
+
+
+def reference_rank_loss(image: list[list[float]], text: list[list[float]], scale: float, rows: range,
+                        gather: str) -> float:
+    """What one rank's loss must be, written out: ``global``, the whole batch's loss; ``local``, this
+    rank's rows against every column, both directions, averaged over its rows."""
+    if gather == "global":
+        return reference_clip_loss(image, text, scale)
+    n = len(image)
+
+    def row_loss(queries, candidates, i):
+        logits = [scale * sum(a * b for a, b in zip(queries[i], candidates[j])) for j in range(n)]
+        return math.log(sum(math.exp(v) for v in logits)) - logits[i]
+
+    return sum(row_loss(image, text, i) + row_loss(text, image, i) for i in rows) / (2 * len(rows))
+
+
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("gather", ["global", "local"])
+def test_each_rank_of_an_emulated_group_matches_a_hand_built_reference(gather, world, monkeypatch):
+    """The distributed paths (gathered columns, label offsets, chunked streaming with a partial last
+    chunk) in one process: clipx.dist answers as rank r of ``world``, and its all-gather returns the
+    other ranks' rows around this rank's own. The ranks' mean is the whole batch's loss."""
+    from clipx import dist
+
+    per_rank = 3
+    torch.manual_seed(world)
+    image = F.normalize(torch.randn(world * per_rank, 4), dim=-1)
+    text = F.normalize(torch.randn(world * per_rank, 4), dim=-1)
+    losses = []
+    for rank in range(world):
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+
+        def gather_with_grad(x, rows=rows):
+            full = image if torch.equal(x, image[rows]) else text
+            return torch.cat([full[:rows.start], x, full[rows.stop:]])
+
+        monkeypatch.setattr(dist, "is_distributed", lambda: True)
+        monkeypatch.setattr(dist, "world_size", lambda: world)
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(dist, "gather_with_grad", gather_with_grad)
+        loss = ClipLoss(gather=gather, chunk_size=5)(image[rows], text[rows], torch.tensor(10.0))
+        expected = reference_rank_loss(image.tolist(), text.tolist(), 10.0, range(rows.start, rows.stop), gather)
+        assert loss.item() == pytest.approx(expected, abs=1e-5), f"rank {rank}"
+        losses.append(loss.item())
+    whole = reference_clip_loss(image.tolist(), text.tolist(), 10.0)
+    assert sum(losses) / world == pytest.approx(whole, abs=1e-5)
 
 
 def test_loss_is_symmetric_in_modalities_and_falls_with_alignment():

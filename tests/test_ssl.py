@@ -103,5 +103,5 @@ def test_simclr_trains_and_both_probes_run_through_the_cli(tmp_path, digits_dir,
                                  "--out", str(out)], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         metrics = json.loads(out.read_text())[key]
-        assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+        assert 0.3 < metrics["top1"] <= metrics["top5"], metrics  # 10 classes: chance is 0.1
     assert json.loads((tmp_path / "knn.json").read_text())["num_test"] == 360

@@ -7,6 +7,7 @@ and ``with_epoch`` gives every rank the same number of batches per epoch whateve
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import multiprocessing as mp
@@ -224,17 +225,19 @@ def sample_image_bytes(sample: dict) -> bytes | None:
     return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
 
-def seed_augmentations(seed: int, epoch: SharedEpoch, rank: int) -> None:
-    """Seed torch's RNG in a data-loader worker from (seed, epoch, rank, worker).
+@contextlib.contextmanager
+def sample_rng(seed: int, epoch: int, rank: int, worker: int, index: int):
+    """Torch's RNG seeded by the sample's place in the stream, (seed, epoch, rank, worker, index),
+    for the length of the block; the caller's RNG state is put back afterwards.
 
-    Random crops then depend only on the position in the data stream, not on when the worker was
-    started, so a resumed run that replays its epoch sees the very same augmented images. In the
-    main process (workers=0) the global RNG belongs to the model and is left alone.
+    Random crops and colour jitter then depend only on where a sample sits in the data stream, not
+    on when a worker started or what the model drew before: a resumed run that replays its epoch
+    sees the very same augmented images, with or without loader workers (with ``data.workers: 0``
+    the transforms run in the training process, whose global RNG belongs to the model).
     """
-    if get_worker_info() is None:
-        return
-    worker, _ = _worker()
-    torch.manual_seed(hash((seed, epoch.get(), rank, worker)) & 0x7FFF_FFFF_FFFF_FFFF)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((seed, epoch, rank, worker, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        yield
 
 
 def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int = 0,
@@ -242,12 +245,13 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
     """Raw samples -> {"image": transform's output, "text": str or None, "key": str}.
 
     Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
-    needs no caption, and ``transform`` may return a list of augmented views.
+    needs no caption, and ``transform`` may return a list of augmented views. Each sample's
+    augmentation draws from its own seeded generator (``sample_rng``).
     """
-    if epoch is not None:
-        seed_augmentations(seed, epoch, rank)
+    current_epoch = epoch.get() if epoch is not None else 0
+    worker, _ = _worker()
     guard = PassGuard("usable image-caption pair" if needs_text else "usable image", counter)
-    for sample in src:
+    for index, sample in enumerate(src):
         if sample is END_OF_PASS:
             guard.end_of_pass()
             continue
@@ -255,7 +259,8 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         if caption is None and needs_text:
             counter.add("missing_caption")
             continue
-        image, reason = decode_or_reason(sample, transform)
+        with sample_rng(seed, current_epoch, rank, worker, index):
+            image, reason = decode_or_reason(sample, transform)
         if reason is not None:
             counter.add(reason)
             continue

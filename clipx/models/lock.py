@@ -5,6 +5,10 @@ norm and projection). ``unlocked`` counts groups from the output end, as open_cl
 ``--lock-image-unlocked-groups`` does. A transformers text tower has no head of its own: its groups
 are the embeddings and each layer (so N unlocks its last N layers), and clipx's projection after it
 always trains (it starts random).
+
+Locked means unchanged, BatchNorm statistics included: a BatchNorm layer whose parameters are all
+locked stays in eval mode (it normalises with its pretrained running statistics and never updates
+them), as open_clip's own locking does for ResNet towers.
 """
 
 from __future__ import annotations
@@ -43,7 +47,33 @@ def lock_tower(tower: torch.nn.Module, unlocked: int, keep_trainable: tuple[str,
             continue
         param.requires_grad_(False)
         frozen += param.numel()
+    freeze_locked_batchnorm_(tower)
     return frozen
+
+
+class _FrozenBatchNorm:
+    """Mixin: a BatchNorm that ignores ``train()`` and stays in eval mode. Its state dict is the
+    plain BatchNorm's, so checkpoints and exports do not change."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+_FROZEN_CLASSES: dict[type, type] = {}
+
+
+def freeze_locked_batchnorm_(module: torch.nn.Module) -> None:
+    """Every BatchNorm in ``module`` whose parameters are all locked keeps its running statistics."""
+    for bn in module.modules():
+        if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) or isinstance(bn, _FrozenBatchNorm):
+            continue
+        if any(p.requires_grad for p in bn.parameters(recurse=False)):
+            continue
+        cls = type(bn)
+        if cls not in _FROZEN_CLASSES:
+            _FROZEN_CLASSES[cls] = type(f"Frozen{cls.__name__}", (_FrozenBatchNorm, cls), {})
+        bn.__class__ = _FROZEN_CLASSES[cls]
+        bn.eval()
 
 
 def lock_towers(model: torch.nn.Module, cfg) -> None:

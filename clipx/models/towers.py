@@ -52,6 +52,12 @@ class HFTextTower(nn.Module):
         except ValueError as error:  # e.g. a config that needs its own Python code (auto_map)
             raise ClipxError(f"model.hf_text_path {path}: {str(error).splitlines()[0]}") from None
         self.transformer = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        if getattr(self.transformer, "pooler", None) is not None:
+            # clipx pools the hidden states itself. BERT's pooler would hold parameters that no loss
+            # reaches, which DDP rejects at the first step; drop it rather than make every DDP run
+            # search for unused parameters. Checkpoints that still hold it load (see below).
+            self.transformer.pooler = None
+            self._register_load_state_dict_pre_hook(_drop_pooler_weights)
         self.pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         self.pooling = pooling
         self.proj = nn.Linear(self.config.hidden_size, embed_dim, bias=False)
@@ -65,3 +71,9 @@ class HFTextTower(nn.Module):
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
         return self.proj(pooled)
+
+
+def _drop_pooler_weights(state_dict, prefix, *args) -> None:
+    """Load-time hook: ignore the pooler weights of checkpoints written while the pooler was kept."""
+    for key in [k for k in state_dict if k.startswith(prefix + "transformer.pooler.")]:
+        del state_dict[key]

@@ -6,7 +6,7 @@ never asks which method it is running.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -22,11 +22,20 @@ IMAGE_TEXT = "image_text"  # batches of images and tokenized captions
 VIEWS = "views"  # batches of augmented views, captions unused
 
 
+ALL_GATHER_MODES = ("none", "global", "local")
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     inputs: str  # IMAGE_TEXT or VIEWS
     build_model: Callable[[object, object], torch.nn.Module]  # (model_cfg, ssl_cfg) -> model
     build: Callable[[torch.nn.Module, object], Objective]  # (prepared model, config) -> objective
+    # The loss.gather modes the method honours; () for methods whose negatives are always global
+    # (MoCo's keys, SwAV's Sinkhorn), for which loss.gather has no effect.
+    gather_modes: tuple[str, ...] = ()
+    # Named flavours of the method, each as the config overrides that select it (MoCo v2 and v3).
+    # The combination matrix trains every flavour; "" is the method as configured by default.
+    variants: dict[str, dict] = field(default_factory=lambda: {"": {}})
 
 
 def _dual_encoder(model_cfg, ssl_cfg):
@@ -69,14 +78,21 @@ def _swav(model, config):
 
 OBJECTIVES: Registry = Registry("loss")
 OBJECTIVES.register("clip")(ObjectiveSpec(
-    IMAGE_TEXT, _dual_encoder, lambda model, config: ContrastiveObjective(model, ClipLoss(config.loss.gather))))
+    IMAGE_TEXT, _dual_encoder, lambda model, config: ContrastiveObjective(model, ClipLoss(config.loss.gather)),
+    gather_modes=ALL_GATHER_MODES))
 OBJECTIVES.register("siglip")(ObjectiveSpec(
     IMAGE_TEXT, _dual_encoder,
-    lambda model, config: ContrastiveObjective(model, SigLipLoss(config.loss.gather), uses_bias=True)))
+    lambda model, config: ContrastiveObjective(model, SigLipLoss(config.loss.gather), uses_bias=True),
+    # SigLIP passes texts around a ring of ranks (local); a dense all-gather of its (N, N) logits buys nothing.
+    gather_modes=("none", "local"),
+    variants={"": {"model.init_logit_bias": -10.0, "model.init_temperature": 0.1}}))
 OBJECTIVES.register("ntxent")(ObjectiveSpec(
     VIEWS, _image_encoder,
-    lambda model, config: SimCLRObjective(model, NTXentLoss(config.ssl.temperature, config.loss.gather))))
-OBJECTIVES.register("moco")(ObjectiveSpec(VIEWS, _moco_model, _moco))
+    lambda model, config: SimCLRObjective(model, NTXentLoss(config.ssl.temperature, config.loss.gather)),
+    gather_modes=ALL_GATHER_MODES))
+OBJECTIVES.register("moco")(ObjectiveSpec(VIEWS, _moco_model, _moco,
+                                          variants={"v2": {"ssl.moco_version": 2, "ssl.batchnorm": "shuffle"},
+                                                    "v3": {"ssl.moco_version": 3}}))
 OBJECTIVES.register("swav")(ObjectiveSpec(VIEWS, _swav_model, _swav))
 
 

@@ -45,6 +45,3 @@ class ContrastiveObjective(Objective):
 
     def after_step(self, step: int, total_steps: int) -> None:
         unwrap(self.model).clamp_logit_scale_()
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.model]

@@ -25,7 +25,6 @@ class MoCoObjective(Objective):
         self.model, self.cfg = model, ssl_cfg
         self.version = ssl_cfg.moco_version
         self.queue = None
-        self._pending: list[torch.Tensor] = []  # keys of this step, enqueued after the optimizer step
         if self.version == 2:
             if ssl_cfg.queue_size % global_batch:
                 raise ClipxError(f"ssl.queue_size={ssl_cfg.queue_size} must be a multiple of the global batch "
@@ -49,25 +48,24 @@ class MoCoObjective(Objective):
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         t = self.cfg.temperature
+        # Keys are targets, never differentiated: detached here so that gradient caching, which
+        # turns every cached feature into a leaf, gives them no gradient to replay.
         if self.version == 2:
-            loss = queue_infonce(features["query"], features["key"], self.queue.features, t)
-            self._pending.append(F.normalize(features["key"].detach(), dim=1))
+            key = features["key"].detach()
+            loss = queue_infonce(features["query"], key, self.queue.features, t)
+            self.stage("keys", F.normalize(key, dim=1))  # enqueued only if the step is applied
         else:
-            loss = (batch_infonce(features["query1"], features["key2"], t)
-                    + batch_infonce(features["query2"], features["key1"], t))
+            loss = (batch_infonce(features["query1"], features["key2"].detach(), t)
+                    + batch_infonce(features["query2"], features["key1"].detach(), t))
         return {"loss": loss, "metrics": {}}
 
     def after_step(self, step: int, total_steps: int) -> None:
         inner = unwrap(self.model)
         update_momentum_(inner.encoder, inner.momentum_encoder,
                          momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_cosine))
-        if self.queue is not None and self._pending:
+        if self.queue is not None and self.staged("keys"):
             # Every rank enqueues the same global batch of keys, so the queues never diverge.
-            self.queue.enqueue(dist.gather_no_grad(torch.cat(self._pending)))
-        self._pending.clear()
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.model]
+            self.queue.enqueue(dist.gather_no_grad(torch.cat(self.staged("keys"))))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.queue.state_dict("moco_queue") if self.queue is not None else {}

@@ -23,6 +23,3 @@ class SimCLRObjective(Objective):
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         return {"loss": self.loss(features["view1"], features["view2"]), "metrics": {}}
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.model]

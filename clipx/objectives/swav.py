@@ -23,7 +23,6 @@ class SwAVObjective(Objective):
         self.queues = ([FeatureQueue(ssl_cfg.queue_size, ssl_cfg.head_out, device) for _ in range(GLOBAL_VIEWS)]
                        if ssl_cfg.queue_size else [])
         self.steps_done = 0  # checkpointed: freezing and the queue start depend on it after a resume
-        self._pending: list[torch.Tensor] = []  # (B, 2, P) projections of the global views, to enqueue
 
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         views = batch[VIEWS]
@@ -52,20 +51,16 @@ class SwAVObjective(Objective):
             for other in range(views):
                 if other != view:
                     loss = loss - (codes * log_probs[:, other]).sum(dim=-1).mean()
-        self._pending.append(features["z"][:, :GLOBAL_VIEWS].detach())
+        self.stage("z", features["z"][:, :GLOBAL_VIEWS])  # (B, 2, P), enqueued only if the step is applied
         return {"loss": loss / (GLOBAL_VIEWS * (views - 1)), "metrics": {}}
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.steps_done = step
         unwrap(self.model).normalize_prototypes_()
-        if self.queues and self._pending:
-            stored = torch.cat(self._pending)  # (B, 2, P), this rank's only: each rank keeps its own queue
+        if self.queues and self.staged("z"):
+            stored = torch.cat(self.staged("z"))  # (B, 2, P), this rank's only: each rank keeps its own queue
             for view, queue in enumerate(self.queues):
                 queue.enqueue(stored[-queue.size:, view])
-        self._pending.clear()
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.model]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"steps_done": torch.tensor(self.steps_done)}

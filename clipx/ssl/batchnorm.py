@@ -79,14 +79,20 @@ def shuffled_forward(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return restored.view(dist.world_size(), images.shape[0], -1)[dist.rank()]
 
 
+def check_sync_batchnorm(processes: int, device_type: str) -> None:
+    """Refuse ssl.batchnorm=sync where torch has no kernels for it: several CPU processes. Called
+    before the process group forms, so the refusal costs a second, not a launched job."""
+    if processes > 1 and device_type == "cpu":
+        from clipx.errors import ClipxError
+
+        raise ClipxError("ssl.batchnorm=sync needs GPUs (torch's SyncBatchNorm does not run on the CPU); "
+                         "use ssl.batchnorm=local, or shuffle for MoCo")
+
+
 def sync_batchnorm(model: nn.Module, accelerator) -> nn.Module:
     """BatchNorm statistics over the global batch (SimCLR, MoCo v3): SyncBatchNorm when several
     processes train; torch implements it for GPUs only."""
     if accelerator.num_processes == 1:
         return model
-    if accelerator.device.type == "cpu":
-        from clipx.errors import ClipxError
-
-        raise ClipxError("ssl.batchnorm=sync needs GPUs (torch's SyncBatchNorm does not run on the CPU); "
-                         "use ssl.batchnorm=local, or shuffle for MoCo")
+    check_sync_batchnorm(accelerator.num_processes, accelerator.device.type)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)

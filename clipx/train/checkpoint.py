@@ -183,13 +183,15 @@ def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerStat
                          f"{accelerator.num_processes}: each rank's data position, RNG and queues belong to one "
                          "rank, so resume with the same number of processes")
     try:
-        parts.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(accelerator.device)))
+        # Read onto the host: load_state_dict copies into the parameters wherever they live, and
+        # safetensors refuses device strings such as "cpu:0" that Accelerate can report.
+        parts.model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
         shared = load_tree(path / "state")
         parts.optimizer.load_state_dict(shared["optimizer"])
         parts.scheduler.load_state_dict(shared["scheduler"])
         if parts.scaler is not None and shared["scaler"] is not None:
             parts.scaler.load_state_dict(shared["scaler"])
-        mine = load_tree(path / f"rank{accelerator.process_index}", device=accelerator.device)
+        mine = load_tree(path / f"rank{accelerator.process_index}")  # queues copy_ onto their device
         parts.objective.load_state_dict(mine["objective"])
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, json.JSONDecodeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

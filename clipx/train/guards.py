@@ -73,6 +73,11 @@ class UpdateGuard:
     update and are counted; ``limit`` refused steps in a row stop the run with a message naming the
     step. The running mean is the same on every rank (it follows the rank-averaged loss) and
     travels in checkpoints, so a resumed run makes the same decisions.
+
+    Under fp16 a finite loss with non-finite gradients while the loss scale is at least 1 is an
+    *overflow*: the loss scaler's business (it halves the scale and the step is retried on the next
+    batch), routine in the first steps at scale 65536. Overflows are refused and counted apart; they
+    do not count towards ``limit``. Below scale 1 the gradients are non-finite on their own account.
     """
 
     EMA_DECAY = 0.98  # a running mean over roughly the last 50 accepted steps
@@ -82,15 +87,23 @@ class UpdateGuard:
         self.streak = 0
         self.nonfinite = 0  # refused steps, by cause
         self.spikes = 0
+        self.overflows = 0
         self.accepted = 0
         self.loss_mean = 0.0  # EMA of accepted rank-averaged losses (bias-corrected when read)
 
-    def allows_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
-        broken = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm).all())
-        # One all-reduce and one host read per step: [ranks with a broken step, sum of losses].
-        summed = dist.all_reduce_sum_(torch.stack([broken.float(), loss.detach().float().reshape(())]))
-        broken_ranks, loss_sum = summed.tolist()
-        if broken_ranks > 0:
+    def allows_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
+                      loss_scale: float | None = None) -> bool:
+        """Whether step ``step`` may apply its update; ``loss_scale`` is the fp16 scaler's scale, if any."""
+        loss = loss.detach().float().reshape(())
+        bad_loss = (~torch.isfinite(loss)).float()
+        bad_grad = (~torch.isfinite(grad_norm.detach()).all()).float()
+        # One all-reduce and one host read per step: [ranks with a bad loss, with bad gradients, loss sum].
+        summed = dist.all_reduce_sum_(torch.stack([bad_loss, bad_grad, loss]))
+        bad_losses, bad_grads, loss_sum = summed.tolist()
+        if bad_losses == 0 and bad_grads > 0 and loss_scale is not None and loss_scale >= 1.0:
+            self.overflows += 1
+            return False
+        if bad_losses > 0 or bad_grads > 0:
             self.nonfinite += 1
             return self._refuse(step, "the loss or gradient norm was not finite on some rank")
         mean_loss = loss_sum / dist.world_size()
@@ -120,11 +133,11 @@ class UpdateGuard:
 
     @property
     def refused(self) -> int:
-        return self.nonfinite + self.spikes
+        return self.nonfinite + self.spikes + self.overflows
 
     def state_dict(self) -> dict:
         return {"streak": self.streak, "nonfinite": self.nonfinite, "spikes": self.spikes,
-                "accepted": self.accepted, "loss_mean": self.loss_mean}
+                "overflows": self.overflows, "accepted": self.accepted, "loss_mean": self.loss_mean}
 
     def load_state_dict(self, state: dict) -> None:
         for name, value in state.items():

@@ -1,7 +1,7 @@
 """The training loop: build everything from a Config, then step, log, evaluate and checkpoint.
 
-The loop is method-agnostic: it calls ``objective(batch)``, backpropagates ``out["loss"]``, steps,
-and calls ``objective.after_step(step, total_steps)``.
+The loop is method-agnostic: it calls ``objective(batch)``, backpropagates ``out["loss"]``, lets the
+update guard decide, steps if allowed, and calls ``objective.end_step(step, total_steps, accepted)``.
 """
 
 from __future__ import annotations
@@ -30,17 +30,17 @@ from clipx.models.lock import lock_towers
 from clipx.models.pretrained import init_from_pretrained
 from clipx.objectives import IMAGE_TEXT, VIEWS, build_model, build_objective, objective_spec
 from clipx.objectives.clip import unwrap
-from clipx.ssl.batchnorm import sync_batchnorm
+from clipx.ssl.batchnorm import check_sync_batchnorm, sync_batchnorm
 from clipx.train.checkpoint import (Stateful, TrainerState, load_training_state, remove_partial_checkpoints,
                                     resolve_resume, save_checkpoint)
 from clipx.train.guards import StopRequest, UpdateGuard
 from clipx.train.host_memory import retain_freed_host_memory
 from clipx.train.metrics_log import MetricsLog, SampleKeysLog
 from clipx.train.optim import build_optimizer
-from clipx.train.runtime import make_accelerator
+from clipx.train.runtime import launched_processes, make_accelerator
 from clipx.train.schedule import cosine_with_warmup
 from clipx.train.skips import SkipLedger, summed_over_ranks
-from clipx.train.step import micro_batch_gradients
+from clipx.train.step import BufferSnapshot, micro_batch_gradients
 from clipx.train.stream import TrainStream
 
 
@@ -61,6 +61,9 @@ class Trainer:
     guard: UpdateGuard
     skips: SkipLedger
     keys_log: SampleKeysLog | None = None
+    # False when the caller formed the process group before the run (a script training several
+    # runs in one torchrun): then the run must leave the group alive for the caller.
+    owns_process_group: bool = True
 
     def stateful(self) -> Stateful:
         """What checkpoints save and restore besides the counters."""
@@ -88,6 +91,8 @@ def check_inputs(config: Config) -> None:
     """Fail before any process group forms, not after training, when the training or validation
     shards, the initial weights or the templates are unusable."""
     expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls)
+    if objective_spec(config.loss.name).inputs == VIEWS and config.ssl.batchnorm == "sync":
+        check_sync_batchnorm(launched_processes(), "cuda" if torch.accelerator.is_available() else "cpu")
     if config.model.pretrained and not Path(config.model.pretrained).exists():
         raise ClipxError(f"model.pretrained {config.model.pretrained} does not exist")
     if not config.data.val:
@@ -102,7 +107,8 @@ def check_inputs(config: Config) -> None:
 def build_trainer(config: Config) -> Trainer:
     tcfg = config.train
     check_inputs(config)
-    accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s)
+    owns_process_group = not torch.distributed.is_initialized()
+    accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s, tcfg.fp16_init_scale)
     if tcfg.retain_host_memory:
         retain_freed_host_memory()  # before the loader workers fork, so that they inherit it
     if tcfg.threads:
@@ -138,7 +144,7 @@ def build_trainer(config: Config) -> Trainer:
     guard = UpdateGuard(tcfg.max_nonfinite_steps, tcfg.loss_spike_factor, tcfg.loss_spike_warmup)
     keys_log = SampleKeysLog(tcfg.output_dir, accelerator.process_index) if tcfg.log_sample_keys else None
     return Trainer(config, accelerator, model, objective, optimizer, scheduler, tokenizer, stream, steps, log,
-                   guard, SkipLedger(config.data.max_skip_fraction), keys_log)
+                   guard, SkipLedger(config.data.max_skip_fraction), keys_log, owns_process_group)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -155,23 +161,33 @@ def to_device(batch: dict, device) -> dict:
 
 def train_step(t: Trainer, batches, step: int) -> dict:
     """Optimizer step number ``step`` (1-based) over ``train.accum_steps`` micro-batches; returns
-    detached metrics."""
+    detached metrics, and the learning rate this step's update used."""
     micro_batches = []
     for _ in range(t.config.train.accum_steps):
         epoch, batch = next(batches)
         if t.keys_log is not None:
             t.keys_log.write(step, batch["key"])
         micro_batches.append(to_device(batch, t.accelerator.device))
+    lr = t.scheduler.get_last_lr()[0]
+    buffers = BufferSnapshot(unwrap(t.model))  # BatchNorm statistics move in forward: undone if refused
     out = micro_batch_gradients(t.accelerator, t.model, t.objective, micro_batches, t.config.train.accum_mode)
     # The norm is needed anyway to decide on the step; with no clipping configured, clip at infinity.
+    # Under fp16 this also unscales the gradients, recording the scaler's overflow check.
     grad_norm = t.accelerator.clip_grad_norm_(t.model.parameters(), t.config.train.grad_clip_norm or float("inf"))
-    if t.guard.allows_update(out["loss"], grad_norm, step):  # the same answer on every rank
-        t.optimizer.step()
-        t.objective.after_step(step, t.total_steps)
+    scaler = t.accelerator.scaler
+    accepted = t.guard.allows_update(out["loss"], grad_norm, step,
+                                     scaler.get_scale() if scaler is not None else None)  # same on every rank
+    if accepted:
+        t.optimizer.step()  # under fp16 Accelerate's wrapper also calls scaler.update()
+    else:
+        buffers.restore()
+        if scaler is not None:
+            scaler.update()  # the refused step's overflow check still backs the scale off
+    t.objective.end_step(step, t.total_steps, accepted)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     # Tensors, not floats: reading them forces a device sync, so the caller reads only when logging.
-    return {"loss": out["loss"], "grad_norm": grad_norm, "epoch": epoch, **out["metrics"]}
+    return {"loss": out["loss"], "grad_norm": grad_norm, "epoch": epoch, "lr": lr, **out["metrics"]}
 
 
 def evaluate_now(t: Trainer, step: int) -> dict | None:
@@ -204,7 +220,12 @@ def write_run_plots(run_dir) -> None:
 
 def train(config: Config, resume: str | None = None) -> dict:
     """Train as ``config`` says; returns (and writes to summary.json) the run's summary."""
-    t = build_trainer(config)
+    return fit(build_trainer(config), resume)
+
+
+def fit(t: Trainer, resume: str | None = None) -> dict:
+    """Run a built trainer to its last step (resuming from ``resume``: a checkpoint path or "latest")."""
+    config = t.config
     stop = StopRequest(config.train.preempt_grace_s)
     try:
         state = TrainerState(world_size=t.accelerator.num_processes)
@@ -234,7 +255,8 @@ def train(config: Config, resume: str | None = None) -> dict:
         t.log.close()
         if t.keys_log is not None:
             t.keys_log.close()
-        t.accelerator.end_training()
+        if t.owns_process_group:
+            t.accelerator.end_training()  # destroys the process group this run formed
         # Accelerate keeps its settings in a process-wide singleton; forget them (not the process
         # group) so that another run in this process may choose a different precision.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -277,8 +299,9 @@ def log_train_step(t: Trainer, state: TrainerState, out: dict, clock: Throughput
 
     Values are averaged over ranks: with gathered negatives each rank's loss covers only its rows.
     """
-    values = {k: float(t.accelerator.reduce(v.detach().float(), reduction="mean")) for k, v in out.items()}
-    values.update(lr=t.scheduler.get_last_lr()[0], epoch=state.epoch, samples_per_second=clock.window_rate(state.step),
+    values = {k: float(t.accelerator.reduce(v.detach().float(), reduction="mean")) if torch.is_tensor(v) else v
+              for k, v in out.items()}
+    values.update(epoch=state.epoch, samples_per_second=clock.window_rate(state.step),
                   skipped=t.stream.skipped.total(), refused_steps=t.guard.refused)
     t.log.log(state.step, "train", values)
     bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
@@ -356,6 +379,7 @@ def run_loop(t: Trainer, state: TrainerState, stop: StopRequest) -> dict:
         "preempted": record.preempted,
         "nonfinite_steps": t.guard.nonfinite,
         "loss_spike_steps": t.guard.spikes,
+        "overflow_steps": t.guard.overflows,
     }
 
 

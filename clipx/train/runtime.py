@@ -7,12 +7,13 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs
 
 from clipx.errors import ClipxError
 
 
-def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800) -> Accelerator:
+def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800,
+                     fp16_init_scale: float = 2.0 ** 16) -> Accelerator:
     """An Accelerator that also forms a process group of CPU processes.
 
     Without ``cpu=True`` Accelerate treats torchrun-launched CPU processes as independent
@@ -23,9 +24,12 @@ def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800) ->
         # Accumulation is done by clipx.train.step (it needs feature caching), not by Accelerate.
         accelerator = Accelerator(
             mixed_precision=precision, cpu=not torch.accelerator.is_available(),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s))])
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout_s)),
+                             GradScalerKwargs(init_scale=fp16_init_scale)])
     except ValueError as error:  # e.g. a precision this device cannot run
         raise ClipxError(f"train.precision={precision}: {str(error).splitlines()[0]}") from None
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        enable_cpu_fp16(accelerator, fp16_init_scale)
     launched = launched_processes()
     if launched != accelerator.num_processes:
         raise ClipxError(f"the launcher started {launched} processes but Accelerate formed a group of "
@@ -40,3 +44,15 @@ def launched_processes() -> int:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 1
+
+
+def enable_cpu_fp16(accelerator: Accelerator, init_scale: float) -> None:
+    """fp16 autocast and a loss scaler on the CPU, where Accelerate silently falls back to fp32.
+
+    CPUs have no fast fp16 (use bf16 for speed), so this exists for one reason: the loss-scaler
+    path that GPU fp16 runs take (scaled backward, unscale, overflow check, back-off) then runs and
+    is tested on the CPU too, with torch's CPU GradScaler in place of the CUDA one. Must run before
+    ``accelerator.prepare``, which reads both settings.
+    """
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)

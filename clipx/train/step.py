@@ -4,6 +4,11 @@ Feature caching (GradCache, Gao et al. 2021; open_clip's "accumulate features") 
 of one step at batch K x B with the memory of a micro-batch: embed every micro-batch without
 autograd, compute the contrastive loss once over all K x B features, then re-run each micro-batch
 with autograd and feed it the gradient its features received.
+
+Only the features the loss differentiates carry a gradient into the replay: targets such as MoCo's
+momentum keys are detached by their objective and get none. Under fp16 the replayed gradients are
+multiplied by the loss scale, exactly as ``accelerator.backward`` scales a loss, so the loss scaler
+unscales and checks them like any other step's.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def _naive(accelerator, model, objective, micro_batches: list[dict]) -> dict:
 
 def _feature_cache(accelerator, model, objective, micro_batches: list[dict]) -> dict:
     count = len(micro_batches)
+    scaler = accelerator.scaler
     rng_states, cached = [], []
     with torch.no_grad():
         for batch in micro_batches:
@@ -60,9 +66,13 @@ def _feature_cache(accelerator, model, objective, micro_batches: list[dict]) -> 
                     grad = None if grad is None else grad / count
                 else:
                     grad = features[name].grad
-                if grad is not None:
-                    tensors.append(value)
-                    grads.append(grad)
+                if grad is None:
+                    continue
+                if not value.requires_grad:
+                    raise RuntimeError(f"feature {name!r} received a gradient from the loss but its replay does not "
+                                       "require grad; an objective must detach the features it uses as targets")
+                tensors.append(value)
+                grads.append(scaler.scale(grad) if scaler is not None else grad)
             torch.autograd.backward(tensors, grads)
     return {"loss": out["loss"].detach(), "metrics": out["metrics"]}
 
@@ -76,6 +86,20 @@ def _concat(per_micro_batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
     first = per_micro_batch[0]
     return {name: first[name] if first[name].ndim == 0 else torch.cat([f[name] for f in per_micro_batch])
             for name in first}
+
+
+class BufferSnapshot:
+    """A copy of a model's buffers (BatchNorm running statistics and counters), to put back when a
+    step is refused: forward passes move them even though no update is applied."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.buffers = list(model.buffers())
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for buffer, saved in zip(self.buffers, self.saved):
+            buffer.copy_(saved)
 
 
 def _rng_state():

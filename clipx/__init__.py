@@ -1,11 +1,8 @@
 """clipx: CLIP-style image-text contrastive training on webdataset shards with HF Accelerate."""
 
-import os
-
-# No clipx code path may download weights or datasets: Hugging Face libraries must only ever read
-# local files. Set before transformers/datasets are imported anywhere in the process.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Importing clipx changes nothing in the process: no environment variables, no allocator settings.
+# Library code reads local files only by its own arguments (local_files_only, packaged builders);
+# the command line also sets the Hugging Face libraries offline for the whole run (clipx.cli.main).
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,6 @@
-"""The small Python API: ``clipx.load(path)`` gives a model, its image preprocessing and its tokenizer.
+"""Loading trained models, for every consumer (evaluators, export, encode, the report, ``clipx.load``).
+
+``clipx.load(path)`` gives a model, its image preprocessing and its tokenizer:
 
     import clipx
     model, preprocess, tokenizer = clipx.load("runs/demo/run")       # a run or checkpoint directory
@@ -12,6 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from clipx.config import load_config
+from clipx.errors import ClipxError
+from clipx.methods import build_model
+from clipx.run_layout import as_checkpoint
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
@@ -24,10 +32,27 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     from clipx.data.tokenizer import Tokenizer
     from clipx.data.transforms import image_transform
     from clipx.models import image_size
-    from clipx.train.checkpoint import load_model
-
     model, config = load_model(path, device)
     preprocess = image_transform(image_size(config.model), config.model.image_mean, config.model.image_std,
                                  train=False)
     tokenizer = Tokenizer(config.model) if hasattr(model, "encode_text") else None
     return model, preprocess, tokenizer
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, config) from a checkpoint directory, built from its own config.yaml alone."""
+    path = as_checkpoint(path)
+    config = load_config(path / "config.yaml")
+    model = build_model(config)
+    try:
+        weights = load_file(str(path / "model.safetensors"), device="cpu")
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ClipxError(f"{path}/model.safetensors cannot be read: {str(error).splitlines()[0]}") from None
+    # DDP-wrapped models can save with a "module." prefix.
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise ClipxError(f"{path}/model.safetensors does not match its config.yaml: {detail}") from None
+    return model.to(device).eval(), config

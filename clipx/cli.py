@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from clipx.errors import ClipxError
 from clipx.fileio import write_json_atomic
 
 def main(argv: list[str] | None = None) -> int:
+    # No clipx command may download weights or datasets: the Hugging Face libraries read local files
+    # only. Set for this process (and the loader workers it forks) before they are imported.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -181,7 +186,7 @@ def _add_eval(commands) -> None:
 def _eval(args) -> int:
     from clipx.data.shards import clip_benchmark_shards
     from clipx.data.tokenizer import Tokenizer
-    from clipx.train.checkpoint import load_model
+    from clipx.api import load_model
     from eval.run import default_device, evaluate
 
     device = default_device()
@@ -206,7 +211,7 @@ def _eval(args) -> int:
 # ---- demo -------------------------------------------------------------------------------------
 
 def _eval_probe(args) -> int:
-    from clipx.train.checkpoint import load_model
+    from clipx.api import load_model
     from eval.image_probes import knn_eval, labelled_features, linear_probe_eval
     from eval.run import default_device
 

@@ -211,7 +211,9 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
 
 
+GATHER_MODES = ("none", "global", "local")
 CHOICES = {
+    "loss.gather": GATHER_MODES,
     "model.text_tower": ("open_clip", "hf"),
     "model.hf_pooling": ("mean", "cls"),
     "train.precision": ("no", "bf16", "fp16"),
@@ -286,13 +288,13 @@ def dump_config(config: Config, path: str | Path) -> None:
 
 
 def validate(config: Config) -> None:
-    """Check cross-field rules and value ranges; raise ClipxError on the first violation."""
-    from clipx.losses import GATHER_MODES
-    from clipx.objectives import OBJECTIVES
+    """Check cross-field rules and value ranges; raise ClipxError on the first violation.
 
+    What only one method requires (loss.name itself included) is checked by the method, in
+    clipx.methods.method_of, which the run calls before any process group forms.
+    """
     flat = {f"{s}.{k}": v for s, sec in config_to_dict(config).items() for k, v in sec.items()}
-    choices = {**CHOICES, "loss.name": tuple(OBJECTIVES.list()), "loss.gather": GATHER_MODES}
-    for key, allowed in choices.items():
+    for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ClipxError(f"{key} must be one of {', '.join(map(str, allowed))}; got {flat[key]!r}")
     t = config.train
@@ -319,20 +321,13 @@ def validate(config: Config) -> None:
         raise ClipxError(f"train.loss_spike_factor must be above 1 (or null); got {t.loss_spike_factor}")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
-    spec = OBJECTIVES.get(config.loss.name)
-    if spec.gather_modes and config.loss.gather not in spec.gather_modes:
-        raise ClipxError(f"loss.gather={config.loss.gather} is not available for loss.name={config.loss.name}; "
-                         f"use one of {', '.join(spec.gather_modes)}")
-    if config.loss.name == "siglip" and config.model.init_logit_bias is None:
-        raise ClipxError("loss.name=siglip needs model.init_logit_bias (the paper uses -10, with "
-                         "model.init_temperature=0.1)")
     _validate_ssl(config)
     if config.model.text_tower == "hf" and not config.model.hf_text_path:
         raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")
 
 
 def _validate_ssl(config: Config) -> None:
-    s, method = config.ssl, config.loss.name
+    s = config.ssl
     for key in ("views", "head_hidden", "head_out", "bn_splits", "predictor_hidden", "prototypes", "sinkhorn_iters",
                 "small_crop_size"):
         if getattr(s, key) <= 0:
@@ -345,23 +340,8 @@ def _validate_ssl(config: Config) -> None:
     scale = s.small_crop_scale
     if len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale) or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ClipxError(f"ssl.small_crop_scale must be [min, max] with 0 < min <= max <= 1; got {list(s.small_crop_scale)}")
-    if s.batchnorm == "shuffle" and method != "moco":
-        raise ClipxError("ssl.batchnorm=shuffle shuffles MoCo's key batch; use local or sync for loss.name="
-                         f"{method}")
     if s.batchnorm == "sync" and s.bn_splits > 1:
         raise ClipxError("ssl.bn_splits splits BatchNorm within a device; it cannot be combined with ssl.batchnorm=sync")
-    if method == "swav" and s.views != 2:
-        raise ClipxError("SwAV swaps predictions between 2 global views (ssl.views=2); add ssl.small_crops for more")
-    if s.small_crops and method != "swav":
-        raise ClipxError(f"ssl.small_crops (multi-crop) is used by loss.name=swav only, not {method}")
-    if method == "moco" and s.moco_version == 2 and s.queue_size == 0:
-        raise ClipxError("MoCo v2 needs ssl.queue_size > 0 negatives (or ssl.moco_version=3, which needs none)")
-    per_process = config.train.batch_size * config.train.accum_steps
-    if method == "moco" and s.moco_version == 2 and s.queue_size % per_process:
-        # The full rule (a multiple of the global batch) needs the process count, checked when the
-        # objective is built; this part of it is known before any process starts.
-        raise ClipxError(f"ssl.queue_size={s.queue_size} must be a multiple of the global batch, hence of "
-                         f"train.batch_size x train.accum_steps = {per_process}")
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig,

@@ -23,7 +23,7 @@ def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shu
     """Prep -> train -> zero-shot + retrieval on the held-out digits; returns and writes results.json."""
     from clipx.config import load_config
     from clipx.data.tokenizer import Tokenizer
-    from clipx.train.checkpoint import load_model
+    from clipx.api import load_model
     from clipx.train.loop import train
     from data_prep import prep_digits
     from eval.run import default_device, evaluate

@@ -35,8 +35,8 @@ def run_ssl_demo(mode: str, out: Path, config_path: str | Path | None = None, ov
     import torch
 
     from clipx.config import load_config
-    from clipx.objectives import build_model
-    from clipx.train.checkpoint import load_model
+    from clipx.methods import build_model
+    from clipx.api import load_model
     from clipx.train.loop import train
     from data_prep import prep_digits
     from eval.run import default_device

@@ -14,6 +14,13 @@ import torch.distributed as dist
 from clipx.errors import ClipxError
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

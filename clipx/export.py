@@ -23,7 +23,7 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``checkpoint`` as an open_clip local directory ``out``; returns ``out``."""
     from clipx.models import image_size
-    from clipx.train.checkpoint import load_model
+    from clipx.api import load_model
 
     model, config = load_model(checkpoint)
     if not hasattr(model, "encode_text"):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipx.errors import ClipxError
+from clipx.models.pretrained import BLOCK_RENAMES
 
 # Keys of open_clip's tower configs that CLIPModel can represent; any other key is refused.
 VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"}
@@ -52,11 +53,6 @@ def hf_config(arch: dict, init_logit_scale: float) -> dict:
         },
     }
 
-
-# open_clip residual-block module -> CLIPEncoderLayer module, besides the packed q/k/v projection
-# (clipx.models.pretrained reads the same table backwards).
-BLOCK_RENAMES = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
 def _blocks(state: dict, src: str, dst: str, layers: int) -> dict:
@@ -121,7 +117,7 @@ def write_image_processor(out: Path, size: int, mean, std) -> None:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     from clipx.models import image_size
-    from clipx.train.checkpoint import load_model
+    from clipx.api import load_model
 
     model, config = load_model(checkpoint)
     if config.model.text_tower != "open_clip" or not hasattr(model, "encode_text") or model.logit_bias is not None:

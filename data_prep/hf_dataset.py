@@ -77,6 +77,13 @@ def _load_saved(datasets, source, split: str):
 
 
 def _load_built(datasets, source, builder: str, split: str, cache_dir):
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    # Only the builders that ship inside `datasets` read local files without the hub; any other
+    # name would be looked up (and its script downloaded) there, which clipx never does.
+    if builder not in _PACKAGED_DATASETS_MODULES:
+        raise ClipxError(f"--builder {builder} is not one of the builders that ship with datasets "
+                         f"({', '.join(sorted(_PACKAGED_DATASETS_MODULES))}); clipx reads local files only")
     # A directory is a data_dir (imagefolder-style builders); anything else is data files.
     where = {"data_dir": str(source)} if Path(source).is_dir() else {"data_files": str(source)}
     try:

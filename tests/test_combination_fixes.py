@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipx.config import load_config
-from clipx.objectives import build_model, build_objective
+from clipx.methods import build_model, build_objective
 from clipx.train import loop
 from clipx.train.state_io import load_tree
 from tests.matrix.combos import TOWERS, Combination

@@ -243,7 +243,7 @@ def test_ntxent_across_ranks_equals_one_process_on_the_union_batch(tmp_path):
 
 
 def test_sinkhorn_across_ranks_equals_one_process_on_the_union_batch(tmp_path):
-    from clipx.ssl.swav import sinkhorn
+    from clipx.losses.swav import sinkhorn
     from tests.distributed.cases import sinkhorn_scores
 
     ranks = run_two_processes("sinkhorn", tmp_path)
@@ -252,7 +252,7 @@ def test_sinkhorn_across_ranks_equals_one_process_on_the_union_batch(tmp_path):
 
 
 def test_moco_keys_are_gathered_for_the_loss_and_the_queue(tmp_path):
-    from clipx.objectives.moco import batch_infonce
+    from clipx.losses.moco import batch_infonce
 
     ranks = run_two_processes("moco", tmp_path)
     generator = torch.Generator().manual_seed(0)

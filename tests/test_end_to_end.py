@@ -170,7 +170,7 @@ def test_training_with_the_packaged_minilm_as_text_tower(tmp_path, digits_dir, t
     assert summary["steps"] == 2 and summary["eval"]["num_images"] == 360
     # The evaluation inside training (its HF tokenizer included) equals one of the saved checkpoint.
     from clipx.data.tokenizer import Tokenizer
-    from clipx.train.checkpoint import load_model
+    from clipx.api import load_model
     from eval.run import evaluate
 
     model, config = load_model(summary["checkpoint"])

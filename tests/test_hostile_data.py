@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipx.config import DataConfig
+from clipx.data.batch import ImageTextBatch
 from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
 from clipx.data.shards import expand_shards
 from clipx.errors import ClipxError
@@ -102,7 +103,7 @@ def test_pipe_urls_are_refused_unless_the_config_opts_in(tmp_path, corpus, digit
     with pytest.raises(ClipxError, match="pipe: URLs, which run shell commands"):
         expand_shards(f"pipe:cat {clean}")
     data = DataConfig(train=f"pipe:cat {clean}", train_num_samples=20, workers=0, allow_pipe_urls=True)
-    loader, _ = build_train_loader(data, 1, lambda image: torch.zeros(1), lambda texts: texts, 0, 0, 1, SharedEpoch(),
+    loader, _ = build_train_loader(data, 1, lambda image: torch.zeros(1), ImageTextBatch(lambda texts: texts), 0, 0, 1, SharedEpoch(),
                                    SkipCounter())
     assert sorted(key for batch in loader for key in batch["key"]) == [f"s0-{i:04d}" for i in range(20)]
     result = run_training(tiny_overrides(digits_dir, tiny_model_json, tmp_path / "run", **{

@@ -71,11 +71,11 @@ def test_combination_trains_and_resumes_bitwise_on_two_processes(combination, wo
 
 def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision():
     """A method registered later joins without an edit here: the grid is built from the registry."""
-    from clipx.objectives import OBJECTIVES
+    from clipx.methods import METHODS
 
     names = {c.name.split("/")[0] for c in WORLD_ONE}
     assert names == {f[0] for f in flavours()}
-    assert {c.objective for c in WORLD_ONE} == set(OBJECTIVES.list())
+    assert {c.objective for c in WORLD_ONE} == set(METHODS.list())
     for flavour in names:
         ones = {tuple(c.name.split("/")[2:4]) for c in WORLD_ONE if c.name.startswith(flavour + "/vit/")}
         assert len(ones) == 9, (flavour, ones)
@@ -87,10 +87,10 @@ def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision()
 def test_gather_modes_a_method_does_not_honour_are_refused_before_training(flavour, tmp_path):
     """The refused corner of the matrix: each is refused by the config check, with one line."""
     from clipx.config import load_config
-    from clipx.objectives import OBJECTIVES
+    from clipx.methods import METHODS
 
     name, objective, overrides = flavour
-    honoured = OBJECTIVES.get(objective).gather_modes
+    honoured = METHODS.get(objective).gather_modes
     refused = [g for g in ("none", "global", "local") if honoured and g not in honoured]
     for gather in refused:
         with pytest.raises(ClipxError, match=f"loss.gather={gather} is not available for loss.name={objective}"):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from clipx.config import load_config
 from clipx.errors import ClipxError
-from clipx.objectives import build_model, build_objective
+from clipx.methods import build_model, build_objective, method_of
 from clipx.train.state_io import load_tree
 from tests.conftest import REPO, tiny_overrides
 
@@ -96,7 +96,7 @@ def test_moco_resume_restores_weights_and_queue_exactly(version, tmp_path, digit
 
 def test_moco_queue_must_hold_whole_global_batches(tiny_model_json, monkeypatch):
     with pytest.raises(ClipxError, match="multiple of the global batch, hence of .* = 64"):  # before launch
-        tiny_config(MOCO, tiny_model_json, **{"ssl.queue_size": 96, "train.batch_size": 64})
+        method_of(tiny_config(MOCO, tiny_model_json, **{"ssl.queue_size": 96, "train.batch_size": 64}))
     from clipx import dist
 
     # 2 processes x 64 = 128: 192 passes the per-process rule but not the global one.
@@ -107,22 +107,23 @@ def test_moco_queue_must_hold_whole_global_batches(tiny_model_json, monkeypatch)
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"loss.name": "ntxent", "ssl.batchnorm": "shuffle"}, "shuffles MoCo's key batch"),
+    ({"loss.name": "ntxent", "ssl.batchnorm": "shuffle"}, "ssl.batchnorm=shuffle is not available for loss.name=ntxent"),
     ({"loss.name": "ntxent", "ssl.batchnorm": "local", "ssl.small_crops": 2}, "used by loss.name=swav only"),
     ({"ssl.moco_version": 2, "ssl.queue_size": 0}, "needs ssl.queue_size"),
     ({"ssl.small_crop_scale": "[0.5, 0.1]"}, "ssl.small_crop_scale"),
     ({"ssl.moco_version": 4}, "ssl.moco_version must be one of"),
 ])
 def test_inconsistent_ssl_settings_are_refused_before_training(override, message):
+    """By the config check, or by the method's (clipx.methods.method_of, which runs before launch)."""
     with pytest.raises(ClipxError, match=message):
-        load_config(MOCO, [f"{k}={v}" for k, v in override.items()])
+        method_of(load_config(MOCO, [f"{k}={v}" for k, v in override.items()]))
 
 
 def test_sinkhorn_codes_have_uniform_marginals():
     """Rows sum to 1 and every prototype gets N/K of the batch. SwAV's 3 iterations only approach
     that (31% imbalance on these random scores, a few per cent on trained ones); at 50 the
     marginals hold to 1e-3."""
-    from clipx.ssl.swav import sinkhorn
+    from clipx.losses.swav import sinkhorn
     from tests.distributed.cases import sinkhorn_scores
 
     scores = sinkhorn_scores()  # (64, 12)
@@ -183,7 +184,7 @@ def test_swav_multicrop_loss_freezes_then_trains_the_prototypes(tiny_model_json)
         before = model.prototypes.weight.detach().clone()
         loss = objective(batch)["loss"]
         if step == 1:  # against SwAV's swapped prediction written out: every view predicts each global view's code
-            from clipx.ssl.swav import sinkhorn
+            from clipx.losses.swav import sinkhorn
 
             with torch.no_grad():
                 scores = objective.features(batch)["scores"]  # (B, V, K); the queues are still empty
@@ -207,10 +208,11 @@ def test_swav_multicrop_loss_freezes_then_trains_the_prototypes(tiny_model_json)
 
 def test_swav_batches_hold_two_global_views_and_the_small_crops(digits_dir, tiny_model_json):
     from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
-    from clipx.train.loop import train_transform
+    from clipx.methods import method_of
 
     config = tiny_config(SWAV, tiny_model_json, **{"data.train": digits_dir / "train", "data.workers": 0})
-    loader, _ = build_train_loader(config.data, 8, train_transform(config, "views"), None, 0, 0, 1,
-                                   SharedEpoch(), SkipCounter())
+    method = method_of(config)
+    loader, _ = build_train_loader(config.data, 8, method.train_transform(config), method.collate(config), 0, 0,
+                                   1, SharedEpoch(), SkipCounter())
     views = next(iter(loader))["views"]
     assert [tuple(v.shape[-2:]) for v in views] == [(32, 32)] * 2 + [(16, 16)] * 2

@@ -7,6 +7,7 @@ import torch
 
 from clipx.config import load_config
 from clipx.data.eval_loader import build_eval_loader
+from clipx.data.batch import ImageTextBatch
 from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader, steps_per_epoch
 from clipx.data.shards import count_samples, expand_shards
 from clipx.data.tokenizer import Tokenizer
@@ -25,7 +26,7 @@ def make_loader(config, pattern=None, workers=0, batch=64, seed=0, counter=None,
     data = config.data.__class__(**{**config.data.__dict__, "workers": workers,
                                     **({"train": pattern} if pattern else {})})
     transform = image_transform(32, config.model.image_mean, config.model.image_std, train=False)
-    return build_train_loader(data, batch, transform, Tokenizer(config.model), seed, 0, 1,
+    return build_train_loader(data, batch, transform, ImageTextBatch(Tokenizer(config.model)), seed, 0, 1,
                               epoch or SharedEpoch(), counter or SkipCounter())
 
 
@@ -106,7 +107,8 @@ def test_fewer_shards_than_workers_is_refused_unless_resampled(config, digits_di
     data = config.data.__class__(**{**config.data.__dict__, "train": one, "workers": 2, "resampled": True,
                                     "train_num_samples": 256})
     transform = image_transform(32, config.model.image_mean, config.model.image_std, train=False)
-    loader, _ = build_train_loader(data, 32, transform, Tokenizer(config.model), 0, 0, 1, SharedEpoch(), SkipCounter())
+    loader, _ = build_train_loader(data, 32, transform, ImageTextBatch(Tokenizer(config.model)), 0, 0, 1, SharedEpoch(),
+                                   SkipCounter())
     assert len(keys_of(loader, 4)) == 4
 
 

@@ -37,7 +37,7 @@ def source(tmp_path_factory, digits_dir, tiny_model_json):
 @pytest.mark.parametrize("form", ["run", "open_clip", "hf", "open_clip_file"])
 def test_every_export_format_initialises_the_same_weights(source, form, digits_dir, tiny_model_json):
     from clipx.models.pretrained import init_from_pretrained
-    from clipx.objectives import build_model
+    from clipx.methods import build_model
 
     folder, weights = source
     path = folder / "open_clip" / "open_clip_model.safetensors" if form == "open_clip_file" else folder / form
@@ -91,7 +91,7 @@ def test_a_pretrained_file_of_another_architecture_is_refused_with_the_key(sourc
     import json
 
     from clipx.models.pretrained import init_from_pretrained
-    from clipx.objectives import build_model
+    from clipx.methods import build_model
     from tests.conftest import TINY_ARCH
 
     folder, _ = source

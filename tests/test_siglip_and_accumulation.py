@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from clipx.losses import ClipLoss, SigLipLoss
-from clipx.objectives import ContrastiveObjective
+from clipx.methods.image_text import ContrastiveObjective
 from clipx.train.runtime import make_accelerator
 from clipx.train.step import micro_batch_gradients
 from tests.distributed.cases import tiny_problem

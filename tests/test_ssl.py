@@ -77,12 +77,13 @@ def test_linear_probe_separates_separable_classes_and_picks_a_regulariser():
 
 def test_views_batches_hold_two_augmented_views_and_no_text(digits_dir, tiny_model_json):
     from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
-    from clipx.train.loop import train_transform
+    from clipx.methods import method_of
 
     config = load_config(SIMCLR, [f"model.name={tiny_model_json}", f"data.train={digits_dir / 'train'}",
                                   "data.workers=0"])
-    loader, _ = build_train_loader(config.data, 16, train_transform(config, "views"), None, 0, 0, 1,
-                                   SharedEpoch(), SkipCounter())
+    method = method_of(config)
+    loader, _ = build_train_loader(config.data, 16, method.train_transform(config), method.collate(config), 0, 0,
+                                   1, SharedEpoch(), SkipCounter())
     batch = next(iter(loader))
     assert set(batch) == {"views", "key"} and len(batch["views"]) == 2
     assert batch["views"][0].shape == (16, 3, 32, 32)

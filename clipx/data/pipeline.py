@@ -19,9 +19,8 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from clipx.data import batch as batch_keys
 from clipx.data.shards import PIPE_PREFIX, count_samples, expand_shards
-from clipx.data.transforms import ImageTooLarge, decode_image, stack_images
+from clipx.data.transforms import ImageTooLarge, decode_image
 from clipx.errors import ClipxError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -307,26 +306,15 @@ def shuffle_samples(src: Iterable[dict], bufsize: int, seed: int, rank: int, epo
     yield from buffer
 
 
-def collate_train(src: Iterable[dict], batch_size: int, tokenizer) -> Iterator[dict]:
-    """Samples -> batches of ``batch_size`` (the last partial one is dropped).
-
-    With a tokenizer: {"image": (B, 3, H, W), "text": (B, L) token ids, "key"}; without one (image-only
-    objectives, whose transform returns V views): {"views": V tensors (B, 3, H, W), "key"}.
-    """
+def collate_train(src: Iterable[dict], batch_size: int, collate) -> Iterator[dict]:
+    """Samples -> batches of ``batch_size`` made by ``collate`` (clipx.data.batch); the last partial
+    one is dropped."""
     buffer: list[dict] = []
     for sample in src:
         buffer.append(sample)
-        if len(buffer) < batch_size:
-            continue
-        batch = {batch_keys.KEY: [s["key"] for s in buffer]}
-        if tokenizer is None:
-            batch[batch_keys.VIEWS] = [stack_images([s["image"][v] for s in buffer])
-                                       for v in range(len(buffer[0]["image"]))]
-        else:
-            batch[batch_keys.IMAGE] = stack_images([s["image"] for s in buffer])
-            batch[batch_keys.TEXT] = tokenizer([s["text"] for s in buffer])
-        yield batch
-        buffer = []
+        if len(buffer) == batch_size:
+            yield collate(buffer)
+            buffer = []
 
 
 def steps_per_epoch(num_samples: int, global_batch: int, workers: int) -> tuple[int, int]:
@@ -336,9 +324,13 @@ def steps_per_epoch(num_samples: int, global_batch: int, workers: int) -> tuple[
     return per_worker * workers, per_worker
 
 
-def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: int, rank: int, world: int,
+def build_train_loader(data_cfg, batch_size: int, transform, collate, seed: int, rank: int, world: int,
                        epoch: SharedEpoch, counter: SkipCounter):
-    """The training loader for this rank and the number of batches it yields per epoch."""
+    """The training loader for this rank and the number of batches it yields per epoch.
+
+    ``transform`` (PIL image -> what a sample holds) and ``collate`` (samples -> batch, with its
+    ``needs_caption``) come from the training method.
+    """
     urls = expand_shards(data_cfg.train, "data.train", allow_pipe=data_cfg.allow_pipe_urls)
     workers = data_cfg.workers
     if not data_cfg.resampled and len(urls) < world * max(workers, 1):
@@ -354,8 +346,8 @@ def build_train_loader(data_cfg, batch_size: int, transform, tokenizer, seed: in
         functools.partial(tar_samples, counter=counter),
         functools.partial(shuffle_samples, bufsize=data_cfg.shuffle_buffer, seed=seed, rank=rank, epoch=epoch),
         functools.partial(decode_train_samples, transform=transform, counter=counter, seed=seed, epoch=epoch,
-                          rank=rank, needs_text=tokenizer is not None),
-        functools.partial(collate_train, batch_size=batch_size, tokenizer=tokenizer),
+                          rank=rank, needs_text=collate.needs_caption),
+        functools.partial(collate_train, batch_size=batch_size, collate=collate),
     ).with_epoch(per_worker)
     # Persistent workers: re-entering the loader each epoch would otherwise fork and re-import every
     # worker (seconds per epoch on small data). Workers read the epoch from shared memory when the

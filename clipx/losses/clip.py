@@ -7,9 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipx import dist
+from clipx.config import GATHER_MODES
 from clipx.losses.chunked import ChunkedCrossEntropy
-
-GATHER_MODES = ("none", "global", "local")
 
 
 def _dense(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

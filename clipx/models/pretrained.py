@@ -15,6 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from clipx.errors import ClipxError
+from clipx.run_layout import as_checkpoint
+
+# open_clip residual-block module -> CLIPEncoderLayer module, besides the packed q/k/v projection:
+# read one way when initialising from a CLIPModel, the other way by clipx.export_hf.
+BLOCK_RENAMES = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 # open_clip's plain CLIP keeps the text tower's parts at the top level; CustomTextCLIP (and clipx)
 # keep them under "text.".
@@ -42,8 +48,6 @@ def read_pretrained(path: str | Path) -> dict[str, torch.Tensor]:
         return from_open_clip(load_file(str(_safetensors_in(path))))
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "clip":
         return from_hf_clip(load_file(str(_safetensors_in(path))), json.loads((path / "config.json").read_text()))
-    from clipx.train.checkpoint import as_checkpoint
-
     return load_file(str(as_checkpoint(path) / "model.safetensors"))
 
 
@@ -57,8 +61,6 @@ def from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _blocks_from_hf(state: dict, src: str, dst: str, layers: int) -> dict:
     """CLIPEncoderLayer weights -> open_clip residual blocks (q/k/v packed again)."""
-    from clipx.export_hf import BLOCK_RENAMES
-
     out = {}
     for i in range(layers):
         s, d = f"{src}.{i}", f"{dst}.{i}"

@@ -145,7 +145,7 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
     from clipx.data.tokenizer import Tokenizer
     from clipx.data.transforms import image_transform
     from clipx.models import image_size
-    from clipx.train.checkpoint import load_model
+    from clipx.api import load_model
     from eval.embed import embed_dataset
     from eval.templates import load_templates
     from eval.zero_shot import build_zero_shot_classifier

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,14 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clipx.config import Config, dump_config, load_config
+from clipx.config import Config, dump_config
 from clipx.errors import ClipxError
+from clipx.run_layout import (CHECKPOINT_DIRNAME, MANIFEST, TMP_PREFIX, as_checkpoint, checkpoint_dir,
+                              list_checkpoints)
 from clipx.train.state_io import fsync_dir, fsync_file, load_tree, save_tree, write_text_synced
 
-CHECKPOINT_DIRNAME = "checkpoints"
-MANIFEST = "manifest.json"
-TMP_PREFIX = ".tmp-"
-_STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -57,10 +54,6 @@ class Stateful:
     scheduler: object
     objective: object
     scaler: object | None = None
-
-
-def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINT_DIRNAME / f"step-{step:09d}"
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: TrainerState, parts: Stateful,
@@ -128,15 +121,6 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (those with a manifest) in step order."""
-    folder = Path(output_dir) / CHECKPOINT_DIRNAME
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if _STEP_RE.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
 
 
 def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
@@ -213,39 +197,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def as_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the newest checkpoint of a run directory; ClipxError otherwise."""
-    path = Path(path)
-    if (path / CHECKPOINT_DIRNAME).is_dir():
-        checkpoints = list_checkpoints(path)
-        if checkpoints:
-            return checkpoints[-1]
-    if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
-        raise ClipxError(
-            f"{path} is not a clipx checkpoint (expected config.yaml and model.safetensors, or a run directory "
-            "with checkpoints/)"
-        )
-    return path
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, config) from a checkpoint directory, built from its own config.yaml alone."""
-    from clipx.objectives import build_model
-
-    path = as_checkpoint(path)
-    config = load_config(path / "config.yaml")
-    model = build_model(config)
-    try:
-        weights = load_file(str(path / "model.safetensors"), device="cpu")
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ClipxError(f"{path}/model.safetensors cannot be read: {str(error).splitlines()[0]}") from None
-    # DDP-wrapped models can save with a "module." prefix.
-    weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:300]
-        raise ClipxError(f"{path}/model.safetensors does not match its config.yaml: {detail}") from None
-    return model.to(device).eval(), config

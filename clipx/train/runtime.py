@@ -7,6 +7,7 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs
 
 from clipx.errors import ClipxError
@@ -20,6 +21,9 @@ def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800,
     single-process runs (DistributedType.NO): each would train alone on its shard split. A launcher
     that started more processes than Accelerate sees is refused rather than run wrong.
     """
+    # Accelerate keeps its settings in a process-wide singleton: forget them (not the process group),
+    # so that each run in a process (tests, sweeps, notebooks) gets the precision it asks for.
+    AcceleratorState._reset_state(reset_partial_state=False)
     try:
         # Accumulation is done by clipx.train.step (it needs feature caching), not by Accelerate.
         accelerator = Accelerator(

@@ -13,7 +13,7 @@ import torch
 from clipx.config import load_config
 from clipx.data.tokenizer import Tokenizer
 from clipx.models import create_model, image_size
-from clipx.objectives import build_objective
+from clipx.methods import build_objective
 from clipx.train.runtime import make_accelerator
 from clipx.train.step import micro_batch_gradients
 from eval.bench.memory import peak_bytes_during

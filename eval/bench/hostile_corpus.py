@@ -175,13 +175,14 @@ def read_one_pass(corpus: HostileCorpus, workers: int = 0):
     import torch
 
     from clipx.config import DataConfig
+    from clipx.data.batch import ImageTextBatch
     from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
 
     data = DataConfig(train=str(corpus.folder), train_num_samples=len(corpus.good_keys), workers=workers,
                       shuffle_buffer=16)
     counter = SkipCounter()
     # Decoding is under test, not resizing: a decoded image becomes a one-element tensor.
-    loader, _ = build_train_loader(data, 1, lambda image: torch.zeros(1), lambda texts: texts, 0, 0, 1,
+    loader, _ = build_train_loader(data, 1, lambda image: torch.zeros(1), ImageTextBatch(lambda texts: texts), 0, 0, 1,
                                    SharedEpoch(), counter)
     with shard_vanished(corpus):
         keys = [key for batch in loader for key in batch["key"]]

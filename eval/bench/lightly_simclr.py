@@ -68,7 +68,7 @@ def train_lightly(config, data: Path, steps: int) -> tuple[torch.nn.Module, floa
     from lightly.loss import NTXentLoss
     from lightly.transforms import SimCLRTransform
 
-    from clipx.objectives import build_model
+    from clipx.methods import build_model
     from clipx.train.optim import build_optimizer
     from clipx.train.schedule import cosine_with_warmup
 
@@ -107,7 +107,7 @@ def train_lightly(config, data: Path, steps: int) -> tuple[torch.nn.Module, floa
 
 
 def train_clipx(config) -> tuple[torch.nn.Module, float]:
-    from clipx.train.checkpoint import load_model
+    from clipx.api import load_model
     from clipx.train.loop import train
 
     summary = train(config)

@@ -235,12 +235,12 @@ def loader_throughput(shards: Path, model: Path, batch: int, workers: int, batch
     from clipx.config import load_config
     from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
     from clipx.data.tokenizer import Tokenizer
-    from clipx.train.loop import train_transform
+    from clipx.methods import method_of
 
     config = load_config(CONFIG, [f"model.name={model.resolve()}", f"data.train={shard_pattern(shards)}",
                                   f"data.workers={workers}",
                                   f"data.train_num_samples={batch * (batches + 4)}"])
-    loader, _ = build_train_loader(config.data, batch, train_transform(config, "image_text"),
+    loader, _ = build_train_loader(config.data, batch, method_of(config).train_transform(config),
                                    Tokenizer(config.model), 0, 0, 1, SharedEpoch(), SkipCounter())
     iterator = iter(loader)
     for _ in range(4):  # worker start-up
@@ -259,7 +259,7 @@ def flops_per_sample(model: Path, batch: int = 16) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from clipx.config import load_config
-    from clipx.objectives import build_model, build_objective
+    from clipx.methods import build_model, build_objective
 
     config = load_config(CONFIG, [f"model.name={model.resolve()}", "data.train=unused"])
     clip = build_model(config)
@@ -402,7 +402,7 @@ def adamw_step_times(model_config: Path, threads: int, repeats: int = 20) -> dic
     import torch
 
     from clipx.config import load_config
-    from clipx.objectives import build_model
+    from clipx.methods import build_model
 
     torch.set_num_threads(threads)
     model = build_model(load_config(CONFIG, [f"model.name={model_config.resolve()}", "data.train=unused"]))

@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from clipx.config import load_config
-    from clipx.objectives import build_model, build_objective
+    from clipx.methods import build_model, build_objective
     from clipx.train.host_memory import retain_freed_host_memory
     from clipx.train.optim import build_optimizer
 

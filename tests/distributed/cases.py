@@ -122,7 +122,7 @@ def case_timeout(out_dir: Path) -> dict:
 def case_accum_features(out_dir: Path) -> dict:
     """Feature caching on 2 ranks x 2 micro-batches of 2, through DDP (no_sync until the last replay)."""
     from clipx.losses import ClipLoss
-    from clipx.objectives import ContrastiveObjective
+    from clipx.methods.image_text import ContrastiveObjective
     from clipx.train.runtime import make_accelerator
     from clipx.train.step import micro_batch_gradients
 
@@ -165,7 +165,7 @@ def case_ntxent(out_dir: Path) -> dict:
 
 def case_sinkhorn(out_dir: Path) -> dict:
     """Sinkhorn–Knopp codes of this rank's half of a score matrix, marginals over both ranks."""
-    from clipx.ssl.swav import sinkhorn
+    from clipx.losses.swav import sinkhorn
     from clipx.train.runtime import make_accelerator
 
     accelerator = make_accelerator()
@@ -187,7 +187,7 @@ def case_moco(out_dir: Path) -> dict:
     """MoCo across ranks: v3's in-batch InfoNCE with gathered keys, the v2 queue fed with gathered
     keys, and the key encoder's BatchNorm shuffle, each on this rank's half of a global batch."""
     from clipx import dist as clipx_dist
-    from clipx.objectives.moco import batch_infonce
+    from clipx.losses.moco import batch_infonce
     from clipx.ssl.batchnorm import shuffled_forward
     from clipx.ssl.queue import FeatureQueue
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from clipx.objectives import IMAGE_TEXT, OBJECTIVES
+from clipx.methods import METHODS
+from clipx.methods.image_text import ImageTextMethod
 
 ACCUMULATION = {"k1": {"train.accum_steps": 1}, "features2": {"train.accum_steps": 2, "train.accum_mode": "features"},
                 "naive2": {"train.accum_steps": 2, "train.accum_mode": "naive"}}
@@ -76,16 +77,18 @@ class Combination:
     overrides: dict
     world_size: int = 1
 
-    @property
-    def inputs(self) -> str:
-        return OBJECTIVES.get(self.objective).inputs
+
+
+def is_image_text(objective: str) -> bool:
+    """Whether the method trains an image-text DualEncoder (which text towers and locks apply to)."""
+    return isinstance(METHODS.get(objective), ImageTextMethod)
 
 
 def flavours() -> list[tuple[str, str, dict]]:
     """(name, loss.name, overrides) for every registered objective flavour, e.g. ("moco-v3", "moco", {...})."""
     out = []
-    for objective in OBJECTIVES.list():
-        for variant, overrides in OBJECTIVES.get(objective).variants.items():
+    for objective in METHODS.list():
+        for variant, overrides in METHODS.get(objective).variants.items():
             out.append((f"{objective}-{variant}" if variant else objective, objective, dict(overrides)))
     return out
 
@@ -98,7 +101,7 @@ def _combination(flavour, tower: str, accumulation: str, precision: str, world_s
 
 
 def _serves(tower: str, objective: str) -> bool:
-    t, image_text = TOWERS[tower], OBJECTIVES.get(objective).inputs == IMAGE_TEXT
+    t, image_text = TOWERS[tower], is_image_text(objective)
     return not (t.image_text_only and not image_text) and not (t.views_only and image_text)
 
 
@@ -119,7 +122,7 @@ def world_two() -> list[Combination]:
         for shift, accumulation in enumerate(ACCUMULATION):
             precision = list(PRECISION)[(index + shift) % len(PRECISION)]
             out.append(_combination(flavour, "vit", accumulation, precision, world_size=2))
-    image_text = [f for f in flavours() if OBJECTIVES.get(f[1]).inputs == IMAGE_TEXT]
+    image_text = [f for f in flavours() if is_image_text(f[1])]
     out += [_combination(image_text[0], tower, "k1", "fp32", world_size=2)
             for tower in ("minilm_unlocked", "lit_minilm", "modified_resnet_locked")]
     out += [_combination(f, "torchvision_resnet18", "k1", "bf16", world_size=2)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from clipx.objectives import IMAGE_TEXT, OBJECTIVES
-from tests.matrix.combos import TINY_VIT, flavours
+from clipx.methods import METHODS
+from tests.matrix.combos import TINY_VIT, flavours, is_image_text
 
 GLOBAL = 12  # samples in the union batch: divisible by 1, 2, 3 and 4 ranks, and by 2 micro-batches of each
 
@@ -39,7 +39,7 @@ class Case:
 def cases() -> list[Case]:
     out = []
     for name, objective, overrides in flavours():
-        spec = OBJECTIVES.get(objective)
+        spec = METHODS.get(objective)
         for gather in spec.gather_modes or ("local",):  # methods without gather modes always gather
             for micro_batches in (1, 2):
                 out.append(Case(f"{name}/gather-{gather}/micro{micro_batches}", objective, gather, micro_batches,
@@ -50,7 +50,7 @@ def cases() -> list[Case]:
 def build(case: Case, world: int, arch_path: Path):
     """(config, seeded model in eval mode) for ``case`` at ``world`` ranks."""
     from clipx.config import load_config
-    from clipx.objectives import build_model
+    from clipx.methods import build_model
 
     per_micro = GLOBAL // world // case.micro_batches
     values = {"model.name": str(arch_path), "loss.name": case.objective, "train.batch_size": per_micro,
@@ -63,7 +63,7 @@ def build(case: Case, world: int, arch_path: Path):
 
 def global_batch(case: Case) -> dict:
     generator = torch.Generator().manual_seed(1)
-    if OBJECTIVES.get(case.objective).inputs == IMAGE_TEXT:
+    if is_image_text(case.objective):
         return {"image": torch.randn(GLOBAL, 3, 32, 32, generator=generator),
                 "text": torch.randint(1, 400, (GLOBAL, 16), generator=generator)}
     return {"views": [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]}
@@ -76,7 +76,7 @@ def rows(batch: dict, selection: slice) -> dict:
 
 def step_gradients(case: Case, accelerator, world: int, rank: int, arch_path: Path) -> dict:
     """This rank's share of the global batch through one step: {"loss", "grads"}."""
-    from clipx.objectives import build_objective
+    from clipx.methods import build_objective
     from clipx.train.step import micro_batch_gradients
 
     config, model = build(case, world, arch_path)

@@ -57,7 +57,7 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
     """Train, save, resume; returns the findings (rank 0's are the ones that count)."""
     from clipx import dist
     from clipx.config import load_config
-    from clipx.objectives.clip import unwrap
+    from clipx.dist import unwrap
     from clipx.train.loop import build_trainer, fit, train
 
     work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Objective: the one thing that differs between training methods.
+"""Objective (what a method computes per step) and Method (everything else that differs between methods).
 
 The training loop only does ``out = objective(batch)``, backpropagates ``out["loss"]``, asks the
 update guard, steps the optimizer if the guard agrees, and calls ``objective.end_step(...)``; it
@@ -58,3 +58,48 @@ class Objective:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what ``state_dict`` returned."""
+
+
+class Method:
+    """Everything that makes a training method different, in one place; the loop, the data
+    pipeline and the evaluators ask a Method, never which method runs.
+
+    A method module subclasses this (or ImageTextMethod / ViewsMethod), and one registry line in
+    clipx/methods/__init__.py names it for ``loss.name``.
+    """
+
+    # Which evaluators apply: ("zero_shot", "retrieval") run during training on data.val;
+    # ("knn", "linear_probe") are run afterwards on the image encoder's features.
+    evaluators: tuple[str, ...] = ()
+    # The loss.gather modes the method honours; () for methods whose negatives are always global
+    # (MoCo's keys, SwAV's Sinkhorn), for which loss.gather has no effect.
+    gather_modes: tuple[str, ...] = ()
+    # Named flavours, each as the config overrides that select it (MoCo v2 and v3). The
+    # combination matrix trains every flavour; "" is the method as configured by default.
+    variants: dict[str, dict] = {"": {}}
+    # ssl.batchnorm settings the method can honour, and whether it takes multi-crop views.
+    batchnorm_modes: tuple[str, ...] = ("local", "sync")
+    multi_crop: bool = False
+
+    def validate(self, config) -> None:
+        """Refuse, with one line, a config this method cannot train (before any process starts)."""
+
+    def build_model(self, config) -> torch.nn.Module:
+        """The model this method trains, with random weights."""
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, accelerator, config) -> torch.nn.Module:
+        """Changes to the model that depend on the processes (SyncBatchNorm), before it is wrapped."""
+        return model
+
+    def train_transform(self, config):
+        """PIL image -> what a training sample holds (one tensor, or a list of augmented views)."""
+        raise NotImplementedError
+
+    def collate(self, config):
+        """samples -> batch, with ``needs_caption`` (see clipx.data.batch)."""
+        raise NotImplementedError
+
+    def objective(self, model: torch.nn.Module, config) -> Objective:
+        """The objective around an already built and prepared (possibly wrapped) model."""
+        raise NotImplementedError

@@ -1,18 +1,16 @@
-"""The image-text objective: DualEncoder features into a contrastive loss on features (CLIP or SigLIP)."""
+"""What the image-text methods (CLIP, SigLIP) share: a DualEncoder, the training image transform,
+image + tokenized caption batches, zero-shot and retrieval evaluation, and the objective."""
 
 from __future__ import annotations
 
 import torch
 
-from clipx.data.batch import IMAGE, TEXT
-from clipx.objectives.base import Objective
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
-    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
+from clipx.data.batch import IMAGE, TEXT, ImageTextBatch
+from clipx.data.tokenizer import Tokenizer
+from clipx.data.transforms import image_transform
+from clipx.dist import unwrap
+from clipx.methods.objective import Method, Objective
+from clipx.models import create_model, image_size
 
 
 class ContrastiveObjective(Objective):
@@ -45,3 +43,20 @@ class ContrastiveObjective(Objective):
 
     def after_step(self, step: int, total_steps: int) -> None:
         unwrap(self.model).clamp_logit_scale_()
+
+
+class ImageTextMethod(Method):
+    """Image and caption towers trained against each other; subclasses choose the loss."""
+
+    evaluators = ("zero_shot", "retrieval")
+
+    def build_model(self, config) -> torch.nn.Module:
+        return create_model(config.model)
+
+    def train_transform(self, config):
+        m = config.model
+        return image_transform(image_size(m), m.image_mean, m.image_std, train=True,
+                               crop_scale_min=config.data.crop_scale_min)
+
+    def collate(self, config):
+        return ImageTextBatch(Tokenizer(config.model))

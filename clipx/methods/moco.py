@@ -1,21 +1,65 @@
 """MoCo v2 (a queue of momentum-encoded negatives) and v3 (in-batch keys, symmetric, predictor).
 
+The model is an online encoder that the optimizer trains and its momentum copy that it never does.
 The momentum update and the enqueue run in ``after_step``, after the optimizer has stepped: never
-inside a forward, so a replayed forward (gradient caching) cannot update anything twice.
+inside a forward, so a replayed forward (gradient caching) cannot update anything twice, and never
+for a refused step.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from clipx import dist
 from clipx.data.batch import VIEWS
+from clipx.dist import unwrap
 from clipx.errors import ClipxError
-from clipx.objectives.base import Objective
-from clipx.objectives.clip import unwrap
+from clipx.losses.moco import batch_infonce, queue_infonce
+from clipx.methods.objective import Objective
+from clipx.methods.views import ViewsMethod
+from clipx.ssl.batchnorm import shuffled_forward
+from clipx.ssl.encoder import ImageEncoder, projection_head
 from clipx.ssl.momentum import momentum_at, update_momentum_
 from clipx.ssl.queue import FeatureQueue
+
+
+class MoCoModel(nn.Module):
+    """encoder (+ predictor, MoCo v3) -> queries; momentum_encoder -> keys.
+
+    The momentum encoder's parameters have ``requires_grad=False``: the optimizer never sees them,
+    DDP does not reduce them, and they change only in ``MoCoObjective.after_step``.
+    """
+
+    def __init__(self, encoder: ImageEncoder, predictor_hidden: int | None):
+        super().__init__()
+        self.encoder = encoder
+        out = encoder.head[-1].out_features
+        self.predictor = projection_head(out, predictor_hidden, out) if predictor_hidden else None
+        self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.feature_dim = encoder.feature_dim  # what encode_image returns, for the probes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm backbone features of the online encoder (what MoCo evaluates)."""
+        return self.encoder.encode_image(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P) queries."""
+        queries = self.encoder(images)
+        return self.predictor(queries) if self.predictor is not None else queries
+
+    @torch.no_grad()
+    def keys(self, images: torch.Tensor, shuffle: bool) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P) keys from the momentum encoder, BatchNorm-shuffled if asked."""
+        if shuffle:
+            return shuffled_forward(self.momentum_encoder, images)
+        return self.momentum_encoder(images)
 
 
 class MoCoObjective(Objective):
@@ -75,18 +119,24 @@ class MoCoObjective(Objective):
             self.queue.load_state_dict(state, "moco_queue")
 
 
-def queue_infonce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo v2: each query (B, P) against its key (B, P) and the queue's negatives (K, P)."""
-    q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
-    positive = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
-    negative = q @ queue.T  # (B, K)
-    logits = torch.cat([positive, negative], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+class MoCo(ViewsMethod):
+    variants = {"v2": {"ssl.moco_version": 2, "ssl.batchnorm": "shuffle"}, "v3": {"ssl.moco_version": 3}}
+    batchnorm_modes = ("local", "sync", "shuffle")
 
+    def validate(self, config) -> None:
+        s = config.ssl
+        if s.moco_version == 2 and s.queue_size == 0:
+            raise ClipxError("MoCo v2 needs ssl.queue_size > 0 negatives (or ssl.moco_version=3, which needs none)")
+        per_process = config.train.batch_size * config.train.accum_steps
+        if s.moco_version == 2 and s.queue_size % per_process:
+            # The full rule (a multiple of the global batch) needs the process count, checked when the
+            # objective is built; this part of it is known before any process starts.
+            raise ClipxError(f"ssl.queue_size={s.queue_size} must be a multiple of the global batch, hence of "
+                             f"train.batch_size x train.accum_steps = {per_process}")
 
-def batch_infonce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo v3: queries (B, P) against the keys of the global batch; scaled by 2T as in the paper."""
-    q = F.normalize(query, dim=1)
-    k = dist.gather_no_grad(F.normalize(key, dim=1))  # (N, P), no gradient to the momentum encoder
-    labels = torch.arange(len(q), device=q.device) + dist.rank() * len(q)
-    return F.cross_entropy(q @ k.T / temperature, labels) * 2 * temperature
+    def build_network(self, config, encoder):
+        return MoCoModel(encoder, config.ssl.predictor_hidden if config.ssl.moco_version == 3 else None)
+
+    def objective(self, model, config):
+        t = config.train
+        return MoCoObjective(model, config.ssl, t.batch_size * t.accum_steps * dist.world_size())

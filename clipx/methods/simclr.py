@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from clipx.data.batch import VIEWS
-from clipx.objectives.base import Objective
+from clipx.losses import NTXentLoss
+from clipx.methods.objective import Objective
+from clipx.methods.views import ViewsMethod
 
 
 class SimCLRObjective(Objective):
@@ -23,3 +25,10 @@ class SimCLRObjective(Objective):
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         return {"loss": self.loss(features["view1"], features["view2"]), "metrics": {}}
+
+
+class SimCLR(ViewsMethod):
+    gather_modes = ("none", "global", "local")
+
+    def objective(self, model, config):
+        return SimCLRObjective(model, NTXentLoss(config.ssl.temperature, config.loss.gather))

@@ -1,17 +1,59 @@
-"""SwAV: predict the code (Sinkhorn assignment to prototypes) of one global view from every other view."""
+"""SwAV: predict the code (Sinkhorn assignment to prototypes) of one global view from every other view.
+
+The model is an image encoder with learnable prototypes (unit vectors, renormalised after every
+applied step); small batches borrow stored projections from per-view queues for the assignment.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from clipx.data.batch import VIEWS
-from clipx.objectives.base import Objective
-from clipx.objectives.clip import unwrap
+from clipx.dist import unwrap
+from clipx.errors import ClipxError
+from clipx.losses.swav import sinkhorn, swapped_prediction
+from clipx.methods.objective import Objective
+from clipx.methods.views import ViewsMethod
+from clipx.ssl.encoder import ImageEncoder
 from clipx.ssl.queue import FeatureQueue
-from clipx.ssl.swav import sinkhorn
 
 GLOBAL_VIEWS = 2  # codes come from the two full-resolution views, never from small crops
+
+
+class SwAVModel(nn.Module):
+    """ImageEncoder -> unit-norm projections z; prototypes (K unit vectors) -> scores z . c_k."""
+
+    def __init__(self, encoder: ImageEncoder, prototypes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.prototypes = nn.Linear(encoder.head[-1].out_features, prototypes, bias=False)
+        self.normalize_prototypes_()
+        self.feature_dim = encoder.feature_dim  # what encode_image returns, for the probes
+
+    @torch.no_grad()
+    def normalize_prototypes_(self) -> None:
+        """Project the prototypes back onto the unit sphere (after every optimizer step)."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_image(images)
+
+    def forward(self, views: list[torch.Tensor], learn_prototypes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """V views of B images (sizes may differ) -> z (V*B, P) and scores (V*B, K), view-major.
+
+        While the prototypes are frozen they still take part in the graph, with zero gradient, so
+        that DDP sees every parameter used; the optimizer then leaves them as they are.
+        """
+        z = F.normalize(self.encoder(views), dim=1)
+        weight = self.prototypes.weight
+        if not learn_prototypes:
+            weight = weight.detach() + 0.0 * weight
+        return z, z @ weight.T
 
 
 class SwAVObjective(Objective):
@@ -43,16 +85,9 @@ class SwAVObjective(Objective):
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         scores = features["scores"]  # (B, V, K)
-        views = scores.shape[1]
-        log_probs = F.log_softmax(scores / self.cfg.temperature, dim=-1)
-        loss = scores.new_zeros(())
-        for view in range(GLOBAL_VIEWS):
-            codes = self._codes(scores[:, view].detach(), view)  # (B, K), no gradient
-            for other in range(views):
-                if other != view:
-                    loss = loss - (codes * log_probs[:, other]).sum(dim=-1).mean()
+        codes = [self._codes(scores[:, view].detach(), view) for view in range(GLOBAL_VIEWS)]  # no gradient
         self.stage("z", features["z"][:, :GLOBAL_VIEWS])  # (B, 2, P), enqueued only if the step is applied
-        return {"loss": loss / (GLOBAL_VIEWS * (views - 1)), "metrics": {}}
+        return {"loss": swapped_prediction(scores, codes, self.cfg.temperature), "metrics": {}}
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.steps_done = step
@@ -72,3 +107,17 @@ class SwAVObjective(Objective):
         self.steps_done = int(state["steps_done"])
         for view, queue in enumerate(self.queues):
             queue.load_state_dict(state, f"swav_queue{view}")
+
+
+class SwAV(ViewsMethod):
+    multi_crop = True
+
+    def validate(self, config) -> None:
+        if config.ssl.views != 2:
+            raise ClipxError("SwAV swaps predictions between 2 global views (ssl.views=2); add ssl.small_crops for more")
+
+    def build_network(self, config, encoder):
+        return SwAVModel(encoder, config.ssl.prototypes)
+
+    def objective(self, model, config):
+        return SwAVObjective(model, config.ssl)

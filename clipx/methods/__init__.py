@@ -1,0 +1,53 @@
+"""Training methods, selected by ``loss.name``: one module each, one registry line each.
+
+A method owns everything that differs between methods (clipx.methods.objective.Method): its model,
+train-time transform, batch fields, model preparation, config checks, per-step state and which
+evaluators apply. Adding one is a new module plus a line below (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+from clipx.errors import ClipxError
+from clipx.methods.clip import CLIP
+from clipx.methods.moco import MoCo
+from clipx.methods.objective import Method, Objective
+from clipx.methods.siglip import SigLIP
+from clipx.methods.simclr import SimCLR
+from clipx.methods.swav import SwAV
+from clipx.registry import Registry
+
+METHODS: Registry[Method] = Registry("loss")
+METHODS.register("clip")(CLIP())
+METHODS.register("siglip")(SigLIP())
+METHODS.register("ntxent")(SimCLR())
+METHODS.register("moco")(MoCo())
+METHODS.register("swav")(SwAV())
+
+
+def method_of(config) -> Method:
+    """The method ``config`` names, after its checks: one line on stderr for anything it cannot train."""
+    name = config.loss.name
+    method = METHODS.get(name)
+    if method.gather_modes and config.loss.gather not in method.gather_modes:
+        raise ClipxError(f"loss.gather={config.loss.gather} is not available for loss.name={name}; "
+                         f"use one of {', '.join(method.gather_modes)}")
+    if config.ssl.batchnorm not in method.batchnorm_modes:
+        raise ClipxError(f"ssl.batchnorm={config.ssl.batchnorm} is not available for loss.name={name}; "
+                         f"use one of {', '.join(method.batchnorm_modes)}")
+    if config.ssl.small_crops and not method.multi_crop:
+        raise ClipxError(f"ssl.small_crops (multi-crop) is used by loss.name=swav only, not {name}")
+    method.validate(config)
+    return method
+
+
+def build_model(config):
+    """The model ``config``'s method trains, with random weights (what checkpoints are loaded into)."""
+    return method_of(config).build_model(config)
+
+
+__all__ = ["METHODS", "Method", "Objective", "build_model", "build_objective", "method_of"]
+
+
+def build_objective(model, config) -> Objective:
+    """The objective of ``config``'s method around an already built (and prepared) model."""
+    return method_of(config).objective(model, config)

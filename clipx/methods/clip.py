@@ -1,0 +1,13 @@
+"""CLIP: the symmetric InfoNCE loss over image-text pairs with a learnable temperature."""
+
+from __future__ import annotations
+
+from clipx.losses import ClipLoss
+from clipx.methods.image_text import ContrastiveObjective, ImageTextMethod
+
+
+class CLIP(ImageTextMethod):
+    gather_modes = ("none", "global", "local")
+
+    def objective(self, model, config):
+        return ContrastiveObjective(model, ClipLoss(config.loss.gather))

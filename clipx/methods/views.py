@@ -1,0 +1,37 @@
+"""What the image-only methods (SimCLR, MoCo, SwAV) share: augmented views as inputs, an image
+encoder with a projection head, BatchNorm splits or SyncBatchNorm, and evaluation by probes."""
+
+from __future__ import annotations
+
+import torch
+
+from clipx.data.batch import ViewsBatch
+from clipx.methods.objective import Method
+from clipx.models import image_size
+from clipx.ssl.batchnorm import split_batchnorm_, sync_batchnorm
+from clipx.ssl.encoder import ImageEncoder, create_image_encoder
+from clipx.ssl.views import ssl_views
+
+
+class ViewsMethod(Method):
+    """Trains an image encoder on views of the same image; captions in the shards are ignored."""
+
+    evaluators = ("knn", "linear_probe")
+
+    def build_model(self, config) -> torch.nn.Module:
+        return split_batchnorm_(self.build_network(config, create_image_encoder(config.model, config.ssl)),
+                                config.ssl.bn_splits)
+
+    def build_network(self, config, encoder: ImageEncoder) -> torch.nn.Module:
+        """The method's model around the shared encoder (the encoder itself by default)."""
+        return encoder
+
+    def prepare(self, model, accelerator, config):
+        return sync_batchnorm(model, accelerator) if config.ssl.batchnorm == "sync" else model
+
+    def train_transform(self, config):
+        m = config.model
+        return ssl_views(config.ssl, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min)
+
+    def collate(self, config):
+        return ViewsBatch()

@@ -1,0 +1,42 @@
+"""Where a run keeps its checkpoints, and finding them: shared by training (which writes them) and
+every consumer (which reads them). A leaf module: it imports nothing of clipx but its errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from clipx.errors import ClipxError
+
+CHECKPOINT_DIRNAME = "checkpoints"
+MANIFEST = "manifest.json"  # written last: a checkpoint directory without it is incomplete
+TMP_PREFIX = ".tmp-"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIRNAME / f"step-{step:09d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with a manifest) in step order."""
+    folder = Path(output_dir) / CHECKPOINT_DIRNAME
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _STEP_RE.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+
+def as_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest checkpoint of a run directory; ClipxError otherwise."""
+    path = Path(path)
+    if (path / CHECKPOINT_DIRNAME).is_dir():
+        checkpoints = list_checkpoints(path)
+        if checkpoints:
+            return checkpoints[-1]
+    if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
+        raise ClipxError(
+            f"{path} is not a clipx checkpoint (expected config.yaml and model.safetensors, or a run directory "
+            "with checkpoints/)"
+        )
+    return path

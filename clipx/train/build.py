@@ -1,0 +1,128 @@
+"""Everything a training run needs, built once from a Config: the method, its model and objective,
+the optimizer and schedule, the data stream, the guards and logs."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from clipx.config import Config, config_to_dict
+from clipx.data.shards import expand_shards
+from clipx.dist import unwrap
+from clipx.errors import ClipxError
+from clipx.methods import Method, Objective, method_of
+from clipx.models.lock import lock_towers
+from clipx.models.pretrained import init_from_pretrained
+from clipx.ssl.batchnorm import check_sync_batchnorm
+from clipx.train.checkpoint import Stateful
+from clipx.train.guards import UpdateGuard
+from clipx.train.host_memory import retain_freed_host_memory
+from clipx.train.metrics_log import MetricsLog, SampleKeysLog
+from clipx.train.optim import build_optimizer
+from clipx.train.runtime import launched_processes, make_accelerator
+from clipx.train.schedule import cosine_with_warmup
+from clipx.train.stream import TrainStream
+
+
+@dataclass
+class Trainer:
+    """Everything a training step needs, built once by ``build_trainer``."""
+
+    config: Config
+    method: Method
+    accelerator: Accelerator
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stream: TrainStream
+    total_steps: int
+    log: MetricsLog
+    guard: UpdateGuard
+    keys_log: SampleKeysLog | None = None
+    # False when the caller formed the process group before the run (a script training several
+    # runs in one torchrun): then the run must leave the group alive for the caller.
+    owns_process_group: bool = True
+
+    def stateful(self) -> Stateful:
+        """What checkpoints save and restore besides the counters."""
+        return Stateful(unwrap(self.model), self.optimizer, self.scheduler, self.objective, self.accelerator.scaler)
+
+
+def total_steps(train_cfg, batches_per_epoch: int) -> int:
+    """Optimizer steps for the run: ``train.steps`` if set, else ``epochs`` worth of batches."""
+    if train_cfg.steps is not None:
+        return train_cfg.steps
+    return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
+
+
+def check_inputs(config: Config) -> Method:
+    """Fail before any process group forms, not after training, when the method cannot train this
+    config, or the training or validation shards, the initial weights or the templates are unusable.
+    Returns the method."""
+    method = method_of(config)
+    expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls)
+    if config.ssl.batchnorm == "sync" and "sync" in method.batchnorm_modes:
+        check_sync_batchnorm(launched_processes(), "cuda" if torch.accelerator.is_available() else "cpu")
+    if config.model.pretrained and not Path(config.model.pretrained).exists():
+        raise ClipxError(f"model.pretrained {config.model.pretrained} does not exist")
+    if config.data.val and evaluates_during_training(method, config):
+        from eval.templates import load_templates
+
+        expand_shards(config.data.val, "data.val")
+        if config.eval.zero_shot:
+            load_templates(config.eval.templates)
+    return method
+
+
+def evaluates_during_training(method: Method, config: Config) -> bool:
+    """Whether data.val is evaluated during training: by the zero-shot and retrieval evaluators,
+    for the methods they apply to. Image-only methods are probed after training instead."""
+    e = config.eval
+    return bool(config.data.val) and ((e.zero_shot and "zero_shot" in method.evaluators)
+                                      or (e.retrieval and "retrieval" in method.evaluators))
+
+
+def build_trainer(config: Config) -> Trainer:
+    """Check the config and its inputs, then form the processes and build everything a run needs."""
+    tcfg = config.train
+    method = check_inputs(config)
+    owns_process_group = not torch.distributed.is_initialized()
+    accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s, tcfg.fp16_init_scale)
+    if tcfg.retain_host_memory:
+        retain_freed_host_memory()  # before the loader workers fork, so that they inherit it
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    set_seed(tcfg.seed)
+    model = method.build_model(config)
+    if config.model.pretrained:
+        init_from_pretrained(model, config.model.pretrained, config.model.text_tower)
+    lock_towers(model, config.model)
+    model = method.prepare(model, accelerator, config).to(accelerator.device)
+    if tcfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, tcfg)
+    stream = TrainStream(config.data, method.train_transform(config), tcfg.batch_size, tcfg.seed,
+                         method.collate(config), accelerator.process_index, accelerator.num_processes)
+    steps = total_steps(tcfg, stream.batches_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(cosine_with_warmup, total_steps=steps, warmup_steps=tcfg.warmup_steps))
+    # The scheduler is stepped by us once per optimizer step; Accelerate's wrapper would step it once
+    # per process. Checkpoints carry it (see Trainer.stateful).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if tcfg.compile:
+        # Compile the DDP-wrapped model: torch.compile then splits graphs at DDP's gradient buckets so
+        # communication still overlaps backward. The first step includes compilation.
+        model = torch.compile(model)
+    objective = method.objective(model, config)
+    log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process, wandb_project=tcfg.wandb_project,
+                     config=config_to_dict(config))
+    guard = UpdateGuard(tcfg.max_nonfinite_steps, tcfg.loss_spike_factor, tcfg.loss_spike_warmup)
+    keys_log = SampleKeysLog(tcfg.output_dir, accelerator.process_index) if tcfg.log_sample_keys else None
+    return Trainer(config, method, accelerator, model, objective, optimizer, scheduler, stream, steps, log,
+                   guard, keys_log, owns_process_group)

@@ -20,9 +20,9 @@ demo: $(STAMP)
 # clipx against open_clip's own trainer on the same work (BENCHMARKS.md). The peer's extra need,
 # webdataset < 1.0, goes into runs/bench/openclip-site, seen only by the open_clip runs.
 bench: $(STAMP)
-	bash eval/bench/openclip_env.sh
-	$(VENV)/bin/python eval/bench/perf.py
-	$(VENV)/bin/python eval/bench/perf.py --markdown runs/bench/results.json --plot eval/bench/plots/scaling.png
+	bash bench/openclip_env.sh
+	$(VENV)/bin/python bench/perf.py
+	$(VENV)/bin/python bench/perf.py --markdown runs/bench/results.json --plot bench/plots/scaling.png
 
 # The report test renders a page in headless Chromium: Debian's package, installed when missing.
 browser:
@@ -32,10 +32,13 @@ browser:
 # CLIP_benchmark for the test that compares it with clipx eval (and open_clip_train for make bench):
 # into runs/bench/openclip-site, outside clipx's own environment.
 peers: $(STAMP)
-	@test -d runs/bench/openclip-site/clip_benchmark || bash eval/bench/openclip_env.sh
+	@test -d runs/bench/openclip-site/clip_benchmark || bash bench/openclip_env.sh
 
-# pytest exits 5 when it collected no tests: a missing suite must fail loudly, not pass quietly.
+# Lint and type check first (seconds), then the tests. pytest exits 5 when it collected no tests:
+# a missing suite must fail loudly, not pass quietly.
 test: $(STAMP) browser peers
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	@$(VENV)/bin/python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$status

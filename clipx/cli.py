@@ -11,6 +11,7 @@ from pathlib import Path
 from clipx.errors import ClipxError
 from clipx.fileio import write_json_atomic
 
+
 def main(argv: list[str] | None = None) -> int:
     # No clipx command may download weights or datasets: the Hugging Face libraries read local files
     # only. Set for this process (and the loader workers it forks) before they are imported.
@@ -136,9 +137,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(args) -> int:
     from clipx.config import load_config
-    from clipx.train.loop import train
-
     from clipx.train.guards import EXIT_PREEMPTED
+    from clipx.train.loop import train
 
     config = load_config(args.config, args.overrides)
     summary = train(config, resume=args.resume)
@@ -184,9 +184,9 @@ def _add_eval(commands) -> None:
 
 
 def _eval(args) -> int:
+    from clipx.api import load_model
     from clipx.data.shards import clip_benchmark_shards
     from clipx.data.tokenizer import Tokenizer
-    from clipx.api import load_model
     from eval.run import default_device, evaluate
 
     device = default_device()

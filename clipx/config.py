@@ -7,36 +7,22 @@ a typo in a key or a value of the wrong type costs a one-line error, not a crash
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
+from clipx.config_io import coerce, parse_override, read_model_json, read_yaml, resolve_path, suggest
 from clipx.errors import ClipxError
 
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `precision: no` as False."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-def read_yaml(text: str):
-    """Parse YAML with 1.2 booleans (see _Loader)."""
-    return yaml.load(text, Loader=_Loader)
+# loss.gather: none, each rank sees only its own negatives; global, full (N, N) logits on every rank;
+# local, this rank's rows against all gathered columns, (B, N) logits per rank.
+GatherMode = Literal["none", "global", "local"]
+GATHER_MODES: tuple[str, ...] = typing.get_args(GatherMode)
 
 
 @dataclass(frozen=True)
@@ -49,9 +35,9 @@ class ModelConfig:
     arch: Optional[dict] = None
     # "open_clip": the text tower described by arch["text_cfg"];
     # "hf": a transformers model from a local directory (hf_text_path) plus a linear projection.
-    text_tower: str = "open_clip"
+    text_tower: Literal["open_clip", "hf"] = "open_clip"
     hf_text_path: Optional[str] = None
-    hf_pooling: str = "mean"  # mean | cls
+    hf_pooling: Literal["mean", "cls"] = "mean"
     hf_context_length: int = 64
     init_temperature: float = 0.07  # CLIP: 0.07 (scale 1/0.07); SigLIP: 0.1 (scale 10)
     max_logit_scale: float = 100.0
@@ -93,7 +79,7 @@ class LossConfig:
     name: str = "clip"
     # none: each rank sees only its own negatives; global: full (N, N) logits on every rank;
     # local: this rank's rows against all gathered columns, (B, N) logits per rank.
-    gather: str = "local"
+    gather: GatherMode = "local"
 
 
 @dataclass(frozen=True)
@@ -112,8 +98,8 @@ class TrainConfig:
     # batch, at micro-batch memory, for one extra forward pass; naive: K separate losses of B
     # samples each (fewer negatives: not the same objective), gradients summed.
     accum_steps: int = 1
-    accum_mode: str = "features"  # features | naive
-    precision: str = "no"  # no | bf16 | fp16
+    accum_mode: Literal["features", "naive"] = "features"
+    precision: Literal["no", "bf16", "fp16"] = "no"
     # fp16: the loss scaler's first scale. Overflowing steps halve it (they apply no update and are
     # counted as overflow_steps); 2000 clean steps double it.
     fp16_init_scale: float = 65536.0
@@ -168,7 +154,7 @@ class SSLConfig:
 
     # "open_clip": the vision tower described by model.name; or a torchvision ResNet ("resnet18", ...).
     encoder: str = "open_clip"
-    recipe: str = "simclr"  # view augmentations: simclr | mocov2
+    recipe: Literal["simclr", "mocov2"] = "simclr"  # view augmentations
     views: int = 2  # global views; their crop's lower scale bound is data.crop_scale_min (SimCLR: 0.08)
     flip_prob: float = 0.5  # 0 for data where mirroring changes meaning (digits, text)
     jitter_strength: float = 1.0
@@ -180,10 +166,10 @@ class SSLConfig:
     temperature: float = 0.1  # NT-Xent, MoCo's InfoNCE, SwAV's swapped prediction
     # BatchNorm across the batch: local (per device), sync (over all ranks; GPU only), or shuffle
     # (MoCo: the key encoder sees a random share of the global batch, so BN cannot leak the pair).
-    batchnorm: str = "local"
+    batchnorm: Literal["local", "sync", "shuffle"] = "local"
     bn_splits: int = 1  # normalise this many interleaved groups of a device's batch apart (emulates devices)
     # MoCo (loss.name: moco)
-    moco_version: int = 2  # 2: queue of negatives; 3: no queue, symmetric loss, prediction head
+    moco_version: Literal[2, 3] = 2  # 2: queue of negatives; 3: no queue, symmetric loss, prediction head
     momentum: float = 0.99  # key encoder EMA: k <- m k + (1 - m) q
     momentum_cosine: bool = True  # raise m to 1 along a half cosine over the run (BYOL, MoCo v3)
     predictor_hidden: int = 512  # MoCo v3's prediction head
@@ -211,17 +197,6 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
 
 
-GATHER_MODES = ("none", "global", "local")
-CHOICES = {
-    "loss.gather": GATHER_MODES,
-    "model.text_tower": ("open_clip", "hf"),
-    "model.hf_pooling": ("mean", "cls"),
-    "train.precision": ("no", "bf16", "fp16"),
-    "train.accum_mode": ("features", "naive"),
-    "ssl.recipe": ("simclr", "mocov2"),
-    "ssl.batchnorm": ("local", "sync", "shuffle"),
-    "ssl.moco_version": (2, 3),
-}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -240,7 +215,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ClipxError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
         base_dir = path.resolve().parent
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         section, _, name = key.partition(".")
         if raw.get(section) is None:  # absent, or an empty `section:` line in the YAML
             raw[section] = {}
@@ -261,7 +236,7 @@ def config_from_dict(raw: dict) -> Config:
     for section, values in raw.items():
         section_cls = _SECTIONS.get(section)
         if section_cls is None:
-            raise ClipxError(f"unknown config section '{section}'{_suggest(section, _SECTIONS)}")
+            raise ClipxError(f"unknown config section '{section}'{suggest(section, _SECTIONS)}")
         if values is None:
             values = {}
         if not isinstance(values, dict):
@@ -271,8 +246,8 @@ def config_from_dict(raw: dict) -> Config:
         for name, value in values.items():
             if name not in known:
                 all_keys = [f"{s}.{k}" for s, c in _SECTIONS.items() for k in _fields(c)]
-                raise ClipxError(f"unknown config key '{section}.{name}'{_suggest(f'{section}.{name}', all_keys)}")
-            kwargs[name] = _coerce(f"{section}.{name}", value, _hints(section_cls)[name])
+                raise ClipxError(f"unknown config key '{section}.{name}'{suggest(f'{section}.{name}', all_keys)}")
+            kwargs[name] = coerce(f"{section}.{name}", value, _hints(section_cls)[name])
         sections[section] = section_cls(**kwargs)
     return Config(**sections)
 
@@ -294,9 +269,6 @@ def validate(config: Config) -> None:
     clipx.methods.method_of, which the run calls before any process group forms.
     """
     flat = {f"{s}.{k}": v for s, sec in config_to_dict(config).items() for k, v in sec.items()}
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise ClipxError(f"{key} must be one of {', '.join(map(str, allowed))}; got {flat[key]!r}")
     t = config.train
     for key in ("train.batch_size", "train.epochs", "train.accum_steps", "train.checkpoint_every",
                 "train.max_nonfinite_steps", "train.preempt_grace_s",
@@ -356,55 +328,6 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _suggest(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    if not sep or "." not in key:
-        raise ClipxError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
-    try:
-        value = read_yaml(text) if text != "" else ""
-    except yaml.YAMLError:
-        value = text
-    return key.strip(), value
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a field's type hint, with the few lossless conversions YAML needs."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, hint)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML reads "1e-3" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if hint is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if hint in (int, str, bool, dict) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    expected = getattr(hint, "__name__", str(hint))
-    raise ClipxError(f"config key '{key}' expects {expected}; got {value!r} ({type(value).__name__})")
-
-
-def _resolve_path(value: str, base_dir: Path, what: str) -> Path:
-    """A path relative to the YAML file's folder, else to the current directory; must exist."""
-    candidates = [Path(value)] if Path(value).is_absolute() else [base_dir / value, Path.cwd() / value]
-    found = next((p for p in candidates if p.exists()), None)
-    if found is None:
-        raise ClipxError(f"{what} {value} not found (looked in {', '.join(str(p.parent) for p in candidates)})")
-    return found.resolve()
-
-
 def _resolve_model_arch(config: Config, base_dir: Path) -> Config:
     """Fill ``model.arch`` from a JSON file or open_clip's built-in configs, unless already set.
 
@@ -413,7 +336,7 @@ def _resolve_model_arch(config: Config, base_dir: Path) -> Config:
     """
     model = config.model
     if model.hf_text_path:
-        hf_path = str(_resolve_path(model.hf_text_path, base_dir, "model.hf_text_path"))
+        hf_path = str(resolve_path(model.hf_text_path, base_dir, "model.hf_text_path"))
         model = dataclasses.replace(model, hf_text_path=hf_path)
     if model.pretrained and not Path(model.pretrained).is_absolute() and (base_dir / model.pretrained).exists():
         # Only made absolute here: a checkpoint's config must load after its initial weights are gone.
@@ -422,26 +345,14 @@ def _resolve_model_arch(config: Config, base_dir: Path) -> Config:
         return dataclasses.replace(config, model=model)
     name = model.name
     if name.endswith(".json"):
-        arch = _read_model_json(_resolve_path(name, base_dir, "model config"))
+        arch = read_model_json(resolve_path(name, base_dir, "model config"))
     else:
         import open_clip
 
         arch = open_clip.get_model_config(name)
         if arch is None:
             raise ClipxError(
-                f"unknown open_clip architecture '{name}'{_suggest(name, open_clip.list_models())}; "
+                f"unknown open_clip architecture '{name}'{suggest(name, open_clip.list_models())}; "
                 "give an open_clip model name or a path to a model JSON"
             )
     return dataclasses.replace(config, model=dataclasses.replace(model, arch=arch))
-
-
-def _read_model_json(path: Path) -> dict:
-    """An open_clip-format model JSON: embed_dim, vision_cfg and text_cfg."""
-    try:
-        arch = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ClipxError(f"model config {path} is not valid JSON: {error}") from None
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(arch, dict) or k not in arch]
-    if missing:
-        raise ClipxError(f"model config {path} lacks {', '.join(missing)} (open_clip's model JSON format)")
-    return arch

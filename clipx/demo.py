@@ -21,9 +21,9 @@ def default_config_path() -> Path:
 
 def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shuffle_captions: bool = False) -> dict:
     """Prep -> train -> zero-shot + retrieval on the held-out digits; returns and writes results.json."""
+    from clipx.api import load_model
     from clipx.config import load_config
     from clipx.data.tokenizer import Tokenizer
-    from clipx.api import load_model
     from clipx.train.loop import train
     from data_prep import prep_digits
     from eval.run import default_device, evaluate

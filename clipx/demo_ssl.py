@@ -34,9 +34,9 @@ def run_ssl_demo(mode: str, out: Path, config_path: str | Path | None = None, ov
     """Prep -> self-supervised training -> probes of the trained and the random-init encoder."""
     import torch
 
+    from clipx.api import load_model
     from clipx.config import load_config
     from clipx.methods import build_model
-    from clipx.api import load_model
     from clipx.train.loop import train
     from data_prep import prep_digits
     from eval.run import default_device

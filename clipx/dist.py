@@ -17,7 +17,9 @@ from clipx.errors import ClipxError
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
     while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or model.module
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module")
+        assert isinstance(inner, torch.nn.Module)
+        model = inner
     return model
 
 

@@ -22,8 +22,8 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
     """Write ``checkpoint`` as an open_clip local directory ``out``; returns ``out``."""
-    from clipx.models import image_size
     from clipx.api import load_model
+    from clipx.models import image_size
 
     model, config = load_model(checkpoint)
     if not hasattr(model, "encode_text"):

@@ -116,8 +116,8 @@ def write_image_processor(out: Path, size: int, mean, std) -> None:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    from clipx.models import image_size
     from clipx.api import load_model
+    from clipx.models import image_size
 
     model, config = load_model(checkpoint)
     if config.model.text_tower != "open_clip" or not hasattr(model, "encode_text") or model.logit_bias is not None:

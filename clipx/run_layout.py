@@ -23,8 +23,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     folder = Path(output_dir) / CHECKPOINT_DIRNAME
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _STEP_RE.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+    steps = {p: int(m.group(1)) for p in folder.iterdir() if (m := _STEP_RE.match(p.name)) and (p / MANIFEST).is_file()}
+    return sorted(steps, key=steps.__getitem__)
 
 
 def as_checkpoint(path: str | Path) -> Path:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from clipx.errors import ClipxError
-from eval.templates import load_templates
 from data_prep.pipeline import Sample, write_samples
 from data_prep.writer import PrepSummary
+from eval.templates import load_templates
 
 
 def prep_digits(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from clipx import dist
 from clipx.data.eval_loader import build_eval_loader
 from clipx.data.pipeline import SkipCounter
 from clipx.data.transforms import image_transform
 from clipx.models import image_size
-from clipx import dist
 from eval.embed import embed_dataset, merge_embeddings
 from eval.retrieval import retrieval_eval
 from eval.templates import load_templates

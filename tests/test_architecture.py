@@ -83,8 +83,9 @@ def test_the_core_imports_no_application_or_evaluator_at_module_level():
 
 
 def test_config_is_the_bottom_layer():
-    """config imports nothing of clipx but its errors; everything else may import config."""
-    assert import_graph()["clipx.config"] <= {"clipx.errors"}
+    """config (and its file reading, config_io) imports nothing of clipx but its errors."""
+    assert import_graph()["clipx.config"] <= {"clipx.errors", "clipx.config_io"}
+    assert import_graph()["clipx.config_io"] <= {"clipx.errors"}
 
 
 def test_importing_clipx_changes_nothing_in_the_process():

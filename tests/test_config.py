@@ -70,8 +70,8 @@ RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 def test_every_shipped_recipe_validates_and_builds_its_model(recipe):
     """Real-scale recipes load as written; their model builds (a forward pass on 2 samples)."""
     from clipx.data.tokenizer import Tokenizer
-    from clipx.models import image_size
     from clipx.methods import build_model, method_of
+    from clipx.models import image_size
 
     config = load_config(recipe)
     model = build_model(config).eval()

@@ -169,8 +169,8 @@ def test_training_with_the_packaged_minilm_as_text_tower(tmp_path, digits_dir, t
         "model.hf_context_length": 16})))
     assert summary["steps"] == 2 and summary["eval"]["num_images"] == 360
     # The evaluation inside training (its HF tokenizer included) equals one of the saved checkpoint.
-    from clipx.data.tokenizer import Tokenizer
     from clipx.api import load_model
+    from clipx.data.tokenizer import Tokenizer
     from eval.run import evaluate
 
     model, config = load_model(summary["checkpoint"])

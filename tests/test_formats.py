@@ -59,8 +59,8 @@ def test_img2dataset_shards_train_without_conversion(tmp_path, digits_dir, tiny_
 def test_clip_benchmark_folders_evaluate_like_the_same_shards_and_templates(tmp_path, digits_dir, tiny_model_json):
     import yaml
 
+    from bench.eval_vs_clip_benchmark import write_clip_benchmark_dataset
     from clipx.train.loop import train
-    from eval.bench.eval_vs_clip_benchmark import write_clip_benchmark_dataset
 
     train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "run", **{
         "data.val": "null", "train.steps": 2})))
@@ -84,16 +84,22 @@ def test_clip_benchmark_folders_evaluate_like_the_same_shards_and_templates(tmp_
 
 
 def test_clipx_eval_equals_clip_benchmark_on_the_same_exported_model_and_folder(tmp_path, digits_dir, tiny_model_json):
-    """CLIP_benchmark's own CLI (installed for tests by eval/bench/openclip_env.sh, which `make test`
+    """CLIP_benchmark's own CLI (installed for tests by bench/openclip_env.sh, which `make test`
     runs) against `clipx eval` on one CLIP_benchmark folder and the checkpoint's weights."""
     import yaml
 
+    from bench.eval_vs_clip_benchmark import (
+        METRIC_NAMES,
+        PEER_SITE,
+        open_clip_model_config,
+        run_clip_benchmark,
+        run_clipx,
+        write_clip_benchmark_dataset,
+    )
     from clipx.train.checkpoint import list_checkpoints
     from clipx.train.loop import train
-    from eval.bench.eval_vs_clip_benchmark import (METRIC_NAMES, PEER_SITE, open_clip_model_config,
-                                                  run_clip_benchmark, run_clipx, write_clip_benchmark_dataset)
 
-    assert (PEER_SITE / "clip_benchmark").is_dir(), "run eval/bench/openclip_env.sh (make test does)"
+    assert (PEER_SITE / "clip_benchmark").is_dir(), "run bench/openclip_env.sh (make test does)"
     train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "run", **{
         "data.val": "null", "train.steps": 20, "train.warmup_steps": 2})))
     checkpoint = list_checkpoints(tmp_path / "run")[-1]

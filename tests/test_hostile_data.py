@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from bench.hostile_corpus import build_hostile_corpus, read_one_pass
 from clipx.config import DataConfig
 from clipx.data.batch import ImageTextBatch
 from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
@@ -14,7 +15,6 @@ from clipx.data.shards import expand_shards
 from clipx.errors import ClipxError
 from clipx.train.checkpoint import list_checkpoints
 from clipx.train.metrics_log import read_sample_keys
-from eval.bench.hostile_corpus import build_hostile_corpus, read_one_pass
 from tests.conftest import run_training, tiny_overrides
 
 

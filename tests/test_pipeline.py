@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from clipx.config import load_config
-from clipx.data.eval_loader import build_eval_loader
 from clipx.data.batch import ImageTextBatch
+from clipx.data.eval_loader import build_eval_loader
 from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader, steps_per_epoch
 from clipx.data.shards import count_samples, expand_shards
 from clipx.data.tokenizer import Tokenizer

@@ -9,13 +9,12 @@ from clipx.config import load_config
 from clipx.plan import logit_bytes, plan_memory
 from tests.conftest import REPO
 
-
 # Measured in a fresh process: a training run earlier in the test session leaves malloc tuned to
 # keep freed memory (clipx.train.host_memory), and reused memory does not show as resident growth.
 MEASURE_LOSS_PEAK = """
 import sys, torch, torch.nn.functional as F
 from clipx.losses import ClipLoss
-from eval.bench.memory import peak_bytes_during
+from bench.memory import peak_bytes_during
 batch = int(sys.argv[1])
 torch.manual_seed(0)
 images = F.normalize(torch.randn(batch, 512), dim=-1).requires_grad_()

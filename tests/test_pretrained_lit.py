@@ -36,8 +36,8 @@ def source(tmp_path_factory, digits_dir, tiny_model_json):
 
 @pytest.mark.parametrize("form", ["run", "open_clip", "hf", "open_clip_file"])
 def test_every_export_format_initialises_the_same_weights(source, form, digits_dir, tiny_model_json):
-    from clipx.models.pretrained import init_from_pretrained
     from clipx.methods import build_model
+    from clipx.models.pretrained import init_from_pretrained
 
     folder, weights = source
     path = folder / "open_clip" / "open_clip_model.safetensors" if form == "open_clip_file" else folder / form
@@ -90,8 +90,8 @@ def test_the_packaged_minilm_as_a_locked_or_partly_unlocked_text_tower(tmp_path,
 def test_a_pretrained_file_of_another_architecture_is_refused_with_the_key(source, tmp_path, digits_dir):
     import json
 
-    from clipx.models.pretrained import init_from_pretrained
     from clipx.methods import build_model
+    from clipx.models.pretrained import init_from_pretrained
     from tests.conftest import TINY_ARCH
 
     folder, _ = source

@@ -234,7 +234,7 @@ def test_ten_sigkills_anywhere_then_resume_give_the_uninterrupted_weights(tmp_pa
     """SIGKILL at 10 random moments (checkpoints are saved every step, so several land inside a
     save); after each, every complete checkpoint verifies; the resumed run ends bitwise equal,
     having trained on the same sample keys in the same order."""
-    from eval.bench.fault_injection import run_fault_injection
+    from bench.fault_injection import run_fault_injection
 
     overrides = tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
         "train.steps": 60, "train.batch_size": 32, "train.checkpoint_every": 1, "train.keep_checkpoints": 3,

@@ -9,7 +9,6 @@ import braceexpand
 
 from clipx.errors import ClipxError
 
-
 PIPE_PREFIX = "pipe:"
 
 

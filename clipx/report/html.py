@@ -141,11 +141,11 @@ def _confusion_png(labels: torch.Tensor, predictions: torch.Tensor, classnames: 
 
 def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> str:
     """Gallery and confusion matrix from the run's newest checkpoint on ``shards``."""
+    from clipx.api import load_model
     from clipx.data.eval_loader import build_eval_loader
     from clipx.data.tokenizer import Tokenizer
     from clipx.data.transforms import image_transform
     from clipx.models import image_size
-    from clipx.api import load_model
     from eval.embed import embed_dataset
     from eval.templates import load_templates
     from eval.zero_shot import build_zero_shot_classifier

@@ -29,10 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from clipx.config import Config, dump_config
 from clipx.errors import ClipxError
-from clipx.run_layout import (CHECKPOINT_DIRNAME, MANIFEST, TMP_PREFIX, as_checkpoint, checkpoint_dir,
-                              list_checkpoints)
+from clipx.run_layout import CHECKPOINT_DIRNAME, MANIFEST, TMP_PREFIX, as_checkpoint, checkpoint_dir, list_checkpoints
 from clipx.train.state_io import fsync_dir, fsync_file, load_tree, save_tree, write_text_synced
-
 
 
 @dataclass

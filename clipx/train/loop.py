@@ -8,7 +8,9 @@ Everything it works with is built once by clipx.train.build.
 from __future__ import annotations
 
 import json
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +21,13 @@ from clipx import dist
 from clipx.config import Config, dump_config
 from clipx.dist import unwrap
 from clipx.train.build import Trainer, build_trainer, evaluates_during_training
-from clipx.train.checkpoint import TrainerState, load_training_state, remove_partial_checkpoints, resolve_resume, \
-    save_checkpoint
+from clipx.train.checkpoint import (
+    TrainerState,
+    load_training_state,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
 from clipx.train.guards import StopRequest
 from clipx.train.step import BufferSnapshot, micro_batch_gradients
 from clipx.train.throughput import Throughput
@@ -168,7 +175,11 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
         if scaler is not None:
             scaler.update()  # the refused step's overflow check still backs the scale off
     trainer.objective.end_step(step, trainer.total_steps, accepted)
-    trainer.scheduler.step()
+    with warnings.catch_warnings():
+        # The schedule advances on refused steps too (by design); torch warns when the very first
+        # optimizer step was refused, as if the order of the two calls were wrong.
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     # Tensors, not floats: reading them forces a device sync, so the caller reads only when logging.
     return {"loss": out["loss"], "grad_norm": grad_norm, "lr": lr, **out["metrics"]}

@@ -1,9 +1,9 @@
 """Hostile data and bad configs: what clipx skips, counts, stops on and refuses, as a JSON report.
 
-    .venv/bin/python eval/bench/hostile_data.py > runs/bench/hostile_data.json
-    .venv/bin/python eval/bench/hostile_data.py --markdown runs/bench/hostile_data.json   # RELIABILITY.md tables
+    .venv/bin/python bench/hostile_data.py > runs/bench/hostile_data.json
+    .venv/bin/python bench/hostile_data.py --markdown runs/bench/hostile_data.json   # RELIABILITY.md tables
 
-1. One pass of the training loader over the hostile corpus (eval/bench/hostile_corpus.py): skips
+1. One pass of the training loader over the hostile corpus (bench/hostile_corpus.py): skips
    by reason against the faults planted, and whether every good sample came exactly once.
 2. `clipx train` on the corpus (2 workers, 20 steps, under a time limit: a hang fails it):
    exit status and the per-epoch skip summary of its checkpoint.
@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CONFIG = REPO / "configs" / "demo-digits.yaml"
 
-from eval.bench.hostile_corpus import build_hostile_corpus, read_one_pass  # noqa: E402
+from bench.hostile_corpus import build_hostile_corpus, read_one_pass  # noqa: E402
 
 # One override set per kind of config mistake the reliability issue names, plus the SSL ones.
 BAD_CONFIGS = {

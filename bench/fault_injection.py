@@ -1,8 +1,8 @@
 """Kill a training run with SIGKILL at random moments (many inside checkpoint saves), resume it each
 time with ``--resume latest``, and compare the final weights with an uninterrupted run.
 
-    .venv/bin/python eval/bench/fault_injection.py --kills 10 > report.json   # a JSON report
-    .venv/bin/python eval/bench/fault_injection.py --markdown report.json     # as RELIABILITY.md's tables
+    .venv/bin/python bench/fault_injection.py --kills 10 > report.json   # a JSON report
+    .venv/bin/python bench/fault_injection.py --markdown report.json     # as RELIABILITY.md's tables
 
 tests/test_reliability.py runs the same with 10 kills on the tiny model; RELIABILITY.md records it.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo-digits.yaml"
 
 

@@ -1,9 +1,9 @@
 """Run open_clip's own trainer (``open_clip_train.main``) on a model config file, for the side-by-side benchmark.
 
-    PYTHONPATH=runs/bench/openclip-site .venv/bin/python eval/bench/open_clip_peer.py \
+    PYTHONPATH=runs/bench/openclip-site .venv/bin/python bench/open_clip_peer.py \
         --model-config bench.json --threads 2 -- --model bench --train-data ... (open_clip_train's flags)
 
-open_clip_train needs webdataset < 1.0, which eval/bench/openclip_env.sh installs into
+open_clip_train needs webdataset < 1.0, which bench/openclip_env.sh installs into
 runs/bench/openclip-site; with that folder first on PYTHONPATH only this process sees it. The model
 config is registered under its file stem, as open_clip's own configs are.
 """
@@ -24,7 +24,7 @@ def main() -> None:
     from open_clip_train.main import main as open_clip_main
 
     if not webdataset.__version__.startswith("0."):
-        sys.exit(f"open_clip_train needs webdataset < 1.0, found {webdataset.__version__}: run eval/bench/openclip_env.sh "
+        sys.exit(f"open_clip_train needs webdataset < 1.0, found {webdataset.__version__}: run bench/openclip_env.sh "
                  "and put runs/bench/openclip-site first on PYTHONPATH")
     torch.set_num_threads(args.threads)
     open_clip.add_model_config(args.model_config)

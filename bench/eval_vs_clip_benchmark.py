@@ -1,6 +1,6 @@
 """clipx's zero-shot and retrieval evaluators against CLIP_benchmark's on the same model and data.
 
-Used by eval/bench/perf.py. The data are the 1797 digits (train and test splits) at the model's
+Used by bench/perf.py. The data are the 1797 digits (train and test splits) at the model's
 resolution, written in CLIP_benchmark's webdataset layout (``test/{0..n}.tar`` with ``.jpg``, ``.cls``
 and ``.txt``, ``nshards.txt``, ``classnames.txt``, ``zeroshot_classification_templates.txt``,
 ``dataset_type.txt``). Every caption is unique (the digit's template caption plus its scan number),
@@ -25,7 +25,7 @@ import tarfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PEER_SITE = REPO / "runs" / "bench" / "openclip-site"
 SHARD_SIZE = 512
 # CLIP_benchmark's metric name -> clipx's, per task.

@@ -1,9 +1,9 @@
 """Peak memory of a contrastive loss forward + backward per rank.
 
 Global batch grows at a fixed 2 ranks (what BENCHMARKS.md reports for `global` vs `local`):
-    python -m torch.distributed.run --standalone --nproc_per_node 2 eval/bench/loss_memory.py
+    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/loss_memory.py
 Ranks grow at a fixed per-rank batch (run once per rank count):
-    python -m torch.distributed.run --standalone --nproc_per_node 4 eval/bench/loss_memory.py \\
+    python -m torch.distributed.run --standalone --nproc_per_node 4 bench/loss_memory.py \\
         --per-rank 1024 --losses clip-global,clip-local,siglip
 Each rank holds random unit features of width D; the figure is the rise of the process's peak
 resident memory (VmHWM) during one forward + backward, beside `clipx plan`'s estimate for CLIP.
@@ -12,6 +12,8 @@ resident memory (VmHWM) during one forward + backward, beside `clipx plan`'s est
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 from clipx.losses import ClipLoss, SigLipLoss
 from clipx.plan import feature_bytes, logit_bytes, siglip_bytes
 from clipx.train.runtime import make_accelerator
-from eval.bench.memory import peak_bytes_during
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.memory import peak_bytes_during  # noqa: E402
 
 LOSSES = {
     "clip-global": lambda: (ClipLoss(gather="global"), False),

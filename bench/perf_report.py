@@ -1,4 +1,4 @@
-"""Render eval/bench/perf.py's results.json as BENCHMARKS.md tables and the scaling plot (PNG)."""
+"""Render bench/perf.py's results.json as BENCHMARKS.md tables and the scaling plot (PNG)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,26 @@
 """Peak memory of one optimizer step's gradients: one batch of K x B vs K micro-batches of B.
 
-    python eval/bench/accum_memory.py --config configs/demo-digits.yaml --batch 512 --accum 8
+    python bench/accum_memory.py --config configs/demo-digits.yaml --batch 512 --accum 8
 Prints a Markdown table: with feature caching the peak follows the micro-batch, not K x B.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
 from clipx.config import load_config
 from clipx.data.tokenizer import Tokenizer
-from clipx.models import create_model, image_size
 from clipx.methods import build_objective
+from clipx.models import create_model, image_size
 from clipx.train.runtime import make_accelerator
 from clipx.train.step import micro_batch_gradients
-from eval.bench.memory import peak_bytes_during
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.memory import peak_bytes_during  # noqa: E402
 
 
 def measure(config, batch: int, accum: int, mode: str) -> float:

@@ -4,7 +4,7 @@
 seven shards: one clean, one whose samples are damaged one way each, two cut short (inside a
 member's data, inside a tar header), one of garbage bytes, one empty, and one that vanishes after
 the shard list was made. It returns the keys a reader must deliver (each exactly once per pass)
-and the skips it must count, by reason. tests/test_hostile_data.py and eval/bench/hostile_data.py
+and the skips it must count, by reason. tests/test_hostile_data.py and bench/hostile_data.py
 both use it.
 """
 

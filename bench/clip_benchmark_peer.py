@@ -1,10 +1,10 @@
 """Run CLIP_benchmark's own command line (``clip_benchmark.cli``) on a model config file, for the evaluator benchmark.
 
-    PYTHONPATH=runs/bench/openclip-site .venv/bin/python eval/bench/clip_benchmark_peer.py \
+    PYTHONPATH=runs/bench/openclip-site .venv/bin/python bench/clip_benchmark_peer.py \
         --model-config model.json -- eval --model model --pretrained model.safetensors --dataset wds/digits ...
 
 clip-benchmark is installed without its dependencies into runs/bench/openclip-site by
-eval/bench/openclip_env.sh: everything it needs for zero-shot classification and retrieval is
+bench/openclip_env.sh: everything it needs for zero-shot classification and retrieval is
 already in .venv, except webdataset < 1.0, which that folder also holds. Its CLI imports the
 captioning metrics at start-up (pycocoevalcap: 100 MB, mostly Java jars) although classification
 and retrieval never call them, so this wrapper registers empty stand-in modules for them. Its

@@ -1,8 +1,8 @@
 """Training throughput of clipx against open_clip's own trainer on identical work, and how far both are
 from the machine's limit.
 
-    make bench        # = eval/bench/openclip_env.sh, then this script; writes runs/bench/results.json
-    .venv/bin/python eval/bench/perf.py --markdown runs/bench/results.json   # BENCHMARKS.md's tables
+    make bench        # = bench/openclip_env.sh, then this script; writes runs/bench/results.json
+    .venv/bin/python bench/perf.py --markdown runs/bench/results.json   # BENCHMARKS.md's tables
 
 What "identical work" means here: the same model config file (configs/models/bench-small.json), the
 same shards, batch size, fp32, torch thread count and loader worker count, open_clip's default
@@ -35,7 +35,7 @@ import tarfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CONFIG = REPO / "configs" / "bench-small.yaml"
 MODEL = REPO / "configs" / "models" / "bench-small.json"
@@ -328,7 +328,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, metavar="PNG", help="with --markdown: also draw the scaling plot")
     args = parser.parse_args()
     if args.markdown:
-        from eval.bench.perf_report import markdown, plot_scaling
+        from bench.perf_report import markdown, plot_scaling
 
         results = json.loads(args.markdown.read_text())
         if args.plot:
@@ -336,7 +336,7 @@ def main() -> None:
         print(markdown(results))
         return
     if not (PEER_SITE / "webdataset").is_dir():
-        sys.exit("run eval/bench/openclip_env.sh first (open_clip_train needs webdataset < 1.0 beside clipx)")
+        sys.exit("run bench/openclip_env.sh first (open_clip_train needs webdataset < 1.0 beside clipx)")
 
     args.work.mkdir(parents=True, exist_ok=True)
     size = native_size(args.model)
@@ -423,10 +423,10 @@ def adamw_step_times(model_config: Path, threads: int, repeats: int = 20) -> dic
 
 def evaluators(args, shards: Path) -> dict:
     """Train the benchmark model long enough to be worth evaluating, then clipx's evaluators against
-    CLIP_benchmark's on it (eval/bench/eval_vs_clip_benchmark.py)."""
+    CLIP_benchmark's on it (bench/eval_vs_clip_benchmark.py)."""
     import shutil
 
-    from eval.bench.eval_vs_clip_benchmark import compare
+    from bench.eval_vs_clip_benchmark import compare
 
     run = args.work / "runs" / "eval-model"
     if not (run / "summary.json").is_file():

@@ -1,7 +1,7 @@
 """clipx SimCLR against lightly's SimCLR: same encoder, data, batch, steps and augmentations, one run.
 
-    bash eval/bench/lightly_env.sh            # lightly into runs/bench/lightly-site, outside clipx's venv
-    PYTHONPATH=runs/bench/lightly-site .venv/bin/python eval/bench/lightly_simclr.py --steps 300
+    bash bench/lightly_env.sh            # lightly into runs/bench/lightly-site, outside clipx's venv
+    PYTHONPATH=runs/bench/lightly-site .venv/bin/python bench/lightly_simclr.py --steps 300
 
 Both sides train the tiny ViT of configs/simclr-digits.yaml (open_clip vision tower, 32 px) with a
 BatchNorm MLP head, AdamW and the same warmup-cosine schedule, on the digits training shards, then
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-SIMCLR_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "simclr-digits.yaml"
+SIMCLR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "simclr-digits.yaml"
 
 
 class DigitImages(torch.utils.data.Dataset):

@@ -1,6 +1,6 @@
 """Where a training step's CPU time goes: torch.profiler over forward + loss + backward + AdamW.
 
-    .venv/bin/python eval/bench/profile_step.py [--model configs/models/bench-small.json] [--batch 128]
+    .venv/bin/python bench/profile_step.py [--model configs/models/bench-small.json] [--batch 128]
 
 Prints the operators with the most self time and the share of each phase of the step; the phases
 are timed separately (forward, backward, optimizer step, zero_grad) over a few steps after two warm-ups.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 

@@ -90,7 +90,7 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, subproces
 
 def run_clip_benchmark(task: str, data: Path, model_config: Path, weights: Path, out: Path, batch: int,
                        workers: int, threads: int) -> tuple[float, dict]:
-    command = [sys.executable, str(REPO / "eval" / "bench" / "clip_benchmark_peer.py"), "--model-config",
+    command = [sys.executable, str(REPO / "bench" / "clip_benchmark_peer.py"), "--model-config",
                str(model_config), "--threads", str(threads), "--", "eval", "--dataset", "wds/digits",
                "--dataset_root", str(data), "--task", task, "--model", model_config.stem, "--pretrained", str(weights),
                "--batch_size", str(batch), "--num_workers", str(workers), "--no_amp", "--output", str(out),

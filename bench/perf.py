@@ -191,7 +191,7 @@ def run_open_clip(run_dir: Path, shards: Path, model: Path, batch: int, steps: i
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, str(REPO / "eval" / "bench" / "open_clip_peer.py"), "--model-config", str(model),
+    command = [sys.executable, str(REPO / "bench" / "open_clip_peer.py"), "--model-config", str(model),
                "--threads", str(threads), "--", "--model", model.stem, "--train-data", shard_pattern(shards),
                "--train-num-samples", str(batch * steps), "--dataset-type", "webdataset", "--batch-size", str(batch),
                "--epochs", "1", "--workers", str(workers), "--precision", OPEN_CLIP_PRECISION[precision], "--lr", "5e-4", "--wd", "0.2",

@@ -85,17 +85,18 @@ def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision()
 
 @pytest.mark.parametrize("flavour", flavours(), ids=[f[0] for f in flavours()])
 def test_gather_modes_a_method_does_not_honour_are_refused_before_training(flavour, tmp_path):
-    """The refused corner of the matrix: each is refused by the config check, with one line."""
+    """The refused corner of the matrix: each is refused by the method's check (which a run makes
+    before any process group forms), with one line."""
     from clipx.config import load_config
-    from clipx.methods import METHODS
+    from clipx.methods import METHODS, method_of
 
     name, objective, overrides = flavour
     honoured = METHODS.get(objective).gather_modes
     refused = [g for g in ("none", "global", "local") if honoured and g not in honoured]
     for gather in refused:
         with pytest.raises(ClipxError, match=f"loss.gather={gather} is not available for loss.name={objective}"):
-            load_config(None, [f"loss.name={objective}", f"loss.gather={gather}",
-                               *[f"{k}={v}" for k, v in overrides.items()]])
+            method_of(load_config(None, [f"loss.name={objective}", f"loss.gather={gather}",
+                                         *[f"{k}={v}" for k, v in overrides.items()]]))
     if objective == "siglip":
         assert refused == ["global"]  # the dense (N, N) all-gather of SigLIP's logits buys nothing
 

@@ -45,13 +45,16 @@ class Tower:
     needs_minilm: bool = False
     image_text_only: bool = False  # locks and text towers exist only in image-text models
     views_only: bool = False  # torchvision ResNets are SSL encoders
+    # fp16 convolutions have no fast CPU kernels: a ResNet-18 step takes minutes in the CPU fp16
+    # stand-in. The loss-scaler path is the same for every tower, and runs with the others.
+    cpu_fp16: bool = True
     locked_prefixes: tuple[str, ...] = ()  # state-dict prefixes that must stay bitwise unchanged
 
 
 TOWERS = {
     "vit": Tower(TINY_VIT),
     "modified_resnet": Tower(TINY_RESNET),
-    "torchvision_resnet18": Tower(TINY_VIT, {"ssl.encoder": "resnet18"}, views_only=True),
+    "torchvision_resnet18": Tower(TINY_VIT, {"ssl.encoder": "resnet18"}, views_only=True, cpu_fp16=False),
     "vit_locked": Tower(TINY_VIT, {"model.lock_image": True}, image_text_only=True, locked_prefixes=("visual.",)),
     "modified_resnet_locked": Tower(TINY_RESNET, {"model.lock_image": True}, image_text_only=True,
                                     locked_prefixes=("visual.",)),
@@ -109,8 +112,13 @@ def world_one() -> list[Combination]:
     """Every flavour x accumulation x precision on the ViT; every other tower with every flavour it serves."""
     grid = [_combination(f, "vit", a, p) for f, a, p in itertools.product(flavours(), ACCUMULATION, PRECISION)]
     precisions = itertools.cycle(PRECISION)  # towers rotate through the precisions
-    towers = [_combination(f, tower, "k1", next(precisions))
-              for tower in TOWERS if tower != "vit" for f in flavours() if _serves(tower, f[1])]
+    towers = []
+    for tower in TOWERS:
+        for flavour in (f for f in flavours() if tower != "vit" and _serves(tower, f[1])):
+            precision = next(precisions)
+            if precision == "fp16" and not TOWERS[tower].cpu_fp16:
+                precision = next(precisions)
+            towers.append(_combination(flavour, tower, "k1", precision))
     return grid + towers
 
 

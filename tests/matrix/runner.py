@@ -83,7 +83,7 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
                        (resumed / "checkpoints" / f"step-{STEPS:09d}" / f"rank{dist.rank()}.safetensors")]
     states = [load_file(str(p)) for p in objective_state]
     locked = TOWERS[combination.tower].locked_prefixes
-    return {
+    findings = {
         "name": combination.name,
         "losses": _losses(first),
         "steps": summary["steps"],
@@ -97,6 +97,13 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
                                           and not torch.equal(states[0][k], states[1][k])),
         "world_size": dist.world_size(),
     }
+    if dist.is_distributed():
+        torch.distributed.barrier()  # every rank has read the checkpoints
+    if dist.rank() == 0:
+        # Each run leaves 4 checkpoints (up to 1 GB with the MiniLM tower); 98 runs would fill a disk,
+        # and the findings are all the test needs.
+        shutil.rmtree(work)
+    return findings
 
 
 def all_finite(values: list[float]) -> bool:

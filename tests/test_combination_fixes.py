@@ -87,12 +87,10 @@ def test_nonfinite_steps_with_a_finite_loss_under_fp16_below_scale_one_still_sto
 def test_moco_feature_caching_equals_one_batch_of_k_by_b(version, tmp_path):
     """MoCo v2/v3 with 2 cached micro-batches: the gradient of one batch of 2 x B (BatchNorm in eval
     mode, the only way a union batch is defined with BatchNorm heads)."""
-    import json as _json
-
     from tests.matrix.combos import TINY_VIT
 
     arch = tmp_path / "arch.json"
-    arch.write_text(_json.dumps(TINY_VIT))
+    arch.write_text(json.dumps(TINY_VIT))
     case = Case(f"moco-v{version}", "moco", "local", 2, {"ssl.moco_version": version})
     cached, expected = step_gradients(case, None, 1, 0, arch), reference(case, 1, arch)
     assert cached["grads"].keys() == expected["grads"].keys()

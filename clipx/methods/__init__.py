@@ -45,9 +45,9 @@ def build_model(config):
     return method_of(config).build_model(config)
 
 
-__all__ = ["METHODS", "Method", "Objective", "build_model", "build_objective", "method_of"]
-
-
 def build_objective(model, config) -> Objective:
     """The objective of ``config``'s method around an already built (and prepared) model."""
     return method_of(config).objective(model, config)
+
+
+__all__ = ["METHODS", "Method", "Objective", "build_model", "build_objective", "method_of"]

@@ -84,6 +84,10 @@ class Method:
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""
 
+    def check_processes(self, config, processes: int, device_type: str) -> None:
+        """Refuse what this method cannot do with ``processes`` processes on ``device_type``
+        ("cpu" or "cuda"); called before the process group forms."""
+
     def build_model(self, config) -> torch.nn.Module:
         """The model this method trains, with random weights."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ import torch
 from clipx.data.batch import ViewsBatch
 from clipx.methods.objective import Method
 from clipx.models import image_size
-from clipx.ssl.batchnorm import split_batchnorm_, sync_batchnorm
+from clipx.ssl.batchnorm import check_sync_batchnorm, split_batchnorm_, sync_batchnorm
 from clipx.ssl.encoder import ImageEncoder, create_image_encoder
 from clipx.ssl.views import ssl_views
 
@@ -25,6 +25,10 @@ class ViewsMethod(Method):
     def build_network(self, config, encoder: ImageEncoder) -> torch.nn.Module:
         """The method's model around the shared encoder (the encoder itself by default)."""
         return encoder
+
+    def check_processes(self, config, processes: int, device_type: str) -> None:
+        if config.ssl.batchnorm == "sync":
+            check_sync_batchnorm(processes, device_type)
 
     def prepare(self, model, accelerator, config):
         return sync_batchnorm(model, accelerator) if config.ssl.batchnorm == "sync" else model

@@ -18,7 +18,6 @@ from clipx.errors import ClipxError
 from clipx.methods import Method, Objective, method_of
 from clipx.models.lock import lock_towers
 from clipx.models.pretrained import init_from_pretrained
-from clipx.ssl.batchnorm import check_sync_batchnorm
 from clipx.train.checkpoint import Stateful
 from clipx.train.guards import UpdateGuard
 from clipx.train.host_memory import retain_freed_host_memory
@@ -67,8 +66,7 @@ def check_inputs(config: Config) -> Method:
     Returns the method."""
     method = method_of(config)
     expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls)
-    if config.ssl.batchnorm == "sync" and "sync" in method.batchnorm_modes:
-        check_sync_batchnorm(launched_processes(), "cuda" if torch.accelerator.is_available() else "cpu")
+    method.check_processes(config, launched_processes(), "cuda" if torch.accelerator.is_available() else "cpu")
     if config.model.pretrained and not Path(config.model.pretrained).exists():
         raise ClipxError(f"model.pretrained {config.model.pretrained} does not exist")
     if config.data.val and evaluates_during_training(method, config):

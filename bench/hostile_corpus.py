@@ -176,7 +176,8 @@ def read_one_pass(corpus: HostileCorpus, workers: int = 0):
 
     from clipx.config import DataConfig
     from clipx.data.batch import ImageTextBatch
-    from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
+    from clipx.data.pipeline import SharedEpoch, build_train_loader
+    from clipx.data.skips import SkipCounter
 
     data = DataConfig(train=str(corpus.folder), train_num_samples=len(corpus.good_keys), workers=workers,
                       shuffle_buffer=16)

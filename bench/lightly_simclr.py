@@ -124,8 +124,8 @@ def main() -> None:
 
     import lightly
 
+    from clipx.apps.demo_ssl import probe
     from clipx.config import load_config
-    from clipx.demo_ssl import probe
     from data_prep import prep_digits
 
     torch.set_num_threads(args.threads)

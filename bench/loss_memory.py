@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from clipx.apps.plan import feature_bytes, logit_bytes, siglip_bytes
 from clipx.losses import ClipLoss, SigLipLoss
-from clipx.plan import feature_bytes, logit_bytes, siglip_bytes
 from clipx.train.runtime import make_accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere

@@ -233,7 +233,8 @@ def side_by_side(work: Path, shards: Path, model: Path, batch: int, steps: int, 
 def loader_throughput(shards: Path, model: Path, batch: int, workers: int, batches: int = 24) -> dict:
     """clipx's training loader alone: decode, augment, tokenize and collate, no model."""
     from clipx.config import load_config
-    from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
+    from clipx.data.pipeline import SharedEpoch, build_train_loader
+    from clipx.data.skips import SkipCounter
     from clipx.data.tokenizer import Tokenizer
     from clipx.methods import method_of
 

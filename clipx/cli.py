@@ -243,13 +243,13 @@ def _add_demo(commands) -> None:
 
 def _demo(args) -> int:
     if args.mode != "clip":
-        from clipx.demo_ssl import print_ssl_table, run_ssl_demo
+        from clipx.apps.demo_ssl import print_ssl_table, run_ssl_demo
 
         out = Path(args.out if args.out != "runs/demo" else f"runs/{args.mode}-demo")
         print_ssl_table(run_ssl_demo(args.mode, out, config_path=args.config, overrides=args.overrides))
         print(f"wrote {out / 'results.json'}")
         return 0
-    from clipx.demo import print_table, run_demo
+    from clipx.apps.demo import print_table, run_demo
 
     results = run_demo(Path(args.out), config_path=args.config, overrides=args.overrides,
                        shuffle_captions=args.shuffle_captions)
@@ -270,12 +270,12 @@ def _add_export(commands) -> None:
 
 def _export(args) -> int:
     if args.format == "hf":
-        from clipx.export_hf import export_hf
+        from clipx.apps.export_hf import export_hf
 
         out = export_hf(args.checkpoint, args.out)
         print(f"wrote {out}: load it with transformers.CLIPModel.from_pretrained('{out}')")
         return 0
-    from clipx.export import export_open_clip
+    from clipx.apps.export import export_open_clip
 
     out = export_open_clip(args.checkpoint, args.out)
     print(f"wrote {out}: load it with open_clip.create_model_and_transforms('local-dir:{out}')")
@@ -294,7 +294,7 @@ def _add_encode(commands) -> None:
 
 
 def _encode(args) -> int:
-    from clipx.encode import encode
+    from clipx.apps.encode import encode
 
     summary = encode(args.checkpoint, args.out, images=args.images, texts=args.texts, batch_size=args.batch_size,
                      workers=args.workers)
@@ -311,7 +311,7 @@ def _add_report(commands) -> None:
 
 
 def _report(args) -> int:
-    from clipx.report.html import write_report
+    from clipx.apps.report.html import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out, args.data)}")
     return 0
@@ -328,8 +328,8 @@ def _add_plan(commands) -> None:
 
 
 def _plan(args) -> int:
+    from clipx.apps.plan import plan_memory
     from clipx.config import load_config
-    from clipx.plan import plan_memory
 
     if args.world_size < 1 or (args.global_batch is not None and args.global_batch < args.world_size):
         raise ClipxError("--world-size must be >= 1 and --global-batch at least the world size")
@@ -339,8 +339,8 @@ def _plan(args) -> int:
 
 
 def _table(args) -> int:
-    from clipx.demo import markdown_table
-    from clipx.demo_ssl import ssl_markdown_table
+    from clipx.apps.demo import markdown_table
+    from clipx.apps.demo_ssl import ssl_markdown_table
 
     missing = [p for p in args.results if not Path(p).is_file()]
     if missing:

@@ -141,7 +141,7 @@ class EvalConfig:
     every: int = 0  # steps between evaluations during training; 0 evaluates only after the last step
     zero_shot: bool = True
     retrieval: bool = True
-    # Class names and prompt templates: a name shipped in eval/templates ("digits", "imagenet")
+    # Class names and prompt templates: a name shipped in clipx/templates ("digits", "imagenet")
     # or a path to a YAML file with `classnames` and `templates`.
     templates: str = "digits"
     label_key: str = "label"  # field of each sample's .json (or a .cls member) holding the class index

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from clipx.errors import ClipxError
+from clipx.templates import load_templates
 from data_prep.pipeline import Sample, write_samples
 from data_prep.writer import PrepSummary
-from eval.templates import load_templates
 
 
 def prep_digits(
@@ -25,7 +25,7 @@ def prep_digits(
 
     The split is stratified by class and fixed by `seed`. Each caption is one prompt template
     (also picked by `seed`) filled with the class name, both read from `templates_file`
-    (a path or a shipped name; default: `eval/templates/digits.yaml`). Meta: label, classname, source_index.
+    (a path or a shipped name; default: `clipx/templates/digits.yaml`). Meta: label, classname, source_index.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ClipxError(f"test fraction must be between 0 and 1, got {test_fraction}")

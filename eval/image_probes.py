@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from clipx.data.eval_loader import build_eval_loader
-from clipx.data.pipeline import SkipCounter
+from clipx.data.skips import SkipCounter
 from clipx.data.transforms import image_transform
 from clipx.errors import ClipxError
 from clipx.models import image_size

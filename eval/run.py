@@ -6,12 +6,12 @@ import torch
 
 from clipx import dist
 from clipx.data.eval_loader import build_eval_loader
-from clipx.data.pipeline import SkipCounter
+from clipx.data.skips import SkipCounter
 from clipx.data.transforms import image_transform
 from clipx.models import image_size
+from clipx.templates import load_templates
 from eval.embed import embed_dataset, merge_embeddings
 from eval.retrieval import retrieval_eval
-from eval.templates import load_templates
 from eval.zero_shot import build_zero_shot_classifier, zero_shot_metrics
 
 

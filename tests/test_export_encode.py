@@ -86,7 +86,7 @@ def test_hf_export_loads_as_clip_model_and_gives_the_same_embeddings(run_dir, di
 
 
 def test_hf_export_refuses_what_clip_model_cannot_represent():
-    from clipx.export_hf import hf_config
+    from clipx.apps.export_hf import hf_config
 
     arch = {"embed_dim": 8, "vision_cfg": {"width": 16, "layers": 1, "attentional_pool": True}, "text_cfg": {}}
     with pytest.raises(ClipxError, match="attentional_pool"):
@@ -94,7 +94,7 @@ def test_hf_export_refuses_what_clip_model_cannot_represent():
 
 
 def test_encode_writes_npy_and_parquet_rows_equal_to_the_api(run_dir, digits_dir, tmp_path):
-    from clipx.encode import encode
+    from clipx.apps.encode import encode
 
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS) + "\n\n")
@@ -127,7 +127,7 @@ def test_encode_writes_npy_and_parquet_rows_equal_to_the_api(run_dir, digits_dir
 
 
 def test_encode_refuses_bad_requests_with_one_line(run_dir, tmp_path):
-    from clipx.encode import encode
+    from clipx.apps.encode import encode
 
     with pytest.raises(ClipxError, match="--out must end in"):
         encode(str(run_dir), str(tmp_path / "e.csv"), texts=str(tmp_path / "x"))

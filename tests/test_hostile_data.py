@@ -10,8 +10,9 @@ import torch
 from bench.hostile_corpus import build_hostile_corpus, read_one_pass
 from clipx.config import DataConfig
 from clipx.data.batch import ImageTextBatch
-from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
+from clipx.data.pipeline import SharedEpoch, build_train_loader
 from clipx.data.shards import expand_shards
+from clipx.data.skips import SkipCounter
 from clipx.errors import ClipxError
 from clipx.train.checkpoint import list_checkpoints
 from clipx.train.metrics_log import read_sample_keys

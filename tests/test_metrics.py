@@ -71,7 +71,7 @@ def test_images_without_captions_do_not_count_for_image_to_text():
 
 def test_templates_must_be_valid(tmp_path):
     from clipx.errors import ClipxError
-    from eval.templates import load_templates
+    from clipx.templates import load_templates
 
     assert len(load_templates("imagenet")[0]) == 1000
     for body, message in [("classnames: [a\n", "not valid YAML"), ("- a\n- b\n", "non-empty lists"),

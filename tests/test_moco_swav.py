@@ -207,7 +207,8 @@ def test_swav_multicrop_loss_freezes_then_trains_the_prototypes(tiny_model_json)
 
 
 def test_swav_batches_hold_two_global_views_and_the_small_crops(digits_dir, tiny_model_json):
-    from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
+    from clipx.data.pipeline import SharedEpoch, build_train_loader
+    from clipx.data.skips import SkipCounter
     from clipx.methods import method_of
 
     config = tiny_config(SWAV, tiny_model_json, **{"data.train": digits_dir / "train", "data.workers": 0})

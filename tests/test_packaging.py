@@ -28,7 +28,7 @@ def test_wheel_contains_all_three_packages_and_template_files(tmp_path):
     wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("clipx/cli.py", "clipx/train/loop.py", "eval/metrics.py", "eval/zero_shot.py",
-                     "eval/templates/digits.yaml", "eval/templates/imagenet.yaml", "data_prep/digits.py",
+                     "clipx/templates/digits.yaml", "clipx/templates/imagenet.yaml", "data_prep/digits.py",
                      "data_prep/writer.py"):
         assert required in names, required
     assert not any(n.startswith(("tests/", "bench/")) for n in names)  # benchmarks stay in the checkout
@@ -40,7 +40,7 @@ def test_wheel_imports_outside_the_checkout(tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()];"
             "sys.path.insert(0, sys.argv[1]);"
-            "import eval.metrics, data_prep, clipx.cli; from eval.templates import load_templates;"
+            "import eval.metrics, data_prep, clipx.cli; from clipx.templates import load_templates;"
             "assert eval.metrics.__file__.startswith(sys.argv[1]);"
             "print(len(load_templates('imagenet')[0]))")
     out = subprocess.run([sys.executable, "-I", "-c", code, str(tmp_path / "site")], capture_output=True, text=True,

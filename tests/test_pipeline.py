@@ -8,8 +8,9 @@ import torch
 from clipx.config import load_config
 from clipx.data.batch import ImageTextBatch
 from clipx.data.eval_loader import build_eval_loader
-from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader, steps_per_epoch
+from clipx.data.pipeline import SharedEpoch, build_train_loader, steps_per_epoch
 from clipx.data.shards import count_samples, expand_shards
+from clipx.data.skips import SkipCounter
 from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
 from clipx.errors import ClipxError

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
+from clipx.apps.plan import logit_bytes, plan_memory
 from clipx.config import load_config
-from clipx.plan import logit_bytes, plan_memory
 from tests.conftest import REPO
 
 # Measured in a fresh process: a training run earlier in the test session leaves malloc tuned to

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from clipx.errors import ClipxError
+from clipx.templates import load_templates
 from data_prep import prep_digits, prep_folder, prep_hf
 from data_prep.images import encode_image
 from data_prep.writer import PrepSummary, ShardWriter
-from eval.templates import load_templates
 
 
 def read_shards(split_dir: Path) -> dict[str, dict[str, bytes]]:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipx.apps.report.html import write_report
 from clipx.config import load_config
-from clipx.report.html import write_report
 from tests.conftest import DEMO, tiny_overrides
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -76,7 +76,8 @@ def test_linear_probe_separates_separable_classes_and_picks_a_regulariser():
 
 
 def test_views_batches_hold_two_augmented_views_and_no_text(digits_dir, tiny_model_json):
-    from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader
+    from clipx.data.pipeline import SharedEpoch, build_train_loader
+    from clipx.data.skips import SkipCounter
     from clipx.methods import method_of
 
     config = load_config(SIMCLR, [f"model.name={tiny_model_json}", f"data.train={digits_dir / 'train'}",

@@ -18,7 +18,7 @@ from clipx.errors import ClipxError
 from clipx.run_layout import as_checkpoint
 
 # open_clip residual-block module -> CLIPEncoderLayer module, besides the packed q/k/v projection:
-# read one way when initialising from a CLIPModel, the other way by clipx.export_hf.
+# read one way when initialising from a CLIPModel, the other way by clipx.apps.export_hf.
 BLOCK_RENAMES = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
@@ -71,7 +71,7 @@ def _blocks_from_hf(state: dict, src: str, dst: str, layers: int) -> dict:
 
 
 def from_hf_clip(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """transformers CLIPModel weights -> clipx names (the inverse of clipx.export_hf)."""
+    """transformers CLIPModel weights -> clipx names (the inverse of clipx.apps.export_hf)."""
     try:
         out = {
             "logit_scale": state["logit_scale"],

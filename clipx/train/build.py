@@ -18,6 +18,7 @@ from clipx.errors import ClipxError
 from clipx.methods import Method, Objective, method_of
 from clipx.models.lock import lock_towers
 from clipx.models.pretrained import init_from_pretrained
+from clipx.templates import load_templates
 from clipx.train.checkpoint import Stateful
 from clipx.train.guards import UpdateGuard
 from clipx.train.host_memory import retain_freed_host_memory
@@ -70,8 +71,6 @@ def check_inputs(config: Config) -> Method:
     if config.model.pretrained and not Path(config.model.pretrained).exists():
         raise ClipxError(f"model.pretrained {config.model.pretrained} does not exist")
     if config.data.val and evaluates_during_training(method, config):
-        from eval.templates import load_templates
-
         expand_shards(config.data.val, "data.val")
         if config.eval.zero_shot:
             load_templates(config.eval.templates)

@@ -257,7 +257,7 @@ def run_summary(trainer: Trainer, state: TrainerState, clock: Throughput, record
 def write_run_plots(run_dir) -> None:
     """PNG plots beside the metrics log. A plotting failure is reported, never fatal: the weights
     and metrics are already saved."""
-    from clipx.report.plots import write_plots
+    from clipx.apps.report.plots import write_plots
 
     try:
         write_plots(run_dir)

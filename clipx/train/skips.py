@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from clipx import dist
-from clipx.data.pipeline import SkipCounter
+from clipx.data.skips import SkipCounter
 from clipx.errors import ClipxError
 
 USED = SkipCounter.USED  # samples that decoded and went into batches

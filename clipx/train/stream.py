@@ -3,7 +3,8 @@ the account of the inputs it skipped."""
 
 from __future__ import annotations
 
-from clipx.data.pipeline import SharedEpoch, SkipCounter, build_train_loader, worker_error_message
+from clipx.data.pipeline import SharedEpoch, build_train_loader, worker_error_message
+from clipx.data.skips import SkipCounter
 from clipx.errors import ClipxError
 from clipx.train.skips import SkipLedger, summed_over_ranks
 

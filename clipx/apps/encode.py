@@ -58,7 +58,7 @@ def image_batches(pattern: str, preprocess, batch_size: int, workers: int):
     batches if known, the shards' SkipCounter or None)."""
     if is_shard_input(pattern):
         from clipx.data.eval_loader import build_eval_loader
-        from clipx.data.pipeline import SkipCounter
+        from clipx.data.skips import SkipCounter
 
         counter = SkipCounter()
         loader = build_eval_loader(pattern, preprocess, "label", batch_size, workers, counter, what="--images")

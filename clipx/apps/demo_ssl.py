@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from clipx.demo import REPO_CONFIGS, print_rows, run_record
+from clipx.apps.demo import REPO_CONFIGS, print_rows, run_record
 from clipx.errors import ClipxError
 
 MODE_CONFIGS = {"simclr": "simclr-digits.yaml", "moco": "moco-digits.yaml", "swav": "swav-digits.yaml"}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from clipx.apps.report.plots import write_plots
 from clipx.errors import ClipxError
-from clipx.report.plots import write_plots
 
 GALLERY_QUERIES = 4
 GALLERY_TOP = 5
@@ -146,8 +146,8 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
     from clipx.data.tokenizer import Tokenizer
     from clipx.data.transforms import image_transform
     from clipx.models import image_size
+    from clipx.templates import load_templates
     from eval.embed import embed_dataset
-    from eval.templates import load_templates
     from eval.zero_shot import build_zero_shot_classifier
 
     model, config = load_model(run_dir)

@@ -55,7 +55,7 @@ def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shu
         **run_record(summary, config, started),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    from clipx.report.html import write_report
+    from clipx.apps.report.html import write_report
 
     write_report(out / "run", out / "report.html")  # after results.json: the timings above exclude it
     return results

@@ -1,4 +1,8 @@
-"""Class names and prompt templates from YAML files (shipped ones by name, or any path)."""
+"""Class names and prompt templates from YAML files (shipped ones by name, or any path).
+
+A leaf of the library: data_prep writes captions from them and the evaluators build zero-shot
+classifiers from them, so both read this one place without importing each other.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from clipx.errors import ClipxError
 
 
 def shipped_template_names() -> list[str]:
-    folder = resources.files("eval") / "templates"
+    folder = resources.files("clipx.templates")
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -28,7 +32,7 @@ def load_templates(name_or_path: str | Path) -> tuple[list[str], list[str]]:
     if path.is_file():
         text = path.read_text(encoding="utf-8")
     else:
-        shipped = resources.files("eval") / "templates" / f"{name_or_path}.yaml"
+        shipped = resources.files("clipx.templates") / f"{name_or_path}.yaml"
         if not shipped.is_file():
             raise ClipxError(f"templates {str(name_or_path)!r} is neither a file nor a shipped set "
                              f"({', '.join(shipped_template_names())})")

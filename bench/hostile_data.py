@@ -36,7 +36,7 @@ BAD_CONFIGS = {
     "empty shard pattern": ["data.train="],
     "shard pattern matching nothing": ["data.train=/nonexistent/shard-{000..009}.tar"],
     "pipe: URL without opt-in": ["data.train=pipe:curl -s http://example.com/shard.tar"],
-    "MoCo queue not a multiple of the global batch": ["loss.name=moco", "ssl.queue_size=1000", "train.batch_size=64"],
+    "MoCo queue not a multiple of the global batch": ["loss.name=moco", "ssl.moco.queue_size=1000", "train.batch_size=64"],
     "conflicting options (SigLIP with global gather)": ["loss.name=siglip", "loss.gather=global"],
     "skip fraction out of range": ["data.max_skip_fraction=1.5"],
 }

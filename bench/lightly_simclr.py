@@ -72,11 +72,11 @@ def train_lightly(config, data: Path, steps: int) -> tuple[torch.nn.Module, floa
     from clipx.train.optim import build_optimizer
     from clipx.train.schedule import cosine_with_warmup
 
-    s, t, m = config.ssl, config.train, config.model
+    s, v, t, m = config.ssl, config.ssl.views, config.train, config.model
     transform = SimCLRTransform(
-        input_size=m.arch["vision_cfg"]["image_size"], cj_prob=s.jitter_prob, cj_strength=s.jitter_strength,
-        min_scale=config.data.crop_scale_min, random_gray_scale=s.grayscale_prob, gaussian_blur=s.blur_prob,
-        hf_prob=s.flip_prob, normalize={"mean": list(m.image_mean), "std": list(m.image_std)})
+        input_size=m.arch["vision_cfg"]["image_size"], cj_prob=v.jitter_prob, cj_strength=v.jitter_strength,
+        min_scale=config.data.crop_scale_min, random_gray_scale=v.grayscale_prob, gaussian_blur=v.blur_prob,
+        hf_prob=v.flip_prob, normalize={"mean": list(m.image_mean), "std": list(m.image_std)})
     loader = torch.utils.data.DataLoader(
         DigitImages(data, transform), batch_size=t.batch_size, shuffle=True, drop_last=True,
         num_workers=config.data.workers, persistent_workers=config.data.workers > 0,

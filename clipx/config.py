@@ -16,7 +16,15 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from clipx.config_io import coerce, parse_override, read_model_json, read_yaml, resolve_path, suggest
+from clipx.config_io import (
+    build_dataclass,
+    parse_override,
+    read_model_json,
+    read_yaml,
+    resolve_path,
+    set_dotted,
+    suggest,
+)
 from clipx.errors import ClipxError
 
 # loss.gather: none, each rank sees only its own negatives; global, full (N, N) logits on every rank;
@@ -149,18 +157,51 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class SSLConfig:
-    """Image-only self-supervised training (loss.name: ntxent | moco | swav)."""
+class ViewsConfig:
+    """ssl.views: the augmented views an image-only method trains on."""
 
-    # "open_clip": the vision tower described by model.name; or a torchvision ResNet ("resnet18", ...).
-    encoder: str = "open_clip"
-    recipe: Literal["simclr", "mocov2"] = "simclr"  # view augmentations
-    views: int = 2  # global views; their crop's lower scale bound is data.crop_scale_min (SimCLR: 0.08)
+    recipe: Literal["simclr", "mocov2"] = "simclr"  # colour jitter strengths and blur of the views
+    count: int = 2  # global views; their crop's lower scale bound is data.crop_scale_min (SimCLR: 0.08)
     flip_prob: float = 0.5  # 0 for data where mirroring changes meaning (digits, text)
     jitter_strength: float = 1.0
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
+    small_crops: int = 0  # multi-crop: extra low-resolution views (SwAV)
+    small_crop_size: int = 96  # px; a multiple of the ViT patch size for open_clip encoders
+    small_crop_scale: tuple = (0.05, 0.14)
+
+
+@dataclass(frozen=True)
+class MoCoConfig:
+    """ssl.moco (loss.name: moco)."""
+
+    version: Literal[2, 3] = 2  # 2: queue of negatives; 3: no queue, symmetric loss, prediction head
+    momentum: float = 0.99  # key encoder EMA: k <- m k + (1 - m) q
+    momentum_cosine: bool = True  # raise m to 1 along a half cosine over the run (BYOL, MoCo v3)
+    predictor_hidden: int = 512  # v3's prediction head
+    queue_size: int = 4096  # v2's negatives: global, a multiple of the global batch
+
+
+@dataclass(frozen=True)
+class SwAVConfig:
+    """ssl.swav (loss.name: swav)."""
+
+    prototypes: int = 3000
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    freeze_prototypes_steps: int = 0  # prototypes get zero gradient for the first steps (SwAV paper)
+    # Stored embeddings per global view and rank, used in the Sinkhorn assignment once full; 0 = no queue.
+    queue_size: int = 4096
+    queue_start_step: int = 0  # the queue joins the assignment from this step (once full)
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """Image-only self-supervised training (loss.name: ntxent | moco | swav)."""
+
+    # "open_clip": the vision tower described by model.name; or a torchvision ResNet ("resnet18", ...).
+    encoder: str = "open_clip"
     head_hidden: int = 512
     head_out: int = 128
     temperature: float = 0.1  # NT-Xent, MoCo's InfoNCE, SwAV's swapped prediction
@@ -168,23 +209,34 @@ class SSLConfig:
     # (MoCo: the key encoder sees a random share of the global batch, so BN cannot leak the pair).
     batchnorm: Literal["local", "sync", "shuffle"] = "local"
     bn_splits: int = 1  # normalise this many interleaved groups of a device's batch apart (emulates devices)
-    # MoCo (loss.name: moco)
-    moco_version: Literal[2, 3] = 2  # 2: queue of negatives; 3: no queue, symmetric loss, prediction head
-    momentum: float = 0.99  # key encoder EMA: k <- m k + (1 - m) q
-    momentum_cosine: bool = True  # raise m to 1 along a half cosine over the run (BYOL, MoCo v3)
-    predictor_hidden: int = 512  # MoCo v3's prediction head
-    # MoCo v2: negatives (global, a multiple of the global batch); SwAV: stored embeddings per global
-    # view and rank, used in the Sinkhorn assignment once full; 0 = no queue.
-    queue_size: int = 4096
-    # SwAV (loss.name: swav)
-    prototypes: int = 3000
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iters: int = 3
-    freeze_prototypes_steps: int = 0  # prototypes get zero gradient for the first steps (SwAV paper)
-    queue_start_step: int = 0  # SwAV: the queue joins the assignment from this step (once full)
-    small_crops: int = 0  # multi-crop: extra low-resolution views (SwAV)
-    small_crop_size: int = 96  # px; a multiple of the ViT patch size for open_clip encoders
-    small_crop_scale: tuple = (0.05, 0.14)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+
+
+# The flat ssl keys of clipx 0.1 (still in older checkpoints' config.yaml), and where each lives now.
+# ssl.queue_size served MoCo and SwAV alike, so it sets both.
+FLAT_SSL_KEYS = {
+    "recipe": ("views.recipe",), "views": ("views.count",), "flip_prob": ("views.flip_prob",),
+    "jitter_strength": ("views.jitter_strength",), "jitter_prob": ("views.jitter_prob",),
+    "grayscale_prob": ("views.grayscale_prob",), "blur_prob": ("views.blur_prob",),
+    "small_crops": ("views.small_crops",), "small_crop_size": ("views.small_crop_size",),
+    "small_crop_scale": ("views.small_crop_scale",),
+    "moco_version": ("moco.version",), "momentum": ("moco.momentum",), "momentum_cosine": ("moco.momentum_cosine",),
+    "predictor_hidden": ("moco.predictor_hidden",), "queue_size": ("moco.queue_size", "swav.queue_size"),
+    "prototypes": ("swav.prototypes",), "sinkhorn_epsilon": ("swav.sinkhorn_epsilon",),
+    "sinkhorn_iters": ("swav.sinkhorn_iters",), "freeze_prototypes_steps": ("swav.freeze_prototypes_steps",),
+    "queue_start_step": ("swav.queue_start_step",),
+}
+
+
+def _current_keys(key: str, value: Any) -> tuple[str, ...]:
+    """The dotted keys a (possibly flat, pre-0.2) key sets: ``ssl.moco_version`` -> ``ssl.moco.version``.
+    ``ssl.views`` is both the old count and the new section; a mapping means the section."""
+    section, _, name = key.partition(".")
+    if section != "ssl" or name not in FLAT_SSL_KEYS or (name == "views" and isinstance(value, dict)):
+        return (key,)
+    return tuple(f"ssl.{new}" for new in FLAT_SSL_KEYS[name])
 
 
 @dataclass(frozen=True)
@@ -214,14 +266,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(raw, dict):
             raise ClipxError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
         base_dir = path.resolve().parent
+    raw = _nest_flat_ssl_keys(raw)
     for item in overrides:
         key, value = parse_override(item)
-        section, _, name = key.partition(".")
-        if raw.get(section) is None:  # absent, or an empty `section:` line in the YAML
-            raw[section] = {}
-        if not isinstance(raw[section], dict):
-            raise ClipxError(f"config section '{section}' must be a mapping")
-        raw[section][name] = value
+        for current in _current_keys(key, value):
+            set_dotted(raw, current, value)
         if key == "model.name" and isinstance(raw["model"], dict):
             raw["model"].pop("arch", None)  # a new architecture replaces one inlined in a saved config
     config = config_from_dict(raw)
@@ -230,26 +279,21 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return config
 
 
+def _nest_flat_ssl_keys(raw: dict) -> dict:
+    """A YAML ``ssl:`` section written with the flat keys of clipx 0.1, moved to their sections."""
+    ssl = raw.get("ssl")
+    if not isinstance(ssl, dict) or not any(_current_keys(f"ssl.{k}", v) != (f"ssl.{k}",) for k, v in ssl.items()):
+        return raw
+    nested: dict = {}
+    for name, value in sorted(ssl.items(), key=lambda item: not isinstance(item[1], dict)):  # sections first
+        for current in _current_keys(f"ssl.{name}", value):
+            set_dotted(nested, current, value)
+    return {**raw, "ssl": nested["ssl"]}
+
+
 def config_from_dict(raw: dict) -> Config:
     """Build a Config from nested dicts, rejecting unknown keys and values of the wrong type."""
-    sections = {}
-    for section, values in raw.items():
-        section_cls = _SECTIONS.get(section)
-        if section_cls is None:
-            raise ClipxError(f"unknown config section '{section}'{suggest(section, _SECTIONS)}")
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ClipxError(f"config section '{section}' must be a mapping, got {values!r}")
-        known = _fields(section_cls)
-        kwargs = {}
-        for name, value in values.items():
-            if name not in known:
-                all_keys = [f"{s}.{k}" for s, c in _SECTIONS.items() for k in _fields(c)]
-                raise ClipxError(f"unknown config key '{section}.{name}'{suggest(f'{section}.{name}', all_keys)}")
-            kwargs[name] = coerce(f"{section}.{name}", value, _hints(section_cls)[name])
-        sections[section] = section_cls(**kwargs)
-    return Config(**sections)
+    return build_dataclass(Config, raw)
 
 
 def config_to_dict(config: Config) -> dict:
@@ -268,7 +312,7 @@ def validate(config: Config) -> None:
     What only one method requires (loss.name itself included) is checked by the method, in
     clipx.methods.method_of, which the run calls before any process group forms.
     """
-    flat = {f"{s}.{k}": v for s, sec in config_to_dict(config).items() for k, v in sec.items()}
+    flat = {f"{s}.{k}": v for s, sec in config_to_dict(config).items() for k, v in sec.items() if s != "ssl"}
     t = config.train
     for key in ("train.batch_size", "train.epochs", "train.accum_steps", "train.checkpoint_every",
                 "train.max_nonfinite_steps", "train.preempt_grace_s",
@@ -299,33 +343,26 @@ def validate(config: Config) -> None:
 
 
 def _validate_ssl(config: Config) -> None:
-    s = config.ssl
-    for key in ("views", "head_hidden", "head_out", "bn_splits", "predictor_hidden", "prototypes", "sinkhorn_iters",
-                "small_crop_size"):
-        if getattr(s, key) <= 0:
-            raise ClipxError(f"ssl.{key} must be positive; got {getattr(s, key)}")
-    for key in ("queue_size", "freeze_prototypes_steps", "queue_start_step", "small_crops"):
-        if getattr(s, key) < 0:
-            raise ClipxError(f"ssl.{key} must not be negative; got {getattr(s, key)}")
-    if not (s.temperature > 0 and s.sinkhorn_epsilon > 0 and 0.0 <= s.momentum <= 1.0):
-        raise ClipxError("ssl.temperature and ssl.sinkhorn_epsilon must be positive and ssl.momentum in [0, 1]")
-    scale = s.small_crop_scale
-    if len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale) or not 0.0 < scale[0] <= scale[1] <= 1.0:
-        raise ClipxError(f"ssl.small_crop_scale must be [min, max] with 0 < min <= max <= 1; got {list(s.small_crop_scale)}")
+    s, v, moco, swav = config.ssl, config.ssl.views, config.ssl.moco, config.ssl.swav
+    for key, value in (("head_hidden", s.head_hidden), ("head_out", s.head_out), ("bn_splits", s.bn_splits),
+                       ("views.count", v.count), ("views.small_crop_size", v.small_crop_size),
+                       ("moco.predictor_hidden", moco.predictor_hidden), ("swav.prototypes", swav.prototypes),
+                       ("swav.sinkhorn_iters", swav.sinkhorn_iters)):
+        if value <= 0:
+            raise ClipxError(f"ssl.{key} must be positive; got {value}")
+    for key, value in (("views.small_crops", v.small_crops), ("moco.queue_size", moco.queue_size),
+                       ("swav.queue_size", swav.queue_size), ("swav.queue_start_step", swav.queue_start_step),
+                       ("swav.freeze_prototypes_steps", swav.freeze_prototypes_steps)):
+        if value < 0:
+            raise ClipxError(f"ssl.{key} must not be negative; got {value}")
+    if not (s.temperature > 0 and swav.sinkhorn_epsilon > 0 and 0.0 <= moco.momentum <= 1.0):
+        raise ClipxError("ssl.temperature and ssl.swav.sinkhorn_epsilon must be positive and ssl.moco.momentum "
+                         "in [0, 1]")
+    scale = v.small_crop_scale
+    if len(scale) != 2 or not all(isinstance(x, (int, float)) for x in scale) or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ClipxError(f"ssl.views.small_crop_scale must be [min, max] with 0 < min <= max <= 1; got {list(scale)}")
     if s.batchnorm == "sync" and s.bn_splits > 1:
         raise ClipxError("ssl.bn_splits splits BatchNorm within a device; it cannot be combined with ssl.batchnorm=sync")
-
-
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig,
-             "ssl": SSLConfig}
-
-
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _resolve_model_arch(config: Config, base_dir: Path) -> Config:

@@ -1,8 +1,9 @@
-"""Reading configs: YAML 1.2, dotted ``key=value`` overrides, values checked against the schema's type
-hints, and model JSON files. Used by clipx.config; knows nothing of its sections."""
+"""Reading configs: YAML 1.2, dotted ``key=value`` overrides, dataclasses built from mappings with values
+checked against their type hints, and model JSON files. Used by clipx.config; knows nothing of its sections."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -97,3 +98,59 @@ def read_model_json(path: Path) -> dict:
     if missing:
         raise ClipxError(f"model config {path} lacks {', '.join(missing)} (open_clip's model JSON format)")
     return arch
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """raw["a"]["b"]["c"] = value for key "a.b.c", creating the mappings on the way."""
+    *path, name = key.split(".")
+    node, where = raw, []
+    for part in path:
+        where.append(part)
+        if node.get(part) is None:  # absent, or an empty `section:` line in the YAML
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ClipxError(f"config section '{'.'.join(where)}' must be a mapping")
+    node[name] = value
+
+
+def build_dataclass(cls, values: Any, prefix: str = "", root=None):
+    """A (frozen) dataclass from a mapping whose keys are its fields; fields that are dataclasses
+    themselves (config sections) recurse. Unknown keys and wrongly typed values are one-line errors
+    that suggest the closest key of the ``root`` schema."""
+    root = root or cls
+    what = prefix or "config"
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ClipxError(f"config section '{what}' must be a mapping, got {values!r}")
+    known, hints, kwargs = _fields(cls), _hints(cls), {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in known:
+            noun = "section" if not prefix else "key"
+            raise ClipxError(f"unknown config {noun} '{key}'{suggest(key, _all_keys(root))}")
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = build_dataclass(hints[name], value, key, root)
+        else:
+            kwargs[name] = coerce(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key (sections included) of a dataclass schema."""
+    keys = []
+    for name, hint in _hints(cls).items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, key + ".")
+    return keys
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 LIBRARY = REPO / "clipx"
@@ -104,23 +106,52 @@ ADD_A_METHOD = """
 import json, sys
 from clipx.config import load_config
 from clipx.methods import METHODS
+from clipx.train.host_memory import retain_freed_host_memory
 from clipx.train.loop import train
 from tests.example_method import PairCosine
 
+
+def returned_on_free(megabytes=24):
+    # Resident memory that freeing a 24 MB block gives back to the kernel: all of it with glibc's
+    # default thresholds (the block is an mmap, unmapped on free); none while clipx's malloc tuning
+    # holds (the block stays in the heap for reuse).
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+    block = b"x" * (megabytes * 2**20)
+    holding = rss()
+    del block
+    return (holding - rss()) / 2**20
+
+
 METHODS.register("pair_cosine")(PairCosine())  # the one registry line
-summary = train(load_config(None, sys.argv[1:]))
-print(json.dumps({"steps": summary["steps"], "final_loss": summary["final_loss"]}))
+summary = train(load_config(None, sys.argv[1:]))  # train.retain_host_memory is on by default
+after_run = returned_on_free()
+retain_freed_host_memory()
+print(json.dumps({"steps": summary["steps"], "final_loss": summary["final_loss"],
+                  "returned_mb_after_run": after_run, "returned_mb_while_tuned": returned_on_free()}))
 """
 
 
-def test_a_new_method_is_one_module_and_one_registry_line(tmp_path, digits_dir, tiny_model_json):
+@pytest.fixture(scope="module")
+def toy_method_run(tmp_path_factory, digits_dir, tiny_model_json) -> dict:
+    """A method that is one test module plus one registry line, trained for 2 steps in a fresh process."""
     from tests.conftest import tiny_overrides
 
-    overrides = tiny_overrides(digits_dir, tiny_model_json, tmp_path / "run", **{
+    overrides = tiny_overrides(digits_dir, tiny_model_json, tmp_path_factory.mktemp("toy") / "run", **{
         "loss.name": "pair_cosine", "train.steps": 2, "data.workers": 0, "data.val": "null",
         "train.batch_size": 16})
     result = subprocess.run([sys.executable, "-c", ADD_A_METHOD, *overrides], capture_output=True, text=True,
                             timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 2 and 0.0 <= summary["final_loss"] <= 2.0  # 1 - cosine of unit vectors
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_method_is_one_module_and_one_registry_line(toy_method_run):
+    assert toy_method_run["steps"] == 2 and 0.0 <= toy_method_run["final_loss"] <= 2.0  # 1 - cosine of unit vectors
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_malloc_tuning_ends_with_the_run(toy_method_run):
+    """train.retain_host_memory tunes glibc's malloc for the run only: afterwards a freed block goes
+    back to the kernel again, which it does not while the tuning holds."""
+    assert toy_method_run["returned_mb_while_tuned"] < 4  # the probe sees the tuning when it is there
+    assert toy_method_run["returned_mb_after_run"] > 16

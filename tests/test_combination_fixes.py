@@ -91,7 +91,7 @@ def test_moco_feature_caching_equals_one_batch_of_k_by_b(version, tmp_path):
 
     arch = tmp_path / "arch.json"
     arch.write_text(json.dumps(TINY_VIT))
-    case = Case(f"moco-v{version}", "moco", "local", 2, {"ssl.moco_version": version})
+    case = Case(f"moco-v{version}", "moco", "local", 2, {"ssl.moco.version": version})
     cached, expected = step_gradients(case, None, 1, 0, arch), reference(case, 1, arch)
     assert cached["grads"].keys() == expected["grads"].keys()
     assert not any(name.startswith("momentum_encoder.") for name in cached["grads"])  # keys carry no gradient
@@ -101,8 +101,8 @@ def test_moco_feature_caching_equals_one_batch_of_k_by_b(version, tmp_path):
 
 
 @pytest.mark.parametrize("objective,extra", [
-    ("moco", {"ssl.moco_version": 2, "ssl.batchnorm": "shuffle"}),
-    ("swav", {"ssl.queue_size": 16}),
+    ("moco", {"ssl.moco.version": 2, "ssl.moco.queue_size": 8, "ssl.batchnorm": "shuffle"}),
+    ("swav", {"ssl.swav.queue_size": 16}),
 ])
 def test_a_refused_step_leaves_weights_buffers_queues_and_counters_as_they_were(objective, extra, tmp_path,
                                                                                digits_dir, monkeypatch):
@@ -112,7 +112,7 @@ def test_a_refused_step_leaves_weights_buffers_queues_and_counters_as_they_were(
     when refused keys were enqueued later."""
     inject(monkeypatch, {2}, math.nan, loss_too=True)
     config = config_for(objective, "vit", tmp_path, digits_dir, **{
-        "train.steps": 3, "train.checkpoint_every": 1, "ssl.queue_size": 8, **extra})
+        "train.steps": 3, "train.checkpoint_every": 1, **extra})
     summary = loop.train(config)
     assert summary["nonfinite_steps"] == 1
     run = tmp_path / "run"
@@ -133,7 +133,7 @@ def test_a_refused_step_drops_what_the_objective_staged(tmp_path):
 
     arch = tmp_path / "arch.json"
     arch.write_text(json.dumps(TINY_VIT))
-    config = load_config(None, [f"model.name={arch}", "loss.name=moco", "ssl.queue_size=8", "train.batch_size=4",
+    config = load_config(None, [f"model.name={arch}", "loss.name=moco", "ssl.moco.queue_size=8", "train.batch_size=4",
                                 "ssl.head_out=8", "ssl.head_hidden=16"])
     objective = build_objective(build_model(config), config)
     queue = objective.queue.features.clone()

@@ -51,6 +51,54 @@ def test_bad_values_give_one_line_errors(override, message):
     assert "\n" not in str(info.value)
 
 
+FLAT_SSL_YAML = """\
+loss: {name: moco}
+ssl:
+  head_out: 32
+  views: 4
+  recipe: mocov2
+  small_crop_scale: [0.1, 0.2]
+  moco_version: 3
+  momentum: 0.9
+  queue_size: 256
+  prototypes: 50
+  sinkhorn_iters: 5
+"""
+
+
+def test_flat_ssl_keys_of_older_configs_land_in_their_subsections(tmp_path):
+    """An older checkpoint's config.yaml (flat ssl keys) loads as the same settings in the grouped
+    schema, and a flat override means what it meant; ssl.queue_size was one setting for MoCo and SwAV."""
+    (tmp_path / "old.yaml").write_text(FLAT_SSL_YAML)
+    old = load_config(tmp_path / "old.yaml")
+    s = old.ssl
+    assert (s.head_out, s.views.count, s.views.recipe, s.views.small_crop_scale) == (32, 4, "mocov2", (0.1, 0.2))
+    assert (s.moco.version, s.moco.momentum, s.moco.queue_size) == (3, 0.9, 256)
+    assert (s.swav.prototypes, s.swav.sinkhorn_iters, s.swav.queue_size) == (50, 5, 256)
+    grouped = load_config(None, ["loss.name=moco", "ssl.head_out=32", "ssl.views.count=4", "ssl.views.recipe=mocov2",
+                                 "ssl.views.small_crop_scale=[0.1, 0.2]", "ssl.moco.version=3", "ssl.moco.momentum=0.9",
+                                 "ssl.moco.queue_size=256", "ssl.swav.queue_size=256", "ssl.swav.prototypes=50",
+                                 "ssl.swav.sinkhorn_iters=5"])
+    assert grouped == old
+    overridden = load_config(tmp_path / "old.yaml", ["ssl.views=2", "ssl.moco_version=2", "ssl.queue_size=512"])
+    assert (overridden.ssl.views.count, overridden.ssl.moco.version) == (2, 2)
+    assert overridden.ssl.moco.queue_size == overridden.ssl.swav.queue_size == 512
+    assert overridden.ssl.views.recipe == "mocov2"  # a flat override does not reset its new section
+    dump_config(old, tmp_path / "dumped.yaml")  # written grouped, read back equal
+    assert "moco_version" not in (tmp_path / "dumped.yaml").read_text()
+    assert load_config(tmp_path / "dumped.yaml") == old
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ssl.moco.queue=3", r"unknown config key 'ssl\.moco\.queue' \(did you mean 'ssl\.moco\.queue_size'\?\)"),
+    ("ssl.views.count=two", "ssl.views.count' expects int"),
+    ("ssl.moco=3", "config section 'ssl.moco' must be a mapping"),
+])
+def test_grouped_ssl_keys_are_checked_like_any_other(override, message):
+    with pytest.raises(ClipxError, match=message):
+        load_config(DEMO, [override])
+
+
 def test_dump_and_reload_is_identity(tmp_path):
     config = load_config(DEMO, ["train.lr=2e-4"])
     dump_config(config, tmp_path / "config.yaml")

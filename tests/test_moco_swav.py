@@ -19,8 +19,8 @@ SWAV = REPO / "configs" / "swav-digits.yaml"
 
 
 def tiny_config(path, tiny_model_json, **overrides):
-    values = {"model.name": tiny_model_json, "ssl.head_hidden": 16, "ssl.head_out": 4, "ssl.predictor_hidden": 16,
-              "ssl.prototypes": 6, "ssl.bn_splits": 2, **overrides}
+    values = {"model.name": tiny_model_json, "ssl.head_hidden": 16, "ssl.head_out": 4, "ssl.moco.predictor_hidden": 16,
+              "ssl.swav.prototypes": 6, "ssl.bn_splits": 2, **overrides}
     return load_config(path, [f"{k}={v}" for k, v in values.items()])
 
 
@@ -30,7 +30,7 @@ def random_views(batch: int, count: int = 2, size: int = 32, seed: int = 0) -> d
 
 
 def test_moco_queue_and_pointer_match_a_hand_simulated_queue(tiny_model_json):
-    config = tiny_config(MOCO, tiny_model_json, **{"ssl.queue_size": 8, "train.batch_size": 4})
+    config = tiny_config(MOCO, tiny_model_json, **{"ssl.moco.queue_size": 8, "train.batch_size": 4})
     objective = build_objective(build_model(config), config)
     rows = [row.clone() for row in objective.queue.features]  # the simulation: a list and a pointer
     pointer = 0
@@ -46,8 +46,8 @@ def test_moco_queue_and_pointer_match_a_hand_simulated_queue(tiny_model_json):
 
 
 def test_the_momentum_encoder_gets_no_gradient_and_follows_the_ema(tiny_model_json):
-    config = tiny_config(MOCO, tiny_model_json, **{"ssl.moco_version": 3, "ssl.momentum_cosine": False,
-                                                   "ssl.momentum": 0.9, "train.batch_size": 4})
+    config = tiny_config(MOCO, tiny_model_json, **{"ssl.moco.version": 3, "ssl.moco.momentum_cosine": False,
+                                                   "ssl.moco.momentum": 0.9, "train.batch_size": 4})
     model = build_model(config)
     objective = build_objective(model, config)
     objective(random_views(4))["loss"].backward()
@@ -77,8 +77,8 @@ def test_moco_resume_restores_weights_and_queue_exactly(version, tmp_path, digit
     """Stop after step 2 of 4 and resume: weights, momentum encoder and queue equal the unbroken run."""
     from clipx.train.loop import train
 
-    extra = {"train.steps": 4, "train.checkpoint_every": 2, "data.val": "null", "ssl.moco_version": version,
-             "ssl.queue_size": 128}
+    extra = {"train.steps": 4, "train.checkpoint_every": 2, "data.val": "null", "ssl.moco.version": version,
+             "ssl.moco.queue_size": 128}
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train(load_config(MOCO, tiny_overrides(digits_dir, tiny_model_json, full, **extra)))
     shutil.copytree(full / "checkpoints" / "step-000000002", resumed / "checkpoints" / "step-000000002")
@@ -96,11 +96,11 @@ def test_moco_resume_restores_weights_and_queue_exactly(version, tmp_path, digit
 
 def test_moco_queue_must_hold_whole_global_batches(tiny_model_json, monkeypatch):
     with pytest.raises(ClipxError, match="multiple of the global batch, hence of .* = 64"):  # before launch
-        method_of(tiny_config(MOCO, tiny_model_json, **{"ssl.queue_size": 96, "train.batch_size": 64}))
+        method_of(tiny_config(MOCO, tiny_model_json, **{"ssl.moco.queue_size": 96, "train.batch_size": 64}))
     from clipx import dist
 
     # 2 processes x 64 = 128: 192 passes the per-process rule but not the global one.
-    config = tiny_config(MOCO, tiny_model_json, **{"ssl.queue_size": 192, "train.batch_size": 64})
+    config = tiny_config(MOCO, tiny_model_json, **{"ssl.moco.queue_size": 192, "train.batch_size": 64})
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     with pytest.raises(ClipxError, match="multiple of the global batch 128"):
         build_objective(build_model(config), config)
@@ -108,10 +108,10 @@ def test_moco_queue_must_hold_whole_global_batches(tiny_model_json, monkeypatch)
 
 @pytest.mark.parametrize("override, message", [
     ({"loss.name": "ntxent", "ssl.batchnorm": "shuffle"}, "ssl.batchnorm=shuffle is not available for loss.name=ntxent"),
-    ({"loss.name": "ntxent", "ssl.batchnorm": "local", "ssl.small_crops": 2}, "used by loss.name=swav only"),
-    ({"ssl.moco_version": 2, "ssl.queue_size": 0}, "needs ssl.queue_size"),
-    ({"ssl.small_crop_scale": "[0.5, 0.1]"}, "ssl.small_crop_scale"),
-    ({"ssl.moco_version": 4}, "ssl.moco_version must be one of"),
+    ({"loss.name": "ntxent", "ssl.batchnorm": "local", "ssl.views.small_crops": 2}, "used by loss.name=swav only"),
+    ({"ssl.moco.version": 2, "ssl.moco.queue_size": 0}, "needs ssl.moco.queue_size"),
+    ({"ssl.views.small_crop_scale": "[0.5, 0.1]"}, "ssl.views.small_crop_scale"),
+    ({"ssl.moco.version": 4}, "ssl.moco.version must be one of"),
 ])
 def test_inconsistent_ssl_settings_are_refused_before_training(override, message):
     """By the config check, or by the method's (clipx.methods.method_of, which runs before launch)."""
@@ -173,8 +173,8 @@ def test_vit_small_crops_use_the_resampled_positional_embedding(tiny_model_json)
 
 
 def test_swav_multicrop_loss_freezes_then_trains_the_prototypes(tiny_model_json):
-    config = tiny_config(SWAV, tiny_model_json, **{"ssl.freeze_prototypes_steps": 1, "ssl.queue_size": 8,
-                                                   "ssl.small_crops": 2, "train.batch_size": 4})
+    config = tiny_config(SWAV, tiny_model_json, **{"ssl.swav.freeze_prototypes_steps": 1, "ssl.swav.queue_size": 8,
+                                                   "ssl.views.small_crops": 2, "train.batch_size": 4})
     model = build_model(config)
     objective = build_objective(model, config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -189,7 +189,7 @@ def test_swav_multicrop_loss_freezes_then_trains_the_prototypes(tiny_model_json)
             with torch.no_grad():
                 scores = objective.features(batch)["scores"]  # (B, V, K); the queues are still empty
                 log_p = F.log_softmax(scores / config.ssl.temperature, dim=-1)
-                terms = [-(sinkhorn(scores[:, g], config.ssl.sinkhorn_epsilon, config.ssl.sinkhorn_iters)
+                terms = [-(sinkhorn(scores[:, g], config.ssl.swav.sinkhorn_epsilon, config.ssl.swav.sinkhorn_iters)
                            * log_p[:, v]).sum(-1).mean() for g in (0, 1) for v in range(4) if v != g]
             torch.testing.assert_close(loss.detach(), torch.stack(terms).mean())
         loss.backward()

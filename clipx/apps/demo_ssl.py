@@ -26,7 +26,7 @@ def probe(model, model_cfg, data: Path, device) -> dict:
 def method_name(config) -> str:
     """The method a config trains, as the tables show it: simclr, moco v2, moco v3, swav."""
     if config.loss.name == "moco":
-        return f"moco v{config.ssl.moco_version}"
+        return f"moco v{config.ssl.moco.version}"
     return {"ntxent": "simclr"}.get(config.loss.name, config.loss.name)
 
 

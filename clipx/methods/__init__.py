@@ -34,8 +34,8 @@ def method_of(config) -> Method:
     if config.ssl.batchnorm not in method.batchnorm_modes:
         raise ClipxError(f"ssl.batchnorm={config.ssl.batchnorm} is not available for loss.name={name}; "
                          f"use one of {', '.join(method.batchnorm_modes)}")
-    if config.ssl.small_crops and not method.multi_crop:
-        raise ClipxError(f"ssl.small_crops (multi-crop) is used by loss.name=swav only, not {name}")
+    if config.ssl.views.small_crops and not method.multi_crop:
+        raise ClipxError(f"ssl.views.small_crops (multi-crop) is used by loss.name=swav only, not {name}")
     method.validate(config)
     return method
 

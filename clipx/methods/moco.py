@@ -67,16 +67,16 @@ class MoCoObjective(Objective):
 
     def __init__(self, model: torch.nn.Module, ssl_cfg, global_batch: int):
         self.model, self.cfg = model, ssl_cfg
-        self.version = ssl_cfg.moco_version
+        self.version, self.moco = ssl_cfg.moco.version, ssl_cfg.moco
         self.queue = None
         if self.version == 2:
-            if ssl_cfg.queue_size % global_batch:
-                raise ClipxError(f"ssl.queue_size={ssl_cfg.queue_size} must be a multiple of the global batch "
+            if self.moco.queue_size % global_batch:
+                raise ClipxError(f"ssl.moco.queue_size={self.moco.queue_size} must be a multiple of the global batch "
                                  f"{global_batch} (batch_size x accum_steps x processes), so every step's keys "
                                  "fit between the pointer and the end of the queue")
             device = next(unwrap(model).parameters()).device
-            initial = F.normalize(torch.randn(ssl_cfg.queue_size, ssl_cfg.head_out, device=device), dim=1)
-            self.queue = FeatureQueue(ssl_cfg.queue_size, ssl_cfg.head_out, device, init=dist.broadcast_(initial))
+            initial = F.normalize(torch.randn(self.moco.queue_size, ssl_cfg.head_out, device=device), dim=1)
+            self.queue = FeatureQueue(self.moco.queue_size, ssl_cfg.head_out, device, init=dist.broadcast_(initial))
 
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
         return unwrap(self.model).keys(images, shuffle=self.cfg.batchnorm == "shuffle").float()
@@ -106,7 +106,7 @@ class MoCoObjective(Objective):
     def after_step(self, step: int, total_steps: int) -> None:
         inner = unwrap(self.model)
         update_momentum_(inner.encoder, inner.momentum_encoder,
-                         momentum_at(step, total_steps, self.cfg.momentum, self.cfg.momentum_cosine))
+                         momentum_at(step, total_steps, self.moco.momentum, self.moco.momentum_cosine))
         if self.queue is not None and self.staged("keys"):
             # Every rank enqueues the same global batch of keys, so the queues never diverge.
             self.queue.enqueue(dist.gather_no_grad(torch.cat(self.staged("keys"))))
@@ -120,22 +120,22 @@ class MoCoObjective(Objective):
 
 
 class MoCo(ViewsMethod):
-    variants = {"v2": {"ssl.moco_version": 2, "ssl.batchnorm": "shuffle"}, "v3": {"ssl.moco_version": 3}}
+    variants = {"v2": {"ssl.moco.version": 2, "ssl.batchnorm": "shuffle"}, "v3": {"ssl.moco.version": 3}}
     batchnorm_modes = ("local", "sync", "shuffle")
 
     def validate(self, config) -> None:
-        s = config.ssl
-        if s.moco_version == 2 and s.queue_size == 0:
-            raise ClipxError("MoCo v2 needs ssl.queue_size > 0 negatives (or ssl.moco_version=3, which needs none)")
+        s = config.ssl.moco
+        if s.version == 2 and s.queue_size == 0:
+            raise ClipxError("MoCo v2 needs ssl.moco.queue_size > 0 negatives (or ssl.moco.version=3, which needs none)")
         per_process = config.train.batch_size * config.train.accum_steps
-        if s.moco_version == 2 and s.queue_size % per_process:
+        if s.version == 2 and s.queue_size % per_process:
             # The full rule (a multiple of the global batch) needs the process count, checked when the
             # objective is built; this part of it is known before any process starts.
-            raise ClipxError(f"ssl.queue_size={s.queue_size} must be a multiple of the global batch, hence of "
+            raise ClipxError(f"ssl.moco.queue_size={s.queue_size} must be a multiple of the global batch, hence of "
                              f"train.batch_size x train.accum_steps = {per_process}")
 
     def build_network(self, config, encoder):
-        return MoCoModel(encoder, config.ssl.predictor_hidden if config.ssl.moco_version == 3 else None)
+        return MoCoModel(encoder, config.ssl.moco.predictor_hidden if config.ssl.moco.version == 3 else None)
 
     def objective(self, model, config):
         t = config.train

@@ -60,15 +60,15 @@ class SwAVObjective(Objective):
     """A SwAVModel (possibly Accelerate-wrapped) with per-view feature queues for small batches."""
 
     def __init__(self, model: torch.nn.Module, ssl_cfg):
-        self.model, self.cfg = model, ssl_cfg
+        self.model, self.cfg, self.swav = model, ssl_cfg, ssl_cfg.swav
         device = next(unwrap(model).parameters()).device
-        self.queues = ([FeatureQueue(ssl_cfg.queue_size, ssl_cfg.head_out, device) for _ in range(GLOBAL_VIEWS)]
-                       if ssl_cfg.queue_size else [])
+        self.queues = ([FeatureQueue(self.swav.queue_size, ssl_cfg.head_out, device) for _ in range(GLOBAL_VIEWS)]
+                       if self.swav.queue_size else [])
         self.steps_done = 0  # checkpointed: freezing and the queue start depend on it after a resume
 
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         views = batch[VIEWS]
-        learn = self.steps_done >= self.cfg.freeze_prototypes_steps
+        learn = self.steps_done >= self.swav.freeze_prototypes_steps
         z, scores = self.model(views, learn_prototypes=learn)
         b, v = len(views[0]), len(views)
         # Sample-major (B, V, ...) so that micro-batches concatenate along the batch dimension.
@@ -77,11 +77,11 @@ class SwAVObjective(Objective):
     def _codes(self, scores: torch.Tensor, view: int) -> torch.Tensor:
         """(B, K) codes for one global view, computed with the queued projections when in use."""
         queue = self.queues[view] if self.queues else None
-        if queue is not None and queue.full and self.steps_done >= self.cfg.queue_start_step:
+        if queue is not None and queue.full and self.steps_done >= self.swav.queue_start_step:
             prototypes = unwrap(self.model).prototypes.weight.detach().float()
             stored = queue.features @ prototypes.T  # (Q, K) scored by today's prototypes
-            return sinkhorn(torch.cat([stored, scores]), self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iters)[-len(scores):]
-        return sinkhorn(scores, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iters)
+            return sinkhorn(torch.cat([stored, scores]), self.swav.sinkhorn_epsilon, self.swav.sinkhorn_iters)[-len(scores):]
+        return sinkhorn(scores, self.swav.sinkhorn_epsilon, self.swav.sinkhorn_iters)
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         scores = features["scores"]  # (B, V, K)
@@ -113,11 +113,12 @@ class SwAV(ViewsMethod):
     multi_crop = True
 
     def validate(self, config) -> None:
-        if config.ssl.views != 2:
-            raise ClipxError("SwAV swaps predictions between 2 global views (ssl.views=2); add ssl.small_crops for more")
+        if config.ssl.views.count != 2:
+            raise ClipxError("SwAV swaps predictions between 2 global views (ssl.views.count=2); add "
+                             "ssl.views.small_crops for more")
 
     def build_network(self, config, encoder):
-        return SwAVModel(encoder, config.ssl.prototypes)
+        return SwAVModel(encoder, config.ssl.swav.prototypes)
 
     def objective(self, model, config):
         return SwAVObjective(model, config.ssl)

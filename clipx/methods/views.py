@@ -35,7 +35,7 @@ class ViewsMethod(Method):
 
     def train_transform(self, config):
         m = config.model
-        return ssl_views(config.ssl, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min)
+        return ssl_views(config.ssl.views, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min)
 
     def collate(self, config):
         return ViewsBatch()

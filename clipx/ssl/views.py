@@ -6,23 +6,23 @@ from __future__ import annotations
 from torchvision import transforms as T
 
 
-def view_augmentation(ssl_cfg, size: int, mean, std, scale: tuple[float, float]):
+def view_augmentation(views_cfg, size: int, mean, std, scale: tuple[float, float]):
     """PIL image -> normalised (3, size, size) tensor, one random view of ``scale`` of its area.
 
     simclr: colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, blur; mocov2: jitter
     (0.4, 0.4, 0.4, 0.1). The blur kernel is ~10% of the image side (odd), as in SimCLR, so the
     recipe means the same on 32 px digits as on 224 px photos.
     """
-    s = ssl_cfg.jitter_strength
-    jitter = (T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s) if ssl_cfg.recipe == "simclr"
+    s = views_cfg.jitter_strength
+    jitter = (T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s) if views_cfg.recipe == "simclr"
               else T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s))
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(p=ssl_cfg.flip_prob),
-        T.RandomApply([jitter], p=ssl_cfg.jitter_prob),
-        T.RandomGrayscale(p=ssl_cfg.grayscale_prob),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=ssl_cfg.blur_prob),
+        T.RandomHorizontalFlip(p=views_cfg.flip_prob),
+        T.RandomApply([jitter], p=views_cfg.jitter_prob),
+        T.RandomGrayscale(p=views_cfg.grayscale_prob),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=views_cfg.blur_prob),
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
@@ -40,10 +40,10 @@ class MultiView:
         return views + [self.small_augmentation(image) for _ in range(self.small_count)]
 
 
-def ssl_views(ssl_cfg, size: int, mean, std, crop_scale_min: float) -> MultiView:
-    """The configured views: ``ssl.views`` global crops of ``size`` px covering at least
-    ``crop_scale_min`` of the image, and ``ssl.small_crops`` crops of ``ssl.small_crop_size`` px."""
-    small = (view_augmentation(ssl_cfg, ssl_cfg.small_crop_size, mean, std, tuple(ssl_cfg.small_crop_scale))
-             if ssl_cfg.small_crops else None)
-    return MultiView(view_augmentation(ssl_cfg, size, mean, std, (crop_scale_min, 1.0)), ssl_cfg.views,
-                     small, ssl_cfg.small_crops)
+def ssl_views(views_cfg, size: int, mean, std, crop_scale_min: float) -> MultiView:
+    """The configured views (``ssl.views``): ``count`` global crops of ``size`` px covering at least
+    ``crop_scale_min`` of the image, and ``small_crops`` crops of ``small_crop_size`` px."""
+    small = (view_augmentation(views_cfg, views_cfg.small_crop_size, mean, std, tuple(views_cfg.small_crop_scale))
+             if views_cfg.small_crops else None)
+    return MultiView(view_augmentation(views_cfg, size, mean, std, (crop_scale_min, 1.0)), views_cfg.count,
+                     small, views_cfg.small_crops)

@@ -21,7 +21,6 @@ from clipx.models.pretrained import init_from_pretrained
 from clipx.templates import load_templates
 from clipx.train.checkpoint import Stateful
 from clipx.train.guards import UpdateGuard
-from clipx.train.host_memory import retain_freed_host_memory
 from clipx.train.metrics_log import MetricsLog, SampleKeysLog
 from clipx.train.optim import build_optimizer
 from clipx.train.runtime import launched_processes, make_accelerator
@@ -91,8 +90,6 @@ def build_trainer(config: Config) -> Trainer:
     method = check_inputs(config)
     owns_process_group = not torch.distributed.is_initialized()
     accelerator = make_accelerator(tcfg.precision, tcfg.collective_timeout_s, tcfg.fp16_init_scale)
-    if tcfg.retain_host_memory:
-        retain_freed_host_memory()  # before the loader workers fork, so that they inherit it
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)

@@ -6,6 +6,11 @@ time, so each step pays page faults and kernel zeroing for memory it just gave a
 step time of the benchmark model (BENCHMARKS.md). Raising the mmap threshold to glibc's maximum and
 disabling trimming keeps those buffers in the heap for reuse. The cost is that the resident size
 stays at its peak instead of shrinking between steps, which a training process reaches anyway.
+
+The setting is scoped to a run: ``clipx.train.loop.fit`` applies it when the run starts and
+``release_host_memory`` puts glibc's default thresholds back and returns the retained memory when
+the run ends, so a notebook that trains once does not keep a tuned allocator. (glibc cannot turn
+its dynamic mmap threshold back on once it was set; the default value stays fixed instead.)
 """
 
 from __future__ import annotations
@@ -18,17 +23,34 @@ M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit systems
 NEVER_TRIM = 2**31 - 1
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # both thresholds' defaults (DEFAULT_MMAP_THRESHOLD_MIN, DEFAULT_TRIM_THRESHOLD)
+
+
+def _mallopt():
+    """glibc's mallopt, or None (not Linux, or a libc without it such as musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
 
 
 def retain_freed_host_memory() -> bool:
     """Tune glibc's malloc for this process (and the loader workers it forks); False where unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     # Order matters: setting the trim threshold alone also freezes the mmap threshold at its 128 KiB
     # default, which makes every large tensor an mmap (much slower than doing nothing).
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def release_host_memory() -> None:
+    """Undo ``retain_freed_host_memory``: glibc's default thresholds, and the retained memory handed back."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return
+    mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

@@ -29,6 +29,7 @@ from clipx.train.checkpoint import (
     save_checkpoint,
 )
 from clipx.train.guards import StopRequest
+from clipx.train.host_memory import release_host_memory, retain_freed_host_memory
 from clipx.train.step import BufferSnapshot, micro_batch_gradients
 from clipx.train.throughput import Throughput
 
@@ -44,6 +45,8 @@ def fit(trainer: Trainer, resume: str | None = None) -> dict:
     """Run a built trainer to its last step (resuming from ``resume``: a checkpoint path or "latest")."""
     config, accelerator = trainer.config, trainer.accelerator
     stop = StopRequest(config.train.preempt_grace_s)
+    # Before the loader workers fork (they inherit it); undone when the run ends.
+    retains_host_memory = config.train.retain_host_memory and retain_freed_host_memory()
     try:
         state = restore(trainer, resume)
         if trainer.keys_log is not None:
@@ -62,6 +65,8 @@ def fit(trainer: Trainer, resume: str | None = None) -> dict:
             trainer.keys_log.close()
         if trainer.owns_process_group:
             accelerator.end_training()  # destroys the process group this run formed
+        if retains_host_memory:
+            release_host_memory()
     return summary
 
 

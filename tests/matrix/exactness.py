@@ -55,7 +55,8 @@ def build(case: Case, world: int, arch_path: Path):
     per_micro = GLOBAL // world // case.micro_batches
     values = {"model.name": str(arch_path), "loss.name": case.objective, "train.batch_size": per_micro,
               "train.accum_steps": case.micro_batches, "ssl.head_hidden": 32, "ssl.head_out": 16,
-              "ssl.predictor_hidden": 32, "ssl.queue_size": 2 * GLOBAL, "ssl.prototypes": 16, **case.overrides}
+              "ssl.moco.predictor_hidden": 32, "ssl.moco.queue_size": 2 * GLOBAL, "ssl.swav.queue_size": 2 * GLOBAL,
+              "ssl.swav.prototypes": 16, **case.overrides}
     config = load_config(None, [f"{k}={v}" for k, v in values.items()])
     torch.manual_seed(0)
     return config, build_model(config).eval()

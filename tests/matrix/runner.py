@@ -37,8 +37,9 @@ def base_overrides(combination: Combination, data_dir: Path, work: Path, output_
         "data.shuffle_buffer": 32, "train.batch_size": 8, "train.steps": STEPS, "train.checkpoint_every": 2,
         "train.warmup_steps": 0, "train.lr": 1e-3, "train.log_every": 1, "train.threads": 1,
         "train.output_dir": str(output_dir), "loss.name": combination.objective,
-        "ssl.head_hidden": 32, "ssl.head_out": 16, "ssl.predictor_hidden": 32, "ssl.queue_size": 32,
-        "ssl.prototypes": 16, "ssl.freeze_prototypes_steps": 1, "ssl.flip_prob": 0.0,
+        "ssl.head_hidden": 32, "ssl.head_out": 16, "ssl.moco.predictor_hidden": 32,
+        "ssl.moco.queue_size": 32, "ssl.swav.queue_size": 32, "ssl.swav.prototypes": 16,
+        "ssl.swav.freeze_prototypes_steps": 1, "ssl.views.flip_prob": 0.0,
         **combination.overrides,
     }
     if TOWERS[combination.tower].needs_minilm:

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_plan(commands)
     _add_export(commands)
+    _add_consolidate(commands)
     _add_encode(commands)
     _add_report(commands)
     table = commands.add_parser("table", help="Markdown table of demo results.json files")
@@ -279,6 +280,20 @@ def _export(args) -> int:
 
     out = export_open_clip(args.checkpoint, args.out)
     print(f"wrote {out}: load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0
+
+
+def _add_consolidate(commands) -> None:
+    consolidate = commands.add_parser("consolidate", help="join a sharded (FSDP) checkpoint's model into one file")
+    consolidate.add_argument("checkpoint", help="checkpoint directory (or a run directory: its latest)")
+    consolidate.add_argument("--out", default=None, help="file to write (default CHECKPOINT/model.safetensors)")
+    consolidate.set_defaults(func=_consolidate)
+
+
+def _consolidate(args) -> int:
+    from clipx.api import consolidate
+
+    print(f"wrote {consolidate(args.checkpoint, args.out)}")
     return 0
 
 

@@ -115,11 +115,16 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads per process; None keeps torch's default
     # Recompute tower activations in backward instead of storing them: less memory, ~30% more compute.
     grad_checkpointing: bool = False
-    # Keep freed host memory in the process (glibc malloc tuning): 8% faster CPU steps here, at the
-    # price of a resident size that stays at its peak. See clipx/train/host_memory.py.
+    # Keep freed host memory in the process during the run (glibc malloc tuning): 11% (fp32) and 14%
+    # (bf16) faster CPU steps here (BENCHMARKS.md). See clipx/train/host_memory.py.
     retain_host_memory: bool = True
     # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
     compile: bool = False
+    # ddp: every rank holds the whole model. fsdp: FSDP2 (torch's fully_shard) shards parameters,
+    # gradients and optimizer state over the ranks, per transformer block and tower.
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_reshard_after_forward: bool = True  # free gathered blocks after forward (less memory, one more gather)
+    fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in host memory
     output_dir: str = "runs/train"
     checkpoint_every: int = 1000  # steps; the final step is always saved
     keep_checkpoints: Optional[int] = None  # newest N kept (pruned after a new one is complete); None: all

@@ -23,6 +23,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def full_tensor(x):
+    """The whole tensor behind a sharded DTensor (FSDP; a collective every rank must call); any other
+    value as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -11,6 +11,8 @@ from clipx.errors import ClipxError
 CHECKPOINT_DIRNAME = "checkpoints"
 MANIFEST = "manifest.json"  # written last: a checkpoint directory without it is incomplete
 TMP_PREFIX = ".tmp-"
+MODEL_WEIGHTS = "model.safetensors"  # the whole model (DDP runs, or consolidated from shards)
+MODEL_SHARD = "model-shard{rank}"  # rank r's shards of the model (train.sharding=fsdp), a clipx.train.state_io tree
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -34,9 +36,17 @@ def as_checkpoint(path: str | Path) -> Path:
         checkpoints = list_checkpoints(path)
         if checkpoints:
             return checkpoints[-1]
-    if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
+    if not (path / "config.yaml").is_file() or not ((path / MODEL_WEIGHTS).is_file() or model_shards(path)):
         raise ClipxError(
-            f"{path} is not a clipx checkpoint (expected config.yaml and model.safetensors, or a run directory "
-            "with checkpoints/)"
+            f"{path} is not a clipx checkpoint (expected config.yaml and model.safetensors or model shards, or a "
+            "run directory with checkpoints/)"
         )
     return path
+
+
+def model_shards(checkpoint: Path) -> int:
+    """How many ranks wrote the model shards of ``checkpoint`` (0: it holds none)."""
+    count = 0
+    while (checkpoint / f"{MODEL_SHARD.format(rank=count)}.safetensors").is_file():
+        count += 1
+    return count

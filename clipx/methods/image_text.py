@@ -36,9 +36,11 @@ class ContrastiveObjective(Objective):
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         extra = (features["logit_bias"],) if self.uses_bias else ()
         loss = self.loss(features["image"], features["text"], features["logit_scale"], *extra)
-        metrics = {"logit_scale": features["logit_scale"].detach()}
+        # Copies: the bias can be a view of the parameter, which the optimizer step then changes (and
+        # FSDP frees once the step's backward is done); the log must show the value this step used.
+        metrics = {"logit_scale": features["logit_scale"].detach().clone()}
         if self.uses_bias:
-            metrics["logit_bias"] = features["logit_bias"].detach()
+            metrics["logit_bias"] = features["logit_bias"].detach().clone()
         return {"loss": loss, "metrics": metrics}
 
     def after_step(self, step: int, total_steps: int) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clipx import dist
 from clipx.data.batch import VIEWS
 from clipx.dist import unwrap
 from clipx.errors import ClipxError
@@ -78,7 +79,8 @@ class SwAVObjective(Objective):
         """(B, K) codes for one global view, computed with the queued projections when in use."""
         queue = self.queues[view] if self.queues else None
         if queue is not None and queue.full and self.steps_done >= self.swav.queue_start_step:
-            prototypes = unwrap(self.model).prototypes.weight.detach().float()
+            # Outside the model's forward a sharded (FSDP) weight is a DTensor: score with the whole of it.
+            prototypes = dist.full_tensor(unwrap(self.model).prototypes.weight.detach()).float()
             stored = queue.features @ prototypes.T  # (Q, K) scored by today's prototypes
             return sinkhorn(torch.cat([stored, scores]), self.swav.sinkhorn_epsilon, self.swav.sinkhorn_iters)[-len(scores):]
         return sinkhorn(scores, self.swav.sinkhorn_epsilon, self.swav.sinkhorn_iters)

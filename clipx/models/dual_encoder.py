@@ -48,8 +48,9 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text(tokens), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """The multiplicative logit scale exp(t)."""
-        return self.logit_scale.exp()
+        """The multiplicative logit scale exp(t), a scalar (the parameter is a 1-element vector
+        under FSDP sharding, which refuses 0-dim parameters)."""
+        return self.logit_scale.exp().reshape(())
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -63,4 +64,5 @@ class DualEncoder(nn.Module):
         The scale and bias come out of forward (not read off the module by the loss) so that DDP
         sees them used in forward like every other parameter.
         """
-        return self.encode_image(images), self.encode_text(tokens), self.scale(), self.logit_bias
+        bias = self.logit_bias.reshape(()) if self.logit_bias is not None else None
+        return self.encode_image(images), self.encode_text(tokens), self.scale(), bias

@@ -25,6 +25,7 @@ from clipx.train.metrics_log import MetricsLog, SampleKeysLog
 from clipx.train.optim import build_optimizer
 from clipx.train.runtime import launched_processes, make_accelerator
 from clipx.train.schedule import cosine_with_warmup
+from clipx.train.sharding import autocast_forward, shard_model, use_sharded_scaler
 from clipx.train.stream import TrainStream
 
 
@@ -67,6 +68,8 @@ def check_inputs(config: Config) -> Method:
     method = method_of(config)
     expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls)
     method.check_processes(config, launched_processes(), "cuda" if torch.accelerator.is_available() else "cpu")
+    if config.train.sharding == "fsdp" and config.train.compile:
+        raise ClipxError("train.compile is not supported with train.sharding=fsdp yet; drop one of them")
     if config.model.pretrained and not Path(config.model.pretrained).exists():
         raise ClipxError(f"model.pretrained {config.model.pretrained} does not exist")
     if config.data.val and evaluates_during_training(method, config):
@@ -100,6 +103,8 @@ def build_trainer(config: Config) -> Trainer:
     model = method.prepare(model, accelerator, config).to(accelerator.device)
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if tcfg.sharding == "fsdp":  # before the optimizer exists: sharding replaces the parameters
+        model = shard_model(model, tcfg, accelerator.device.type, accelerator.num_processes)
     optimizer = build_optimizer(model, tcfg)
     stream = TrainStream(config.data, method.train_transform(config), tcfg.batch_size, tcfg.seed,
                          method.collate(config), accelerator.process_index, accelerator.num_processes)
@@ -108,7 +113,14 @@ def build_trainer(config: Config) -> Trainer:
         optimizer, functools.partial(cosine_with_warmup, total_steps=steps, warmup_steps=tcfg.warmup_steps))
     # The scheduler is stepped by us once per optimizer step; Accelerate's wrapper would step it once
     # per process. Checkpoints carry it (see Trainer.stateful).
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if tcfg.sharding == "fsdp":  # Accelerate would wrap a sharded model in DDP: it gets the optimizer only
+        if accelerator.scaler is not None:
+            use_sharded_scaler(accelerator, tcfg.fp16_init_scale)
+        optimizer = accelerator.prepare(optimizer)
+        if tcfg.precision != "no":
+            autocast_forward(model, accelerator)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if tcfg.compile:
         # Compile the DDP-wrapped model: torch.compile then splits graphs at DDP's gradient buckets so
         # communication still overlaps backward. The first step includes compilation.

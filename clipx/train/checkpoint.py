@@ -3,6 +3,9 @@
 Layout of ``<output_dir>/checkpoints/step-000000100/``:
   model.safetensors          the model's weights (what evaluators load)
   state.safetensors/.json    optimizer, LR scheduler and loss scaler (the same on every rank)
+  model-shard<r>.*, optimizer-shard<r>.*
+                             with train.sharding=fsdp, instead of model.safetensors and the optimizer
+                             in state.*: rank r's shards (clipx.train.sharding)
   rank<r>.safetensors/.json  rank r's RNG states and its objective's state (MoCo/SwAV queues)
   config.yaml                the resolved config: rebuilds the model with no other file
   trainer_state.json         step, epoch, batches consumed, world size
@@ -27,9 +30,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clipx import dist
 from clipx.config import Config, dump_config
 from clipx.errors import ClipxError
 from clipx.run_layout import CHECKPOINT_DIRNAME, MANIFEST, TMP_PREFIX, as_checkpoint, checkpoint_dir, list_checkpoints
+from clipx.train.sharding import is_sharded, load_shards, local_part, save_shards
 from clipx.train.state_io import fsync_dir, fsync_file, load_tree, save_tree, write_text_synced
 
 
@@ -59,8 +64,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: 
     """Save everything needed to resume and to evaluate; every rank must call this."""
     final = checkpoint_dir(output_dir, state.step)
     tmp = final.with_name(TMP_PREFIX + final.name)
+    sharded = is_sharded(parts.model)
     weights = parts.model.state_dict()
-    broken = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    broken = nonfinite_tensors(weights, sharded)
     if broken:  # a checkpoint must never carry NaN or inf: resuming from it could only repeat the failure
         raise ClipxError(f"step {state.step}: {len(broken)} weight tensor(s) hold NaN or inf (first: {broken[0]}); "
                          "not saving. The last complete checkpoint is still usable")
@@ -70,10 +76,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: 
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
     save_tree(tmp / f"rank{rank}", {"rng": rng_state(), "objective": parts.objective.state_dict()})
+    if sharded:
+        save_shards(tmp, rank, weights, parts.model, parts.optimizer)
     if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        fsync_file(tmp / "model.safetensors")
-        save_tree(tmp / "state", {"optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+        if not sharded:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            fsync_file(tmp / "model.safetensors")
+        save_tree(tmp / "state", {"optimizer": None if sharded else parts.optimizer.state_dict(),
+                                  "scheduler": parts.scheduler.state_dict(),
                                   "scaler": parts.scaler.state_dict() if parts.scaler is not None else None})
         dump_config(config, tmp / "config.yaml")
         fsync_file(tmp / "config.yaml")
@@ -92,6 +102,17 @@ def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: 
                 discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def nonfinite_tensors(weights: dict, sharded: bool) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf. Sharded: every rank checks its shards and
+    learns the others' count, so that all ranks refuse the save together."""
+    local = [name for name, value in weights.items()
+             if value.is_floating_point() and not torch.isfinite(local_part(value)).all()]
+    if not sharded:
+        return local
+    total = int(dist.all_reduce_sum_(torch.tensor([float(len(local))])).item())
+    return local if local else ["(on another rank)"] * total
 
 
 def discard(checkpoint: Path) -> None:
@@ -167,9 +188,12 @@ def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerStat
     try:
         # Read onto the host: load_state_dict copies into the parameters wherever they live, and
         # safetensors refuses device strings such as "cpu:0" that Accelerate can report.
-        parts.model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
         shared = load_tree(path / "state")
-        parts.optimizer.load_state_dict(shared["optimizer"])
+        if is_sharded(parts.model):
+            load_shards(path, state.world_size, parts.model, parts.optimizer)
+        else:
+            parts.model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
+            parts.optimizer.load_state_dict(shared["optimizer"])
         parts.scheduler.load_state_dict(shared["scheduler"])
         if parts.scaler is not None and shared["scaler"] is not None:
             parts.scaler.load_state_dict(shared["scaler"])

@@ -3,6 +3,10 @@
 ``save_tree(stem, tree)`` writes ``stem.safetensors`` (every tensor and NumPy array) and ``stem.json``
 (the structure, with placeholders where tensors were). ``load_tree(stem)`` puts them back together.
 A checkpoint from an untrusted source can therefore hold only numbers: loading it never runs code.
+
+Sharded (FSDP) state: a DTensor is stored as this rank's local shard plus the global shape, and
+loads as a ``LocalShard``; ``merge_shards`` joins the trees of all ranks into whole tensors (FSDP2
+shards along dim 0, rank by rank), whatever number of ranks wrote them.
 """
 
 from __future__ import annotations
@@ -10,12 +14,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
-_TENSOR, _ARRAY, _TUPLE, _DICT = "__tensor__", "__ndarray__", "__tuple__", "__dict__"
+_TENSOR, _ARRAY, _TUPLE, _DICT, _SHARD = "__tensor__", "__ndarray__", "__tuple__", "__dict__", "__shard__"
+
+
+class LocalShard(NamedTuple):
+    """One rank's rows (dim 0) of a sharded tensor of ``shape``."""
+
+    tensor: torch.Tensor
+    shape: tuple[int, ...]
 
 
 def save_tree(stem: Path, tree) -> list[Path]:
@@ -36,6 +49,9 @@ def load_tree(stem: Path, device: str | torch.device = "cpu"):
 
 
 def _split(obj, key: str, tensors: dict):
+    if isinstance(obj, DTensor):
+        tensors[key] = obj.to_local().detach().cpu().contiguous().clone()
+        return {_SHARD: key, "shape": list(obj.shape)}
     if torch.is_tensor(obj):
         tensors[key] = obj.detach().cpu().contiguous().clone()
         return {_TENSOR: key}
@@ -60,11 +76,30 @@ def _join(obj, tensors: dict):
         return obj
     if _TENSOR in obj:
         return tensors[obj[_TENSOR]]
+    if _SHARD in obj:
+        return LocalShard(tensors[obj[_SHARD]], tuple(obj["shape"]))
     if _ARRAY in obj:
         return tensors[obj[_ARRAY]].cpu().numpy()
     if _TUPLE in obj:
         return tuple(_join(v, tensors) for v in obj[_TUPLE])
     return {k: _join(v, tensors) for k, v in obj[_DICT]}
+
+
+def merge_shards(trees: list):
+    """The trees of ranks 0..N-1 as one: every LocalShard joined with its peers into the whole tensor,
+    everything else taken from rank 0 (it is the same on every rank)."""
+    first = trees[0]
+    if isinstance(first, LocalShard):
+        whole = torch.cat([t.tensor for t in trees]) if first.shape else first.tensor
+        if tuple(whole.shape) != first.shape:
+            raise ValueError(f"shards of {len(trees)} ranks join to {tuple(whole.shape)}, not {first.shape}")
+        return whole
+    if isinstance(first, dict):
+        return {k: merge_shards([t[k] for t in trees]) for k in first}
+    if isinstance(first, (list, tuple)):
+        merged = [merge_shards([t[i] for t in trees]) for i in range(len(first))]
+        return type(first)(merged) if isinstance(first, tuple) else merged
+    return first
 
 
 def fsync_file(path: Path) -> None:

@@ -17,6 +17,8 @@ import contextlib
 
 import torch
 
+from clipx.train.sharding import gradient_sync_off, is_sharded
+
 
 def micro_batch_gradients(accelerator, model, objective, micro_batches: list[dict], mode: str) -> dict:
     """Accumulate gradients of ``micro_batches`` into the model; returns the objective's output."""
@@ -26,8 +28,10 @@ def micro_batch_gradients(accelerator, model, objective, micro_batches: list[dic
 
 
 def _sync_last(accelerator, model, index: int, count: int):
-    """DDP all-reduces gradients once, after the last micro-batch's backward."""
-    return accelerator.no_sync(model) if index < count - 1 else contextlib.nullcontext()
+    """DDP all-reduces (FSDP reduce-scatters) gradients once, after the last micro-batch's backward."""
+    if index == count - 1:
+        return contextlib.nullcontext()
+    return gradient_sync_off(model) if is_sharded(model) else accelerator.no_sync(model)
 
 
 def _naive(accelerator, model, objective, micro_batches: list[dict]) -> dict:

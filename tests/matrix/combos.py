@@ -8,7 +8,7 @@ a list of config overrides for a seconds-long run on the digits shards.
 Not every product is run: the full objective x accumulation x precision grid runs at world size 1
 on the default tower; every tower runs with every objective it can serve; a cover of the grid
 (every objective, accumulation mode and precision at least once, the MiniLM tower unlocked) runs at
-world size 2, all inside one launch.
+world size 2, all inside one launch, where every flavour also runs sharded with FSDP.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ ACCUMULATION = {"k1": {"train.accum_steps": 1}, "features2": {"train.accum_steps
 # default 65536 is tested on its own (tests/test_combination_fixes.py).
 PRECISION = {"fp32": {"train.precision": "no"}, "bf16": {"train.precision": "bf16"},
              "fp16": {"train.precision": "fp16", "train.fp16_init_scale": 256.0}}
+
+# How the model is spread over the ranks: DDP replicas, or FSDP2 shards (runs only at world size 2).
+SHARDING = {"ddp": {}, "fsdp": {"train.sharding": "fsdp"}}
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -96,11 +99,13 @@ def flavours() -> list[tuple[str, str, dict]]:
     return out
 
 
-def _combination(flavour, tower: str, accumulation: str, precision: str, world_size: int = 1) -> Combination:
+def _combination(flavour, tower: str, accumulation: str, precision: str, world_size: int = 1,
+                 sharding: str = "ddp") -> Combination:
     name, objective, overrides = flavour
-    return Combination(f"{name}/{tower}/{accumulation}/{precision}/w{world_size}", objective, tower,
-                       {**overrides, **TOWERS[tower].overrides, **ACCUMULATION[accumulation], **PRECISION[precision]},
-                       world_size)
+    suffix = f"/{sharding}" if sharding != "ddp" else ""
+    return Combination(f"{name}/{tower}/{accumulation}/{precision}/w{world_size}{suffix}", objective, tower,
+                       {**overrides, **TOWERS[tower].overrides, **ACCUMULATION[accumulation], **PRECISION[precision],
+                        **SHARDING[sharding]}, world_size)
 
 
 def _serves(tower: str, objective: str) -> bool:
@@ -124,7 +129,8 @@ def world_one() -> list[Combination]:
 
 def world_two() -> list[Combination]:
     """Every flavour with each accumulation mode once and each precision once (a Latin square), plus
-    the MiniLM towers on 2 processes."""
+    the MiniLM towers on 2 processes; then every flavour sharded with FSDP (accumulation and precision
+    rotating), and FSDP with a locked tower and with the transformers text tower."""
     out = []
     for index, flavour in enumerate(flavours()):
         for shift, accumulation in enumerate(ACCUMULATION):
@@ -135,4 +141,9 @@ def world_two() -> list[Combination]:
             for tower in ("minilm_unlocked", "lit_minilm", "modified_resnet_locked")]
     out += [_combination(f, "torchvision_resnet18", "k1", "bf16", world_size=2)
             for f in flavours() if not _serves("vit_locked", f[1])][:1]
+    accumulations, precisions = itertools.cycle(ACCUMULATION), itertools.cycle(PRECISION)
+    out += [_combination(f, "vit", next(accumulations), next(precisions), world_size=2, sharding="fsdp")
+            for f in flavours()]
+    out += [_combination(image_text[0], tower, "k1", "fp32", world_size=2, sharding="fsdp")
+            for tower in ("vit_locked", "minilm_partly_unlocked")]
     return out

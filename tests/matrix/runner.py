@@ -55,6 +55,7 @@ def _losses(run: Path) -> list[float]:
 def run_combination(combination: Combination, data_dir: Path, work: Path) -> dict:
     """Train, save, resume; returns the findings (rank 0's are the ones that count)."""
     from clipx import dist
+    from clipx.api import read_weights
     from clipx.config import load_config
     from clipx.dist import unwrap
     from clipx.train.loop import build_trainer, fit, train
@@ -64,7 +65,8 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
     config = load_config(None, base_overrides(combination, data_dir, work, first))
     trainer = build_trainer(config)
     bare = unwrap(trainer.model)
-    initial = {k: v.detach().clone() for k, v in bare.state_dict().items()}
+    # Whole tensors also when sharded (FSDP), as the checkpoint's weights are read below.
+    initial = {k: dist.full_tensor(v.detach()).clone() for k, v in bare.state_dict().items()}
     trainable = {n for n, p in bare.named_parameters() if p.requires_grad}
     summary = fit(trainer)
 
@@ -76,8 +78,8 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
     train(load_config(None, base_overrides(combination, data_dir, work, resumed)), resume="latest")
 
     final_dir = first / "checkpoints" / f"step-{STEPS:09d}"
-    final = load_file(str(final_dir / "model.safetensors"))
-    again = load_file(str(resumed / "checkpoints" / f"step-{STEPS:09d}" / "model.safetensors"))
+    final = read_weights(final_dir, initial)  # model.safetensors, or the shards of an FSDP run joined
+    again = read_weights(resumed / "checkpoints" / f"step-{STEPS:09d}", initial)
     objective_state = [(final_dir / f"rank{dist.rank()}.safetensors"),
                        (resumed / "checkpoints" / f"step-{STEPS:09d}" / f"rank{dist.rank()}.safetensors")]
     states = [load_file(str(p)) for p in objective_state]

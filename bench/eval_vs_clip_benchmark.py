@@ -123,7 +123,7 @@ def compare(work: Path, checkpoint: Path, digits_dir: Path, batch: int = 256, wo
     import yaml
 
     work.mkdir(parents=True, exist_ok=True)
-    spec = yaml.safe_load((REPO / "eval" / "templates" / "digits.yaml").read_text())
+    spec = yaml.safe_load((REPO / "clipx" / "templates" / "digits.yaml").read_text())
     images = write_clip_benchmark_dataset(digits_dir, work / "data", spec["classnames"], spec["templates"])
     model_config = open_clip_model_config(checkpoint, work)
     report = {"images": images, "batch": batch, "workers": workers, "threads": threads, "repeats": repeats,
@@ -137,7 +137,7 @@ def compare(work: Path, checkpoint: Path, digits_dir: Path, batch: int = 256, wo
                     took, cb = run_clip_benchmark(task, data, model_config, checkpoint / "model.safetensors",
                                                   work / f"clip_benchmark-{task}.json", batch, workers, threads)
                 else:
-                    took, cx = run_clipx(task, data, checkpoint, REPO / "eval" / "templates" / "digits.yaml",
+                    took, cx = run_clipx(task, data, checkpoint, REPO / "clipx" / "templates" / "digits.yaml",
                                          work / f"clipx-{task}.json", batch, workers, threads)
                 seconds[tool].append(took)
         metrics = {cb_name: {"clip_benchmark": cb[cb_name], "clipx": cx[cx_name]} for cb_name, cx_name in names.items()}

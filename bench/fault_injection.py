@@ -4,13 +4,19 @@ time with ``--resume latest``, and compare the final weights with an uninterrupt
     .venv/bin/python bench/fault_injection.py --kills 10 > report.json   # a JSON report
     .venv/bin/python bench/fault_injection.py --markdown report.json     # as RELIABILITY.md's tables
 
-tests/test_reliability.py runs the same with 10 kills on the tiny model; RELIABILITY.md records it.
+    .venv/bin/python bench/fault_injection.py --processes 2 --sharding fsdp --kills 12 > sharded.json
+
+With ``--processes N`` every run is a torchrun launch of N processes, and a kill is SIGKILL to all of
+them at once (a node lost mid-save); with ``--sharding fsdp`` every rank writes its own shards of each
+checkpoint. tests/test_reliability.py runs the same with 10 kills on the tiny model, and a shorter
+sharded one; RELIABILITY.md records both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -20,14 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo-digits.yaml"
 
 
-def train_command(overrides: list[str], resume: bool) -> list[str]:
-    command = [sys.executable, "-m", "clipx.cli", "train", "--config", str(CONFIG), *overrides]
+def train_command(overrides: list[str], resume: bool, processes: int = 1) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                 "-m", "clipx.train"] if processes > 1 else [sys.executable, "-m", "clipx.cli", "train"])
+    command = [*launcher, "--config", str(CONFIG), *overrides]
     return command + (["--resume", "latest"] if resume else [])
 
 
@@ -36,26 +43,28 @@ def logged_steps(run: Path) -> int:
     return metrics.read_text().count('"kind": "train"') if metrics.is_file() else 0
 
 
-def kill_once(overrides: list[str], run: Path, rng: random.Random, timeout: float = 300) -> dict | None:
-    """Start (resuming), wait for 1-3 new steps plus a random fraction of a step, SIGKILL.
+def kill_once(overrides: list[str], run: Path, rng: random.Random, timeout: float = 300,
+              processes: int = 1) -> dict | None:
+    """Start (resuming), wait for 1-3 new steps plus a random fraction of a step, SIGKILL every process
+    of the run (launcher and ranks: they share a session).
 
     Returns where the kill landed, or None if the run finished first.
     """
     before = logged_steps(run)
     wanted, extra_delay = before + rng.randint(1, 3), rng.uniform(0.0, 0.4)
-    process = subprocess.Popen(train_command(overrides, resume=True), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(train_command(overrides, resume=True, processes=processes), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while logged_steps(run) < wanted and process.poll() is None:
         if time.monotonic() > deadline:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             raise TimeoutError("a training run made no progress")
         time.sleep(0.01)
     time.sleep(extra_delay)
     if process.poll() is not None:
         return None
     during_save = any((run / "checkpoints").glob(".tmp-*"))
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return {"after_step": logged_steps(run), "during_save": during_save}
 
@@ -70,33 +79,35 @@ def verify_all(run: Path) -> int:
     return len(checkpoints)
 
 
-def run_fault_injection(work: Path, overrides: list[str], kills: int, seed: int = 0) -> dict:
+def run_fault_injection(work: Path, overrides: list[str], kills: int, seed: int = 0, processes: int = 1) -> dict:
     """Reference run, then a run killed ``kills`` times and resumed to the end; the report.
 
     Both runs log every step's sample keys, so the report also says whether the resumed run
     trained on exactly the same samples in the same order.
     """
+    from clipx.api import read_weights
     from clipx.train.checkpoint import list_checkpoints
     from clipx.train.metrics_log import read_sample_keys
 
     overrides = [*overrides, "train.log_sample_keys=true"]
     reference, faulty = work / "reference", work / "faulty"
-    subprocess.run(train_command([*overrides, f"train.output_dir={reference}"], resume=False), cwd=REPO,
-                   check=True, capture_output=True)
+    subprocess.run(train_command([*overrides, f"train.output_dir={reference}"], resume=False, processes=processes),
+                   cwd=REPO, check=True, capture_output=True)
     rng = random.Random(seed)
     run_overrides = [*overrides, f"train.output_dir={faulty}"]
     events = []
     while len(events) < kills:
-        event = kill_once(run_overrides, faulty, rng)
+        event = kill_once(run_overrides, faulty, rng, processes=processes)
         if event is None:
             raise RuntimeError(f"the run finished after {len(events)} kills; give it more steps")
         event["complete_checkpoints"] = verify_all(faulty)
         events.append(event)
-    final = subprocess.run(train_command(run_overrides, resume=True), cwd=REPO, capture_output=True, text=True)
+    final = subprocess.run(train_command(run_overrides, resume=True, processes=processes), cwd=REPO,
+                           capture_output=True, text=True)
     if final.returncode != 0:
         raise RuntimeError(final.stderr[-2000:])
-    expected = load_file(list_checkpoints(reference)[-1] / "model.safetensors")
-    actual = load_file(list_checkpoints(faulty)[-1] / "model.safetensors")
+    expected = read_weights(list_checkpoints(reference)[-1], {})  # model.safetensors, or its shards joined
+    actual = read_weights(list_checkpoints(faulty)[-1], {})
     expected_keys, actual_keys = read_sample_keys(reference), read_sample_keys(faulty)
     return {
         "kills": len(events),
@@ -112,6 +123,7 @@ def run_fault_injection(work: Path, overrides: list[str], kills: int, seed: int 
 
 def markdown(report: dict) -> str:
     lines = ["| | result |", "|---|---|",
+             f"| processes per run, sharding | {report.get('processes', 1)}, {report.get('sharding', 'ddp')} |",
              f"| kills | {report['kills']} |",
              f"| kills during a checkpoint save | {report['kills_during_save']} |",
              f"| final weights bitwise equal to the uninterrupted run | {report['bitwise_equal']} |",
@@ -135,6 +147,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("runs/bench/fault_injection"))
     parser.add_argument("--model", default=str(REPO / "configs" / "models" / "tiny-digits.json"))
+    parser.add_argument("--processes", type=int, default=1, help="ranks per run (a torchrun launch when > 1)")
+    parser.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--markdown", type=Path, metavar="REPORT.json", help="print a saved report as tables")
     args = parser.parse_args()
     if args.markdown:
@@ -148,10 +162,12 @@ def main() -> None:
         prep_digits(data, image_size=32, shard_size=256, workers=2)
     overrides = [f"model.name={args.model}", f"data.train={data / 'train'}", "data.val=null", "data.workers=2",
                  f"train.steps={args.steps}", "train.batch_size=32", "train.checkpoint_every=1",
-                 "train.keep_checkpoints=3", "train.log_every=1", "train.threads=1", "train.warmup_steps=1"]
+                 "train.keep_checkpoints=3", "train.log_every=1", "train.threads=1", "train.warmup_steps=1",
+                 f"train.sharding={args.sharding}"]
     for name in ("reference", "faulty"):
         shutil.rmtree(args.work / name, ignore_errors=True)
-    report = run_fault_injection(args.work, overrides, args.kills, args.seed)
+    report = run_fault_injection(args.work, overrides, args.kills, args.seed, args.processes)
+    report["processes"], report["sharding"] = args.processes, args.sharding
     print(json.dumps(report, indent=2))
 
 

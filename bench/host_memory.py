@@ -12,7 +12,6 @@ the peak resident memory of the process tree (the setting's cost).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import run_or_render  # noqa: E402
 from bench.perf import MODEL, run_clipx, write_bench_shards  # noqa: E402
 
 SETTINGS = {"on": ["train.retain_host_memory=true"], "off": ["train.retain_host_memory=false"]}
@@ -79,13 +79,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--markdown", type=Path, metavar="RESULTS.json", help="print saved results as a table")
     args = parser.parse_args()
-    if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
-        return
-    results = measure(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(markdown(results))
+    run_or_render(args, lambda: measure(args), markdown)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def test_clip_benchmark_folders_evaluate_like_the_same_shards_and_templates(tmp_
         "data.val": "null", "train.steps": 2})))
     test_only = tmp_path / "digits-test"
     shutil.copytree(digits_dir / "test", test_only / "test")
-    spec = yaml.safe_load((DEMO.parent.parent / "eval" / "templates" / "digits.yaml").read_text())
+    spec = yaml.safe_load((DEMO.parent.parent / "clipx" / "templates" / "digits.yaml").read_text())
     write_clip_benchmark_dataset(test_only, tmp_path / "cb", spec["classnames"], spec["templates"])
     folder = tmp_path / "cb" / "classification"
     assert (folder / "zeroshot_classification_templates.txt").read_text().count("{c}") == len(spec["templates"])
@@ -105,7 +105,7 @@ def test_clipx_eval_equals_clip_benchmark_on_the_same_exported_model_and_folder(
     checkpoint = list_checkpoints(tmp_path / "run")[-1]
     test_only = tmp_path / "digits-test"
     shutil.copytree(digits_dir / "test", test_only / "test")
-    templates = DEMO.parent.parent / "eval" / "templates" / "digits.yaml"
+    templates = DEMO.parent.parent / "clipx" / "templates" / "digits.yaml"
     spec = yaml.safe_load(templates.read_text())
     write_clip_benchmark_dataset(test_only, tmp_path / "cb", spec["classnames"], spec["templates"])
     model_config = open_clip_model_config(checkpoint, tmp_path)

@@ -130,3 +130,78 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     error = (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
     scale = max(1.0, expected[finite].abs().max().item()) if finite.any() else 1.0
     assert error <= 1e-6 * scale, f"{what}: max error {error:.3g} (scale {scale:.3g})"
+
+
+@pytest.fixture(scope="module")
+def sharded_and_plain_runs(digits_dir, tiny_model_json, tmp_path_factory) -> dict:
+    """The demo config for 3 steps in this process, sharded over a group of one and not."""
+    from clipx.config import load_config
+    from clipx.train.loop import train
+    from tests.conftest import DEMO, tiny_overrides
+
+    out = tmp_path_factory.mktemp("one-process")
+    runs = {}
+    for sharding in ("fsdp", "ddp"):
+        run = out / sharding
+        train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, run, **{
+            "train.steps": 3, "data.val": "null", "data.workers": 0, "train.sharding": sharding})))
+        runs[sharding] = run
+    return runs
+
+
+def test_consumers_read_a_sharded_checkpoint_and_consolidate_writes_open_clips_layout(sharded_and_plain_runs,
+                                                                                      tmp_path):
+    """Evaluators, export and clipx.load join the shards on the fly; `clipx consolidate` writes the
+    model.safetensors a DDP run writes (logit_scale 0-dim), equal to it here (one process, fp32)."""
+    import subprocess
+    import sys
+
+    import open_clip
+    from safetensors.torch import load_file
+
+    import clipx
+    from clipx.run_layout import list_checkpoints
+    from tests.conftest import REPO
+
+    sharded, plain = (list_checkpoints(sharded_and_plain_runs[s])[-1] for s in ("fsdp", "ddp"))
+    assert not (sharded / "model.safetensors").exists() and (sharded / "model-shard0.safetensors").is_file()
+    model, _, _ = clipx.load(sharded)
+    expected = load_file(str(plain / "model.safetensors"))
+    assert model.logit_scale.shape == () and all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    export = tmp_path / "export"
+    result = subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(sharded), "--format",
+                             "open_clip", "--out", str(export)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    assert torch.equal(theirs.logit_scale.detach(), expected["logit_scale"])
+    result = subprocess.run([sys.executable, "-m", "clipx.cli", "consolidate", str(sharded_and_plain_runs["fsdp"])],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = load_file(str(sharded / "model.safetensors"))
+    assert written.keys() == expected.keys()
+    assert all(written[k].shape == v.shape and torch.equal(written[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.fsdp_cpu_offload=true"], "train.fsdp_cpu_offload needs train.sharding=fsdp"),
+    (["train.sharding=fsdp", "train.fsdp_cpu_offload=true"], "on CPU processes they are there already"),
+    (["train.sharding=fsdp", "train.compile=true"], "train.compile is not supported with train.sharding=fsdp"),
+    (["train.sharding=zero3"], "train.sharding must be one of ddp, fsdp"),
+])
+def test_sharding_settings_that_cannot_run_are_refused_with_one_line(overrides, message, digits_dir, tmp_path):
+    from clipx.config import load_config
+    from clipx.errors import ClipxError
+    from clipx.train.build import check_inputs
+    from tests.conftest import DEMO
+
+    with pytest.raises(ClipxError, match=message) as info:
+        check_inputs(load_config(DEMO, [f"data.train={digits_dir / 'train'}", "data.val=null", *overrides]))
+    assert "\n" not in str(info.value)
+
+
+def test_consolidate_refuses_a_checkpoint_that_is_not_sharded(sharded_and_plain_runs):
+    from clipx.api import consolidate
+    from clipx.errors import ClipxError
+
+    with pytest.raises(ClipxError, match="holds no model shards"):
+        consolidate(sharded_and_plain_runs["ddp"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from clipx.errors import ClipxError
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # clipx/apps/demo.py -> the checkout
 
 
 def default_config_path() -> Path:

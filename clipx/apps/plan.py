@@ -7,7 +7,11 @@ Estimates, per rank, for one training step:
   features     the gathered image and text features and their gradients
   activations  what autograd saves in the towers' forward pass, measured on a 2-sample forward and
                scaled to the micro-batch
-  model state  fp32 parameters, gradients and AdamW's two moments (16 bytes a parameter)
+  model state  fp32 parameters, gradients and AdamW's two moments (16 bytes a trainable parameter,
+               4 a frozen one): whole on every rank with DDP; with FSDP each rank holds its rows of
+               every parameter (torch.chunk along dim 0, as fully_shard splits them), so about 1/N.
+               FSDP also gathers one block at a time for compute (not counted: one block is small
+               next to the whole model).
 """
 
 from __future__ import annotations
@@ -35,19 +39,29 @@ class MemoryPlan:
     logits: int
     features: int
     activations: int
-    model_state: int
+    model_state: int  # DDP: the whole model's state on every rank
+    model_state_fsdp: int  # train.sharding=fsdp: the largest rank's share
 
     @property
     def total(self) -> int:
         return self.logits + self.features + self.activations + self.model_state
 
+    @property
+    def total_fsdp(self) -> int:
+        return self.logits + self.features + self.activations + self.model_state_fsdp
+
     def table(self) -> str:
-        rows = [("logit matrices", self.logits), ("gathered features + grads", self.features),
-                ("tower activations (micro-batch)", self.activations),
-                ("params + grads + AdamW", self.model_state), ("total", self.total)]
+        shared = self.logits + self.features + self.activations
+        rows = [("logit matrices", self.logits, self.logits),
+                ("gathered features + grads", self.features, self.features),
+                ("tower activations (micro-batch)", self.activations, self.activations),
+                ("params + grads + AdamW", self.model_state, self.model_state_fsdp),
+                ("total", shared + self.model_state, shared + self.model_state_fsdp)]
         head = (f"per-rank memory: world size {self.world_size}, micro-batch {self.micro_batch}, "
                 f"global batch {self.global_batch}")
-        return "\n".join([head] + [f"  {name:<32} {_human(size):>10}" for name, size in rows])
+        columns = f"  {'':<32} {'ddp':>10} {'fsdp':>10}"
+        return "\n".join([head, columns] + [f"  {name:<32} {_human(ddp):>10} {_human(fsdp):>10}"
+                                             for name, ddp, fsdp in rows])
 
 
 def logit_bytes(gather: str, local_rows: int, world_size: int, chunk: int = LOCAL_CHUNK) -> int:
@@ -97,8 +111,20 @@ def plan_memory(config: Config, world_size: int, global_batch: int | None = None
         logits=logits,
         features=features,
         activations=activation_bytes(model, config, micro),
-        model_state=16 * sum(p.numel() for p in model.parameters() if p.requires_grad),
+        model_state=model_state_bytes(model, 1),
+        model_state_fsdp=model_state_bytes(model, world_size),
     )
+
+
+def model_state_bytes(model: torch.nn.Module, shards: int) -> int:
+    """fp32 parameters, gradients and AdamW moments of the rank holding the most, with every parameter
+    split into ``shards`` row blocks along dim 0 (1: not sharded). Frozen parameters: weights only."""
+    total = 0
+    for parameter in model.parameters():
+        rows = parameter.shape[0] if parameter.ndim else 1
+        share = -(-rows // shards) * (parameter.numel() // max(rows, 1))  # rank 0 holds the largest chunk
+        total += (16 if parameter.requires_grad else FP32) * share
+    return total
 
 
 def activation_bytes(model, config: Config, batch: int, probe: int = 2) -> int:

@@ -25,7 +25,7 @@ from clipx.train.metrics_log import MetricsLog, SampleKeysLog
 from clipx.train.optim import build_optimizer
 from clipx.train.runtime import launched_processes, make_accelerator
 from clipx.train.schedule import cosine_with_warmup
-from clipx.train.sharding import autocast_forward, shard_model, use_sharded_scaler
+from clipx.train.sharding import autocast_forward, check_sharding, shard_model, use_sharded_scaler
 from clipx.train.stream import TrainStream
 
 
@@ -68,8 +68,7 @@ def check_inputs(config: Config) -> Method:
     method = method_of(config)
     expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls)
     method.check_processes(config, launched_processes(), "cuda" if torch.accelerator.is_available() else "cpu")
-    if config.train.sharding == "fsdp" and config.train.compile:
-        raise ClipxError("train.compile is not supported with train.sharding=fsdp yet; drop one of them")
+    check_sharding(config.train, "cuda" if torch.accelerator.is_available() else "cpu")
     if config.model.pretrained and not Path(config.model.pretrained).exists():
         raise ClipxError(f"model.pretrained {config.model.pretrained} does not exist")
     if config.data.val and evaluates_during_training(method, config):

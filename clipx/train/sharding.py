@@ -41,11 +41,24 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from clipx import dist
+from clipx.errors import ClipxError
 from clipx.run_layout import MODEL_SHARD
 from clipx.train.state_io import load_tree, merge_shards, save_tree
 
 # train.precision -> the dtype parameters are gathered in for compute; gradients are reduced in fp32.
 PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZER_SHARD = "optimizer-shard{rank}"  # beside run_layout.MODEL_SHARD in a sharded checkpoint
+
+
+def check_sharding(train_cfg, device_type: str) -> None:
+    """Refuse, before any process starts, the sharding settings that cannot run."""
+    if train_cfg.fsdp_cpu_offload and train_cfg.sharding != "fsdp":
+        raise ClipxError("train.fsdp_cpu_offload needs train.sharding=fsdp")
+    if train_cfg.fsdp_cpu_offload and device_type == "cpu":
+        raise ClipxError("train.fsdp_cpu_offload keeps shards in host memory between uses on GPUs; on CPU "
+                         "processes they are there already: drop it")
+    if train_cfg.sharding == "fsdp" and train_cfg.compile:
+        raise ClipxError("train.compile is not supported with train.sharding=fsdp yet; drop one of them")
 
 
 def shard_model(model: nn.Module, train_cfg, device_type: str, world_size: int) -> nn.Module:
@@ -54,6 +67,11 @@ def shard_model(model: nn.Module, train_cfg, device_type: str, world_size: int) 
     Build the optimizer afterwards: sharding replaces every parameter by a DTensor.
     """
     scalars_to_vectors_(model)
+    if world_size == 1 and not torch.distributed.is_initialized():
+        # One process started without a launcher (one GPU with train.fsdp_cpu_offload, say): Accelerate formed no
+        # process group, and a device mesh needs one; a group of one needs no rendezvous.
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device_type, (world_size,))
     options = {"mesh": mesh, "reshard_after_forward": train_cfg.fsdp_reshard_after_forward,
                "mp_policy": MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[train_cfg.precision],
@@ -82,15 +100,12 @@ def _has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def scalars_to_vectors_(model: nn.Module) -> list[str]:
-    """Replace 0-dim parameters by 1-element vectors (FSDP2 shards along dim 0); returns their names."""
-    names = []
-    for module_name, module in model.named_modules():
+def scalars_to_vectors_(model: nn.Module) -> None:
+    """Replace 0-dim parameters by 1-element vectors (FSDP2 shards along dim 0)."""
+    for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.ndim == 0:
                 setattr(module, name, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
-                names.append(f"{module_name}.{name}" if module_name else name)
-    return names
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -156,14 +171,17 @@ def save_shards(folder: Path, rank: int, weights: dict, model: nn.Module, optimi
     as ``model-shard<rank>`` and ``optimizer-shard<rank>`` trees (clipx.train.state_io; no pickle).
     The optimizer state is keyed by parameter name, so any number of ranks can load it."""
     save_tree(folder / MODEL_SHARD.format(rank=rank), weights)
-    save_tree(folder / f"optimizer-shard{rank}", get_optimizer_state_dict(model, _bare(optimizer)))
+    save_tree(folder / OPTIMIZER_SHARD.format(rank=rank), get_optimizer_state_dict(model, _bare(optimizer)))
 
 
 def load_shards(folder: Path, world_size: int, model: nn.Module, optimizer) -> None:
-    """What ``save_shards`` wrote from ``world_size`` ranks, resharded over this run's ranks."""
+    """What ``save_shards`` wrote from ``world_size`` ranks, resharded over this run's ranks.
+
+    Every rank reads all the shards and keeps its own rows: simple, and fine up to ViT-L sizes; far
+    larger models on many ranks would want each rank to read only the rows it keeps."""
     whole = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, read_sharded_model(folder, world_size), options=whole)
-    optimizer_state = merge_shards([load_tree(folder / f"optimizer-shard{r}") for r in range(world_size)])
+    optimizer_state = merge_shards([load_tree(folder / OPTIMIZER_SHARD.format(rank=r)) for r in range(world_size)])
     set_optimizer_state_dict(model, _bare(optimizer), optimizer_state, options=whole)
 
 

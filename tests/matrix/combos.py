@@ -27,7 +27,7 @@ ACCUMULATION = {"k1": {"train.accum_steps": 1}, "features2": {"train.accum_steps
 PRECISION = {"fp32": {"train.precision": "no"}, "bf16": {"train.precision": "bf16"},
              "fp16": {"train.precision": "fp16", "train.fp16_init_scale": 256.0}}
 
-# How the model is spread over the ranks: DDP replicas, or FSDP2 shards (runs only at world size 2).
+# How the model is spread over the ranks: DDP replicas, or FSDP2 shards.
 SHARDING = {"ddp": {}, "fsdp": {"train.sharding": "fsdp"}}
 
 TINY_VIT = {
@@ -114,7 +114,8 @@ def _serves(tower: str, objective: str) -> bool:
 
 
 def world_one() -> list[Combination]:
-    """Every flavour x accumulation x precision on the ViT; every other tower with every flavour it serves."""
+    """Every flavour x accumulation x precision on the ViT; every other tower with every flavour it serves;
+    every flavour sharded with FSDP over a group of one."""
     grid = [_combination(f, "vit", a, p) for f, a, p in itertools.product(flavours(), ACCUMULATION, PRECISION)]
     precisions = itertools.cycle(PRECISION)  # towers rotate through the precisions
     towers = []
@@ -124,7 +125,8 @@ def world_one() -> list[Combination]:
             if precision == "fp16" and not TOWERS[tower].cpu_fp16:
                 precision = next(precisions)
             towers.append(_combination(flavour, tower, "k1", precision))
-    return grid + towers
+    sharded = [_combination(f, "vit", "k1", "fp32", sharding="fsdp") for f in flavours()]  # FSDP's group of one
+    return grid + towers + sharded
 
 
 def world_two() -> list[Combination]:

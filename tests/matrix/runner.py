@@ -10,6 +10,7 @@ run ended bitwise equal to the unbroken one.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +32,11 @@ def minilm_path() -> str:
 def base_overrides(combination: Combination, data_dir: Path, work: Path, output_dir: Path) -> list[str]:
     """Seconds-long runs: tiny towers, 8 samples per device and micro-batch, no loader workers."""
     arch = work / f"arch-{combination.tower}.json"
-    arch.write_text(json.dumps(TOWERS[combination.tower].arch))
+    # Every rank writes it, and another rank may be reading it: write aside, then rename (atomic), so
+    # no reader sees the file truncated (a rank once failed on an empty model JSON this way).
+    aside = arch.with_name(f"{arch.name}.{os.getpid()}")
+    aside.write_text(json.dumps(TOWERS[combination.tower].arch))
+    os.replace(aside, arch)
     values = {
         "model.name": str(arch), "data.train": str(data_dir / "train"), "data.val": None, "data.workers": 0,
         "data.shuffle_buffer": 32, "train.batch_size": 8, "train.steps": STEPS, "train.checkpoint_every": 2,

@@ -100,7 +100,8 @@ def run_case(case: Case, world: int, rank: int, data_dir: Path, out: Path, shard
         micro = [rows(mine, slice(i * size, (i + 1) * size)) for i in range(case.micro_batches)]
         result = train_step(trainer, micro, step)
         losses.append(float(dist.all_reduce_sum_(result["loss"].detach().clone()) / world))
-    weights = {k: dist.full_tensor(v.detach()).reshape(-1).clone() for k, v in unwrap(trainer.model).state_dict().items()}
+    state = unwrap(trainer.model).state_dict()
+    weights = {k: dist.full_tensor(v.detach()).reshape(-1).clone() for k, v in state.items()}
     return {"losses": losses, "refused": trainer.guard.refused, "weights": weights, "trainer": trainer}
 
 

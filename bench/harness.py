@@ -1,0 +1,33 @@
+"""What the benchmark scripts share: measure once, keep the JSON, print the Markdown table from it.
+
+Every script's figures come from its JSON report, and BENCHMARKS.md's tables are its ``--markdown``
+rendering of that file, so a table is never typed in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+
+def run_or_render(args, measure: Callable[[], dict], markdown: Callable[[dict], str]) -> None:
+    """With ``--markdown FILE``, print FILE's table; otherwise measure, write ``args.out``, print the table."""
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
+    results = measure()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+def digits_shards(work: Path) -> str:
+    """The digits' training shards under ``work`` (written once): real shards for ``build_trainer``,
+    which checks that data exists, where the timed steps themselves use a synthetic batch."""
+    from data_prep import prep_digits
+
+    digits = work / "digits"
+    if not (digits / "train").is_dir():
+        prep_digits(digits, image_size=32, shard_size=256, workers=0)
+    return str(digits / "train")

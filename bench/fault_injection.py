@@ -15,6 +15,7 @@ sharded one; RELIABILITY.md records both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -46,25 +47,25 @@ def logged_steps(run: Path) -> int:
 def kill_once(overrides: list[str], run: Path, rng: random.Random, timeout: float = 300,
               processes: int = 1) -> dict | None:
     """Start (resuming), wait for 1-3 new steps plus a random fraction of a step, SIGKILL every process
-    of the run (launcher and ranks: they share a session).
+    of the run (launcher, ranks and loader workers) at once.
 
     Returns where the kill landed, or None if the run finished first.
     """
     before = logged_steps(run)
     wanted, extra_delay = before + rng.randint(1, 3), rng.uniform(0.0, 0.4)
     process = subprocess.Popen(train_command(overrides, resume=True, processes=processes), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while logged_steps(run) < wanted and process.poll() is None:
         if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             raise TimeoutError("a training run made no progress")
         time.sleep(0.01)
     time.sleep(extra_delay)
     if process.poll() is not None:
         return None
     during_save = any((run / "checkpoints").glob(".tmp-*"))
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_tree(process.pid)
     process.wait()
     return {"after_step": logged_steps(run), "during_save": during_save}
 
@@ -77,6 +78,43 @@ def verify_all(run: Path) -> int:
     for checkpoint in checkpoints:
         verify_checkpoint(checkpoint)  # raises on a torn or damaged one
     return len(checkpoints)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process descended from it, until none of them runs.
+
+    A process-group kill is not enough: torchrun starts each rank in a session of its own, and a
+    rank that survives its launcher goes on training and saving beside the resumed run."""
+    while True:
+        processes = _process_table()
+        targets = [p for p in [pid, *_descendants(pid, processes)] if processes.get(p, ("", "Z"))[1] not in "ZX"]
+        if not targets:
+            return
+        for target in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter), read from /proc (Linux)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(pid: int, processes: dict[int, tuple[int, str]]) -> list[int]:
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, (parent, _) in processes.items() if parent in frontier}
+        found += sorted(frontier)
+    return found
 
 
 def run_fault_injection(work: Path, overrides: list[str], kills: int, seed: int = 0, processes: int = 1) -> dict:

@@ -54,10 +54,13 @@ def test_plan_for_the_laion_recipe_and_the_cli(tiny_model_json):
     assert plan.micro_batch == 256 and plan.global_batch == 32768
     assert plan.logits == 3 * 256 * 1024 * 4  # streamed (B, chunk) blocks, not (B, 32768)
     assert plan.model_state == 16 * 151_277_313  # ViT-B/32 CLIP parameters
+    # FSDP: each rank's rows of every parameter (torch.chunk along dim 0), checked against measured
+    # runs in bench/fsdp_memory.py; at least 1/N, and rows that do not divide evenly cost a little more.
+    assert plan.model_state / 128 <= plan.model_state_fsdp <= 1.01 * plan.model_state / 128
     assert plan.activations > 0
     out = subprocess.run([sys.executable, "-m", "clipx.cli", "plan", "--config", str(REPO / "configs" / "demo-digits.yaml"),
                           "--world-size", "4", "--global-batch", "1024", "loss.gather=global"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "global batch 1024" in out.stdout and "logit matrices" in out.stdout
+    assert "global batch 1024" in out.stdout and "logit matrices" in out.stdout and "fsdp" in out.stdout
     assert "16.0 MiB" in out.stdout  # 4 copies x 1024 x 1024 x 4 bytes, on every rank

@@ -219,7 +219,7 @@ class SSLConfig:
     swav: SwAVConfig = field(default_factory=SwAVConfig)
 
 
-# The flat ssl keys of clipx 0.1 (still in older checkpoints' config.yaml), and where each lives now.
+# The flat ssl keys of earlier versions (still in older checkpoints' config.yaml), and where each lives now.
 # ssl.queue_size served MoCo and SwAV alike, so it sets both.
 FLAT_SSL_KEYS = {
     "recipe": ("views.recipe",), "views": ("views.count",), "flip_prob": ("views.flip_prob",),
@@ -236,7 +236,7 @@ FLAT_SSL_KEYS = {
 
 
 def _current_keys(key: str, value: Any) -> tuple[str, ...]:
-    """The dotted keys a (possibly flat, pre-0.2) key sets: ``ssl.moco_version`` -> ``ssl.moco.version``.
+    """The dotted keys a (possibly flat, older) key sets: ``ssl.moco_version`` -> ``ssl.moco.version``.
     ``ssl.views`` is both the old count and the new section; a mapping means the section."""
     section, _, name = key.partition(".")
     if section != "ssl" or name not in FLAT_SSL_KEYS or (name == "views" and isinstance(value, dict)):
@@ -252,8 +252,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
-
-
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -112,13 +112,10 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def gradient_sync_off(model: nn.Module):
-    """Context: accumulate gradients locally (no reduce-scatter) until the last micro-batch."""
-    return _no_reduce(model) if is_sharded(model) else contextlib.nullcontext()
-
-
 @contextlib.contextmanager
-def _no_reduce(model):
+def gradient_sync_off(model: nn.Module):
+    """Context: a sharded model accumulates gradients locally (no reduce-scatter) until the last
+    micro-batch, FSDP's counterpart of DDP's ``no_sync``."""
     model.set_requires_gradient_sync(False)
     try:
         yield

@@ -169,9 +169,11 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
                                 trainer.config.train.accum_mode)
     # The norm is needed anyway to decide on the step; with no clipping configured, clip at infinity.
     # Under fp16 this also unscales the gradients, recording the scaler's overflow check.
-    # Sharded gradients give a DTensor norm: the global one, over every rank's shards.
+    # Sharded gradients give a DTensor norm: the global one, over every rank's shards (computed in
+    # host memory when FSDP offloads them there).
     grad_norm = dist.full_tensor(accelerator.clip_grad_norm_(trainer.model.parameters(),
                                                              trainer.config.train.grad_clip_norm or float("inf")))
+    grad_norm = grad_norm.to(out["loss"].device)
     accepted = trainer.guard.allows_update(out["loss"], grad_norm, step,  # the same verdict on every rank
                                            scaler.get_scale() if scaler is not None else None)
     if accepted:

@@ -61,13 +61,10 @@ def read_weights(checkpoint: Path, like: dict[str, torch.Tensor]) -> dict[str, t
     """The whole model state dict of ``checkpoint``: model.safetensors, or else its model shards joined.
     Parameters that sharding turned from scalars into 1-element vectors get the shapes of ``like``."""
     shards = model_shards(checkpoint)
-    source = checkpoint / (MODEL_WEIGHTS if (checkpoint / MODEL_WEIGHTS).is_file() or not shards
-                           else MODEL_SHARD.format(rank=0) + ".safetensors")
+    whole = (checkpoint / MODEL_WEIGHTS).is_file() or not shards  # consolidated, or never sharded
+    source = checkpoint / MODEL_WEIGHTS if whole else checkpoint / f"{MODEL_SHARD.format(rank='*')}.safetensors"
     try:
-        if source.name == MODEL_WEIGHTS:
-            weights = load_file(str(source), device="cpu")
-        else:
-            weights = read_sharded_model(checkpoint, shards)
+        weights = load_file(str(source), device="cpu") if whole else read_sharded_model(checkpoint, shards)
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ClipxError(f"{source} cannot be read: {str(error).splitlines()[0]}") from None
     # DDP-wrapped models can save with a "module." prefix.

@@ -51,12 +51,11 @@ class MemoryPlan:
         return self.logits + self.features + self.activations + self.model_state_fsdp
 
     def table(self) -> str:
-        shared = self.logits + self.features + self.activations
         rows = [("logit matrices", self.logits, self.logits),
                 ("gathered features + grads", self.features, self.features),
                 ("tower activations (micro-batch)", self.activations, self.activations),
                 ("params + grads + AdamW", self.model_state, self.model_state_fsdp),
-                ("total", shared + self.model_state, shared + self.model_state_fsdp)]
+                ("total", self.total, self.total_fsdp)]
         head = (f"per-rank memory: world size {self.world_size}, micro-batch {self.micro_batch}, "
                 f"global batch {self.global_batch}")
         columns = f"  {'':<32} {'ddp':>10} {'fsdp':>10}"

@@ -80,6 +80,19 @@ class DataConfig:
     max_skip_fraction: Optional[float] = 0.1
     # Shard URLs "pipe:CMD" run a shell command per shard; refused unless set.
     allow_pipe_urls: bool = False
+    # Remote shards (s3://, gs://, https://, hf://; credentials from the environment, never here):
+    # the S3-compatible endpoint (MinIO, Ceph, R2; None: AWS, or AWS_ENDPOINT_URL), the seconds
+    # to connect and to wait for each read, attempts per request, the first retry's delay (doubling),
+    # and the bytes per ranged read.
+    endpoint_url: Optional[str] = None
+    io_timeout: float = 60.0
+    io_retries: int = 5
+    io_backoff: float = 0.5
+    io_block_bytes: int = 8 << 20
+    # A local cache of remote shards (fetched ahead by the loader workers), bounded in bytes
+    # (None: unbounded), least recently used evicted first.
+    cache_dir: Optional[str] = None
+    cache_bytes: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -322,8 +335,11 @@ def validate(config: Config) -> None:
                 "train.log_every", "eval.batch_size", "train.collective_timeout_s"):
         if flat[key] <= 0:
             raise ClipxError(f"{key} must be positive; got {flat[key]}")
+    for key in ("data.io_timeout", "data.io_retries", "data.io_block_bytes"):
+        if flat[key] <= 0:
+            raise ClipxError(f"{key} must be positive; got {flat[key]}")
     for key in ("train.steps", "train.threads", "train.grad_clip_norm", "data.train_num_samples",
-                "train.keep_checkpoints"):
+                "train.keep_checkpoints", "data.cache_bytes"):
         if flat[key] is not None and flat[key] <= 0:
             raise ClipxError(f"{key} must be positive (or null); got {flat[key]}")
     if not (math.isfinite(t.fp16_init_scale) and t.fp16_init_scale > 0):

@@ -97,6 +97,15 @@ def gather_objects(obj) -> list:
     return gathered
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` without a process group."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 without autograd: (B, ...) -> (world_size * B, ...), in rank order."""

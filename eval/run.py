@@ -16,16 +16,20 @@ from eval.zero_shot import build_zero_shot_classifier, zero_shot_metrics
 
 
 def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool = True, retrieval: bool = True,
-             templates: str = "digits", label_key: str = "label", batch_size: int = 256, workers: int = 2) -> dict:
+             templates: str = "digits", label_key: str = "label", batch_size: int = 256, workers: int = 2,
+             opener=None) -> dict:
     """{"zero_shot": {...}, "retrieval": {...}, "num_images": N, "skipped": {...}} for ``shards``.
 
     In a process group every rank must call this: each embeds the samples whose keys hash to it,
     the embeddings are gathered, and every rank computes the same metrics on all of them.
+    ``opener`` (a clipx.data.opener.ShardOpener): how remote shards are reached; training passes the
+    one its data config describes.
     """
     transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=False)
     counter = SkipCounter()
     rank, world = dist.rank(), dist.world_size()
-    loader = build_eval_loader(shards, transform, label_key, batch_size, workers, counter, rank=rank, world=world)
+    loader = build_eval_loader(shards, transform, label_key, batch_size, workers, counter, rank=rank, world=world,
+                               opener=opener)
     was_training = model.training
     local = embed_dataset(model, loader, tokenizer, device, model_cfg.arch["embed_dim"], with_texts=retrieval)
     embeddings = merge_embeddings(dist.gather_objects(local))

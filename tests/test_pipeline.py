@@ -8,7 +8,7 @@ import torch
 from clipx.config import load_config
 from clipx.data.batch import ImageTextBatch
 from clipx.data.eval_loader import build_eval_loader
-from clipx.data.pipeline import SharedEpoch, build_train_loader, steps_per_epoch
+from clipx.data.pipeline import POSITION_KEY, SharedEpoch, build_train_loader, steps_per_epoch
 from clipx.data.shards import count_samples, expand_shards
 from clipx.data.skips import SkipCounter
 from clipx.data.tokenizer import Tokenizer
@@ -50,7 +50,9 @@ def test_batches_have_fixed_keys_and_shapes(config):
     loader, batches = make_loader(config)
     assert batches == steps_per_epoch(1437, 64, 1)[0] == 23
     batch = next(iter(loader))
-    assert set(batch) == {"image", "text", "key"}
+    # The worker's data position rides along; the training stream takes it off (clipx.train.stream).
+    assert set(batch) == {"image", "text", "key", POSITION_KEY}
+    assert batch[POSITION_KEY]["batches"] == 1 and batch[POSITION_KEY]["skips"]["used"] == 64
     assert batch["image"].shape == (64, 3, 32, 32) and batch["image"].dtype == torch.float32
     assert batch["text"].shape == (64, 16) and batch["text"].dtype == torch.long
 

@@ -76,7 +76,7 @@ def test_linear_probe_separates_separable_classes_and_picks_a_regulariser():
 
 
 def test_views_batches_hold_two_augmented_views_and_no_text(digits_dir, tiny_model_json):
-    from clipx.data.pipeline import SharedEpoch, build_train_loader
+    from clipx.data.pipeline import POSITION_KEY, SharedEpoch, build_train_loader
     from clipx.data.skips import SkipCounter
     from clipx.methods import method_of
 
@@ -86,7 +86,7 @@ def test_views_batches_hold_two_augmented_views_and_no_text(digits_dir, tiny_mod
     loader, _ = build_train_loader(config.data, 16, method.train_transform(config), method.collate(config), 0, 0,
                                    1, SharedEpoch(), SkipCounter())
     batch = next(iter(loader))
-    assert set(batch) == {"views", "key"} and len(batch["views"]) == 2
+    assert set(batch) == {"views", "key", POSITION_KEY} and len(batch["views"]) == 2
     assert batch["views"][0].shape == (16, 3, 32, 32)
     assert not torch.equal(batch["views"][0], batch["views"][1])  # independent augmentations
 

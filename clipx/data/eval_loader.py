@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import torch
 import webdataset as wds
 
+from clipx.data.opener import ShardOpener
 from clipx.data.pipeline import all_captions, decode_or_reason, open_shards, tar_samples
 from clipx.data.shards import expand_shards
 from clipx.data.skips import SkipCounter
@@ -68,15 +69,17 @@ def owned_by_rank(src: Iterable[dict], rank: int, world: int) -> Iterator[dict]:
 
 def build_eval_loader(pattern: str, transform, label_key: str, batch_size: int, workers: int,
                       counter: SkipCounter | None = None, what: str = "evaluation shards",
-                      rank: int = 0, world: int = 1):
-    """This rank's share of the samples of ``pattern``, each exactly once, in batches (the last may be smaller)."""
-    urls = expand_shards(pattern, what)
+                      rank: int = 0, world: int = 1, opener: ShardOpener | None = None):
+    """This rank's share of the samples of ``pattern``, each exactly once, in batches (the last may be
+    smaller). ``opener``: how remote shards are reached (default: each store's own environment)."""
+    opener = opener or ShardOpener()
+    urls = expand_shards(pattern, what, options=opener.options)
     counter = counter or SkipCounter()
     workers = min(workers, len(urls))
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        functools.partial(open_shards, counter=counter),
+        functools.partial(open_shards, counter=counter, opener=opener),
         functools.partial(tar_samples, counter=counter),
         functools.partial(owned_by_rank, rank=rank, world=world),
         functools.partial(decode_eval_samples, transform=transform, label_key=label_key, counter=counter),

@@ -1,26 +1,30 @@
 """Streaming webdataset pipelines: shards -> samples -> decoded, transformed, tokenized batches.
 
 We do not hand these loaders to ``accelerator.prepare``: Accelerate would shard the batches across
-ranks a second time. Instead ``shard_stream`` splits shards by rank and by data-loader worker itself,
-and ``with_epoch`` gives every rank the same number of batches per epoch whatever the shard sizes.
+ranks a second time. Instead ``ShardPlan`` deals shards to ranks and data-loader workers itself, and
+every worker makes the same number of batches per epoch whatever the shard sizes. Each batch carries
+its worker's ``Position`` (clipx.data.position), from which a resumed run starts again without
+replaying the epoch.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
+import itertools
 import math
 import multiprocessing as mp
-import random
 from typing import Iterable, Iterator
 
 import torch
-import webdataset as wds
-from torch.utils.data import get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipx.data.shards import PIPE_PREFIX, count_samples, expand_shards
+from clipx.data.opener import ShardOpener
+from clipx.data.position import Position, ShardPlan, ShuffleBuffer, replay_shuffle
+from clipx.data.remote import RemoteOptions
+from clipx.data.shards import count_samples, expand_shards
 from clipx.data.skips import SkipCounter
+from clipx.data.tar_reader import shard_samples
 from clipx.data.transforms import ImageTooLarge, decode_image
 from clipx.errors import ClipxError
 
@@ -50,55 +54,48 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def shard_stream(urls: list[str], rank: int, world: int, seed: int, epoch: SharedEpoch,
-                 resampled: bool) -> Iterator[dict]:
-    """Endless stream of {"url": shard} for this rank and worker, pass after pass, each pass
-    followed by an END_OF_PASS marker.
-
-    Not resampled: each epoch shuffles the shard list with (seed, epoch), then deals it to ranks and
-    then to workers, so no two workers read the same shard in an epoch. Resampled: each worker draws
-    shards with replacement from its own seeded generator. The stream never ends on its own; the
-    loader's ``with_epoch`` decides how many batches make an epoch.
-    """
-    worker, workers = _worker()
-    current = epoch.get()
-    while True:
-        if resampled:
-            rng = random.Random(f"{seed}-{current}-{rank}-{worker}")
-            mine = [rng.choice(urls) for _ in range(len(urls))]
-        else:
-            order = list(urls)
-            random.Random(f"{seed}-{current}").shuffle(order)
-            mine = order[rank::world][worker::workers]
-        for url in mine:
-            yield {"url": url}
-        yield END_OF_PASS
-        current += 1
+# The batch key under which the training pipeline hands each batch's Position to the main process
+# (clipx.train.stream takes it off before training sees the batch).
+POSITION_KEY = "__position__"
+# Stands in a restored shuffle buffer for a sample that could not be read back after a resume.
+LOST = {"__lost__": True}
 
 
-def open_shards(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Open shards from the local filesystem, or run their ``pipe:`` command.
+def open_shards(src: Iterable[dict], counter: SkipCounter, opener: ShardOpener | None = None) -> Iterator[dict]:
+    """{"url"} items -> {"url", "stream"}; a shard that cannot be opened counts as unreadable.
 
     The URLs come from ``expand_shards``, which is where ``pipe:`` URLs (a shell command each)
     are refused unless ``data.allow_pipe_urls`` is set.
     """
+    opener = opener or ShardOpener()
     for item in src:
         if item is END_OF_PASS:
             yield item
             continue
-        url = item["url"]
-        try:
-            stream = wds.gopen(url, "rb") if url.startswith(PIPE_PREFIX) else open(url, "rb")
-        except OSError:
-            counter.add("unreadable_shard")
+        stream = _open_counted(opener, item["url"], counter)
+        if stream is None:
             continue
         try:
             yield {**item, "stream": stream}
         finally:
-            try:
-                stream.close()
-            except OSError:  # a pipe: command that exited non-zero reports it on close
-                counter.add("unreadable_shard")
+            _close_counted(stream, counter)
+
+
+def _open_counted(opener: ShardOpener, url: str, counter: SkipCounter | None):
+    try:
+        return opener.open(url)
+    except OSError:  # missing, refused, or a network failure that outlived its retries
+        if counter is not None:
+            counter.add("unreadable_shard")
+        return None
+
+
+def _close_counted(stream, counter: SkipCounter | None) -> None:
+    try:
+        stream.close()
+    except OSError:  # a pipe: command that exited non-zero reports it on close
+        if counter is not None:
+            counter.add("unreadable_shard")
 
 
 class PassGuard:
@@ -108,9 +105,9 @@ class PassGuard:
     members would not end training: it would wait forever for a first batch.
     """
 
-    def __init__(self, what: str, counter: SkipCounter):
+    def __init__(self, what: str, counter: SkipCounter, seen: int = 0):
         self.what, self.counter = what, counter
-        self.seen = 0
+        self.seen = seen
 
     def count(self) -> None:
         self.seen += 1
@@ -123,29 +120,77 @@ class PassGuard:
 
 
 def tar_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Opened tar streams -> samples grouped by key (END_OF_PASS markers pass through).
-
-    Truncated or unreadable tars are counted once and the samples read before the damage still
-    count. A key seen earlier in the same shard is a duplicate: the first sample wins. (Keys are
-    only checked within a shard: webdataset writers, clipx prep and img2dataset included, make
-    keys unique per shard.)
-    """
-    handler = counter.handler("corrupt_tar")
-    guard = PassGuard("readable sample", counter)
+    """Opened tar streams -> samples grouped by key (END_OF_PASS markers pass through); see
+    ``clipx.data.tar_reader`` for what counts as damage and how it is counted."""
     for shard in src:
         if shard is END_OF_PASS:
-            guard.end_of_pass()
             yield shard
             continue
-        seen: set[str] = set()
-        for sample in group_by_keys(tar_file_expander([shard], handler=handler), handler=handler):
-            if sample["__key__"] in seen:
-                counter.add("duplicate_key")
-                continue
-            seen.add(sample["__key__"])
-            guard.count()
+        for _, sample in shard_samples(shard["stream"], counter):
             yield sample
 
+
+def read_shard(opener: ShardOpener, url: str, counter: SkipCounter, first: int = 0,
+               wanted: set[int] | None = None) -> Iterator[tuple[int, dict]]:
+    """(index, sample) of one shard from sample ``first`` on (or those in ``wanted``, uncounted)."""
+    quiet = wanted is not None
+    stream = _open_counted(opener, url, None if quiet else counter)
+    if stream is None:
+        return
+    try:
+        yield from shard_samples(stream, counter, first=first, wanted=wanted)
+    finally:
+        _close_counted(stream, None if quiet else counter)
+
+
+def read_passes(plan: ShardPlan, position: Position, workers: int, opener: ShardOpener,
+                counter: SkipCounter) -> Iterator[dict]:
+    """This worker's samples, pass after pass, each pass followed by END_OF_PASS, from ``position``
+    on (a fresh position starts at its pass's first shard).
+
+    Not resampled: pass p shuffles the shard list with (seed, p), then deals it to ranks and then to
+    workers, so no two workers read the same shard in a pass. Resampled: each worker draws shards
+    with replacement from its own seeded generator. The stream never ends on its own; the loader
+    decides how many batches make an epoch. ``position`` is kept current as samples are read.
+    """
+    if position.draining:  # the pass was read to its end before the resume point
+        position.start_pass(position.pass_index + 1)
+    guard = PassGuard("readable sample", counter, seen=position.read)
+    first = position.in_shard
+    while True:
+        shards = plan.shards(position.pass_index, position.worker, workers)
+        while position.shard < len(shards):
+            if position.shard + 1 < len(shards):
+                opener.prefetch(shards[position.shard + 1])
+            for index, sample in read_shard(opener, shards[position.shard], counter, first=first):
+                position.in_shard = index + 1
+                guard.count()
+                yield sample
+            first = 0
+            position.next_shard()
+        guard.end_of_pass()
+        yield END_OF_PASS
+        position.start_pass(position.pass_index + 1)
+
+
+def restore_shuffle_buffer(plan: ShardPlan, position: Position, size: int, workers: int,
+                           opener: ShardOpener, counter: SkipCounter) -> ShuffleBuffer:
+    """The worker's shuffle buffer as it was at ``position``: its draws replayed on sample numbers,
+    then the samples it held read back from their shards (only those, by number)."""
+    buffer = replay_shuffle(position, ShuffleBuffer(size, plan.shuffle_rng(position.pass_index, position.worker)))
+    held = buffer.held()
+    wanted: dict[int, dict[int, int]] = {}  # shard -> {index in shard: sample number}
+    for number in held:
+        shard, index = position.locate(number)
+        wanted.setdefault(shard, {})[index] = number
+    shards = plan.shards(position.pass_index, position.worker, workers)
+    samples: dict[int, dict] = {}
+    for shard, numbers in wanted.items():
+        for index, sample in read_shard(opener, shards[shard], counter, wanted=set(numbers)):
+            samples[numbers[index]] = sample
+    buffer.items = [samples.get(n, LOST) for n in buffer.items]
+    buffer.drained = collections.deque(samples.get(n, LOST) for n in buffer.drained)
+    return buffer
 
 def first_caption(sample: dict) -> str | None:
     """The first non-empty line of the sample's .txt member, or None."""
@@ -181,35 +226,6 @@ def sample_rng(seed: int, epoch: int, rank: int, worker: int, index: int):
         yield
 
 
-def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int = 0,
-                         epoch: SharedEpoch | None = None, rank: int = 0, needs_text: bool = True) -> Iterator[dict]:
-    """Raw samples -> {"image": transform's output, "text": str or None, "key": str}.
-
-    Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
-    needs no caption, and ``transform`` may return a list of augmented views. Each sample's
-    augmentation draws from its own seeded generator (``sample_rng``).
-    """
-    current_epoch = epoch.get() if epoch is not None else 0
-    worker, _ = _worker()
-    guard = PassGuard("usable image-caption pair" if needs_text else "usable image", counter)
-    for index, sample in enumerate(src):
-        if sample is END_OF_PASS:
-            guard.end_of_pass()
-            continue
-        caption = first_caption(sample)
-        if caption is None and needs_text:
-            counter.add("missing_caption")
-            continue
-        with sample_rng(seed, current_epoch, rank, worker, index):
-            image, reason = decode_or_reason(sample, transform)
-        if reason is not None:
-            counter.add(reason)
-            continue
-        guard.count()
-        counter.add_used()
-        yield {"image": image, "text": caption, "key": sample["__key__"]}
-
-
 def decode_or_reason(sample: dict, transform):
     """(transformed image, None), or (None, the skip reason) when the sample's image is unusable."""
     data = sample_image_bytes(sample)
@@ -223,41 +239,78 @@ def decode_or_reason(sample: dict, transform):
         return None, "undecodable_image"
 
 
-def shuffle_samples(src: Iterable[dict], bufsize: int, seed: int, rank: int, epoch: SharedEpoch) -> Iterator[dict]:
-    """A shuffle buffer of ``bufsize`` samples seeded per (seed, epoch, rank, worker): reproducible runs.
-
-    The buffer drains at each END_OF_PASS marker (then passed on): the next pass never overtakes
-    this one, and draining needs no peek into the next pass, whose reads would be counted too early.
-    """
-    worker, _ = _worker()
-    rng = random.Random(f"{seed}-{epoch.get()}-{rank}-{worker}")
-    buffer: list[dict] = []
+def shuffle_samples(src: Iterable[dict], buffer: ShuffleBuffer | None, new_buffer, position: Position) -> Iterator[dict]:
+    """Samples through a shuffle buffer (``new_buffer(pass_index)`` makes one per pass), so the
+    samples of nearby shards mix; END_OF_PASS drains it (then passes on): a pass never overtakes the
+    previous one, and the draining needs no peek into the next pass. ``buffer``: restored at a resume."""
+    if buffer is not None and position.draining:
+        while buffer.drained:
+            position.emitted += 1
+            yield buffer.next_drained()
+        buffer = None
+        yield END_OF_PASS
     for sample in src:
+        if buffer is None:
+            buffer = new_buffer(position.pass_index)
         if sample is END_OF_PASS:
-            rng.shuffle(buffer)
-            yield from buffer
-            yield sample
-            buffer = []
+            buffer.drain()
+            position.draining = True
+            while buffer.drained:
+                position.emitted += 1
+                yield buffer.next_drained()
+            buffer = None
+            yield END_OF_PASS
             continue
-        buffer.append(sample)
-        if len(buffer) >= bufsize:
-            index = rng.randrange(len(buffer))
-            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
+        position.read += 1
+        out = buffer.push(sample)
+        if out is not None:
+            position.emitted += 1
+            yield out
 
 
-def collate_train(src: Iterable[dict], batch_size: int, collate) -> Iterator[dict]:
-    """Samples -> batches of ``batch_size`` made by ``collate`` (clipx.data.batch); the last partial
-    one is dropped."""
+def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int, position: Position,
+                         rank: int = 0, needs_text: bool = True) -> Iterator[dict]:
+    """Raw samples -> {"image": transform's output, "text": str or None, "key": str}.
+
+    Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
+    needs no caption, and ``transform`` may return a list of augmented views. Each sample's
+    augmentation draws from its own generator, seeded by its place in the stream (``sample_rng``).
+    """
+    guard = PassGuard("usable image-caption pair" if needs_text else "usable image", counter, seen=position.decoded)
+    for sample in src:
+        index = position.decoded
+        position.decoded += 1
+        if sample is END_OF_PASS:
+            guard.end_of_pass()
+            continue
+        if sample is LOST:
+            continue
+        caption = first_caption(sample)
+        if caption is None and needs_text:
+            counter.add("missing_caption")
+            continue
+        with sample_rng(seed, position.epoch, rank, position.worker, index):
+            image, reason = decode_or_reason(sample, transform)
+        if reason is not None:
+            counter.add(reason)
+            continue
+        guard.count()
+        counter.add_used()
+        yield {"image": image, "text": caption, "key": sample["__key__"]}
+
+
+def collate_train(src: Iterable[dict], batch_size: int, collate, position: Position,
+                  counter: SkipCounter) -> Iterator[dict]:
+    """Samples -> batches of ``batch_size`` made by ``collate`` (clipx.data.batch), each carrying the
+    worker's position after it; the last partial one is dropped."""
     buffer: list[dict] = []
     for sample in src:
         buffer.append(sample)
         if len(buffer) == batch_size:
-            yield collate(buffer)
+            position.batches += 1
+            position.skips = counter.local_counts()
+            yield {**collate(buffer), POSITION_KEY: position.to_dict()}
             buffer = []
-
 
 def steps_per_epoch(num_samples: int, global_batch: int, workers: int) -> tuple[int, int]:
     """(batches per rank per epoch, batches per worker): a multiple of the worker count, like open_clip."""
@@ -266,41 +319,69 @@ def steps_per_epoch(num_samples: int, global_batch: int, workers: int) -> tuple[
     return per_worker * workers, per_worker
 
 
+class TrainPipeline(IterableDataset):
+    """One rank's training stream: each iteration yields one epoch of this worker's batches, from
+    the start of the epoch or, once after a resume, from the worker's saved position."""
+
+    def __init__(self, plan: ShardPlan, data_cfg, batch_size: int, transform, collate, epoch: SharedEpoch,
+                 counter: SkipCounter, per_worker: int):
+        self.plan, self.batch_size, self.transform, self.collate = plan, batch_size, transform, collate
+        self.shuffle_buffer, self.epoch, self.counter, self.per_worker = data_cfg.shuffle_buffer, epoch, counter, per_worker
+        self.opener = ShardOpener.from_config(data_cfg)
+        self.resume_epoch, self.resume_positions = -1, {}
+
+    def resume_at(self, epoch: int, positions: dict[int, dict]) -> None:
+        """Start ``epoch`` from these workers' positions (worker -> Position.to_dict()); call before
+        the loader's first iteration, which is when the workers start and copy this object."""
+        self.resume_epoch, self.resume_positions = epoch, positions
+
+    def __iter__(self):
+        worker, workers = _worker()
+        epoch = self.epoch.get()
+        saved = self.resume_positions.get(worker) if epoch == self.resume_epoch else None
+        position = Position.from_dict(saved) if saved else Position(epoch, worker, pass_index=epoch)
+        self.counter.start_local(position.skips)
+        buffer = (restore_shuffle_buffer(self.plan, position, self.shuffle_buffer, workers, self.opener, self.counter)
+                  if saved else None)
+        samples = read_passes(self.plan, position, workers, self.opener, self.counter)
+        samples = shuffle_samples(samples, buffer, lambda p: ShuffleBuffer(self.shuffle_buffer,
+                                                                           self.plan.shuffle_rng(p, worker)), position)
+        samples = decode_train_samples(samples, self.transform, self.counter, self.plan.seed, position,
+                                       self.plan.rank, self.collate.needs_caption)
+        batches = collate_train(samples, self.batch_size, self.collate, position, self.counter)
+        yield from itertools.islice(batches, max(self.per_worker - position.batches, 0))
+
+
 def build_train_loader(data_cfg, batch_size: int, transform, collate, seed: int, rank: int, world: int,
-                       epoch: SharedEpoch, counter: SkipCounter):
+                       epoch: SharedEpoch, counter: SkipCounter, num_samples: int | None = None):
     """The training loader for this rank and the number of batches it yields per epoch.
 
     ``transform`` (PIL image -> what a sample holds) and ``collate`` (samples -> batch, with its
-    ``needs_caption``) come from the training method.
+    ``needs_caption``) come from the training method. ``num_samples``: the epoch's sample count when
+    the caller already knows it (rank 0 reads it and broadcasts it); otherwise from the config or the
+    shards' sizes.json. The loader's dataset is a ``TrainPipeline`` (``loader.dataset.resume_at``).
     """
-    urls = expand_shards(data_cfg.train, "data.train", allow_pipe=data_cfg.allow_pipe_urls)
+    options = RemoteOptions.from_config(data_cfg)
+    urls = expand_shards(data_cfg.train, "data.train", allow_pipe=data_cfg.allow_pipe_urls, options=options)
     workers = data_cfg.workers
     if not data_cfg.resampled and len(urls) < world * max(workers, 1):
         raise ClipxError(
             f"data.train has {len(urls)} shards but {world} rank(s) x {max(workers, 1)} worker(s) need at least "
             f"{world * max(workers, 1)}; write more, smaller shards, lower data.workers, or set data.resampled=true"
         )
-    num_samples = data_cfg.train_num_samples or count_samples(urls)
+    num_samples = num_samples or data_cfg.train_num_samples or count_samples(urls, options)
     batches, per_worker = steps_per_epoch(num_samples, batch_size * world, workers)
-    pipeline = wds.DataPipeline(
-        functools.partial(shard_stream, urls, rank, world, seed, epoch, data_cfg.resampled),
-        functools.partial(open_shards, counter=counter),
-        functools.partial(tar_samples, counter=counter),
-        functools.partial(shuffle_samples, bufsize=data_cfg.shuffle_buffer, seed=seed, rank=rank, epoch=epoch),
-        functools.partial(decode_train_samples, transform=transform, counter=counter, seed=seed, epoch=epoch,
-                          rank=rank, needs_text=collate.needs_caption),
-        functools.partial(collate_train, batch_size=batch_size, collate=collate),
-    ).with_epoch(per_worker)
+    plan = ShardPlan(tuple(urls), seed, rank, world, data_cfg.resampled)
+    pipeline = TrainPipeline(plan, data_cfg, batch_size, transform, collate, epoch, counter, per_worker)
     # Persistent workers: re-entering the loader each epoch would otherwise fork and re-import every
     # worker (seconds per epoch on small data). Workers read the epoch from shared memory when the
     # next epoch's iteration starts, after TrainStream has set it. The loader draws its workers' base
     # seed from its own generator, not the global RNG, so starting an iteration (as a resumed run
     # does) leaves the model's random stream (MoCo's shuffles, dropout) exactly as an unbroken run has it.
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                           prefetch_factor=4 if workers > 0 else None, persistent_workers=workers > 0,
-                           generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=4 if workers > 0 else None, persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
     return loader, batches
-
 
 def worker_error_message(error: ClipxError) -> str:
     """The one-line message of a ClipxError, also when a DataLoader worker re-raised it.

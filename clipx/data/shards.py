@@ -1,4 +1,5 @@
-"""Shard lists: brace expansion, existence checks and sample counts from sizes.json."""
+"""Shard lists: brace expansion, existence checks and sample counts from sizes.json, for local
+paths and remote URLs (clipx.data.remote)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,25 @@ from pathlib import Path
 
 import braceexpand
 
+from clipx.data.remote import RemoteOptions, ShardUnreadable, is_remote, list_remote, read_remote_bytes, retrying
 from clipx.errors import ClipxError
 
 PIPE_PREFIX = "pipe:"
 
 
-def expand_shards(pattern: str, what: str = "data.train", allow_pipe: bool = False) -> list[str]:
-    """Expand ``a-{000..009}.tar`` (``::``-separated lists too, or a folder of .tar files) into paths.
+def expand_shards(pattern: str, what: str = "data.train", allow_pipe: bool = False,
+                  options: RemoteOptions | None = None) -> list[str]:
+    """Expand ``a-{000..009}.tar`` (``::``-separated lists too, or a folder of .tar files) into paths
+    or URLs (``s3://``, ``gs://``, ``https://``, ``hf://``).
 
     Raises a one-line ClipxError when the pattern is empty, matches nothing, or names missing files.
     ``pipe:CMD`` URLs run a shell command per shard, so they are refused unless ``allow_pipe``
-    (the config's ``data.allow_pipe_urls``); their existence cannot be checked ahead.
+    (the config's ``data.allow_pipe_urls``); their existence cannot be checked ahead. Of remote
+    URLs only the first is checked (one request): a shard missing later counts as unreadable.
     """
     if not pattern or not pattern.strip():
         raise ClipxError(f"{what} is empty; give a shard pattern such as data/train/shard-{{000000..000009}}.tar")
-    if Path(pattern).is_dir():  # a folder written by `clipx prep`: all of its shards
+    if not is_remote(pattern) and Path(pattern).is_dir():  # a folder written by `clipx prep`: all of its shards
         urls = sorted(str(p) for p in Path(pattern).glob("*.tar"))
         if not urls:
             raise ClipxError(f"{what}: folder {pattern} holds no .tar shards; run `clipx prep` first")
@@ -31,12 +36,25 @@ def expand_shards(pattern: str, what: str = "data.train", allow_pipe: bool = Fal
     if pipes and not allow_pipe:
         raise ClipxError(f"{what} has pipe: URLs, which run shell commands (first {pipes[0]!r}); set "
                          "data.allow_pipe_urls=true if you trust them")
-    missing = [u for u in urls if not u.startswith(PIPE_PREFIX) and not Path(u).is_file()]
+    if is_remote(urls[0]):
+        _check_reachable(urls[0], what, options or RemoteOptions())
+    missing = [u for u in urls if not u.startswith(PIPE_PREFIX) and not is_remote(u) and not Path(u).is_file()]
     if len(missing) == len(urls):
         raise ClipxError(f"{what} pattern {pattern!r} matched no files; check the path or run `clipx prep` first")
     if missing:
         raise ClipxError(f"{what}: {len(missing)} of {len(urls)} shards do not exist, first {missing[0]}")
     return urls
+
+
+def _check_reachable(url: str, what: str, options: RemoteOptions) -> None:
+    from clipx.data.remote import filesystem, protocol_of
+
+    fs = filesystem(protocol_of(url) or "file", options)
+    try:
+        retrying(lambda: fs.size(url), url, options)
+    except ShardUnreadable as error:
+        raise ClipxError(f"{what}: cannot read its first shard, {error}; check the URL, the endpoint "
+                         "(data.endpoint_url) and the credentials in your environment") from None
 
 
 def clip_benchmark_shards(folder: str | Path, split: str = "test") -> str | None:
@@ -52,40 +70,63 @@ def clip_benchmark_shards(folder: str | Path, split: str = "test") -> str | None
     return str(Path(folder) / split / f"{{0..{count - 1}}}.tar")
 
 
-def count_samples(urls: list[str]) -> int:
+def count_samples(urls: list[str], options: RemoteOptions | None = None) -> int:
     """Total samples in ``urls``: from the sizes.json written beside them by `clipx prep`, or else
-    from img2dataset's per-shard ``{shard}_stats.json`` files (their "successes")."""
-    sizes: dict[Path, dict] = {}
+    from img2dataset's per-shard ``{shard}_stats.json`` files (their "successes"); for remote
+    shards, read from the store (one request per folder)."""
+    sizes: dict[str, dict] = {}
     total = 0
     for url in urls:
         if url.startswith(PIPE_PREFIX):
             raise ClipxError("pipe: shards have no sizes.json to count; set data.train_num_samples")
-        folder = Path(url).parent
+        folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
         if folder not in sizes:
-            sizes[folder] = _read_sizes(folder)
-        name = Path(url).name
+            sizes[folder] = _read_remote_sizes(folder, options or RemoteOptions()) if is_remote(url) \
+                else _read_sizes(Path(folder))
         if name not in sizes[folder]:
-            raise ClipxError(f"{folder / 'sizes.json'} has no entry for {name}; set data.train_num_samples")
+            raise ClipxError(f"{folder}/sizes.json has no entry for {name}; set data.train_num_samples")
         total += int(sizes[folder][name])
     return total
+
+
+def _parse_sizes(text: bytes | str, where: str) -> dict[str, int]:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ClipxError(f"{where} is not valid JSON ({error}); rewrite the shards with "
+                         "`clipx prep` or set data.train_num_samples") from None
+
+
+def _stats_successes(text: bytes | str, where: str) -> int:
+    try:
+        return int(json.loads(text)["successes"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ClipxError(f"{where} has no readable 'successes' count; set data.train_num_samples") from None
+
+
+def _read_remote_sizes(folder: str, options: RemoteOptions) -> dict[str, int]:
+    try:
+        return _parse_sizes(read_remote_bytes(f"{folder}/sizes.json", options), f"{folder}/sizes.json")
+    except ShardUnreadable:
+        pass
+    try:
+        stats = list_remote(f"{folder}/*_stats.json", options)
+    except (ShardUnreadable, NotImplementedError, ValueError):
+        stats = []
+    if not stats:
+        raise ClipxError(f"no sizes.json (clipx prep) or *_stats.json (img2dataset) readable in {folder}; "
+                         "set data.train_num_samples")
+    return {url.rsplit("/", 1)[1].removesuffix("_stats.json") + ".tar":
+            _stats_successes(read_remote_bytes(url, options), url) for url in stats}
 
 
 def _read_sizes(folder: Path) -> dict[str, int]:
     sizes_file = folder / "sizes.json"
     if sizes_file.is_file():
-        try:
-            return json.loads(sizes_file.read_text())
-        except json.JSONDecodeError as error:
-            raise ClipxError(f"{sizes_file} is not valid JSON ({error}); rewrite the shards with "
-                             "`clipx prep` or set data.train_num_samples") from None
+        return _parse_sizes(sizes_file.read_text(), str(sizes_file))
     stats = sorted(folder.glob("*_stats.json"))
     if not stats:
         raise ClipxError(f"no sizes.json (clipx prep) or *_stats.json (img2dataset) in {folder}; set "
                          "data.train_num_samples")
-    sizes = {}
-    for file in stats:
-        try:
-            sizes[file.name.removesuffix("_stats.json") + ".tar"] = int(json.loads(file.read_text())["successes"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise ClipxError(f"{file} has no readable 'successes' count; set data.train_num_samples") from None
-    return sizes
+    return {file.name.removesuffix("_stats.json") + ".tar": _stats_successes(file.read_text(), str(file))
+            for file in stats}

@@ -31,14 +31,32 @@ class SkipCounter:
     def __init__(self):
         self._values = {reason: mp.Value("q", 0) for reason in self.REASONS}
         self._used = mp.Value("q", 0)
+        # This process's own counts since ``start_local``: what a training worker's saved data
+        # position carries, since the shared counts run ahead of what training consumed.
+        self._local: dict[str, int] = {}
 
     def add(self, reason: str, n: int = 1) -> None:
         with self._values[reason].get_lock():
             self._values[reason].value += n
+        self._local[reason] = self._local.get(reason, 0) + n
 
     def add_used(self) -> None:
         with self._used.get_lock():
             self._used.value += 1
+        self._local[self.USED] = self._local.get(self.USED, 0) + 1
+
+    def start_local(self, counts: dict[str, int] | None = None) -> None:
+        """Start this process's own counts (from a saved position's, after a resume)."""
+        self._local = dict(counts or {})
+
+    def local_counts(self) -> dict[str, int]:
+        return dict(self._local)
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        """Add counts (reasons and "used") made before a resume to the shared ones."""
+        for name, value in counts.items():
+            target = self._used if name == self.USED else self._values[name]
+            target.value += value
 
     def snapshot(self) -> dict[str, int]:
         return {reason: value.value for reason, value in self._values.items()}

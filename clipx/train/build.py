@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from clipx.config import Config, config_to_dict
+from clipx.data.remote import RemoteOptions
 from clipx.data.shards import expand_shards
 from clipx.dist import unwrap
 from clipx.errors import ClipxError
@@ -51,7 +52,8 @@ class Trainer:
 
     def stateful(self) -> Stateful:
         """What checkpoints save and restore besides the counters."""
-        return Stateful(unwrap(self.model), self.optimizer, self.scheduler, self.objective, self.accelerator.scaler)
+        return Stateful(unwrap(self.model), self.optimizer, self.scheduler, self.objective, self.accelerator.scaler,
+                        self.stream)
 
 
 def total_steps(train_cfg, batches_per_epoch: int) -> int:
@@ -66,13 +68,14 @@ def check_inputs(config: Config) -> Method:
     config, or the training or validation shards, the initial weights or the templates are unusable.
     Returns the method."""
     method = method_of(config)
-    expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls)
+    options = RemoteOptions.from_config(config.data)
+    expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls, options=options)
     method.check_processes(config, launched_processes(), "cuda" if torch.accelerator.is_available() else "cpu")
     check_sharding(config.train, "cuda" if torch.accelerator.is_available() else "cpu")
     if config.model.pretrained and not Path(config.model.pretrained).exists():
         raise ClipxError(f"model.pretrained {config.model.pretrained} does not exist")
     if config.data.val and evaluates_during_training(method, config):
-        expand_shards(config.data.val, "data.val")
+        expand_shards(config.data.val, "data.val", options=options)
         if config.eval.zero_shot:
             load_templates(config.eval.templates)
     return method

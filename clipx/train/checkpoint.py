@@ -6,7 +6,8 @@ Layout of ``<output_dir>/checkpoints/step-000000100/``:
   model-shard<r>.*, optimizer-shard<r>.*
                              with train.sharding=fsdp, instead of model.safetensors and the optimizer
                              in state.*: rank r's shards (clipx.train.sharding)
-  rank<r>.safetensors/.json  rank r's RNG states and its objective's state (MoCo/SwAV queues)
+  rank<r>.safetensors/.json  rank r's RNG states, its objective's state (MoCo/SwAV queues) and its
+                             loader workers' data positions
   config.yaml                the resolved config: rebuilds the model with no other file
   trainer_state.json         step, epoch, batches consumed, world size
   manifest.json              written last: the SHA-256 of every other file
@@ -57,6 +58,7 @@ class Stateful:
     scheduler: object
     objective: object
     scaler: object | None = None
+    data: object | None = None  # the data stream (its workers' positions)
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: TrainerState, parts: Stateful,
@@ -75,7 +77,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
-    save_tree(tmp / f"rank{rank}", {"rng": rng_state(), "objective": parts.objective.state_dict()})
+    save_tree(tmp / f"rank{rank}", {"rng": rng_state(), "objective": parts.objective.state_dict(),
+                                    "data": parts.data.state_dict() if parts.data is not None else {}})
     if sharded:
         save_shards(tmp, rank, weights, parts.model, parts.optimizer)
     if accelerator.is_main_process:
@@ -199,6 +202,8 @@ def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerStat
             parts.scaler.load_state_dict(shared["scaler"])
         mine = load_tree(path / f"rank{accelerator.process_index}")  # queues copy_ onto their device
         parts.objective.load_state_dict(mine["objective"])
+        if parts.data is not None:
+            parts.data.load_state_dict(mine.get("data", {}))
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, json.JSONDecodeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ClipxError(f"cannot resume from {path}: {first_line} (was it written by a different model, "

@@ -226,6 +226,7 @@ def evaluate_now(trainer: Trainer, step: int) -> dict | None:
     method, config = trainer.method, trainer.config
     if not evaluates_during_training(method, config):
         return None
+    from clipx.data.opener import ShardOpener
     from clipx.data.tokenizer import Tokenizer
     from eval.run import evaluate, flatten_metrics
 
@@ -233,7 +234,7 @@ def evaluate_now(trainer: Trainer, step: int) -> dict | None:
     results = evaluate(unwrap(trainer.model), Tokenizer(config.model), config.model, config.data.val,
                        trainer.accelerator.device, e.zero_shot and "zero_shot" in method.evaluators,
                        e.retrieval and "retrieval" in method.evaluators, e.templates, e.label_key, e.batch_size,
-                       config.data.workers)
+                       config.data.workers, ShardOpener.from_config(config.data))
     trainer.log.log(step, "eval", flatten_metrics(results))
     return results
 

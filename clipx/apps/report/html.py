@@ -76,12 +76,14 @@ def _metrics_table(summary: dict) -> str:
 
 def _raw_images(shards: str, keys: set[str]) -> dict[str, tuple[str, bytes]]:
     """{key: (mime, bytes)} of the image members of ``keys`` in the shards, read as stored."""
+    from clipx.data.opener import ShardOpener
     from clipx.data.shards import expand_shards
 
     mimes = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
     found = {}
+    opener = ShardOpener()  # remote shards too, reached through each store's own environment
     for url in expand_shards(shards, "data.val"):
-        with tarfile.open(url) as tar:
+        with opener.open(url) as stream, tarfile.open(fileobj=stream) as tar:
             for member in tar:
                 key, _, suffix = member.name.partition(".")
                 if key in keys and suffix in mimes and key not in found:

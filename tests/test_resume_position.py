@@ -52,7 +52,7 @@ def test_resume_anywhere_gives_the_unbroken_batches_and_counts(digits_dir, worke
     per_epoch = unbroken.batches_per_epoch
     batches = unbroken.batches()
     reference, counts = take(unbroken, batches, 2 * per_epoch + 3), unbroken.take_finished()
-    for cut in (1, 5, per_epoch // 2 + 1, per_epoch - 1, per_epoch + 7, 2 * per_epoch - 2):
+    for cut in (1, per_epoch // 2 + 1, per_epoch + 7, 2 * per_epoch - 2):
         first = make_stream(data)
         first_batches = first.batches()
         assert same(take(first, first_batches, cut), reference[:cut])

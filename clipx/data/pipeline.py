@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import math
 import multiprocessing as mp
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipx.data.opener import ShardOpener
-from clipx.data.position import Position, ShardPlan, ShuffleBuffer, replay_shuffle
+from clipx.data.position import Piece, Position, ShardPlan, ShuffleBuffer, replay_shuffle
 from clipx.data.remote import RemoteOptions
 from clipx.data.shards import count_samples, expand_shards
 from clipx.data.skips import SkipCounter
@@ -130,20 +131,28 @@ def tar_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
             yield sample
 
 
-def read_shard(opener: ShardOpener, url: str, counter: SkipCounter, first: int = 0,
-               wanted: set[int] | None = None) -> Iterator[tuple[int, dict]]:
-    """(index, sample) of one shard from sample ``first`` on (or those in ``wanted``, uncounted)."""
-    quiet = wanted is not None
-    stream = _open_counted(opener, url, None if quiet else counter)
+def read_shard(opener: ShardOpener, piece: Piece, counter: SkipCounter, first: int = 0) -> Iterator[tuple[int, dict]]:
+    """(index, sample) of a piece of a shard: its samples from index ``first`` on, up to its stop; or
+    only the ``wanted`` ones, uncounted (whatever lies between them was counted by an earlier run)."""
+    quiet = piece.wanted is not None
+    stream = _open_counted(opener, piece.url, None if quiet else counter)
     if stream is None:
         return
+    wanted = {i for i in piece.wanted if i >= first} if piece.wanted is not None else None
     try:
-        yield from shard_samples(stream, counter, first=first, wanted=wanted)
+        if wanted == set():
+            return
+        for index, sample in shard_samples(stream, counter, first=max(first, piece.start), wanted=wanted):
+            if piece.stop is not None and index >= piece.stop:
+                return
+            yield index, sample
+            if piece.stop is not None and index + 1 >= piece.stop:
+                return
     finally:
         _close_counted(stream, None if quiet else counter)
 
 
-def read_passes(plan: ShardPlan, position: Position, workers: int, opener: ShardOpener,
+def read_passes(pieces_of: Callable[[int], list[Piece]], position: Position, opener: ShardOpener,
                 counter: SkipCounter) -> Iterator[dict]:
     """This worker's samples, pass after pass, each pass followed by END_OF_PASS, from ``position``
     on (a fresh position starts at its pass's first shard).
@@ -151,19 +160,21 @@ def read_passes(plan: ShardPlan, position: Position, workers: int, opener: Shard
     Not resampled: pass p shuffles the shard list with (seed, p), then deals it to ranks and then to
     workers, so no two workers read the same shard in a pass. Resampled: each worker draws shards
     with replacement from its own seeded generator. The stream never ends on its own; the loader
-    decides how many batches make an epoch. ``position`` is kept current as samples are read.
+    decides how many batches make an epoch. ``pieces_of(pass_index)``: what the pass reads, whole
+    shards (``ShardPlan.pieces``) or, after a resume on another number of processes, parts of them.
+    ``position`` is kept current as samples are read.
     """
     if position.draining:  # the pass was read to its end before the resume point
         position.start_pass(position.pass_index + 1)
     guard = PassGuard("readable sample", counter, seen=position.read)
     first = position.in_shard
     while True:
-        shards = plan.shards(position.pass_index, position.worker, workers)
-        while position.shard < len(shards):
-            if position.shard + 1 < len(shards):
-                opener.prefetch(shards[position.shard + 1])
-            for index, sample in read_shard(opener, shards[position.shard], counter, first=first):
-                position.in_shard = index + 1
+        pieces = pieces_of(position.pass_index)
+        while position.shard < len(pieces):
+            if position.shard + 1 < len(pieces):
+                opener.prefetch(pieces[position.shard + 1].url)
+            for index, sample in read_shard(opener, pieces[position.shard], counter, first=first):
+                position.in_shard, position.taken = index + 1, position.taken + 1
                 guard.count()
                 yield sample
             first = 0
@@ -173,20 +184,19 @@ def read_passes(plan: ShardPlan, position: Position, workers: int, opener: Shard
         position.start_pass(position.pass_index + 1)
 
 
-def restore_shuffle_buffer(plan: ShardPlan, position: Position, size: int, workers: int,
-                           opener: ShardOpener, counter: SkipCounter) -> ShuffleBuffer:
-    """The worker's shuffle buffer as it was at ``position``: its draws replayed on sample numbers,
-    then the samples it held read back from their shards (only those, by number)."""
-    buffer = replay_shuffle(position, ShuffleBuffer(size, plan.shuffle_rng(position.pass_index, position.worker)))
-    held = buffer.held()
-    wanted: dict[int, dict[int, int]] = {}  # shard -> {index in shard: sample number}
-    for number in held:
-        shard, index = position.locate(number)
-        wanted.setdefault(shard, {})[index] = number
-    shards = plan.shards(position.pass_index, position.worker, workers)
+def restore_shuffle_buffer(pieces: list[Piece], position: Position, buffer: ShuffleBuffer, opener: ShardOpener,
+                           counter: SkipCounter) -> ShuffleBuffer:
+    """The worker's shuffle buffer as it was at ``position`` (``buffer``: a fresh one with the pass's
+    generator): its draws replayed on sample numbers, then the samples it held read back from their
+    shards (only those, by index)."""
+    buffer = replay_shuffle(position, buffer)
+    wanted: dict[int, dict[int, int]] = {}  # piece -> {index in its shard: sample number}
+    for number in buffer.held():
+        piece, k = position.locate(number)
+        wanted.setdefault(piece, {})[pieces[piece].index_of(k)] = number
     samples: dict[int, dict] = {}
-    for shard, numbers in wanted.items():
-        for index, sample in read_shard(opener, shards[shard], counter, wanted=set(numbers)):
+    for piece, numbers in wanted.items():
+        for index, sample in read_shard(opener, Piece(pieces[piece].url, wanted=tuple(sorted(numbers))), counter):
             samples[numbers[index]] = sample
     buffer.items = [samples.get(n, LOST) for n in buffer.items]
     buffer.drained = collections.deque(samples.get(n, LOST) for n in buffer.drained)
@@ -329,11 +339,18 @@ class TrainPipeline(IterableDataset):
         self.shuffle_buffer, self.epoch, self.counter, self.per_worker = data_cfg.shuffle_buffer, epoch, counter, per_worker
         self.opener = ShardOpener.from_config(data_cfg)
         self.resume_epoch, self.resume_positions = -1, {}
+        self.remainder: dict | None = None
 
     def resume_at(self, epoch: int, positions: dict[int, dict]) -> None:
         """Start ``epoch`` from these workers' positions (worker -> Position.to_dict()); call before
         the loader's first iteration, which is when the workers start and copy this object."""
         self.resume_epoch, self.resume_positions = epoch, positions
+
+    def finish_epoch_elsewhere(self, remainder: dict) -> None:
+        """Make epoch ``remainder["epoch"]`` read, instead of the plan's shards, what other processes
+        left unread: worker w reads ``remainder["pieces"][w]`` (Piece dicts), for
+        ``remainder["batches"]`` batches. Call before the loader's first iteration."""
+        self.remainder = remainder
 
     def __iter__(self):
         worker, workers = _worker()
@@ -341,15 +358,20 @@ class TrainPipeline(IterableDataset):
         saved = self.resume_positions.get(worker) if epoch == self.resume_epoch else None
         position = Position.from_dict(saved) if saved else Position(epoch, worker, pass_index=epoch)
         self.counter.start_local(position.skips)
-        buffer = (restore_shuffle_buffer(self.plan, position, self.shuffle_buffer, workers, self.opener, self.counter)
-                  if saved else None)
-        samples = read_passes(self.plan, position, workers, self.opener, self.counter)
-        samples = shuffle_samples(samples, buffer, lambda p: ShuffleBuffer(self.shuffle_buffer,
-                                                                           self.plan.shuffle_rng(p, worker)), position)
+        per_worker, tag = self.per_worker, ""
+        pieces_of: Callable[[int], list[Piece]] = functools.partial(self.plan.pieces, worker=worker, workers=workers)
+        if self.remainder is not None and epoch == self.remainder["epoch"]:
+            mine = [Piece.from_dict(p) for p in self.remainder["pieces"][worker]]
+            pieces_of, per_worker, tag = (lambda pass_index: mine), self.remainder["batches"], "-remainder"
+        new_buffer = lambda p: ShuffleBuffer(self.shuffle_buffer, self.plan.shuffle_rng(p, worker, tag))  # noqa: E731
+        buffer = (restore_shuffle_buffer(pieces_of(position.pass_index), position, new_buffer(position.pass_index),
+                                         self.opener, self.counter) if saved else None)
+        samples = read_passes(pieces_of, position, self.opener, self.counter)
+        samples = shuffle_samples(samples, buffer, new_buffer, position)
         samples = decode_train_samples(samples, self.transform, self.counter, self.plan.seed, position,
                                        self.plan.rank, self.collate.needs_caption)
         batches = collate_train(samples, self.batch_size, self.collate, position, self.counter)
-        yield from itertools.islice(batches, max(self.per_worker - position.batches, 0))
+        yield from itertools.islice(batches, max(per_worker - position.batches, 0))
 
 
 def build_train_loader(data_cfg, batch_size: int, transform, collate, seed: int, rank: int, world: int,

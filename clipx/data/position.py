@@ -23,6 +23,33 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Samples of one shard a stream reads: those numbered in [start, stop), or only ``wanted``."""
+
+    url: str
+    start: int = 0
+    stop: int | None = None
+    wanted: tuple[int, ...] | None = None
+
+    def index_of(self, k: int) -> int:
+        """The shard index of the piece's ``k``-th sample (assuming each of them was readable)."""
+        return self.wanted[k] if self.wanted is not None else self.start + k
+
+    def size(self, shard_size: int) -> int:
+        if self.wanted is not None:
+            return len(self.wanted)
+        return min(shard_size, self.stop if self.stop is not None else shard_size) - self.start
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Piece":
+        wanted = data.get("wanted")
+        return cls(data["url"], data["start"], data["stop"], tuple(wanted) if wanted is not None else None)
+
+
+@dataclass(frozen=True)
 class ShardPlan:
     """Which shards each worker of each rank reads in pass ``p``."""
 
@@ -40,8 +67,11 @@ class ShardPlan:
         random.Random(f"{self.seed}-{pass_index}").shuffle(order)
         return order[self.rank::self.world][worker::workers]
 
-    def shuffle_rng(self, pass_index: int, worker: int) -> random.Random:
-        return random.Random(f"{self.seed}-{pass_index}-{self.rank}-{worker}")
+    def pieces(self, pass_index: int, worker: int, workers: int) -> list[Piece]:
+        return [Piece(url) for url in self.shards(pass_index, worker, workers)]
+
+    def shuffle_rng(self, pass_index: int, worker: int, tag: str = "") -> random.Random:
+        return random.Random(f"{self.seed}-{pass_index}-{self.rank}-{worker}{tag}")
 
 
 class ShuffleBuffer:
@@ -86,9 +116,10 @@ class Position:
     epoch: int
     worker: int
     pass_index: int  # the pass being read (epoch + the passes this worker finished in the epoch)
-    shard: int = 0  # index into the pass's shard list of the shard being read
-    in_shard: int = 0  # samples of that shard read so far
-    shard_sizes: list = field(default_factory=list)  # samples read from each finished shard of the pass
+    shard: int = 0  # index into the pass's list of pieces (shards, or parts of shards) being read
+    in_shard: int = 0  # the next sample index to read in that piece's shard
+    shard_sizes: list = field(default_factory=list)  # samples read from each finished piece of the pass
+    taken: int = 0  # samples read from the piece being read
     read: int = 0  # samples the shuffle buffer took in this pass
     emitted: int = 0  # samples the shuffle buffer handed on this pass
     draining: bool = False  # the pass is read: the buffer is handing on what it holds
@@ -104,16 +135,16 @@ class Position:
         return cls(**data)
 
     def start_pass(self, pass_index: int) -> None:
-        self.pass_index, self.shard, self.in_shard, self.shard_sizes = pass_index, 0, 0, []
+        self.pass_index, self.shard, self.in_shard, self.shard_sizes, self.taken = pass_index, 0, 0, [], 0
         self.read = self.emitted = 0
         self.draining = False
 
     def next_shard(self) -> None:
-        self.shard_sizes.append(self.in_shard)
-        self.shard, self.in_shard = self.shard + 1, 0
+        self.shard_sizes.append(self.taken)
+        self.shard, self.in_shard, self.taken = self.shard + 1, 0, 0
 
     def locate(self, number: int) -> tuple[int, int]:
-        """(shard index in the pass, sample index in the shard) of the pass's ``number``-th sample."""
+        """(piece in the pass, k: the piece's k-th sample read) of the pass's ``number``-th sample."""
         for shard, size in enumerate(self.shard_sizes):
             if number < size:
                 return shard, number

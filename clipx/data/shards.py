@@ -71,11 +71,17 @@ def clip_benchmark_shards(folder: str | Path, split: str = "test") -> str | None
 
 
 def count_samples(urls: list[str], options: RemoteOptions | None = None) -> int:
-    """Total samples in ``urls``: from the sizes.json written beside them by `clipx prep`, or else
-    from img2dataset's per-shard ``{shard}_stats.json`` files (their "successes"); for remote
-    shards, read from the store (one request per folder)."""
+    """Total samples in ``urls`` (see ``shard_sizes``)."""
+    sizes = shard_sizes(urls, options)
+    return sum(sizes[url] for url in urls)
+
+
+def shard_sizes(urls: list[str], options: RemoteOptions | None = None) -> dict[str, int]:
+    """Samples per shard: from the sizes.json written beside them by `clipx prep`, or else from
+    img2dataset's per-shard ``{shard}_stats.json`` files (their "successes"); for remote shards,
+    read from the store (one request per folder)."""
     sizes: dict[str, dict] = {}
-    total = 0
+    counts = {}
     for url in urls:
         if url.startswith(PIPE_PREFIX):
             raise ClipxError("pipe: shards have no sizes.json to count; set data.train_num_samples")
@@ -85,8 +91,8 @@ def count_samples(urls: list[str], options: RemoteOptions | None = None) -> int:
                 else _read_sizes(Path(folder))
         if name not in sizes[folder]:
             raise ClipxError(f"{folder}/sizes.json has no entry for {name}; set data.train_num_samples")
-        total += int(sizes[folder][name])
-    return total
+        counts[url] = int(sizes[folder][name])
+    return counts
 
 
 def _parse_sizes(text: bytes | str, where: str) -> dict[str, int]:

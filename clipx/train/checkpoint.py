@@ -184,10 +184,7 @@ def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerStat
     """Restore what ``save_checkpoint`` wrote, after verifying every file against the manifest."""
     verify_checkpoint(path)
     state = load_trainer_state(path)
-    if state.world_size != accelerator.num_processes:
-        raise ClipxError(f"{path} was written by {state.world_size} process(es) and this run has "
-                         f"{accelerator.num_processes}: each rank's data position, RNG and queues belong to one "
-                         "rank, so resume with the same number of processes")
+    elastic = state.world_size != accelerator.num_processes
     try:
         # Read onto the host: load_state_dict copies into the parameters wherever they live, and
         # safetensors refuses device strings such as "cpu:0" that Accelerate can report.
@@ -200,16 +197,37 @@ def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerStat
         parts.scheduler.load_state_dict(shared["scheduler"])
         if parts.scaler is not None and shared["scaler"] is not None:
             parts.scaler.load_state_dict(shared["scaler"])
-        mine = load_tree(path / f"rank{accelerator.process_index}")  # queues copy_ onto their device
+        # Another number of processes: rank r takes old rank r mod N's objective state (queues) and
+        # the data stream continues the epoch from every old rank's positions (clipx.train.elastic).
+        mine = load_tree(path / f"rank{accelerator.process_index % state.world_size}")  # queues copy_ onto their device
         parts.objective.load_state_dict(mine["objective"])
-        if parts.data is not None:
+        if parts.data is not None and elastic:
+            parts.data.load_elastic([load_tree(path / f"rank{r}").get("data", {}) for r in range(state.world_size)])
+        elif parts.data is not None:
             parts.data.load_state_dict(mine.get("data", {}))
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, json.JSONDecodeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ClipxError(f"cannot resume from {path}: {first_line} (was it written by a different model, "
                          "optimizer or objective config?)") from None
-    set_rng_state(mine["rng"])
+    if elastic:  # each new rank its own random stream, from the run's seed and the step
+        seed_everything_for(config_seed(path), state.step, accelerator.process_index)
+    else:
+        set_rng_state(mine["rng"])
+    state.world_size = accelerator.num_processes
     return state
+
+
+def config_seed(path: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load((path / "config.yaml").read_text())["train"]["seed"])
+
+
+def seed_everything_for(seed: int, step: int, rank: int) -> None:
+    value = hash((seed, step, rank)) & 0x7FFF_FFFF
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
 
 
 def rng_state() -> dict:

@@ -28,37 +28,74 @@ class TrainStream:
         self.skipped = SkipCounter()
         self.finished: list[tuple[int, dict[str, int]]] = []  # (epoch, this rank's counts), not yet taken
         self.ledger = SkipLedger(data_cfg.max_skip_fraction)  # finished epochs, summed over ranks
+        self.data_cfg, self.seed, self.batch_size, self.rank, self.world = data_cfg, seed, batch_size, rank, world
         self.workers = max(data_cfg.workers, 1)
         self.positions: dict[int, dict] = {}
+        self.current, self.in_epoch = 0, 0  # the epoch of the last batch handed over, and its batches so far
+        self.resume_point: tuple[int, int] | None = None  # (epoch, batches consumed in it), from a checkpoint
+        self.remainder: dict | None = None  # an epoch finished after a change of world size (``elastic``)
+        self.carried_skips: dict[str, int] = {}  # the resumed epoch's skips before an elastic resume
+        self.num_samples = epoch_samples(data_cfg)
         self.loader, self.batches_per_epoch = build_train_loader(
             data_cfg, batch_size, transform, collate, seed, rank, world, self.epoch, self.skipped,
-            num_samples=epoch_samples(data_cfg))
+            num_samples=self.num_samples)
 
     def state_dict(self) -> dict:
-        return {"positions": {str(worker): p for worker, p in self.positions.items()}}
+        return {"epoch": self.current, "in_epoch": self.in_epoch, "workers": self.workers,
+                "positions": {str(worker): p for worker, p in self.positions.items()}, "remainder": self.remainder}
 
     def load_state_dict(self, state: dict) -> None:
         self.positions = {int(worker): p for worker, p in state.get("positions", {}).items()}
+        if "epoch" in state:
+            self.resume_point = (state["epoch"], state["in_epoch"])
+        self.remainder = state.get("remainder")
+        if self.remainder is not None:
+            self.remainder["pieces"] = {int(w): p for w, p in self.remainder["pieces"].items()}
+
+    def load_elastic(self, old_states: list[dict]) -> dict[str, int]:
+        """Continue the epoch that ``len(old_states)`` processes (their stream states, in rank order)
+        were in: this rank's workers read their share of what those left unread (clipx.train.elastic).
+        Returns the epoch's skip counts before the resume, summed over the old ranks."""
+        from clipx.train.elastic import continue_epoch
+
+        self.resume_point, self.remainder, counts = continue_epoch(self, old_states)
+        self.positions = {}
+        if self.rank == 0:  # counted once, not once per new rank
+            self.carried_skips = counts
+        return counts
+
+    def epoch_length(self, epoch: int) -> int:
+        if self.remainder is not None and epoch == self.remainder["epoch"]:
+            return self.remainder["batches"] * self.workers
+        return self.batches_per_epoch
 
     def batches(self, already_consumed: int = 0) -> Iterator[tuple[int, dict]]:
-        """Yield (epoch, batch), starting after ``already_consumed`` batches of this run.
+        """Yield (epoch, batch), starting after ``already_consumed`` batches of this run (or at the
+        point ``load_state_dict`` gave).
 
         Mid-epoch, each worker starts from its saved position (``load_state_dict``), and batches are
         handed on in the order an unbroken run had them (round robin over workers, from the worker
         whose turn was next). A checkpoint without positions (written by clipx before they existed)
         replays the epoch and drops the consumed batches: slower, the same batches.
         """
-        epoch, skip = divmod(already_consumed, self.batches_per_epoch)
+        epoch, skip = self.resume_point or divmod(already_consumed, self.batches_per_epoch)
+        if skip >= self.epoch_length(epoch):
+            epoch, skip = epoch + 1, 0
         saved = self.positions if skip and self.positions and all(
             p["epoch"] == epoch for p in self.positions.values()) else {}
         if saved:
             self.loader.dataset.resume_at(epoch, saved)
+        if self.remainder is not None:
+            self.loader.dataset.finish_epoch_elsewhere(self.remainder)
+        self.current, self.in_epoch = epoch, skip
         while True:
             self.epoch.set(epoch)
             self.skipped.reset()  # the workers are idle between epochs
             self.positions = dict(saved)
             for position in saved.values():  # what the epoch skipped before the resume point
                 self.skipped.add_counts(position["skips"])
+            self.skipped.add_counts(self.carried_skips)
+            self.carried_skips = {}
             held = None
             try:
                 source = in_worker_order(iter(self.loader), skip % self.workers, self.workers) if saved \
@@ -78,7 +115,11 @@ class TrainStream:
 
     def _hand_over(self, epoch: int, batch: dict):
         position = batch.pop(POSITION_KEY)
-        self.positions[position["worker"]] = position  # before the yield: training has it once it is saved
+        if epoch != self.current:
+            self.current, self.in_epoch, self.positions = epoch, 0, {}
+        # Before the yield: training has this batch once a checkpoint is saved.
+        self.positions[position["worker"]] = position
+        self.in_epoch += 1
         yield epoch, batch
 
     def take_finished(self) -> list[tuple[int, dict[str, int]]]:

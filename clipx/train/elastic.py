@@ -1,0 +1,107 @@
+"""Resuming on a different number of processes: the epoch in progress is finished by the new ranks,
+each sample the old ranks left unread read exactly once.
+
+The old ranks' saved data positions say, for every loader worker, which samples of its shards it
+had read and which still sat in its shuffle buffer (clipx.data.position). What remains of the
+epoch is, per old worker, the samples its buffer held, the rest of the shard it was reading and
+the shards after it. Those pieces, in an order shuffled with the run's seed, are cut into equal
+runs of samples, one per new (rank, worker); each new worker shuffles its run and makes the same
+number of batches. The order after the switch is therefore new (seeded, reproducible); the set of
+samples is the epoch's. From the next epoch on, the new ranks deal whole shards as usual.
+"""
+
+from __future__ import annotations
+
+import random
+
+from clipx.data.pipeline import steps_per_epoch
+from clipx.data.position import Piece, Position, ShardPlan, ShuffleBuffer, replay_shuffle
+from clipx.data.remote import RemoteOptions
+from clipx.data.shards import expand_shards, shard_sizes
+from clipx.data.skips import SkipCounter
+from clipx.errors import ClipxError
+
+
+def continue_epoch(stream, old_states: list[dict]) -> tuple[tuple[int, int], dict | None, dict[str, int]]:
+    """(resume point, remainder for ``stream``'s rank or None, the epoch's skip counts so far)."""
+    first = old_states[0]
+    if "epoch" not in first:
+        raise ClipxError("this checkpoint has no data positions (written by an older clipx); resume it with the "
+                         f"{len(old_states)} process(es) that wrote it")
+    if any(state.get("remainder") for state in old_states):
+        raise ClipxError(f"this checkpoint is inside epoch {first['epoch']}, which an earlier change of the "
+                         f"number of processes already split; resume with {len(old_states)} process(es) until it ends")
+    epoch, in_epoch = first["epoch"], first["in_epoch"]
+    counts = summed_skips(old_states)
+    data_cfg = stream.data_cfg
+    old_length = steps_per_epoch(stream.num_samples, stream.batch_size * len(old_states), first["workers"])[0]
+    if in_epoch == 0 or in_epoch >= old_length:
+        return (epoch + 1, 0) if in_epoch else (epoch, 0), None, {}  # the next epoch starts on the new ranks
+    if data_cfg.resampled:  # shards drawn with replacement: no "rest of the epoch" to finish
+        return (epoch + 1, 0), None, {}
+    options = RemoteOptions.from_config(data_cfg)
+    urls = expand_shards(data_cfg.train, "data.train", data_cfg.allow_pipe_urls, options)
+    sizes = shard_sizes(urls, options)
+    pieces = []
+    for old_rank, state in enumerate(old_states):
+        plan = ShardPlan(tuple(urls), stream.seed, old_rank, len(old_states), False)
+        for worker in range(state["workers"]):
+            saved = state["positions"].get(str(worker), state["positions"].get(worker))
+            pieces += unread(plan, epoch, worker, state["workers"], saved, data_cfg.shuffle_buffer)
+    random.Random(f"{stream.seed}-{epoch}-remainder").shuffle(pieces)
+    runs = cut(pieces, sizes, stream.world * stream.workers)
+    per_run = min(sum(p.size(sizes[p.url]) for p in run) for run in runs)
+    mine = {w: [p.to_dict() for p in runs[stream.rank * stream.workers + w]] for w in range(stream.workers)}
+    return (epoch, 0), {"epoch": epoch, "pieces": mine, "batches": per_run // stream.batch_size}, counts
+
+
+def unread(plan: ShardPlan, epoch: int, worker: int, workers: int, saved: dict | None,
+           buffer_size: int) -> list[Piece]:
+    """What one old worker had not handed on in ``epoch``: its buffered samples and unread shards."""
+    pieces = plan.pieces(epoch, worker, workers)
+    if saved is None:
+        return pieces
+    position = Position.from_dict(saved)
+    if position.pass_index > epoch:  # it read its whole pass and went on into the next
+        return []
+    buffer = replay_shuffle(position, ShuffleBuffer(buffer_size, plan.shuffle_rng(position.pass_index, worker)))
+    held: dict[int, list[int]] = {}
+    for number in buffer.held():
+        piece, k = position.locate(number)
+        held.setdefault(piece, []).append(pieces[piece].index_of(k))
+    out = [Piece(pieces[p].url, wanted=tuple(sorted(indices))) for p, indices in sorted(held.items())]
+    if not position.draining:
+        out.append(Piece(pieces[position.shard].url, start=position.in_shard))
+        out += pieces[position.shard + 1:]
+    return out
+
+
+def cut(pieces: list[Piece], sizes: dict[str, int], runs: int) -> list[list[Piece]]:
+    """``pieces`` split into ``runs`` consecutive runs of (as nearly as possible) equal sample counts."""
+    total = sum(p.size(sizes[p.url]) for p in pieces)
+    bounds = [total * i // runs for i in range(runs + 1)]
+    out: list[list[Piece]] = [[] for _ in range(runs)]
+    offset = 0
+    for piece in pieces:
+        size = piece.size(sizes[piece.url])
+        for run in range(runs):
+            lo, hi = max(bounds[run], offset), min(bounds[run + 1], offset + size)
+            if lo < hi:
+                out[run].append(_slice(piece, lo - offset, hi - offset))
+        offset += size
+    return out
+
+
+def _slice(piece: Piece, a: int, b: int) -> Piece:
+    if piece.wanted is not None:
+        return Piece(piece.url, wanted=piece.wanted[a:b])
+    return Piece(piece.url, start=piece.start + a, stop=piece.start + b)
+
+
+def summed_skips(old_states: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for state in old_states:
+        for position in state["positions"].values():
+            for name, value in position["skips"].items():
+                counts[name] = counts.get(name, 0) + value
+    return {name: counts.get(name, 0) for name in (*SkipCounter.REASONS, SkipCounter.USED) if name in counts}

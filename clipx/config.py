@@ -80,17 +80,15 @@ class DataConfig:
     max_skip_fraction: Optional[float] = 0.1
     # Shard URLs "pipe:CMD" run a shell command per shard; refused unless set.
     allow_pipe_urls: bool = False
-    # Remote shards (s3://, gs://, https://, hf://; credentials from the environment, never here):
-    # the S3-compatible endpoint (MinIO, Ceph, R2; None: AWS, or AWS_ENDPOINT_URL), the seconds
-    # to connect and to wait for each read, attempts per request, the first retry's delay (doubling),
-    # and the bytes per ranged read.
+    # Remote shards (credentials from the environment, never here). endpoint_url: an S3-compatible
+    # store (None: AWS or AWS_ENDPOINT_URL); then seconds to connect and per read, attempts per
+    # request, the first retry's delay (doubling), bytes per ranged read; and a local shard cache
+    # with its byte budget (None: unbounded), least recently used evicted first.
     endpoint_url: Optional[str] = None
     io_timeout: float = 60.0
     io_retries: int = 5
     io_backoff: float = 0.5
     io_block_bytes: int = 8 << 20
-    # A local cache of remote shards (fetched ahead by the loader workers), bounded in bytes
-    # (None: unbounded), least recently used evicted first.
     cache_dir: Optional[str] = None
     cache_bytes: Optional[int] = None
 

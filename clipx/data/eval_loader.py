@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 import torch
 import webdataset as wds
 
-from clipx.data.opener import ShardOpener
-from clipx.data.pipeline import all_captions, decode_or_reason, open_shards, tar_samples
+from clipx.data.opener import ShardOpener, open_shards, tar_samples
+from clipx.data.pipeline import all_captions, decode_or_reason
 from clipx.data.shards import expand_shards
 from clipx.data.skips import SkipCounter
 from clipx.data.transforms import stack_images

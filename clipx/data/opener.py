@@ -1,16 +1,20 @@
-"""Opening a shard wherever it lives: a local path, a ``pipe:`` command, or a remote URL (streamed,
-or through the local cache)."""
+"""Opening and reading shards wherever they live: a local path, a ``pipe:`` command, or a remote URL
+(streamed, or through the local cache). A shard that cannot be opened, or whose ``pipe:`` command
+fails, counts as an unreadable shard."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Iterable, Iterator
 
 import webdataset as wds
 
 from clipx.data.cache import ShardCache
+from clipx.data.position import Piece
 from clipx.data.remote import RemoteOptions, RemoteShard, is_remote, local_path
 from clipx.data.shards import PIPE_PREFIX
+from clipx.data.skips import SkipCounter
+from clipx.data.tar_reader import shard_samples
 
 
 @dataclass
@@ -51,3 +55,66 @@ class ShardOpener:
         cache = self.cache()
         if cache is not None and is_remote(url):
             cache.prefetch(url)
+
+
+def open_shards(src: Iterable[dict], counter: SkipCounter, opener: ShardOpener | None = None) -> Iterator[dict]:
+    """{"url"} items -> {"url", "stream"}; a shard that cannot be opened counts as unreadable.
+
+    The URLs come from ``expand_shards``, which is where ``pipe:`` URLs (a shell command each)
+    are refused unless ``data.allow_pipe_urls`` is set.
+    """
+    opener = opener or ShardOpener()
+    for item in src:
+        stream = _open_counted(opener, item["url"], counter)
+        if stream is None:
+            continue
+        try:
+            yield {**item, "stream": stream}
+        finally:
+            _close_counted(stream, counter)
+
+
+def _open_counted(opener: ShardOpener, url: str, counter: SkipCounter | None):
+    try:
+        return opener.open(url)
+    except OSError:  # missing, refused, or a network failure that outlived its retries
+        if counter is not None:
+            counter.add("unreadable_shard")
+        return None
+
+
+def _close_counted(stream, counter: SkipCounter | None) -> None:
+    try:
+        stream.close()
+    except OSError:  # a pipe: command that exited non-zero reports it on close
+        if counter is not None:
+            counter.add("unreadable_shard")
+
+
+def tar_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+    """Opened tar streams -> samples grouped by key; see ``clipx.data.tar_reader`` for what counts
+    as damage and how it is counted."""
+    for shard in src:
+        for _, sample in shard_samples(shard["stream"], counter):
+            yield sample
+
+
+def read_shard(opener: ShardOpener, piece: Piece, counter: SkipCounter, first: int = 0) -> Iterator[tuple[int, dict]]:
+    """(index, sample) of a piece of a shard: its samples from index ``first`` on, up to its stop; or
+    only the ``wanted`` ones, uncounted (whatever lies between them was counted by an earlier run)."""
+    quiet = piece.wanted is not None
+    stream = _open_counted(opener, piece.url, None if quiet else counter)
+    if stream is None:
+        return
+    wanted = {i for i in piece.wanted if i >= first} if piece.wanted is not None else None
+    try:
+        if wanted == set():
+            return
+        for index, sample in shard_samples(stream, counter, first=max(first, piece.start), wanted=wanted):
+            if piece.stop is not None and index >= piece.stop:
+                return
+            yield index, sample
+            if piece.stop is not None and index + 1 >= piece.stop:
+                return
+    finally:
+        _close_counted(stream, None if quiet else counter)

@@ -20,12 +20,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipx.data.opener import ShardOpener
+from clipx.data.opener import ShardOpener, read_shard
 from clipx.data.position import Piece, Position, ShardPlan, ShuffleBuffer, replay_shuffle
 from clipx.data.remote import RemoteOptions
 from clipx.data.shards import count_samples, expand_shards
 from clipx.data.skips import SkipCounter
-from clipx.data.tar_reader import shard_samples
 from clipx.data.transforms import ImageTooLarge, decode_image
 from clipx.errors import ClipxError
 
@@ -62,43 +61,6 @@ POSITION_KEY = "__position__"
 LOST = {"__lost__": True}
 
 
-def open_shards(src: Iterable[dict], counter: SkipCounter, opener: ShardOpener | None = None) -> Iterator[dict]:
-    """{"url"} items -> {"url", "stream"}; a shard that cannot be opened counts as unreadable.
-
-    The URLs come from ``expand_shards``, which is where ``pipe:`` URLs (a shell command each)
-    are refused unless ``data.allow_pipe_urls`` is set.
-    """
-    opener = opener or ShardOpener()
-    for item in src:
-        if item is END_OF_PASS:
-            yield item
-            continue
-        stream = _open_counted(opener, item["url"], counter)
-        if stream is None:
-            continue
-        try:
-            yield {**item, "stream": stream}
-        finally:
-            _close_counted(stream, counter)
-
-
-def _open_counted(opener: ShardOpener, url: str, counter: SkipCounter | None):
-    try:
-        return opener.open(url)
-    except OSError:  # missing, refused, or a network failure that outlived its retries
-        if counter is not None:
-            counter.add("unreadable_shard")
-        return None
-
-
-def _close_counted(stream, counter: SkipCounter | None) -> None:
-    try:
-        stream.close()
-    except OSError:  # a pipe: command that exited non-zero reports it on close
-        if counter is not None:
-            counter.add("unreadable_shard")
-
-
 class PassGuard:
     """Fails loudly when a whole pass over a worker's shards yields nothing usable.
 
@@ -118,38 +80,6 @@ class PassGuard:
             raise ClipxError(f"a full pass over the training shards gave no {self.what} (skipped: "
                              f"{self.counter.snapshot()}); check that samples hold .jpg/.png/.webp and .txt")
         self.seen = 0
-
-
-def tar_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Opened tar streams -> samples grouped by key (END_OF_PASS markers pass through); see
-    ``clipx.data.tar_reader`` for what counts as damage and how it is counted."""
-    for shard in src:
-        if shard is END_OF_PASS:
-            yield shard
-            continue
-        for _, sample in shard_samples(shard["stream"], counter):
-            yield sample
-
-
-def read_shard(opener: ShardOpener, piece: Piece, counter: SkipCounter, first: int = 0) -> Iterator[tuple[int, dict]]:
-    """(index, sample) of a piece of a shard: its samples from index ``first`` on, up to its stop; or
-    only the ``wanted`` ones, uncounted (whatever lies between them was counted by an earlier run)."""
-    quiet = piece.wanted is not None
-    stream = _open_counted(opener, piece.url, None if quiet else counter)
-    if stream is None:
-        return
-    wanted = {i for i in piece.wanted if i >= first} if piece.wanted is not None else None
-    try:
-        if wanted == set():
-            return
-        for index, sample in shard_samples(stream, counter, first=max(first, piece.start), wanted=wanted):
-            if piece.stop is not None and index >= piece.stop:
-                return
-            yield index, sample
-            if piece.stop is not None and index + 1 >= piece.stop:
-                return
-    finally:
-        _close_counted(stream, None if quiet else counter)
 
 
 def read_passes(pieces_of: Callable[[int], list[Piece]], position: Position, opener: ShardOpener,
@@ -202,6 +132,7 @@ def restore_shuffle_buffer(pieces: list[Piece], position: Position, buffer: Shuf
     buffer.drained = collections.deque(samples.get(n, LOST) for n in buffer.drained)
     return buffer
 
+
 def first_caption(sample: dict) -> str | None:
     """The first non-empty line of the sample's .txt member, or None."""
     captions = all_captions(sample)
@@ -227,8 +158,8 @@ def sample_rng(seed: int, epoch: int, rank: int, worker: int, index: int):
     for the length of the block; the caller's RNG state is put back afterwards.
 
     Random crops and colour jitter then depend only on where a sample sits in the data stream, not
-    on when a worker started or what the model drew before: a resumed run that replays its epoch
-    sees the very same augmented images, with or without loader workers (with ``data.workers: 0``
+    on when a worker started or what the model drew before: a resumed run sees the very same
+    augmented images from its saved position on, with or without loader workers (with ``data.workers: 0``
     the transforms run in the training process, whose global RNG belongs to the model).
     """
     with torch.random.fork_rng(devices=[]):

@@ -85,11 +85,11 @@ def _new_filesystem(protocol: str, options: RemoteOptions):
                                    "retries": {"total_max_attempts": 1, "mode": "standard"}}
         if options.endpoint_url:
             kwargs["client_kwargs"] = {"endpoint_url": options.endpoint_url}
-    elif protocol in ("http", "https"):
+    elif protocol in ("http", "https", "gs", "gcs"):  # aiohttp clients; gcsfs calls them session_kwargs
         import aiohttp
 
-        kwargs["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=options.timeout,
-                                                                    sock_read=options.timeout)}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=options.timeout, sock_read=options.timeout)
+        kwargs["client_kwargs" if protocol.startswith("http") else "session_kwargs"] = {"timeout": timeout}
     try:
         fs = fsspec.filesystem(protocol, **kwargs)
     except (ImportError, ValueError) as error:

@@ -185,6 +185,10 @@ def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerStat
     verify_checkpoint(path)
     state = load_trainer_state(path)
     elastic = state.world_size != accelerator.num_processes
+    missing = [r for r in range(state.world_size) if not (path / f"rank{r}.json").is_file()]
+    if missing:
+        raise ClipxError(f"{path} was written by {state.world_size} process(es) but holds no state of rank "
+                         f"{missing[0]}; resume from a complete checkpoint")
     try:
         # Read onto the host: load_state_dict copies into the parameters wherever they live, and
         # safetensors refuses device strings such as "cpu:0" that Accelerate can report.

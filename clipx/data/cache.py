@@ -28,6 +28,7 @@ class ShardCache:
     def __init__(self, folder: str | Path, max_bytes: int | None, options: RemoteOptions):
         self.folder, self.max_bytes, self.options = Path(folder), max_bytes, options
         self._prefetch: threading.Thread | None = None
+        self._prefetching: str | None = None  # the URL the background fetch is getting
 
     def path_of(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
@@ -35,7 +36,8 @@ class ShardCache:
 
     def local(self, url: str) -> Path:
         """The cached copy of ``url``, fetched now if it is not there; raises ShardUnreadable."""
-        self.wait_for_prefetch()
+        if self._prefetching == url:  # being fetched already: wait for it rather than fetch it twice
+            self.wait_for_prefetch()
         path = self.path_of(url)
         if path.is_file():
             os.utime(path)  # recently used
@@ -48,12 +50,13 @@ class ShardCache:
         if self.path_of(url).is_file():
             return
         self._prefetch = threading.Thread(target=self._fetch_quietly, args=(url,), daemon=True)
+        self._prefetching = url
         self._prefetch.start()
 
     def wait_for_prefetch(self) -> None:
         if self._prefetch is not None:
             self._prefetch.join()
-            self._prefetch = None
+            self._prefetch, self._prefetching = None, None
 
     def _fetch_quietly(self, url: str) -> None:
         try:

@@ -106,6 +106,21 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_rank0(read):
+    """``read()`` run by rank 0 only (one read of a remote store, not one per rank), its result
+    broadcast to every rank; a ClipxError it raises is raised on every rank alike."""
+    result = None
+    if rank() == 0:
+        try:
+            result = read()
+        except ClipxError as error:
+            result = error
+    result = broadcast_object(result)
+    if isinstance(result, ClipxError):
+        raise ClipxError(str(result))
+    return result
+
+
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 without autograd: (B, ...) -> (world_size * B, ...), in rank order."""

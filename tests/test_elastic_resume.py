@@ -43,18 +43,26 @@ def all_keys(pattern: str) -> Counter:
     return keys
 
 
-@pytest.mark.parametrize("old_world,new_world,consumed", [(2, 4, 20), (4, 2, 10), (2, 1, 7)])
-def test_the_epoch_finishes_on_another_world_size_with_every_sample_once(shards, old_world, new_world, consumed):
-    keys: Counter = Counter()
-    old_states = []
-    for rank in range(old_world):
-        old = stream(shards, rank, old_world)
+def saved_by(shards: str, world: int, consumed: int, keys: Counter | None = None) -> list[dict]:
+    """The stream states of ``world`` ranks that each consumed ``consumed`` batches of epoch 0 (their
+    keys added to ``keys``)."""
+    states = []
+    for rank in range(world):
+        old = stream(shards, rank, world)
         batches = old.batches()
         for _ in range(consumed):
             epoch, batch = next(batches)
             assert epoch == 0
-            keys.update(batch["key"])
-        old_states.append(old.state_dict())
+            if keys is not None:
+                keys.update(batch["key"])
+        states.append(old.state_dict())
+    return states
+
+
+@pytest.mark.parametrize("old_world,new_world,consumed", [(2, 4, 20), (4, 2, 10), (2, 1, 7)])
+def test_the_epoch_finishes_on_another_world_size_with_every_sample_once(shards, old_world, new_world, consumed):
+    keys: Counter = Counter()
+    old_states = saved_by(shards, old_world, consumed, keys)
     lengths, next_epoch_keys = [], Counter()
     for rank in range(new_world):
         new = stream(shards, rank, new_world)
@@ -82,19 +90,63 @@ def test_elastic_resume_of_a_finished_epoch_starts_the_next(shards):
     assert next(new.batches())[0] == 1
 
 
-def test_a_second_change_inside_a_split_epoch_is_refused(shards):
-    old_states = []
-    for rank in range(2):
-        old = stream(shards, rank, 2)
-        batches = old.batches()
-        for _ in range(3):
-            next(batches)
-        old_states.append(old.state_dict())
-    middle = stream(shards, 0, 4)
+def test_a_second_change_waits_for_the_split_epoch_to_end(shards):
+    old_states = saved_by(shards, 2, 3)
+    middle = stream(shards, 0, 1)
     middle.load_elastic(old_states)
-    next(middle.batches())
+    batches = middle.batches()
+    next(batches)
     with pytest.raises(ClipxError, match="already split"):
-        stream(shards, 0, 1).load_elastic([middle.state_dict()] * 4)
+        stream(shards, 0, 4).load_elastic([middle.state_dict()])
+    while next(batches)[0] == 0:  # finish the split epoch, one batch into the next
+        pass
+    assert middle.state_dict()["remainder"] is None
+    after = stream(shards, 0, 4)
+    after.load_elastic([middle.state_dict()])  # a new epoch: split again
+    assert after.remainder is not None and after.remainder["epoch"] == 1
+
+
+def test_other_loader_workers_or_batch_size_take_the_same_path(shards):
+    """Positions belong to a worker layout: a resume with 1 worker instead of 2, or another batch
+    size, redistributes what the epoch left, exactly once."""
+    from clipx.config import DataConfig
+
+    old = stream(shards, 0, 1)
+    keys: Counter = Counter()
+    batches = old.batches()
+    for _ in range(10):  # 688 samples left: 43 whole batches of 16
+        keys.update(next(batches)[1]["key"])
+    saved = old.state_dict()
+    data = DataConfig(train=shards, workers=1, shuffle_buffer=40)
+    new = TrainStream(data, lambda image: torch.zeros(1), 16, 5, ImageTextBatch(lambda texts: texts), 0, 1)
+    assert new.needs_elastic(saved) and not old.needs_elastic(saved)
+    new.load_elastic([saved])
+    for epoch, batch in new.batches():
+        if epoch == 1:
+            break
+        keys.update(batch["key"])
+    assert keys == all_keys(shards)
+
+
+def test_an_epoch_counted_run_is_retimed_to_its_epochs_after_a_split(shards):
+    """train.epochs, not train.steps: after a resume on 4 processes instead of 2, the total steps are
+    the micro-batches done plus the rest of the epoch and the remaining epochs at the new size."""
+    from types import SimpleNamespace
+
+    from clipx.train.build import retime_epoch_run
+
+    old_states = saved_by(shards, 2, 20)
+    new = stream(shards, 0, 4)
+    new.load_elastic(old_states)
+    scheduler = SimpleNamespace(lr_lambdas=[None])
+    trainer = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(steps=None, epochs=3, accum_steps=1,
+                                                                           warmup_steps=0)),
+                              stream=new, scheduler=scheduler, total_steps=3 * 48)
+    retime_epoch_run(trainer, batches_done=20)
+    # 768 samples: 48 batches per rank per epoch at 2 x 8, 24 at 4 x 8; the split epoch's rest is 448
+    # samples over 4 ranks x 2 workers: 7 batches per worker, 14 per rank.
+    assert trainer.total_steps == 20 + 14 + 2 * 24
+    assert scheduler.lr_lambdas[0](trainer.total_steps) == pytest.approx(0.0)
 
 
 def test_a_sharded_run_saved_by_two_processes_resumes_on_one_and_finishes_the_epoch(tmp_path, tiny_model_json):

@@ -34,15 +34,18 @@ class ShardCache:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
         return self.folder / f"{digest}-{url.rsplit('/', 1)[-1]}"
 
-    def local(self, url: str) -> Path:
-        """The cached copy of ``url``, fetched now if it is not there; raises ShardUnreadable."""
+    def open(self, url: str):
+        """The cached copy of ``url``, opened for reading (fetched now if it is not there); raises
+        ShardUnreadable."""
         if self._prefetching == url:  # being fetched already: wait for it rather than fetch it twice
             self.wait_for_prefetch()
         path = self.path_of(url)
-        if path.is_file():
+        try:
+            stream = open(path, "rb")
             os.utime(path)  # recently used
-            return path
-        return self._fetch(url)
+            return stream
+        except FileNotFoundError:  # not cached, or evicted by another worker a moment ago
+            return open(self._fetch(url), "rb")
 
     def prefetch(self, url: str) -> None:
         """Fetch ``url`` in the background if it is not cached (one fetch at a time per worker)."""

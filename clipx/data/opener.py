@@ -46,7 +46,7 @@ class ShardOpener:
         if is_remote(url):
             cache = self.cache()
             if cache is not None:
-                return open(cache.local(url), "rb")
+                return cache.open(url)
             return RemoteShard(url, self.options)
         return open(local_path(url), "rb")
 

@@ -294,7 +294,7 @@ class TrainPipeline(IterableDataset):
         if self.remainder is not None and epoch == self.remainder["epoch"]:
             mine = [Piece.from_dict(p) for p in self.remainder["pieces"][worker]]
             pieces_of, per_worker, tag = (lambda pass_index: mine), self.remainder["batches"], "-remainder"
-        new_buffer = lambda p: ShuffleBuffer(self.shuffle_buffer, self.plan.shuffle_rng(p, worker, tag))  # noqa: E731
+        new_buffer = lambda p: ShuffleBuffer(self.shuffle_buffer, self.plan.shuffle_rng(epoch, p, worker, tag))  # noqa: E731
         buffer = (restore_shuffle_buffer(pieces_of(position.pass_index), position, new_buffer(position.pass_index),
                                          self.opener, self.counter) if saved else None)
         samples = read_passes(pieces_of, position, self.opener, self.counter)

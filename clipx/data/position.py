@@ -3,7 +3,7 @@
 A worker's stream is a function of the run's seed: pass ``p`` deals the shard list, shuffled with
 (seed, p), to ranks and then to workers (``ShardPlan``); its samples, numbered in read order, go
 through a shuffle buffer whose random draws depend only on how many samples it has seen
-(``ShuffleBuffer``, seeded per pass and worker); then decoding and augmentation, seeded per sample
+(``ShuffleBuffer``, seeded per epoch, pass and worker); then decoding and augmentation, seeded per sample
 by the sample's place in the stream. So a handful of counters (``Position``) pin down the whole
 state: the shard being read and how many of its samples were read, the samples the shuffle took in
 and handed on, the items decoding took, the batches made.
@@ -70,8 +70,11 @@ class ShardPlan:
     def pieces(self, pass_index: int, worker: int, workers: int) -> list[Piece]:
         return [Piece(url) for url in self.shards(pass_index, worker, workers)]
 
-    def shuffle_rng(self, pass_index: int, worker: int, tag: str = "") -> random.Random:
-        return random.Random(f"{self.seed}-{pass_index}-{self.rank}-{worker}{tag}")
+    def shuffle_rng(self, epoch: int, pass_index: int, worker: int, tag: str = "") -> random.Random:
+        """The shuffle buffer's generator for a pass read in ``epoch``: a worker that runs out of
+        shards starts the next pass inside the epoch, and that pass, read again when the next epoch
+        begins, must not come out in the same order."""
+        return random.Random(f"{self.seed}-{epoch}-{pass_index}-{self.rank}-{worker}{tag}")
 
 
 class ShuffleBuffer:
@@ -132,7 +135,7 @@ class Position:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Position":
-        return cls(**data)
+        return cls(**{**data, "shard_sizes": list(data["shard_sizes"]), "skips": dict(data["skips"])})
 
     def start_pass(self, pass_index: int) -> None:
         self.pass_index, self.shard, self.in_shard, self.shard_sizes, self.taken = pass_index, 0, 0, [], 0

@@ -168,8 +168,9 @@ class RemoteShard(io.RawIOBase):
         end = min(start + self.options.block_bytes, self.size)
         data = retrying(lambda: self.fs.cat_file(self.url, start=start, end=end),
                         f"{self.url} (bytes {start}-{end})", self.options)
-        if len(data) == self.size and start > 0:  # a server that ignores ranges sends the whole object
-            data = data[start:end]
+        if len(data) == self.size:  # a server that ignores ranges sent the whole object: keep it all
+            self.block_start, self.block = 0, data
+            return
         if len(data) != end - start:
             raise ShardUnreadable(f"{self.url}: asked for bytes {start}-{end}, got {len(data)} bytes")
         self.block_start, self.block = start, data

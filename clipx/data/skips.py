@@ -53,10 +53,12 @@ class SkipCounter:
         return dict(self._local)
 
     def add_counts(self, counts: dict[str, int]) -> None:
-        """Add counts (reasons and "used") made before a resume to the shared ones."""
+        """Add counts (reasons and "used") made before a resume to the shared ones (a reason this
+        version does not know, from another version's checkpoint, is left out)."""
         for name, value in counts.items():
-            target = self._used if name == self.USED else self._values[name]
-            target.value += value
+            target = self._used if name == self.USED else self._values.get(name)
+            if target is not None:
+                target.value += value
 
     def snapshot(self) -> dict[str, int]:
         return {reason: value.value for reason, value in self._values.items()}

@@ -4,9 +4,10 @@ Members are grouped into samples the way webdataset does it (the key is the memb
 first dot of its basename, the extension lower-cased; metadata members such as ``__info__`` are
 ignored). Each sample of a shard has an index, counting the samples in shard order after dropping
 a key already seen in the shard (the first wins). A reader may start at sample ``first`` or take
-only the samples in ``wanted``: the bodies of the others are never read. On a seekable stream
-(local files, remote objects) tarfile seeks past them, so skipping costs header reads only; a
-``pipe:`` stream reads and discards them.
+only the samples in ``wanted``: the bodies of the others are never decoded. On a local file
+tarfile seeks past them, so skipping costs header reads; on a remote object the seek fetches the
+ranged blocks that hold the headers (clipx.data.remote), and a ``pipe:`` stream reads and
+discards the bodies.
 
 Skipped inputs are counted where they occur in the member stream. Resuming at sample ``first``
 counts only what follows the end of sample ``first - 1``: exactly what an unbroken reader counted
@@ -60,6 +61,7 @@ def shard_samples(stream: IO[bytes], counter: SkipCounter, first: int = 0,
     after a resume) nothing is counted: it was all counted before.
     """
     counting = wanted is None and first == 0
+    last_wanted = max(wanted, default=-1) if wanted is not None else None
     seekable = getattr(stream, "seekable", lambda: False)()  # webdataset's Pipe has no seekable()
     seen: set[str] = set()
     index = -1
@@ -76,7 +78,7 @@ def shard_samples(stream: IO[bytes], counter: SkipCounter, first: int = 0,
                 if sample is not None and take:
                     yield index, sample
                 counting = counting or (wanted is None and index == first - 1)
-                if wanted is not None and index >= max(wanted, default=-1):
+                if last_wanted is not None and index >= last_wanted:
                     return
                 key, sample, take = named[0], None, False
                 if key in seen:  # a key repeated within the shard: the first sample wins

@@ -63,6 +63,22 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
 
 
+def retime_epoch_run(trainer: "Trainer", batches_done: int) -> None:
+    """The total steps of a resumed epoch-counted run (``train.steps`` unset): the micro-batches
+    done, plus the rest of the current epoch and the remaining epochs at this run's size. Unchanged
+    for a run resumed as it was saved; after a resume on another number of processes (or loader
+    workers, or batch size) epochs have another length, and the cosine schedule continues from the
+    current step towards the new total."""
+    tcfg, stream = trainer.config.train, trainer.stream
+    if tcfg.steps is not None or stream.resume_point is None:
+        return
+    epoch, in_epoch = stream.resume_point
+    rest = stream.epoch_length(epoch) - in_epoch + max(tcfg.epochs - epoch - 1, 0) * stream.batches_per_epoch
+    trainer.total_steps = max(1, (batches_done + rest) // tcfg.accum_steps)
+    trainer.scheduler.lr_lambdas[0] = functools.partial(cosine_with_warmup, total_steps=trainer.total_steps,
+                                                        warmup_steps=tcfg.warmup_steps)
+
+
 def check_inputs(config: Config) -> Method:
     """Fail before any process group forms, not after training, when the method cannot train this
     config, or the training or validation shards, the initial weights or the templates are unusable.

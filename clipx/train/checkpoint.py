@@ -205,7 +205,10 @@ def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerStat
         # the data stream continues the epoch from every old rank's positions (clipx.train.elastic).
         mine = load_tree(path / f"rank{accelerator.process_index % state.world_size}")  # queues copy_ onto their device
         parts.objective.load_state_dict(mine["objective"])
-        if parts.data is not None and elastic:
+        # Another number of processes, loader workers, shuffle buffer or batch size: the positions
+        # no longer fit this run's data stream, which then finishes the epoch from all of them.
+        split = parts.data is not None and (elastic or parts.data.needs_elastic(mine.get("data", {})))
+        if split:
             parts.data.load_elastic([load_tree(path / f"rank{r}").get("data", {}) for r in range(state.world_size)])
         elif parts.data is not None:
             parts.data.load_state_dict(mine.get("data", {}))

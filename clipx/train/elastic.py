@@ -19,6 +19,7 @@ from clipx.data.position import Piece, Position, ShardPlan, ShuffleBuffer, repla
 from clipx.data.remote import RemoteOptions
 from clipx.data.shards import expand_shards, shard_sizes
 from clipx.data.skips import SkipCounter
+from clipx.dist import on_rank0
 from clipx.errors import ClipxError
 
 
@@ -27,32 +28,51 @@ def continue_epoch(stream, old_states: list[dict]) -> tuple[tuple[int, int], dic
     first = old_states[0]
     if "epoch" not in first:
         raise ClipxError("this checkpoint has no data positions (written by an older clipx); resume it with the "
-                         f"{len(old_states)} process(es) that wrote it")
-    if any(state.get("remainder") for state in old_states):
-        raise ClipxError(f"this checkpoint is inside epoch {first['epoch']}, which an earlier change of the "
-                         f"number of processes already split; resume with {len(old_states)} process(es) until it ends")
+                         f"{len(old_states)} process(es) and the data settings that wrote it")
     epoch, in_epoch = first["epoch"], first["in_epoch"]
-    counts = summed_skips(old_states)
-    data_cfg = stream.data_cfg
-    old_length = steps_per_epoch(stream.num_samples, stream.batch_size * len(old_states), first["workers"])[0]
-    if in_epoch == 0 or in_epoch >= old_length:
+    if in_epoch == 0 or in_epoch >= _old_epoch_length(stream, first):
         return (epoch + 1, 0) if in_epoch else (epoch, 0), None, {}  # the next epoch starts on the new ranks
-    if data_cfg.resampled:  # shards drawn with replacement: no "rest of the epoch" to finish
+    if first.get("remainder"):
+        raise ClipxError(f"this checkpoint is inside epoch {epoch}, which an earlier change of the number of "
+                         f"processes or data settings already split; resume with the same ones until it ends")
+    counts = summed_skips(old_states)
+    if stream.data_cfg.resampled:  # shards drawn with replacement: no "rest of the epoch" to finish
         return (epoch + 1, 0), None, {}
-    options = RemoteOptions.from_config(data_cfg)
-    urls = expand_shards(data_cfg.train, "data.train", data_cfg.allow_pipe_urls, options)
-    sizes = shard_sizes(urls, options)
+    urls, sizes = stream_shard_sizes(stream.data_cfg)
     pieces = []
     for old_rank, state in enumerate(old_states):
         plan = ShardPlan(tuple(urls), stream.seed, old_rank, len(old_states), False)
         for worker in range(state["workers"]):
             saved = state["positions"].get(str(worker), state["positions"].get(worker))
-            pieces += unread(plan, epoch, worker, state["workers"], saved, data_cfg.shuffle_buffer)
+            pieces += unread(plan, epoch, worker, state["workers"], saved, state["shuffle_buffer"])
     random.Random(f"{stream.seed}-{epoch}-remainder").shuffle(pieces)
     runs = cut(pieces, sizes, stream.world * stream.workers)
     per_run = min(sum(p.size(sizes[p.url]) for p in run) for run in runs)
     mine = {w: [p.to_dict() for p in runs[stream.rank * stream.workers + w]] for w in range(stream.workers)}
+    carried = first.get("carried")  # skips carried from an earlier elastic resume in this epoch
+    if carried and carried["epoch"] == epoch:
+        counts = {k: counts.get(k, 0) + carried["counts"].get(k, 0) for k in {*counts, *carried["counts"]}}
     return (epoch, 0), {"epoch": epoch, "pieces": mine, "batches": per_run // stream.batch_size}, counts
+
+
+def _old_epoch_length(stream, first: dict) -> int:
+    """Batches per rank in the old run's current epoch (a split epoch's own length, if it was one)."""
+    remainder = first.get("remainder")
+    if remainder and remainder["epoch"] == first["epoch"]:
+        return remainder["batches"] * first["workers"]
+    world = first.get("world", 1)
+    return steps_per_epoch(stream.num_samples, first.get("batch_size", stream.batch_size) * world, first["workers"])[0]
+
+
+def stream_shard_sizes(data_cfg) -> tuple[list[str], dict[str, int]]:
+    """The shard list and each shard's sample count, read by rank 0 and broadcast (every rank
+    deals the same pieces, and a failure is the same one-line error on every rank)."""
+    def read():
+        options = RemoteOptions.from_config(data_cfg)
+        urls = expand_shards(data_cfg.train, "data.train", data_cfg.allow_pipe_urls, options)
+        return urls, shard_sizes(urls, options)
+
+    return on_rank0(read)
 
 
 def unread(plan: ShardPlan, epoch: int, worker: int, workers: int, saved: dict | None,
@@ -64,7 +84,8 @@ def unread(plan: ShardPlan, epoch: int, worker: int, workers: int, saved: dict |
     position = Position.from_dict(saved)
     if position.pass_index > epoch:  # it read its whole pass and went on into the next
         return []
-    buffer = replay_shuffle(position, ShuffleBuffer(buffer_size, plan.shuffle_rng(position.pass_index, worker)))
+    rng = plan.shuffle_rng(position.epoch, position.pass_index, worker)
+    buffer = replay_shuffle(position, ShuffleBuffer(buffer_size, rng))
     held: dict[int, list[int]] = {}
     for number in buffer.held():
         piece, k = position.locate(number)

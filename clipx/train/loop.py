@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from clipx import dist
 from clipx.config import Config, dump_config
 from clipx.dist import unwrap
-from clipx.train.build import Trainer, build_trainer, evaluates_during_training
+from clipx.train.build import Trainer, build_trainer, evaluates_during_training, retime_epoch_run
 from clipx.train.checkpoint import (
     TrainerState,
     load_training_state,
@@ -84,6 +84,7 @@ def restore(trainer: Trainer, resume: str | None) -> TrainerState:
             accelerator.print(f"--resume {resume}: no checkpoint in {output_dir} yet; starting at step 0")
         return TrainerState(world_size=accelerator.num_processes)
     state = load_training_state(accelerator, path, trainer.stateful())
+    retime_epoch_run(trainer, state.batches)
     trainer.guard.load_state_dict(state.guard)
     trainer.stream.ledger.epochs = dict(state.skips_by_epoch)
     accelerator.print(f"resumed from {path} at step {state.step}")

@@ -34,35 +34,46 @@ class TrainStream:
         self.current, self.in_epoch = 0, 0  # the epoch of the last batch handed over, and its batches so far
         self.resume_point: tuple[int, int] | None = None  # (epoch, batches consumed in it), from a checkpoint
         self.remainder: dict | None = None  # an epoch finished after a change of world size (``elastic``)
-        self.carried_skips: dict[str, int] = {}  # the resumed epoch's skips before an elastic resume
+        # The epoch in progress's skips before an elastic resume (rank 0 holds them, counted once):
+        # {"epoch": e, "counts": {...}}, saved in checkpoints until that epoch ends.
+        self.carried: dict | None = None
         self.num_samples = epoch_samples(data_cfg)
         self.loader, self.batches_per_epoch = build_train_loader(
             data_cfg, batch_size, transform, collate, seed, rank, world, self.epoch, self.skipped,
             num_samples=self.num_samples)
 
+    def layout(self) -> dict:
+        """What the saved positions depend on besides the world size: another value needs the
+        elastic path (``load_elastic``), which redistributes what the epoch left unread."""
+        return {"workers": self.workers, "shuffle_buffer": self.data_cfg.shuffle_buffer,
+                "batch_size": self.batch_size, "world": self.world}
+
     def state_dict(self) -> dict:
-        return {"epoch": self.current, "in_epoch": self.in_epoch, "workers": self.workers,
-                "positions": {str(worker): p for worker, p in self.positions.items()}, "remainder": self.remainder}
+        return {"epoch": self.current, "in_epoch": self.in_epoch, **self.layout(),
+                "positions": {str(worker): p for worker, p in self.positions.items()},
+                "remainder": self.remainder, "carried": self.carried}
+
+    def needs_elastic(self, state: dict) -> bool:
+        """Whether ``state`` (a checkpoint's, written by another run) cannot be resumed as it is."""
+        return "epoch" in state and any(state.get(k, v) != v for k, v in self.layout().items())
 
     def load_state_dict(self, state: dict) -> None:
         self.positions = {int(worker): p for worker, p in state.get("positions", {}).items()}
         if "epoch" in state:
             self.resume_point = (state["epoch"], state["in_epoch"])
-        self.remainder = state.get("remainder")
+        self.remainder, self.carried = state.get("remainder"), state.get("carried")
         if self.remainder is not None:
             self.remainder["pieces"] = {int(w): p for w, p in self.remainder["pieces"].items()}
 
-    def load_elastic(self, old_states: list[dict]) -> dict[str, int]:
+    def load_elastic(self, old_states: list[dict]) -> None:
         """Continue the epoch that ``len(old_states)`` processes (their stream states, in rank order)
-        were in: this rank's workers read their share of what those left unread (clipx.train.elastic).
-        Returns the epoch's skip counts before the resume, summed over the old ranks."""
+        were in: this rank's workers read their share of what those left unread (clipx.train.elastic)."""
         from clipx.train.elastic import continue_epoch
 
         self.resume_point, self.remainder, counts = continue_epoch(self, old_states)
         self.positions = {}
-        if self.rank == 0:  # counted once, not once per new rank
-            self.carried_skips = counts
-        return counts
+        if self.rank == 0 and counts:  # counted once, not once per new rank
+            self.carried = {"epoch": self.resume_point[0], "counts": counts}
 
     def epoch_length(self, epoch: int) -> int:
         if self.remainder is not None and epoch == self.remainder["epoch"]:
@@ -81,21 +92,25 @@ class TrainStream:
         epoch, skip = self.resume_point or divmod(already_consumed, self.batches_per_epoch)
         if skip >= self.epoch_length(epoch):
             epoch, skip = epoch + 1, 0
+        self.resume_point = None
         saved = self.positions if skip and self.positions and all(
             p["epoch"] == epoch for p in self.positions.values()) else {}
         if saved:
             self.loader.dataset.resume_at(epoch, saved)
         if self.remainder is not None:
             self.loader.dataset.finish_epoch_elsewhere(self.remainder)
-        self.current, self.in_epoch = epoch, skip
+        # A replay (no saved positions) hands its dropped batches to _drop, which counts them.
+        self.current, self.in_epoch = epoch, skip if saved else 0
         while True:
             self.epoch.set(epoch)
             self.skipped.reset()  # the workers are idle between epochs
             self.positions = dict(saved)
             for position in saved.values():  # what the epoch skipped before the resume point
                 self.skipped.add_counts(position["skips"])
-            self.skipped.add_counts(self.carried_skips)
-            self.carried_skips = {}
+            if self.carried is not None and self.carried["epoch"] == epoch:
+                self.skipped.add_counts(self.carried["counts"])
+            if self.remainder is not None and epoch > self.remainder["epoch"]:
+                self.remainder = None  # that epoch is over: the plan deals whole shards again
             held = None
             try:
                 source = in_worker_order(iter(self.loader), skip % self.workers, self.workers) if saved \
@@ -103,7 +118,7 @@ class TrainStream:
                 for index, batch in enumerate(source):
                     if held is not None:
                         yield from self._hand_over(epoch, held)
-                    held = batch if saved or index >= skip else None
+                    held = batch if saved or index >= skip else self._drop(epoch, batch)
             except ClipxError as error:  # raised in a worker: keep the user's one line, drop the traceback
                 raise ClipxError(worker_error_message(error)) from None
             # The loader is exhausted, so the epoch's counts are final. Record them before handing
@@ -113,10 +128,18 @@ class TrainStream:
                 yield from self._hand_over(epoch, held)
             epoch, skip, saved = epoch + 1, 0, {}
 
+    def _drop(self, epoch: int, batch: dict) -> None:
+        """A replayed batch (a checkpoint without positions): not trained on again, but its
+        position is recorded, so the next checkpoint has every worker's."""
+        for _ in self._hand_over(epoch, batch):
+            pass
+
     def _hand_over(self, epoch: int, batch: dict):
         position = batch.pop(POSITION_KEY)
         if epoch != self.current:
             self.current, self.in_epoch, self.positions = epoch, 0, {}
+            if self.carried is not None and self.carried["epoch"] < epoch:
+                self.carried = None
         # Before the yield: training has this batch once a checkpoint is saved.
         self.positions[position["worker"]] = position
         self.in_epoch += 1
@@ -146,18 +169,12 @@ def epoch_samples(data_cfg) -> int:
     read of a remote store, not one per rank)."""
     if data_cfg.train_num_samples:
         return data_cfg.train_num_samples
-    counted: int | ClipxError | None = None
-    if dist.rank() == 0:
+
+    def count() -> int:
         options = RemoteOptions.from_config(data_cfg)
-        try:
-            counted = count_samples(expand_shards(data_cfg.train, "data.train", data_cfg.allow_pipe_urls, options),
-                                    options)
-        except ClipxError as error:
-            counted = error
-    counted = dist.broadcast_object(counted)
-    if isinstance(counted, ClipxError):
-        raise ClipxError(str(counted))
-    return int(counted)
+        return count_samples(expand_shards(data_cfg.train, "data.train", data_cfg.allow_pipe_urls, options), options)
+
+    return int(dist.on_rank0(count))
 
 
 def in_worker_order(batches: Iterator[dict], first: int, workers: int) -> Iterator[dict]:

@@ -3,8 +3,9 @@
 The data stream hands over each epoch's local counts once that epoch's loader is exhausted (see
 ``TrainStream``); every rank does so at the same step, because every rank reads the same number
 of batches per epoch, so the sums over ranks happen at the same step everywhere. Finished epochs
-are stored in checkpoints. The epoch in progress is not: a resumed run replays it from its start
-and counts it again, which gives exactly the figures of an unbroken run.
+are stored in checkpoints. The epoch in progress travels differently: each loader worker's counts
+up to its saved data position are in the checkpoint (clipx.data.position), and a resumed run
+starts its counters from them, which gives exactly the figures of an unbroken run.
 """
 
 from __future__ import annotations

@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 
+def add_report_arguments(parser, name: str) -> None:
+    """``--work`` (scratch folder: shards, runs), ``--out`` (the JSON report, runs/bench/NAME.json)
+    and ``--markdown`` (print an existing report's table instead of measuring)."""
+    bench = Path(__file__).resolve().parents[1] / "runs" / "bench"
+    parser.add_argument("--work", type=Path, default=bench)
+    parser.add_argument("--out", type=Path, default=bench / f"{name}.json")
+    parser.add_argument("--markdown", type=Path, help="print the table of an existing JSON report")
+
+
 def run_or_render(args, measure: Callable[[], dict], markdown: Callable[[dict], str]) -> None:
     """With ``--markdown FILE``, print FILE's table; otherwise measure, write ``args.out``, print the table."""
     if args.markdown:

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.harness import run_or_render  # noqa: E402
+from bench.harness import add_report_arguments, run_or_render  # noqa: E402
 from bench.resume_time import write_shards  # noqa: E402
 
 KINDS = ("cut", "503", "reset", "stall")
@@ -138,9 +138,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "network_faults.json")
-    parser.add_argument("--markdown", type=Path, help="print the table of an existing JSON report")
+    add_report_arguments(parser, "network_faults")
     args = parser.parse_args()
     run_or_render(args, lambda: measure(args), markdown)
 

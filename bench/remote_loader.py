@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.harness import run_or_render  # noqa: E402
+from bench.harness import add_report_arguments, run_or_render  # noqa: E402
 from bench.resume_time import write_shards  # noqa: E402
 
 SOURCES = ("local", "s3", "http")
@@ -99,9 +99,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repetitions", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "remote_loader.json")
-    parser.add_argument("--markdown", type=Path, help="print the table of an existing JSON report")
+    add_report_arguments(parser, "remote_loader")
     args = parser.parse_args()
     run_or_render(args, lambda: measure(args), markdown)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.harness import run_or_render  # noqa: E402
+from bench.harness import add_report_arguments, run_or_render  # noqa: E402
 
 
 def write_shards(folder: Path, samples: int, per_shard: int, size: int) -> str:
@@ -162,9 +162,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--skips", type=int, default=3)
     parser.add_argument("--replays", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "resume_time.json")
-    parser.add_argument("--markdown", type=Path, help="print the table of an existing JSON report")
+    add_report_arguments(parser, "resume_time")
     args = parser.parse_args()
     random.seed(0)
     run_or_render(args, lambda: measure(args), markdown)

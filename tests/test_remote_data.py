@@ -16,7 +16,6 @@ from clipx.config import DataConfig, load_config
 from clipx.data.batch import ImageTextBatch
 from clipx.data.cache import ShardCache
 from clipx.data.eval_loader import build_eval_loader
-from clipx.data.opener import ShardOpener
 from clipx.data.pipeline import POSITION_KEY
 from clipx.data.remote import RemoteOptions
 from clipx.data.skips import SkipCounter
@@ -183,8 +182,6 @@ def test_an_unreachable_bucket_is_a_one_line_error(s3):
     options = RemoteOptions(endpoint_url=s3, retries=1)
     with pytest.raises(ClipxError, match="cannot read its first shard.*endpoint"):
         expand_shards(f"s3://no-such-bucket/{SHARDS}", "data.train", options=options)
-    assert ShardOpener(options).options.endpoint_url == s3
-    assert SkipCounter().counts()["unreadable_shard"] == 0
 
 
 def test_a_server_without_range_support_is_read_whole(digits_dir):

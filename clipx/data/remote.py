@@ -1,9 +1,10 @@
 """Shards in object stores and behind HTTP: s3://, gs://, https://, hf:// through fsspec.
 
 A remote shard is read as a seekable file made of ranged reads (``RemoteShard``): the tar reader
-streams it block by block without downloading it first, skips samples by seeking past their bytes,
-and a failed read is retried for its own block only, so bytes already handed on are never fetched
-again. Every request has a connect and read timeout (a stalled connection fails, it never hangs),
+streams it block by block without downloading it first, skips samples by seeking (only the blocks
+that hold tar headers are fetched), and a failed read is retried for its own block only, so bytes
+already handed on are never fetched again. S3, HTTP and GCS requests have a connect and read
+timeout (a stalled connection fails, it never hangs; hf:// keeps huggingface_hub's own),
 and transient failures (resets, timeouts, 5xx, throttling) are retried with exponential backoff;
 what still fails raises ``ShardUnreadable``, which the readers count as an ``unreadable_shard`` and
 step over. Credentials come from each library's standard places (environment variables, profile
@@ -75,6 +76,11 @@ def filesystem(protocol: str, options: RemoteOptions):
     return _filesystems[key]
 
 
+def filesystem_for(url: str, options: RemoteOptions):
+    """The filesystem that reads ``url`` (see ``filesystem``)."""
+    return filesystem(protocol_of(url) or "file", options)
+
+
 def _new_filesystem(protocol: str, options: RemoteOptions):
     import fsspec
 
@@ -127,7 +133,7 @@ class RemoteShard(io.RawIOBase):
     def __init__(self, url: str, options: RemoteOptions):
         super().__init__()
         self.url, self.options = url, options
-        self.fs = filesystem(protocol_of(url) or "file", options)
+        self.fs = filesystem_for(url, options)
         self.size = int(retrying(lambda: self.fs.size(url), f"{url} (size)", options))
         self.pos, self.block_start, self.block = 0, 0, b""
 
@@ -178,12 +184,11 @@ class RemoteShard(io.RawIOBase):
 
 def read_remote_bytes(url: str, options: RemoteOptions) -> bytes:
     """A whole (small) remote object, such as sizes.json, with retries."""
-    fs = filesystem(protocol_of(url) or "file", options)
+    fs = filesystem_for(url, options)
     return retrying(lambda: fs.cat_file(url), url, options)
 
 
 def list_remote(pattern: str, options: RemoteOptions) -> list[str]:
     """Remote objects matching a glob, as full URLs (stores that can list: s3, gs, hf)."""
-    protocol = protocol_of(pattern) or "file"
-    fs = filesystem(protocol, options)
+    fs = filesystem_for(pattern, options)
     return [fs.unstrip_protocol(path) for path in retrying(lambda: fs.glob(pattern), pattern, options)]

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import braceexpand
 
-from clipx.data.remote import RemoteOptions, ShardUnreadable, is_remote, list_remote, read_remote_bytes, retrying
+from clipx.data.remote import (
+    RemoteOptions,
+    ShardUnreadable,
+    filesystem_for,
+    is_remote,
+    list_remote,
+    read_remote_bytes,
+    retrying,
+)
 from clipx.errors import ClipxError
 
 PIPE_PREFIX = "pipe:"
@@ -47,9 +55,7 @@ def expand_shards(pattern: str, what: str = "data.train", allow_pipe: bool = Fal
 
 
 def _check_reachable(url: str, what: str, options: RemoteOptions) -> None:
-    from clipx.data.remote import filesystem, protocol_of
-
-    fs = filesystem(protocol_of(url) or "file", options)
+    fs = filesystem_for(url, options)
     try:
         retrying(lambda: fs.size(url), url, options)
     except ShardUnreadable as error:

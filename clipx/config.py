@@ -131,6 +131,10 @@ class TrainConfig:
     retain_host_memory: bool = True
     # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
     compile: bool = False
+    # The scaled-dot-product attention kernel. auto: time the run's own attention calls under each
+    # kernel at the first step and keep the fastest (clipx/models/attention.py); default: PyTorch's
+    # rules; or one kernel by name.
+    attention: Literal["auto", "default", "math", "flash", "efficient", "cudnn"] = "auto"
     # ddp: every rank holds the whole model. fsdp: FSDP2 (torch's fully_shard) shards parameters,
     # gradients and optimizer state over the ranks, per transformer block and tower.
     sharding: Literal["ddp", "fsdp"] = "ddp"

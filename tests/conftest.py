@@ -18,6 +18,17 @@ TINY_ARCH = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def attention_kernel_cache(tmp_path_factory):
+    """Runs' measured attention-kernel choices go to a folder of this session, not ~/.cache (the
+    variable is inherited by the training processes tests start)."""
+    import os
+
+    os.environ["CLIPX_CACHE_DIR"] = str(tmp_path_factory.mktemp("clipx-cache"))
+    yield
+    os.environ.pop("CLIPX_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn digits as shards: <dir>/train (6 shards of <=256) and <dir>/test (2 shards)."""

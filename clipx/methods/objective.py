@@ -39,13 +39,17 @@ class Objective:
         """What this step staged under ``name``, in staging order (one entry per loss evaluation)."""
         return self.__dict__.get("_staged", {}).get(name, [])
 
+    def drop_staged(self) -> None:
+        """Forget what was staged (at the end of every step, and after a forward pass that is not a step)."""
+        self.__dict__.pop("_staged", None)
+
     def end_step(self, step: int, total_steps: int, accepted: bool) -> None:
         """Called by the loop once per optimizer step, after the update decision."""
         try:
             if accepted:
                 self.after_step(step, total_steps)
         finally:
-            self.__dict__.pop("_staged", None)
+            self.drop_staged()
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Runs after optimizer step number ``step`` (1-based) of ``total_steps`` was applied:

@@ -4,7 +4,7 @@ the optimizer and schedule, the data stream, the guards and logs."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from clipx.data.shards import expand_shards
 from clipx.dist import unwrap
 from clipx.errors import ClipxError
 from clipx.methods import Method, Objective, method_of
+from clipx.models.attention import AttentionKernel
 from clipx.models.lock import lock_towers
 from clipx.models.pretrained import init_from_pretrained
 from clipx.templates import load_templates
@@ -46,6 +47,7 @@ class Trainer:
     log: MetricsLog
     guard: UpdateGuard
     keys_log: SampleKeysLog | None = None
+    attention: AttentionKernel = field(default_factory=AttentionKernel)
     # False when the caller formed the process group before the run (a script training several
     # runs in one torchrun): then the run must leave the group alive for the caller.
     owns_process_group: bool = True
@@ -149,4 +151,4 @@ def build_trainer(config: Config) -> Trainer:
     guard = UpdateGuard(tcfg.max_nonfinite_steps, tcfg.loss_spike_factor, tcfg.loss_spike_warmup)
     keys_log = SampleKeysLog(tcfg.output_dir, accelerator.process_index) if tcfg.log_sample_keys else None
     return Trainer(config, method, accelerator, model, objective, optimizer, scheduler, stream, steps, log,
-                   guard, keys_log, owns_process_group)
+                   guard, keys_log, AttentionKernel(tcfg.attention), owns_process_group)

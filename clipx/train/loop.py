@@ -166,8 +166,11 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
     accelerator, scaler = trainer.accelerator, trainer.accelerator.scaler
     lr = trainer.scheduler.get_last_lr()[0]
     buffers = BufferSnapshot(unwrap(trainer.model))  # BatchNorm statistics move in forward: undone if refused
-    out = micro_batch_gradients(accelerator, trainer.model, trainer.objective, micro_batches,
-                                trainer.config.train.accum_mode)
+    if not trainer.attention.settled:
+        settle_attention(trainer, micro_batches[0], buffers)
+    with trainer.attention.scope():
+        out = micro_batch_gradients(accelerator, trainer.model, trainer.objective, micro_batches,
+                                    trainer.config.train.accum_mode)
     # The norm is needed anyway to decide on the step; with no clipping configured, clip at infinity.
     # Under fp16 this also unscales the gradients, recording the scaler's overflow check.
     # Sharded gradients give a DTensor norm: the global one, over every rank's shards (computed in
@@ -192,6 +195,15 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
     trainer.optimizer.zero_grad(set_to_none=True)
     # Tensors, not floats: reading them forces a device sync, so the caller reads only when logging.
     return {"loss": out["loss"], "grad_norm": grad_norm, "lr": lr, **out["metrics"]}
+
+
+def settle_attention(trainer: Trainer, batch: dict, buffers: BufferSnapshot) -> None:
+    """train.attention=auto: choose the attention kernel with the attention calls of one forward
+    pass over ``batch``, leaving no trace of that pass (statistics, staged queue entries, RNG)."""
+    trainer.attention.settle(lambda: trainer.objective.features(batch), backward=True)
+    buffers.restore()
+    trainer.objective.drop_staged()
+    trainer.accelerator.print(trainer.attention.describe())
 
 
 def log_train_step(trainer: Trainer, state: TrainerState, out: dict, clock: Throughput, bar) -> dict:
@@ -235,7 +247,9 @@ def evaluate_now(trainer: Trainer, step: int) -> dict | None:
     results = evaluate(unwrap(trainer.model), Tokenizer(config.model), config.model, config.data.val,
                        trainer.accelerator.device, e.zero_shot and "zero_shot" in method.evaluators,
                        e.retrieval and "retrieval" in method.evaluators, e.templates, e.label_key, e.batch_size,
-                       config.data.workers, ShardOpener.from_config(config.data))
+                       config.data.workers, ShardOpener.from_config(config.data),
+                       # bf16 training evaluates in bf16 too; fp32 and fp16 runs evaluate in fp32.
+                       precision="bf16" if config.train.precision == "bf16" else "fp32")
     trainer.log.log(step, "eval", flatten_metrics(results))
     return results
 
@@ -257,6 +271,7 @@ def run_summary(trainer: Trainer, state: TrainerState, clock: Throughput, record
         "skipped": trainer.stream.skipped_overall(trainer.accelerator.device),
         "world_size": trainer.accelerator.num_processes,
         "first_step_seconds": record.first_step_seconds,
+        "attention_kernel": trainer.attention.kernel,
         "preempted": record.preempted,
         "nonfinite_steps": trainer.guard.nonfinite,
         "loss_spike_steps": trainer.guard.spikes,

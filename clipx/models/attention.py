@@ -1,0 +1,253 @@
+"""Which scaled-dot-product attention kernel a run uses, chosen by timing the run's own attention calls.
+
+PyTorch picks an SDPA kernel by rules. On this project's CPU in bf16, its pick (the fused CPU
+flash kernel) spends more time in attention's backward than all the matmuls of the step together,
+while the unfused "math" path (two batched matmuls and a softmax) is 1.5x faster for the step;
+on a GPU the fused kernels win. The right kernel depends on the device, the precision and the
+sequence lengths, so a run measures instead of guessing:
+
+1. ``record_attention_calls`` runs one forward pass under a dispatch mode and notes the shape,
+   dtype and mask of every fused attention call (towers from open_clip, timm or transformers alike);
+2. ``choose_kernel`` times forward (and backward, for training) of exactly those calls under each
+   kernel the device has, and keeps PyTorch's own pick unless another is clearly faster;
+3. ``AttentionKernel.scope()`` restricts SDPA to the chosen kernel around the run's forward passes.
+
+Choices are cached on disk, keyed by the calls, device, precision, thread count and torch version,
+so runs of one machine agree (a resumed run continues with its kernel, and two runs with the same
+seed stay bitwise equal) and a process pays for the measurement once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from clipx import dist
+from clipx.errors import ClipxError
+from clipx.fileio import write_json_atomic
+
+KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+           "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+# The settings of train.attention: "auto" measures; "default" leaves the choice to PyTorch.
+SETTINGS = ("auto", "default", *KERNELS)
+# Another kernel replaces PyTorch's pick only when it is this much faster: small differences are
+# noise, and staying with the default keeps numerics unchanged where nothing is gained.
+MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One fused SDPA call as a run makes it: (B, H, L, D) shapes, dtype, mask and causality."""
+
+    query: tuple[int, ...]
+    key: tuple[int, ...]
+    value: tuple[int, ...]
+    dtype: str
+    device: str
+    mask: Optional[tuple[int, ...]] = None
+    mask_dtype: Optional[str] = None
+    causal: bool = False
+    dropout: float = 0.0
+    chosen_by_torch: str = "flash"  # the kernel PyTorch's rules picked for this call
+
+
+def _kernel_of(op_name: str) -> str:
+    """The KERNELS name of a fused aten op, e.g. _scaled_dot_product_flash_attention_for_cpu -> flash."""
+    for name, marker in (("flash", "flash"), ("efficient", "efficient"), ("cudnn", "cudnn")):
+        if marker in op_name:
+            return name
+    return "default"  # a backend-specific op (e.g. _fused_attention_overrideable) has no KERNELS name
+
+
+class _Recorder(TorchDispatchMode):
+    """Notes every fused attention op that reaches the dispatcher (math attention decomposes before)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[AttentionCall] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "scaled_dot_product" in func.__name__ and not func.__name__.endswith("backward"):
+            named = {a.name: v for a, v in zip(func._schema.arguments, args)} | kwargs
+            mask = named.get("attn_mask", named.get("attn_bias"))
+            q, k, v = named["query"], named["key"], named["value"]
+            self.calls.append(AttentionCall(
+                tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype).removeprefix("torch."), q.device.type,
+                tuple(mask.shape) if torch.is_tensor(mask) else None,
+                str(mask.dtype).removeprefix("torch.") if torch.is_tensor(mask) else None,
+                bool(named.get("is_causal", False)), float(named.get("dropout_p", 0.0)), _kernel_of(func.__name__)))
+        return func(*args, **kwargs)
+
+
+def record_attention_calls(forward: Callable[[], Any]) -> list[AttentionCall]:
+    """The fused attention calls ``forward()`` makes (run without autograd and without torch.compile)."""
+    recorder = _Recorder()
+    with torch.no_grad(), recorder:
+        torch.compiler.disable(forward, recursive=True)()
+    return recorder.calls
+
+
+def _inputs(call: AttentionCall, backward: bool) -> dict:
+    dtype, device = getattr(torch, call.dtype), torch.device(call.device)
+    tensors = {name: torch.randn(getattr(call, name), dtype=dtype, device=device, requires_grad=backward)
+               for name in ("query", "key", "value")}
+    if call.mask is not None:
+        mask_dtype = getattr(torch, call.mask_dtype or "float32")
+        tensors["attn_mask"] = (torch.ones(call.mask, dtype=mask_dtype, device=device) if mask_dtype == torch.bool
+                                else torch.zeros(call.mask, dtype=mask_dtype, device=device))
+    return tensors
+
+
+def time_call(call: AttentionCall, kernel: str, backward: bool, repeats: int = 5) -> float:
+    """Median seconds of ``call`` (forward, plus backward if asked) under ``kernel``; inf if it cannot run it."""
+    inputs = _inputs(call, backward)
+    device = torch.device(call.device)
+
+    def once() -> float:
+        started = time.perf_counter()
+        with _restricted_to(kernel):
+            out = F.scaled_dot_product_attention(**inputs, dropout_p=call.dropout, is_causal=call.causal)
+        if backward:
+            out.backward(torch.ones_like(out))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    try:
+        once()  # warm-up: kernel selection, allocator, lazy initialisation
+        return statistics.median(once() for _ in range(repeats))
+    except RuntimeError:  # "No available kernel": this kernel does not serve this shape, mask or device
+        return float("inf")
+
+
+def _restricted_to(kernel: Optional[str]):
+    """SDPA limited to ``kernel``; PyTorch's own choice for "default" or None."""
+    return sdpa_kernel([KERNELS[kernel]]) if kernel in KERNELS else contextlib.nullcontext()
+
+
+def candidates(device: torch.device) -> list[str]:
+    """The kernels worth timing on ``device`` (the CPU has the math and flash kernels only)."""
+    return ["math", "flash"] if device.type == "cpu" else list(KERNELS)
+
+
+def choose_kernel(calls: list[AttentionCall], backward: bool) -> tuple[str, dict[str, float]]:
+    """(kernel, seconds per kernel for all ``calls`` together, "default" being PyTorch's picks).
+
+    "default" unless one kernel runs every call and beats PyTorch's picks by more than MARGIN.
+    """
+    if not calls:
+        return "default", {}
+    counts = Counter(calls)
+    device = torch.device(calls[0].device)
+    seconds = {(call, kernel): time_call(call, kernel, backward)
+               for call in counts for kernel in candidates(device)}
+    totals = {kernel: sum(n * seconds[call, kernel] for call, n in counts.items()) for kernel in candidates(device)}
+    # PyTorch's own picks, per call, from the same timings (so that noise cannot tell a kernel from itself).
+    for call in counts:
+        if (call, call.chosen_by_torch) not in seconds:  # a pick outside the candidates: timed as is
+            seconds[call, call.chosen_by_torch] = time_call(call, "default", backward)
+    totals["default"] = sum(n * seconds[call, call.chosen_by_torch] for call, n in counts.items())
+    best = min(totals, key=lambda k: totals[k])
+    if totals[best] < totals["default"] * (1 - MARGIN):
+        return best, totals
+    return "default", totals
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLIPX_CACHE_DIR") or Path.home() / ".cache" / "clipx")
+
+
+def _machine(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _cache_key(calls: list[AttentionCall], backward: bool) -> str:
+    device_type = calls[0].device
+    identity = {"calls": sorted(json.dumps(asdict(c)) for c in set(calls)), "backward": backward,
+                "machine": _machine(device_type), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_choice(calls: list[AttentionCall], backward: bool) -> tuple[str, dict[str, float], bool]:
+    """choose_kernel, remembered on disk: (kernel, seconds per kernel, whether it came from the cache)."""
+    if not calls:
+        return "default", {}, False
+    path = cache_dir() / "attention-kernels.json"
+    key = _cache_key(calls, backward)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]["kernel"], known[key]["seconds"], True
+    kernel, seconds = choose_kernel(calls, backward)
+    try:
+        write_json_atomic(path, {**known, key: {"kernel": kernel, "seconds": seconds}})
+    except OSError:  # a read-only home: the choice still holds for this process
+        pass
+    return kernel, seconds, False
+
+
+class AttentionKernel:
+    """A run's attention kernel: fixed by ``setting``, or (``auto``) measured once on the first batch."""
+
+    def __init__(self, setting: str = "auto"):
+        if setting not in SETTINGS:
+            raise ClipxError(f"attention kernel {setting!r} is not one of {', '.join(SETTINGS)}")
+        self.setting = setting
+        self.kernel: Optional[str] = None if setting == "auto" else setting
+        self.seconds: dict[str, float] = {}
+
+    @property
+    def settled(self) -> bool:
+        return self.kernel is not None
+
+    def settle(self, forward: Callable[[], Any], backward: bool, share: bool = True) -> str:
+        """Measure (once) with the calls ``forward()`` makes. With ``share``, every rank must call
+        this and adopts rank 0's choice (training: ranks must compute alike); without, each process
+        decides alone (inference, where a rank may have nothing to embed). The caller restores any
+        state the forward pass touches (BatchNorm statistics, staged queue entries); random number
+        streams are restored here, so that measuring leaves a run's random sequence as it was."""
+        if self.kernel is None:
+            rng = torch.random.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            try:
+                calls = record_attention_calls(forward)
+                choice = cached_choice(calls, backward)[:2] if dist.rank() == 0 or not share else None
+            finally:
+                torch.random.set_rng_state(rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
+            self.kernel, self.seconds = dist.broadcast_object(choice) if share else choice
+        return self.kernel
+
+    def scope(self):
+        """SDPA restricted to the chosen kernel (PyTorch's choice while unsettled or "default")."""
+        return _restricted_to(self.kernel)
+
+    def describe(self) -> str:
+        measured = ", ".join(f"{k} {1e3 * s:.2f} ms" for k, s in sorted(self.seconds.items(), key=lambda i: i[1]))
+        how = f"measured: {measured}" if measured else f"train.attention={self.setting}"
+        return f"attention kernel: {self.kernel} ({how})"

@@ -1,0 +1,115 @@
+"""The attention kernel a run uses: recorded from the run's own calls, timed, cached, applied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipx.models import attention
+from clipx.models.attention import AttentionCall, AttentionKernel, cached_choice, choose_kernel, record_attention_calls
+from tests.conftest import TINY_ARCH, tiny_overrides
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_model_json):
+    from clipx.config import load_config
+    from clipx.models.factory import create_model
+
+    torch.manual_seed(0)
+    return create_model(load_config(None, [f"model.name={tiny_model_json}", "data.train=unused"]).model)
+
+
+def _inputs():
+    vision, text = TINY_ARCH["vision_cfg"], TINY_ARCH["text_cfg"]
+    return (torch.randn(BATCH, 3, vision["image_size"], vision["image_size"]),
+            torch.randint(0, 100, (BATCH, text["context_length"])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_recorded_calls_are_the_towers_attention_in_the_precision_of_the_run(tiny_clip, dtype):
+    vision, text = TINY_ARCH["vision_cfg"], TINY_ARCH["text_cfg"]
+    images, tokens = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        calls = record_attention_calls(lambda: tiny_clip(images, tokens))
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2 + 1  # + the class token
+    vision_heads = vision["width"] // vision["head_width"]
+    expected_vision = (BATCH, vision_heads, patches, vision["head_width"])
+    expected_text = (BATCH, text["heads"], text["context_length"], text["width"] // text["heads"])
+    assert [c.query for c in calls] == [expected_vision] * vision["layers"] + [expected_text] * text["layers"]
+    assert all(c.dtype == str(dtype).removeprefix("torch.") for c in calls)
+    assert [c.mask is not None for c in calls] == [False] * vision["layers"] + [True] * text["layers"], \
+        "the text tower's causal mask must be recorded: kernels differ in the masks they serve"
+    assert {c.chosen_by_torch for c in calls} == {"flash"}  # PyTorch's pick on the CPU
+
+
+def test_a_restricted_scope_takes_the_fused_kernel_away(tiny_clip):
+    images, tokens = _inputs()
+    with AttentionKernel("math").scope():
+        assert record_attention_calls(lambda: tiny_clip(images, tokens)) == []
+    with AttentionKernel("default").scope():
+        assert len(record_attention_calls(lambda: tiny_clip(images, tokens))) == 3
+
+
+CALL = AttentionCall((8, 2, 17, 32), (8, 2, 17, 32), (8, 2, 17, 32), "float32", "cpu")
+MASKED = AttentionCall((8, 2, 16, 32), (8, 2, 16, 32), (8, 2, 16, 32), "float32", "cpu", mask=(16, 16),
+                       mask_dtype="float32")
+
+
+def _fake_timings(monkeypatch, table):
+    monkeypatch.setattr(attention, "time_call", lambda call, kernel, backward: table[call, kernel])
+
+
+def test_the_fastest_kernel_wins_only_by_a_clear_margin(monkeypatch):
+    _fake_timings(monkeypatch, {(CALL, "flash"): 1.0, (CALL, "math"): 0.5, (MASKED, "flash"): 1.0,
+                                (MASKED, "math"): 0.6})
+    kernel, seconds = choose_kernel([CALL, CALL, MASKED], backward=True)
+    assert kernel == "math" and seconds == {"math": 1.6, "flash": 3.0, "default": 3.0}
+    # 3% faster is within noise: PyTorch's own pick stays.
+    _fake_timings(monkeypatch, {(CALL, "flash"): 1.0, (CALL, "math"): 0.97})
+    assert choose_kernel([CALL], backward=True)[0] == "default"
+
+
+def test_a_kernel_that_cannot_run_every_call_is_never_chosen(monkeypatch):
+    _fake_timings(monkeypatch, {(CALL, "flash"): 1.0, (CALL, "math"): 0.1, (MASKED, "flash"): 1.0,
+                                (MASKED, "math"): float("inf")})
+    assert choose_kernel([CALL, MASKED], backward=False)[0] == "default"
+
+
+def test_real_timings_choose_a_kernel_that_runs_the_calls():
+    kernel, seconds = choose_kernel([CALL, MASKED], backward=True)
+    assert set(seconds) == {"math", "flash", "default"} and all(0 < s < float("inf") for s in seconds.values())
+    assert kernel in ("default", "math", "flash")
+
+
+def test_a_choice_is_measured_once_per_machine_and_calls(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPX_CACHE_DIR", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(attention, "choose_kernel", lambda calls, backward: measured.append(calls) or ("math", {}))
+    assert cached_choice([CALL], backward=True) == ("math", {}, False)
+    assert cached_choice([CALL], backward=True) == ("math", {}, True)
+    assert cached_choice([CALL], backward=False)[2] is False  # inference is another question
+    assert len(measured) == 2 and (tmp_path / "attention-kernels.json").is_file()
+
+
+def test_settling_leaves_the_random_stream_as_it_was(tiny_clip):
+    images, tokens = _inputs()
+    before = torch.get_rng_state()
+    kernel = AttentionKernel("auto")
+    chosen = kernel.settle(lambda: tiny_clip(images, tokens), backward=True)
+    assert chosen in ("default", "math", "flash") and kernel.settled
+    assert torch.equal(torch.get_rng_state(), before)
+    assert kernel.describe().startswith(f"attention kernel: {chosen} (measured: ")
+
+
+def test_a_run_reports_its_kernel_and_a_fixed_one_is_used_as_set(digits_dir, tiny_model_json, tmp_path):
+    from clipx.config import load_config
+    from clipx.train.loop import train
+
+    auto = train(load_config(None, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "auto", **{
+        "train.steps": 2, "train.precision": "bf16"})))
+    assert auto["attention_kernel"] in ("default", "math", "flash")
+    fixed = train(load_config(None, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "math", **{
+        "train.steps": 2, "train.attention": "math"})))
+    assert fixed["attention_kernel"] == "math"

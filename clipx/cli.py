@@ -165,6 +165,7 @@ def _add_eval(commands) -> None:
         sub.add_argument("--label-key", default="label", help="field of the .json holding the class index")
         sub.add_argument("--batch-size", type=int, default=256)
         sub.add_argument("--workers", type=int, default=2)
+        _add_precision(sub)
         if task == "knn":
             sub.add_argument("--k", type=int, default=20)
             sub.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
@@ -177,11 +178,17 @@ def _add_eval(commands) -> None:
         sub.add_argument("--out", required=True, help="JSON file to write")
         sub.add_argument("--batch-size", type=int, default=256)
         sub.add_argument("--workers", type=int, default=2)
+        _add_precision(sub)
         if task == "zero-shot":
             sub.add_argument("--templates", default=None,
                              help="shipped name (digits, imagenet) or YAML path; default: the checkpoint's eval.templates")
             sub.add_argument("--label-key", default=None, help="field of the .json holding the class index")
         sub.set_defaults(func=_eval)
+
+
+def _add_precision(parser) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the towers' arithmetic (bf16: autocast; features and metrics stay fp32)")
 
 
 def _eval(args) -> int:
@@ -202,8 +209,9 @@ def _eval(args) -> int:
                        zero_shot=zero_shot, retrieval=not zero_shot,
                        templates=templates,
                        label_key=(getattr(args, "label_key", None) or config.eval.label_key),
-                       batch_size=args.batch_size, workers=args.workers)
+                       batch_size=args.batch_size, workers=args.workers, precision=args.precision)
     results["checkpoint"] = str(args.checkpoint)
+    results["precision"] = args.precision
     write_json_atomic(Path(args.out), results)
     print(json.dumps(results, indent=2))
     return 0
@@ -219,7 +227,7 @@ def _eval_probe(args) -> int:
     device = default_device()
     model, config = load_model(args.checkpoint, device)
     train, test = (labelled_features(model, config.model, shards, device, args.label_key, args.batch_size,
-                                     args.workers) for shards in (args.train_data, args.data))
+                                     args.workers, args.precision) for shards in (args.train_data, args.data))
     key = "knn" if args.task == "knn" else "linear_probe"
     metrics = knn_eval(train, test, args.k, args.temperature) if key == "knn" else linear_probe_eval(train, test)
     results = {key: metrics, "num_train": len(train[1]), "num_test": len(test[1]), "checkpoint": str(args.checkpoint)}
@@ -305,6 +313,7 @@ def _add_encode(commands) -> None:
     encode.add_argument("--out", required=True, help="FILE.npy (plus FILE.npy.ids.json) or FILE.parquet")
     encode.add_argument("--batch-size", type=int, default=256)
     encode.add_argument("--workers", type=int, default=2)
+    _add_precision(encode)
     encode.set_defaults(func=_encode)
 
 
@@ -312,7 +321,7 @@ def _encode(args) -> int:
     from clipx.apps.encode import encode
 
     summary = encode(args.checkpoint, args.out, images=args.images, texts=args.texts, batch_size=args.batch_size,
-                     workers=args.workers)
+                     workers=args.workers, precision=args.precision)
     print(json.dumps(summary, indent=2))
     return 0
 

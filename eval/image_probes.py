@@ -9,14 +9,16 @@ from clipx.data.skips import SkipCounter
 from clipx.data.transforms import image_transform
 from clipx.errors import ClipxError
 from clipx.models import image_size
+from clipx.models.inference import InferenceEncoder
 from eval.embed import embed_dataset, merge_embeddings
 from eval.knn import knn_predict, linear_probe
 from eval.metrics import classification_metrics
 
 
 def labelled_features(model, model_cfg, shards: str, device, label_key: str = "label", batch_size: int = 256,
-                      workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                      workers: int = 2, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm image features (N, F) and labels (N,) of every labelled sample, in key order."""
+    model = InferenceEncoder(model, device, precision)
     transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=False)
     loader = build_eval_loader(shards, transform, label_key, batch_size, workers, SkipCounter())
     dim = getattr(model, "feature_dim", None) or model_cfg.arch["embed_dim"]

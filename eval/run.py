@@ -9,6 +9,7 @@ from clipx.data.eval_loader import build_eval_loader
 from clipx.data.skips import SkipCounter
 from clipx.data.transforms import image_transform
 from clipx.models import image_size
+from clipx.models.inference import InferenceEncoder
 from clipx.templates import load_templates
 from eval.embed import embed_dataset, merge_embeddings
 from eval.retrieval import retrieval_eval
@@ -17,13 +18,14 @@ from eval.zero_shot import build_zero_shot_classifier, zero_shot_metrics
 
 def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool = True, retrieval: bool = True,
              templates: str = "digits", label_key: str = "label", batch_size: int = 256, workers: int = 2,
-             opener=None) -> dict:
+             opener=None, precision: str = "fp32") -> dict:
     """{"zero_shot": {...}, "retrieval": {...}, "num_images": N, "skipped": {...}} for ``shards``.
 
     In a process group every rank must call this: each embeds the samples whose keys hash to it,
     the embeddings are gathered, and every rank computes the same metrics on all of them.
     ``opener`` (a clipx.data.opener.ShardOpener): how remote shards are reached; training passes the
-    one its data config describes.
+    one its data config describes. ``precision``: fp32, or bf16 for the towers (features and
+    metrics stay fp32).
     """
     transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=False)
     counter = SkipCounter()
@@ -31,6 +33,7 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
     loader = build_eval_loader(shards, transform, label_key, batch_size, workers, counter, rank=rank, world=world,
                                opener=opener)
     was_training = model.training
+    model = InferenceEncoder(model, device, precision)
     local = embed_dataset(model, loader, tokenizer, device, model_cfg.arch["embed_dim"], with_texts=retrieval)
     embeddings = merge_embeddings(dist.gather_objects(local))
     results: dict = {"num_images": int(embeddings.image_features.shape[0])}

@@ -134,3 +134,22 @@ def test_encode_refuses_bad_requests_with_one_line(run_dir, tmp_path):
     with pytest.raises(ClipxError, match="matched no files"):
         encode(str(run_dir), str(tmp_path / "e.npy"), images=str(tmp_path / "none*.png"))
     assert not (tmp_path / "e.npy").exists()
+
+
+def test_encode_in_bf16_writes_fp32_features_close_to_the_fp32_ones(run_dir, digits_dir, tmp_path):
+    from clipx.apps.encode import encode
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        summary = encode(str(run_dir), str(tmp_path / f"{precision}.npy"), images=str(digits_dir / "test"),
+                         texts=str(texts), batch_size=64, workers=0, precision=precision)
+        assert summary["precision"] == precision
+        rows[precision] = np.load(tmp_path / f"{precision}.npy")
+    assert rows["bf16"].dtype == np.float32 and rows["bf16"].shape == rows["fp32"].shape
+    cosine = (rows["bf16"] * rows["fp32"]).sum(1) / np.linalg.norm(rows["bf16"], axis=1)
+    assert cosine.min() > 0.99, cosine.min()
+    assert not np.array_equal(rows["bf16"], rows["fp32"]), "bf16 changed nothing: autocast was not applied"
+    with pytest.raises(ClipxError, match="precision 'fp16' is not one of fp32, bf16"):
+        encode(str(run_dir), str(tmp_path / "x.npy"), texts=str(texts), precision="fp16")

@@ -19,6 +19,21 @@ def default_config_path() -> Path:
     return path
 
 
+def precision_overrides() -> list[str]:
+    """The demos train in bf16 where the hardware runs it fast (AMX or AVX512-BF16 on a CPU, bf16
+    on a GPU) and in fp32 elsewhere; the caller's own overrides come after and win. Says which."""
+    import torch
+
+    from clipx.precision import fastest_precision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = fastest_precision(device)
+    print(f"demo: training in {'bf16' if precision == 'bf16' else 'fp32'} "
+          f"({'fast bf16 found' if precision == 'bf16' else 'no fast bf16'} on the {device}; "
+          "override with train.precision=...)")
+    return [f"train.precision={precision}"]
+
+
 def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shuffle_captions: bool = False) -> dict:
     """Prep -> train -> zero-shot + retrieval on the held-out digits; returns and writes results.json."""
     from clipx.api import load_model
@@ -38,7 +53,8 @@ def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shu
         train_dir = data / "train-shuffled-captions"
         write_shuffled(data / "train", train_dir, seed=0)
     config = load_config(config_path or default_config_path(), [
-        f"data.train={train_dir}", f"data.val={data / 'test'}", f"train.output_dir={out / 'run'}", *overrides,
+        f"data.train={train_dir}", f"data.val={data / 'test'}", f"train.output_dir={out / 'run'}",
+        *precision_overrides(), *overrides,
     ])
     summary = train(config)
     final = summary["eval"]  # training evaluates the final step on data.val, the held-out digits
@@ -67,6 +83,8 @@ def run_record(summary: dict, config, started: float) -> dict:
         "train": {k: summary[k] for k in ("samples_per_second", "wall_seconds", "train_seconds", "steps",
                                           "final_loss")},
         "loss": config.loss.name,
+        "precision": "fp32" if config.train.precision == "no" else config.train.precision,
+        "attention_kernel": summary.get("attention_kernel"),
         "checkpoint": summary["checkpoint"],
         "total_seconds": time.perf_counter() - started,
     }
@@ -121,5 +139,7 @@ def markdown_table(paths: list[str | Path]) -> str:
         name = "captions shuffled (control)" if results["control"]["shuffled_captions"] else "digits demo"
         if results.get("loss", "clip") != "clip":
             name += f" ({results['loss']})"
+        if "precision" in results:
+            name += f", {results['precision']}"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

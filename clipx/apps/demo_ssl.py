@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from clipx.apps.demo import REPO_CONFIGS, print_rows, run_record
+from clipx.apps.demo import REPO_CONFIGS, precision_overrides, print_rows, run_record
 from clipx.errors import ClipxError
 
 MODE_CONFIGS = {"simclr": "simclr-digits.yaml", "moco": "moco-digits.yaml", "swav": "swav-digits.yaml"}
@@ -48,7 +48,7 @@ def run_ssl_demo(mode: str, out: Path, config_path: str | Path | None = None, ov
     data = out / "data"
     prep_digits(data, image_size=32, workers=min(2, os.cpu_count() or 1))
     config = load_config(config_path, [f"data.train={data / 'train'}", "data.val=null",
-                                       f"train.output_dir={out / 'run'}", *overrides])
+                                       f"train.output_dir={out / 'run'}", *precision_overrides(), *overrides])
     summary = train(config)
     device = default_device()
     trained, _ = load_model(summary["checkpoint"], device)

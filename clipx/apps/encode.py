@@ -83,9 +83,11 @@ def read_texts(path: str) -> list[str]:
 
 @torch.no_grad()
 def encode(checkpoint: str, out: str, images: str | None = None, texts: str | None = None, batch_size: int = 256,
-           workers: int = 2, device: str | None = None) -> dict:
-    """Embed ``images`` and/or the lines of ``texts`` with ``checkpoint``; write ``out``; return a summary."""
+           workers: int = 2, device: str | None = None, precision: str = "fp32") -> dict:
+    """Embed ``images`` and/or the lines of ``texts`` with ``checkpoint``; write ``out``; return a summary.
+    ``precision``: the towers' arithmetic, fp32 or bf16 (the written features are fp32 either way)."""
     from clipx.api import load
+    from clipx.models.inference import InferenceEncoder
 
     out_path = Path(out)
     if out_path.suffix not in OUTPUT_FORMATS:
@@ -95,6 +97,7 @@ def encode(checkpoint: str, out: str, images: str | None = None, texts: str | No
     text_list = read_texts(texts) if texts else []
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess, tokenizer = load(checkpoint, device)
+    model = InferenceEncoder(model, device, precision)
     if text_list and tokenizer is None:
         raise ClipxError(f"{checkpoint} is an image-only model: it cannot embed --texts")
     kinds, ids, chunks, unreadable = [], [], [], 0
@@ -119,7 +122,7 @@ def encode(checkpoint: str, out: str, images: str | None = None, texts: str | No
     matrix = torch.cat(chunks).numpy().astype(np.float32)
     _write(out_path, matrix, kinds, ids)
     return {"out": str(out_path), "images": kinds.count("image"), "texts": kinds.count("text"),
-            "dim": int(matrix.shape[1]), "unreadable_images": unreadable}
+            "dim": int(matrix.shape[1]), "unreadable_images": unreadable, "precision": precision}
 
 
 def _write(path: Path, matrix: np.ndarray, kinds: list[str], ids: list[str]) -> None:

@@ -1,0 +1,42 @@
+"""A trained model's encoders as evaluation and ``clipx encode`` run them: in an inference precision,
+each tower with the attention kernel measured for its own calls."""
+
+from __future__ import annotations
+
+import torch
+
+from clipx.models.attention import AttentionKernel
+from clipx.precision import inference_autocast
+
+
+class InferenceEncoder:
+    """``encode_image`` / ``encode_text`` of ``model`` under ``precision`` (fp32 or bf16), returning
+    fp32 features; every other attribute (eval, train, feature_dim, ...) is the model's own.
+
+    The attention kernel is chosen per tower at its first call (forward only: there is no backward
+    here), by each process alone, since an evaluation rank may have nothing to embed.
+    """
+
+    def __init__(self, model: torch.nn.Module, device, precision: str = "fp32", attention: str = "auto"):
+        inference_autocast(device, precision)  # refuses an unknown precision now, not at the first batch
+        self.model, self.device, self.precision = model, device, precision
+        self.kernels = {"image": AttentionKernel(attention), "text": AttentionKernel(attention)}
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, E) fp32."""
+        return self._encode("image", self.model.encode_image, images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, E) fp32."""
+        return self._encode("text", self.model.encode_text, tokens)
+
+    def _encode(self, tower: str, encode, inputs: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernels[tower]
+        with torch.no_grad(), inference_autocast(self.device, self.precision):
+            if not kernel.settled:
+                kernel.settle(lambda: encode(inputs), backward=False, share=False)
+            with kernel.scope():
+                return encode(inputs).float()

@@ -101,12 +101,13 @@ def run_clip_benchmark(task: str, data: Path, model_config: Path, weights: Path,
 
 
 def run_clipx(task: str, data: Path, checkpoint: Path, templates: Path, out: Path, batch: int, workers: int,
-              threads: int) -> tuple[float, dict]:
+              threads: int, precision: str = "fp32") -> tuple[float, dict]:
     from eval.run import flatten_metrics
 
     name = "zero-shot" if task == "zeroshot_classification" else "retrieval"
     command = [sys.executable, "-m", "clipx.cli", "eval", name, "--checkpoint", str(checkpoint), "--data",
-               str(data / "test"), "--out", str(out), "--batch-size", str(batch), "--workers", str(workers)]
+               str(data / "test"), "--out", str(out), "--batch-size", str(batch), "--workers", str(workers),
+               "--precision", precision]
     if name == "zero-shot":
         command += ["--templates", str(templates)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -117,7 +118,8 @@ def run_clipx(task: str, data: Path, checkpoint: Path, templates: Path, out: Pat
 def compare(work: Path, checkpoint: Path, digits_dir: Path, batch: int = 256, workers: int = 2, threads: int = 2,
             repeats: int = 3) -> dict:
     """Both tools on both tasks, ``repeats`` alternating runs each: metrics side by side, their largest
-    difference, and the median images/s."""
+    difference, and the median images/s; and clipx in bf16 (``clipx eval --precision bf16``) beside
+    its fp32 self, with the largest metric difference between the two."""
     import statistics
 
     import yaml
@@ -130,24 +132,30 @@ def compare(work: Path, checkpoint: Path, digits_dir: Path, batch: int = 256, wo
               "checkpoint": str(checkpoint), "tasks": {}}
     for task, names in METRIC_NAMES.items():
         data = work / "data" / task.removeprefix("zeroshot_")
-        seconds = {"clip_benchmark": [], "clipx": []}
+        tools = ["clipx", "clip_benchmark", "clipx_bf16"]
+        seconds: dict[str, list[float]] = {tool: [] for tool in tools}
+        ours: dict[str, dict] = {}  # clipx's metrics per precision
         for repeat in range(repeats):
-            for tool in (("clipx", "clip_benchmark") if repeat % 2 == 0 else ("clip_benchmark", "clipx")):
+            for tool in tools[repeat % 3:] + tools[:repeat % 3]:  # each tool leads once in three
                 if tool == "clip_benchmark":
                     took, cb = run_clip_benchmark(task, data, model_config, checkpoint / "model.safetensors",
                                                   work / f"clip_benchmark-{task}.json", batch, workers, threads)
                 else:
-                    took, cx = run_clipx(task, data, checkpoint, REPO / "clipx" / "templates" / "digits.yaml",
-                                         work / f"clipx-{task}.json", batch, workers, threads)
+                    precision = "bf16" if tool == "clipx_bf16" else "fp32"
+                    took, ours[precision] = run_clipx(task, data, checkpoint, REPO / "clipx" / "templates" / "digits.yaml",
+                                                      work / f"{tool}-{task}.json", batch, workers, threads, precision)
                 seconds[tool].append(took)
-        metrics = {cb_name: {"clip_benchmark": cb[cb_name], "clipx": cx[cx_name]} for cb_name, cx_name in names.items()}
+        metrics = {cb_name: {"clip_benchmark": cb[cb_name], "clipx": ours["fp32"][cx_name],
+                             "clipx_bf16": ours["bf16"][cx_name]} for cb_name, cx_name in names.items()}
         medians = {tool: statistics.median(values) for tool, values in seconds.items()}
         report["tasks"][task] = {
             "metrics": metrics,
             "max_abs_difference": max(abs(m["clip_benchmark"] - m["clipx"]) for m in metrics.values()),
+            "bf16_max_abs_difference": max(abs(m["clipx_bf16"] - m["clipx"]) for m in metrics.values()),
             "seconds": seconds,
             "clip_benchmark_images_per_second": images / medians["clip_benchmark"],
             "clipx_images_per_second": images / medians["clipx"],
+            "clipx_bf16_images_per_second": images / medians["clipx_bf16"],
         }
         print(f"  {task}: clipx {medians['clipx']:.1f} s, CLIP_benchmark {medians['clip_benchmark']:.1f} s (medians), "
               f"max metric difference {report['tasks'][task]['max_abs_difference']:.2e}", file=sys.stderr)

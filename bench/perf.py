@@ -37,6 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.profile_step import phase_seconds  # noqa: E402
+
 CONFIG = REPO / "configs" / "bench-small.yaml"
 MODEL = REPO / "configs" / "models" / "bench-small.json"
 PEER_SITE = REPO / "runs" / "bench" / "openclip-site"
@@ -235,14 +237,14 @@ def loader_throughput(shards: Path, model: Path, batch: int, workers: int, batch
     from clipx.config import load_config
     from clipx.data.pipeline import SharedEpoch, build_train_loader
     from clipx.data.skips import SkipCounter
-    from clipx.data.tokenizer import Tokenizer
     from clipx.methods import method_of
 
     config = load_config(CONFIG, [f"model.name={model.resolve()}", f"data.train={shard_pattern(shards)}",
                                   f"data.workers={workers}",
                                   f"data.train_num_samples={batch * (batches + 4)}"])
-    loader, _ = build_train_loader(config.data, batch, method_of(config).train_transform(config),
-                                   Tokenizer(config.model), 0, 0, 1, SharedEpoch(), SkipCounter())
+    method = method_of(config)
+    loader, _ = build_train_loader(config.data, batch, method.train_transform(config), method.collate(config),
+                                   0, 0, 1, SharedEpoch(), SkipCounter())
     iterator = iter(loader)
     for _ in range(4):  # worker start-up
         next(iterator)
@@ -314,7 +316,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench" / "perf")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "results.json")
     parser.add_argument("--model", type=Path, default=MODEL, help="an open_clip model config JSON (both trainers)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", default="bf16,fp32",
+                        help="comma list of fp32 and bf16, each compared side by side; the first is the headline, "
+                             "which the ablations, scaling and evaluator model use")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
@@ -340,25 +344,44 @@ def main() -> None:
         sys.exit("run bench/openclip_env.sh first (open_clip_train needs webdataset < 1.0 beside clipx)")
 
     args.work.mkdir(parents=True, exist_ok=True)
+    precisions = args.precision.split(",")
+    if not precisions or any(p not in CLIPX_PRECISION for p in precisions):
+        sys.exit(f"--precision: a comma list of {', '.join(CLIPX_PRECISION)}")
+    args.precision = precisions[0]  # the headline: ablations, evaluator model and scaling run in it
     size = native_size(args.model)
     shards = write_bench_shards(args.work, size, args.batch * args.steps * 2)
-    print("side by side", file=sys.stderr)
-    train = side_by_side(args.work, shards, args.model, args.batch, args.steps, args.workers, args.threads,
-                         args.alternations, args.precision)
     flops = flops_per_sample(args.model)
-    peak = matmul_flops_per_second(args.threads, args.precision)
+    by_precision = {}
+    for precision in precisions:
+        print(f"side by side, {precision}", file=sys.stderr)
+        train = side_by_side(args.work, shards, args.model, args.batch, args.steps, args.workers, args.threads,
+                             args.alternations, precision)
+        peak = matmul_flops_per_second(args.threads, precision)
+        breakdown = phase_seconds(args.model, args.batch, args.threads, precision)
+        by_precision[precision] = {
+            "train": train,
+            "flops": {"model_flops_per_sample": flops, "matmul_flops_per_second": peak,
+                      "clipx_mfu": flops * train["clipx_samples_per_second"] / peak,
+                      "open_clip_mfu": flops * train["open_clip_samples_per_second"] / peak},
+            # Compute alone (random inputs, no loader); the rest of an end-to-end step is data wait,
+            # logging and the update guard.
+            "breakdown": {**breakdown, "end_to_end_step_seconds": args.batch / train["clipx_samples_per_second"]},
+        }
+    headline = by_precision[args.precision]
     results = {
         "machine": machine(),
         "command": "make bench",
         "settings": {"model": display_path(args.model), "image_size": size, "batch": args.batch, "steps": args.steps,
                      "warmup_steps_dropped": WARMUP_STEPS, "workers": args.workers, "threads": args.threads,
-                     "precision": args.precision, "alternations": args.alternations},
-        "train": train,
+                     "precision": args.precision, "precisions": precisions, "alternations": args.alternations},
+        "by_precision": by_precision,
+        "train": headline["train"],
+        "flops": headline["flops"],
         "loader": [loader_throughput(shards, args.model, args.batch, w) for w in (1, args.workers)],
-        "flops": {"model_flops_per_sample": flops, "matmul_flops_per_second": peak,
-                  "clipx_mfu": flops * train["clipx_samples_per_second"] / peak,
-                  "open_clip_mfu": flops * train["open_clip_samples_per_second"] / peak},
     }
+    if {"bf16", "fp32"} <= set(by_precision):
+        results["clipx_bf16_over_fp32"] = (by_precision["bf16"]["train"]["clipx_samples_per_second"]
+                                           / by_precision["fp32"]["train"]["clipx_samples_per_second"])
     if not args.skip_ablations:
         print("ablations", file=sys.stderr)
         results["ablations"] = ablations(args, shards, train["clipx_samples_per_second"])
@@ -369,11 +392,13 @@ def main() -> None:
                                      [int(s) for s in args.scaling_sizes.split(",")])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results["train"].items() if k != "runs"}, indent=2))
+    for precision, row in by_precision.items():
+        print(precision, json.dumps({k: v for k, v in row["train"].items() if k != "runs"}, indent=2))
 
 
 # Each speed change in clipx, switched off (or, for compile, on) one at a time against the default.
 ABLATIONS = {
+    "PyTorch's attention kernel (train.attention=default)": ["train.attention=default"],
     "without host-memory retention (train.retain_host_memory=false)": ["train.retain_host_memory=false"],
     "with torch.compile (train.compile=true)": ["train.compile=true"],
 }

@@ -6,25 +6,50 @@ from pathlib import Path
 
 
 def markdown(results: dict) -> str:
-    m, s, t, f = results["machine"], results["settings"], results["train"], results["flops"]
+    m, s = results["machine"], results["settings"]
+    # Results written before the benchmark compared both precisions hold one, at the top level.
+    by_precision = results.get("by_precision") or {s["precision"]: {"train": results["train"], "flops": results["flops"]}}
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}. "
         f"Settings: `{s['model']}` at {s['image_size']} px, batch {s['batch']}, {s['steps']} steps per run "
         f"(first {s['warmup_steps_dropped']} dropped), {s['workers']} loader workers, {s['threads']} torch threads, "
-        f"{s['precision']}, {s['alternations']} alternations.",
+        f"{s['alternations']} alternations per precision.",
         "",
-        "| trainer | samples/s (median) | runs | peak RSS, MB (process tree) | MFU |",
-        "|---|---:|---|---:|---:|",
+        "| precision | trainer | samples/s (median) | runs | peak RSS, MB (process tree) | MFU (this precision's matmul rate) |",
+        "|---|---|---:|---|---:|---:|",
     ]
-    for name in ("clipx", "open_clip"):
-        runs = ", ".join(f"{r['samples_per_second']:.1f}" for r in t["runs"] if r["trainer"] == name)
-        lines.append(f"| {name} | {t[f'{name}_samples_per_second']:.1f} | {runs} | {t[f'{name}_peak_rss_mb']:.0f} | "
-                     f"{f[f'{name}_mfu']:.1%} |")
-    lines += ["", f"**Ratio clipx / open_clip: {t['ratio']:.3f}**", "",
-              f"Model FLOPs per sample (forward + backward, both towers): {f['model_flops_per_sample'] / 1e9:.3f} GFLOP. "
-              f"Dense fp32 matmul on this machine ({s['threads']} threads): "
-              f"{f['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s.", "",
-              "| clipx loader alone (decode, augment, tokenize) | samples/s | per worker |", "|---|---:|---:|"]
+    for precision, row in by_precision.items():
+        t, f = row["train"], row["flops"]
+        for name in ("clipx", "open_clip"):
+            runs = ", ".join(f"{r['samples_per_second']:.1f}" for r in t["runs"] if r["trainer"] == name)
+            lines.append(f"| {precision} | {name} | {t[f'{name}_samples_per_second']:.1f} | {runs} | "
+                         f"{t[f'{name}_peak_rss_mb']:.0f} | {f[f'{name}_mfu']:.1%} |")
+    lines.append("")
+    for precision, row in by_precision.items():
+        lines.append(f"- **{precision}: clipx / open_clip = {row['train']['ratio']:.3f}**")
+    if "clipx_bf16_over_fp32" in results:
+        lines.append(f"- **clipx bf16 / clipx fp32 = {results['clipx_bf16_over_fp32']:.3f}** (end to end, loader included)")
+    flops = next(iter(by_precision.values()))["flops"]["model_flops_per_sample"]
+    rates = ", ".join(f"{p} {row['flops']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s" for p, row in by_precision.items())
+    lines += ["", f"Model FLOPs per sample (forward + backward, both towers): {flops / 1e9:.3f} GFLOP. "
+              f"Dense 2048² matmul on this machine ({s['threads']} threads): {rates}.", ""]
+    breakdowns = {p: row["breakdown"] for p, row in by_precision.items() if "breakdown" in row}
+    if breakdowns:
+        lines += ["Where a clipx step's time goes, per precision: compute phases timed alone on random inputs "
+                  "(`bench/profile_step.py`'s step), the rest of the end-to-end step (loader wait, logging, "
+                  "update guard) as the difference:", "",
+                  "| precision | attention kernel | forward + loss, ms | backward, ms | optimizer, ms | "
+                  "data wait and other, ms | end-to-end step, ms |", "|---|---|---:|---:|---:|---:|---:|"]
+        for precision, b in breakdowns.items():
+            phases = b["phases"]
+            compute = sum(phases.values())
+            lines.append(f"| {precision} | {b['attention_kernel']} | {1e3 * phases['forward + loss']:.0f} | "
+                         f"{1e3 * phases['backward']:.0f} | {1e3 * (phases['optimizer step'] + phases['zero_grad']):.0f} | "
+                         f"{1e3 * max(b['end_to_end_step_seconds'] - compute, 0.0):.0f} | "
+                         f"{1e3 * b['end_to_end_step_seconds']:.0f} |")
+        lines.append("")
+    lines += [
+        "| clipx loader alone (decode, augment, tokenize) | samples/s | per worker |", "|---|---:|---:|"]
     lines += [f"| {row['workers']} worker(s) | {row['samples_per_second']:.0f} | {row['per_worker']:.0f} |"
               for row in results["loader"]]
     if results.get("ablations"):
@@ -45,9 +70,18 @@ def markdown(results: dict) -> str:
             lines.append(f"| {task} | {r['clipx_images_per_second']:.0f} | {r['clip_benchmark_images_per_second']:.0f} | "
                          f"{r['clipx_images_per_second'] / r['clip_benchmark_images_per_second']:.2f} | "
                          f"{r['max_abs_difference']:.1e} |")
-        lines += ["", "| metric | clipx | CLIP_benchmark |", "|---|---:|---:|"]
-        lines += [f"| {name} | {v['clipx']:.6f} | {v['clip_benchmark']:.6f} |"
+        lines += ["", "| metric | clipx | CLIP_benchmark | clipx --precision bf16 |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {v['clipx']:.6f} | {v['clip_benchmark']:.6f} | "
+                  f"{v['clipx_bf16']:.6f} |" if "clipx_bf16" in v else
+                  f"| {name} | {v['clipx']:.6f} | {v['clip_benchmark']:.6f} | |"
                   for r in e["tasks"].values() for name, v in r["metrics"].items()]
+        bf16 = {task: r for task, r in e["tasks"].items() if "clipx_bf16_images_per_second" in r}
+        if bf16:
+            lines += ["", "| task | clipx bf16 images/s | clipx fp32 images/s | bf16 / fp32 speed | "
+                      "largest metric difference bf16 vs fp32 |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {task} | {r['clipx_bf16_images_per_second']:.0f} | {r['clipx_images_per_second']:.0f} | "
+                      f"{r['clipx_bf16_images_per_second'] / r['clipx_images_per_second']:.2f} | "
+                      f"{r['bf16_max_abs_difference']:.1e} |" for task, r in bf16.items()]
     if results.get("scaling"):
         lines += ["", "| axis | value | clipx s/step | open_clip s/step | clipx / open_clip speed |",
                   "|---|---:|---:|---:|---:|"]
@@ -74,7 +108,7 @@ def plot_scaling(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     m = results["machine"]
-    figure.suptitle(f"Step time, clipx vs open_clip_train ({m['cores']} CPU cores, fp32)")
+    figure.suptitle(f"Step time, clipx vs open_clip_train ({m['cores']} CPU cores, {results['settings']['precision']})")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -1,6 +1,6 @@
 """Where a training step's CPU time goes: torch.profiler over forward + loss + backward + AdamW.
 
-    .venv/bin/python bench/profile_step.py [--model configs/models/bench-small.json] [--batch 128]
+    .venv/bin/python bench/profile_step.py [--precision bf16|fp32] [--model configs/models/bench-small.json] [--batch 128]
 
 Prints the operators with the most self time and the share of each phase of the step; the phases
 are timed separately (forward, backward, optimizer step, zero_grad) over a few steps after two warm-ups.
@@ -19,35 +19,39 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=REPO / "configs" / "models" / "bench-small.json")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+def build_step(model_path: Path, batch_size: int, threads: int, precision: str):
+    """clipx's training step on random inputs of the benchmark's shapes, as ``step(phases)``: forward
+    with the loss under autocast (bf16) and the run's attention kernel (measured as train.attention=auto
+    measures it), backward, fused AdamW, zero_grad; ``phases`` (a dict) accumulates each phase's seconds."""
+    import contextlib
 
     from clipx.config import load_config
     from clipx.methods import build_model, build_objective
-    from clipx.train.host_memory import retain_freed_host_memory
+    from clipx.models.attention import AttentionKernel
     from clipx.train.optim import build_optimizer
 
-    retain_freed_host_memory()
-    torch.set_num_threads(args.threads)
-    config = load_config(REPO / "configs" / "bench-small.yaml", [f"model.name={args.model.resolve()}",
+    torch.set_num_threads(threads)
+    config = load_config(REPO / "configs" / "bench-small.yaml", [f"model.name={model_path.resolve()}",
                                                                   "data.train=unused"])
     model = build_model(config)
     objective = build_objective(model, config)
     optimizer = build_optimizer(model, config.train)
     arch = config.model.arch
     size, context = arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]
-    batch = {"image": torch.randn(args.batch, 3, size, size),
-             "text": torch.randint(0, arch["text_cfg"]["vocab_size"], (args.batch, context))}
-    phases = {"forward + loss": 0.0, "backward": 0.0, "optimizer step": 0.0, "zero_grad": 0.0}
+    batch = {"image": torch.randn(batch_size, 3, size, size),
+             "text": torch.randint(0, arch["text_cfg"]["vocab_size"], (batch_size, context))}
 
-    def step(timed: bool) -> None:
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    kernel = AttentionKernel("auto")
+    with autocast():
+        kernel.settle(lambda: objective.features(batch), backward=True)
+
+    def step(phases: dict | None = None) -> None:
         marks = [time.perf_counter()]
-        loss = objective(batch)["loss"]
+        with autocast(), kernel.scope():
+            loss = objective(batch)["loss"]
         marks.append(time.perf_counter())
         loss.backward()
         marks.append(time.perf_counter())
@@ -55,20 +59,51 @@ def main() -> None:
         marks.append(time.perf_counter())
         optimizer.zero_grad(set_to_none=True)
         marks.append(time.perf_counter())
-        if timed:
-            for name, start, end in zip(phases, marks, marks[1:]):
-                phases[name] += end - start
+        if phases is not None:
+            for name, start, end in zip(PHASES, marks, marks[1:]):
+                phases[name] = phases.get(name, 0.0) + end - start
 
+    return step, kernel.kernel
+
+
+PHASES = ("forward + loss", "backward", "optimizer step", "zero_grad")
+
+
+def phase_seconds(model_path: Path, batch_size: int, threads: int, precision: str, steps: int = 5) -> dict:
+    """Seconds per step of each phase (compute only: no data loading), after two warm-up steps."""
+    step, kernel = build_step(model_path, batch_size, threads, precision)
     for _ in range(2):
-        step(timed=False)
+        step()
+    phases: dict = {}
+    for _ in range(steps):
+        step(phases)
+    return {"attention_kernel": kernel, "phases": {name: seconds / steps for name, seconds in phases.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "configs" / "models" / "bench-small.json")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    args = parser.parse_args()
+
+    from clipx.train.host_memory import retain_freed_host_memory
+
+    retain_freed_host_memory()
+    step, kernel = build_step(args.model, args.batch, args.threads, args.precision)
+    for _ in range(2):
+        step()
     from torch.profiler import ProfilerActivity, profile
 
+    phases: dict = {}
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(args.steps):
-            step(timed=True)
+            step(phases)
     total = sum(phases.values())
-    print(f"model {args.model.name}, batch {args.batch}, {args.threads} threads, {args.steps} profiled steps: "
-          f"{total / args.steps:.3f} s per step\n")
+    print(f"model {args.model.name}, batch {args.batch}, {args.precision}, attention kernel {kernel}, "
+          f"{args.threads} threads, {args.steps} profiled steps: {total / args.steps:.3f} s per step\n")
     print("| phase | s per step | share |\n|---|---:|---:|")
     for name, seconds in phases.items():
         print(f"| {name} | {seconds / args.steps:.3f} | {seconds / total:.1%} |")

@@ -94,6 +94,8 @@ def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision()
         assert len(ones) == 9, (flavour, ones)
         twos = [c for c in WORLD_TWO if c.name.startswith(flavour + "/")]
         assert {c.name.split("/")[2] for c in twos} >= {"k1", "features2", "naive2"}
+    for world in (WORLD_ONE, WORLD_TWO):  # the unfused attention kernel, forced, with every flavour
+        assert {c.name.split("/")[0] for c in world if c.overrides.get("train.attention") == "math"} == names
 
 
 @pytest.mark.parametrize("flavour", flavours(), ids=[f[0] for f in flavours()])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
+from clipx.data.transforms import RandomResizedCrop, ToNormalizedTensor
+
 
 def view_augmentation(views_cfg, size: int, mean, std, scale: tuple[float, float]):
     """PIL image -> normalised (3, size, size) tensor, one random view of ``scale`` of its area.
@@ -18,13 +20,12 @@ def view_augmentation(views_cfg, size: int, mean, std, scale: tuple[float, float
               else T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s))
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
     return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+        RandomResizedCrop(size, scale=scale),
         T.RandomHorizontalFlip(p=views_cfg.flip_prob),
         T.RandomApply([jitter], p=views_cfg.jitter_prob),
         T.RandomGrayscale(p=views_cfg.grayscale_prob),
         T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=views_cfg.blur_prob),
-        T.ToTensor(),
-        T.Normalize(mean, std),
+        ToNormalizedTensor(mean, std),
     ])
 
 

@@ -8,7 +8,9 @@ a list of config overrides for a seconds-long run on the digits shards.
 Not every product is run: the full objective x accumulation x precision grid runs at world size 1
 on the default tower; every tower runs with every objective it can serve; a cover of the grid
 (every objective, accumulation mode and precision at least once, the MiniLM tower unlocked) runs at
-world size 2, all inside one launch, where every flavour also runs sharded with FSDP.
+world size 2, all inside one launch, where every flavour also runs sharded with FSDP. Every
+combination measures its attention kernel (train.attention=auto), and every flavour also runs in
+bf16 with the unfused kernel forced, on one and on two processes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ PRECISION = {"fp32": {"train.precision": "no"}, "bf16": {"train.precision": "bf1
 
 # How the model is spread over the ranks: DDP replicas, or FSDP2 shards.
 SHARDING = {"ddp": {}, "fsdp": {"train.sharding": "fsdp"}}
+# The attention kernel: train.attention=auto (every other combination) measures, and on these tiny
+# shapes may keep PyTorch's fused kernel; "math" forces the unfused path that bf16 runs pick on
+# the bench model, for every flavour in bf16 on one and on two processes.
+ATTENTION = {"auto": {}, "math": {"train.attention": "math"}}
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -100,12 +106,12 @@ def flavours() -> list[tuple[str, str, dict]]:
 
 
 def _combination(flavour, tower: str, accumulation: str, precision: str, world_size: int = 1,
-                 sharding: str = "ddp") -> Combination:
+                 sharding: str = "ddp", attention: str = "auto") -> Combination:
     name, objective, overrides = flavour
-    suffix = f"/{sharding}" if sharding != "ddp" else ""
+    suffix = (f"/{sharding}" if sharding != "ddp" else "") + (f"/{attention}" if attention != "auto" else "")
     return Combination(f"{name}/{tower}/{accumulation}/{precision}/w{world_size}{suffix}", objective, tower,
                        {**overrides, **TOWERS[tower].overrides, **ACCUMULATION[accumulation], **PRECISION[precision],
-                        **SHARDING[sharding]}, world_size)
+                        **SHARDING[sharding], **ATTENTION[attention]}, world_size)
 
 
 def _serves(tower: str, objective: str) -> bool:
@@ -126,7 +132,8 @@ def world_one() -> list[Combination]:
                 precision = next(precisions)
             towers.append(_combination(flavour, tower, "k1", precision))
     sharded = [_combination(f, "vit", "k1", "fp32", sharding="fsdp") for f in flavours()]  # FSDP's group of one
-    return grid + towers + sharded
+    math = [_combination(f, "vit", "k1", "bf16", attention="math") for f in flavours()]
+    return grid + towers + sharded + math
 
 
 def world_two() -> list[Combination]:
@@ -137,7 +144,8 @@ def world_two() -> list[Combination]:
     for index, flavour in enumerate(flavours()):
         for shift, accumulation in enumerate(ACCUMULATION):
             precision = list(PRECISION)[(index + shift) % len(PRECISION)]
-            out.append(_combination(flavour, "vit", accumulation, precision, world_size=2))
+            out.append(_combination(flavour, "vit", accumulation, precision, world_size=2,
+                                    attention="math" if precision == "bf16" else "auto"))
     image_text = [f for f in flavours() if is_image_text(f[1])]
     out += [_combination(image_text[0], tower, "k1", "fp32", world_size=2)
             for tower in ("minilm_unlocked", "lit_minilm", "modified_resnet_locked")]

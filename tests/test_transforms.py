@@ -59,3 +59,18 @@ def test_a_crop_depends_only_on_the_generator_state():
     first = np.array(crop(image))
     torch.manual_seed(7)
     assert np.array_equal(first, np.array(crop(image))) and first.shape == (32, 32, 3)
+
+
+def test_the_views_blur_is_a_whole_gaussian_drawn_per_sample():
+    from PIL import ImageFilter
+
+    from clipx.ssl.views import RandomGaussianBlur
+
+    image = _image(32, 32)
+    assert RandomGaussianBlur(p=0.0)(image) is image
+    torch.manual_seed(3)
+    blurred = np.asarray(RandomGaussianBlur(p=1.0, sigma=(2.0, 2.0))(image), dtype=np.float32)
+    expected = np.asarray(image.filter(ImageFilter.GaussianBlur(2.0)), dtype=np.float32)
+    assert np.array_equal(blurred, expected)
+    # A sigma of 2 px spreads a pixel well beyond a 3-tap kernel: noise is mostly smoothed away.
+    assert blurred.std() < 0.5 * np.asarray(image, dtype=np.float32).std()

@@ -384,7 +384,7 @@ def main() -> None:
                                            / by_precision["fp32"]["train"]["clipx_samples_per_second"])
     if not args.skip_ablations:
         print("ablations", file=sys.stderr)
-        results["ablations"] = ablations(args, shards, train["clipx_samples_per_second"])
+        results["ablations"] = ablations(args, shards, results["train"]["clipx_samples_per_second"])
     print("evaluators against CLIP_benchmark", file=sys.stderr)
     results["eval"] = evaluators(args, shards)
     if not args.skip_scaling:

@@ -54,7 +54,7 @@ def markdown(results: dict) -> str:
               for row in results["loader"]]
     if results.get("ablations"):
         a = results["ablations"]
-        lines += ["", "| clipx variant | samples/s (median) | first step s |", "|---|---:|---:|"]
+        lines += ["", f"| clipx variant ({s['precision']}) | samples/s (median) | first step s |", "|---|---:|---:|"]
         lines += [f"| {name} | {row['samples_per_second']:.1f} | "
                   f"{row['first_step_seconds']:.1f} |" if "first_step_seconds" in row else
                   f"| {name} | {row['samples_per_second']:.1f} | |" for name, row in a["clipx"].items()]

@@ -12,17 +12,21 @@ import torch
 import torch.nn as nn
 
 from clipx.errors import ClipxError
+from clipx.models.fused_attention import fuse_self_attention_
 
 
 def build_open_clip_vision(arch: dict) -> nn.Module:
-    """open_clip's vision tower (ViT, ModifiedResNet or timm) for an architecture dict. images (B, 3, H, W) -> (B, E)."""
+    """open_clip's vision tower (ViT, ModifiedResNet or timm) for an architecture dict. images (B, 3, H, W) -> (B, E).
+
+    Its self-attention runs through ``FusedSelfAttention`` (same parameters, fewer copies)."""
     from open_clip.model import _build_vision_tower
 
-    return _build_vision_tower(arch["embed_dim"], arch["vision_cfg"], quick_gelu=arch.get("quick_gelu", False))
+    tower = _build_vision_tower(arch["embed_dim"], arch["vision_cfg"], quick_gelu=arch.get("quick_gelu", False))
+    return fuse_self_attention_(tower)
 
 
 def build_open_clip_text(arch: dict) -> nn.Module:
-    """open_clip's text transformer for an architecture dict. tokens (B, L) -> (B, E)."""
+    """open_clip's text transformer for an architecture dict, with ``FusedSelfAttention``. tokens (B, L) -> (B, E)."""
     from open_clip.model import _build_text_tower
 
     if arch["text_cfg"].get("hf_model_name"):
@@ -30,7 +34,8 @@ def build_open_clip_text(arch: dict) -> nn.Module:
             "this open_clip architecture uses a Hugging Face text model; set model.text_tower=hf and "
             "model.hf_text_path to a local copy of it"
         )
-    return _build_text_tower(arch["embed_dim"], arch["text_cfg"], quick_gelu=arch.get("quick_gelu", False))
+    tower = _build_text_tower(arch["embed_dim"], arch["text_cfg"], quick_gelu=arch.get("quick_gelu", False))
+    return fuse_self_attention_(tower)
 
 
 class HFTextTower(nn.Module):

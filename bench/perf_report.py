@@ -28,7 +28,12 @@ def markdown(results: dict) -> str:
     for precision, row in by_precision.items():
         lines.append(f"- **{precision}: clipx / open_clip = {row['train']['ratio']:.3f}**")
     if "clipx_bf16_over_fp32" in results:
-        lines.append(f"- **clipx bf16 / clipx fp32 = {results['clipx_bf16_over_fp32']:.3f}** (end to end, loader included)")
+        lines.append(f"- **clipx bf16 / clipx fp32 = {results['clipx_bf16_over_fp32']:.3f}** (end to end, loader included; "
+                     "these 20-step runs, which train.compile=auto leaves eager)")
+    if "clipx_bf16_long_run_over_fp32" in results:
+        lines.append(f"- **clipx bf16 compiled / clipx fp32 = {results['clipx_bf16_long_run_over_fp32']:.3f}** "
+                     "(end to end; what train.compile=auto runs for bf16 runs of >= 1,000 steps, against fp32, "
+                     "which it leaves eager; steady state, compile time in the variants table)")
     flops = next(iter(by_precision.values()))["flops"]["model_flops_per_sample"]
     rates = ", ".join(f"{p} {row['flops']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s" for p, row in by_precision.items())
     lines += ["", f"Model FLOPs per sample (forward + backward, both towers): {flops / 1e9:.3f} GFLOP. "
@@ -48,16 +53,24 @@ def markdown(results: dict) -> str:
                          f"{1e3 * max(b['end_to_end_step_seconds'] - compute, 0.0):.0f} | "
                          f"{1e3 * b['end_to_end_step_seconds']:.0f} |")
         lines.append("")
+        fused = {p: b["step_seconds_median"] for p, b in breakdowns.items() if "step_seconds_median" in b}
+        if fused:
+            lines += ["The compute-only step with clipx's `FusedSelfAttention` against open_clip's "
+                      "`nn.MultiheadAttention` (the same weights; the two alternating, medians):", "",
+                      "| precision | nn.MultiheadAttention, ms | FusedSelfAttention, ms | speed-up |", "|---|---:|---:|---:|"]
+            lines += [f"| {p} | {1e3 * t['mha']:.0f} | {1e3 * t['fused']:.0f} | {t['mha'] / t['fused']:.2f}x |"
+                      for p, t in fused.items()]
+            lines.append("")
     lines += [
         "| clipx loader alone (decode, augment, tokenize) | samples/s | per worker |", "|---|---:|---:|"]
     lines += [f"| {row['workers']} worker(s) | {row['samples_per_second']:.0f} | {row['per_worker']:.0f} |"
               for row in results["loader"]]
     if results.get("ablations"):
         a = results["ablations"]
-        lines += ["", f"| clipx variant ({s['precision']}) | samples/s (median) | first step s |", "|---|---:|---:|"]
-        lines += [f"| {name} | {row['samples_per_second']:.1f} | "
-                  f"{row['first_step_seconds']:.1f} |" if "first_step_seconds" in row else
-                  f"| {name} | {row['samples_per_second']:.1f} | |" for name, row in a["clipx"].items()]
+        lines += ["", "| clipx variant | precision | samples/s (median) | first step s |", "|---|---|---:|---:|"]
+        lines += [f"| {name} | {row.get('precision', s['precision'])} | {row['samples_per_second']:.1f} | "
+                  + (f"{row['first_step_seconds']:.1f} |" if "first_step_seconds" in row else " |")
+                  for name, row in a["clipx"].items()]
         lines += ["", "| AdamW implementation | ms per step (benchmark model) |", "|---|---:|"]
         lines += [f"| {name} | {ms:.1f} |" for name, ms in a["adamw_step_ms"].items()]
     if results.get("eval"):

@@ -9,6 +9,8 @@ are timed separately (forward, backward, optimizer step, zero_grad) over a few s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,12 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_step(model_path: Path, batch_size: int, threads: int, precision: str):
+def build_step(model_path: Path, batch_size: int, threads: int, precision: str, fused_attention: bool = True):
     """clipx's training step on random inputs of the benchmark's shapes, as ``step(phases)``: forward
     with the loss under autocast (bf16) and the run's attention kernel (measured as train.attention=auto
-    measures it), backward, fused AdamW, zero_grad; ``phases`` (a dict) accumulates each phase's seconds."""
-    import contextlib
-
+    measures it), backward, fused AdamW, zero_grad; ``phases`` (a dict) accumulates each phase's seconds.
+    ``fused_attention=False``: the towers keep open_clip's nn.MultiheadAttention (for the comparison)."""
     from clipx.config import load_config
     from clipx.methods import build_model, build_objective
     from clipx.models.attention import AttentionKernel
@@ -33,7 +34,8 @@ def build_step(model_path: Path, batch_size: int, threads: int, precision: str):
     torch.set_num_threads(threads)
     config = load_config(REPO / "configs" / "bench-small.yaml", [f"model.name={model_path.resolve()}",
                                                                   "data.train=unused"])
-    model = build_model(config)
+    with contextlib.nullcontext() if fused_attention else unfused_attention():
+        model = build_model(config)
     objective = build_objective(model, config)
     optimizer = build_optimizer(model, config.train)
     arch = config.model.arch
@@ -69,15 +71,37 @@ def build_step(model_path: Path, batch_size: int, threads: int, precision: str):
 PHASES = ("forward + loss", "backward", "optimizer step", "zero_grad")
 
 
+@contextlib.contextmanager
+def unfused_attention():
+    """Towers built inside keep open_clip's nn.MultiheadAttention (towers.py's swap made a no-op)."""
+    from clipx.models import towers
+
+    swap = towers.fuse_self_attention_
+    towers.fuse_self_attention_ = lambda tower: tower
+    try:
+        yield
+    finally:
+        towers.fuse_self_attention_ = swap
+
+
 def phase_seconds(model_path: Path, batch_size: int, threads: int, precision: str, steps: int = 5) -> dict:
-    """Seconds per step of each phase (compute only: no data loading), after two warm-up steps."""
+    """Seconds per step of each phase (compute only: no data loading), after two warm-up steps; and
+    the whole step with open_clip's nn.MultiheadAttention instead of FusedSelfAttention, the two
+    steps alternating (medians)."""
     step, kernel = build_step(model_path, batch_size, threads, precision)
+    unfused, _ = build_step(model_path, batch_size, threads, precision, fused_attention=False)
     for _ in range(2):
         step()
+        unfused()
     phases: dict = {}
+    whole: dict = {"fused": [], "mha": []}
     for _ in range(steps):
-        step(phases)
-    return {"attention_kernel": kernel, "phases": {name: seconds / steps for name, seconds in phases.items()}}
+        for name, run in (("fused", step), ("mha", unfused)):
+            start = time.perf_counter()
+            run(phases if name == "fused" else None)
+            whole[name].append(time.perf_counter() - start)
+    return {"attention_kernel": kernel, "phases": {name: seconds / steps for name, seconds in phases.items()},
+            "step_seconds_median": {name: statistics.median(times) for name, times in whole.items()}}
 
 
 def main() -> None:

@@ -62,8 +62,20 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
-        return coerce(key, value, hint)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # several types (e.g. bool or "auto"): the first that takes the value
+            try:
+                return coerce(key, value, option)
+            except ClipxError:
+                pass
+        try:
+            return coerce(key, value, options[-1])
+        except ClipxError:
+            if len(options) == 1:
+                raise
+        choices = [", ".join(map(str, typing.get_args(o))) if typing.get_origin(o) is Literal
+                   else getattr(o, "__name__", str(o)) for o in options]
+        raise ClipxError(f"config key '{key}' expects {' or '.join(choices)}; got {value!r}") from None
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):

@@ -44,11 +44,34 @@ def test_unknown_section_is_rejected():
     ("loss.gather=both", "one of none, global, local"),
     ("train.precision=fp8", "one of no, bf16, fp16"),
     ("model.name=ViT-Q-99", "unknown open_clip architecture"),
+    ("train.compile=sometimes", "expects bool or auto"),
 ])
 def test_bad_values_give_one_line_errors(override, message):
     with pytest.raises(ClipxError, match=message) as info:
         load_config(DEMO, [override])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("auto", "auto")])
+def test_a_key_of_two_types_takes_either(value, expected):
+    assert load_config(DEMO, [f"train.compile={value}"]).train.compile == expected
+
+
+@pytest.mark.parametrize("overrides, steps, expected", [
+    ({}, 5000, False),  # the default is auto, and auto leaves fp32 eager
+    ({"train.precision": "bf16"}, 5000, True),
+    ({"train.precision": "bf16"}, 999, False),  # too short to repay compilation
+    ({"train.precision": "bf16", "train.sharding": "fsdp"}, 5000, False),
+    ({"train.precision": "fp16"}, 5000, False),
+    ({"train.compile": True}, 3, True),  # asked for: always
+    ({"train.compile": False, "train.precision": "bf16"}, 5000, False),
+])
+def test_compile_auto_compiles_long_bf16_runs_only(overrides, steps, expected):
+    from clipx.train.build import compile_choice
+
+    config = load_config(DEMO, [f"{key}={value}" for key, value in overrides.items()])
+    compiled, why = compile_choice(config.train, steps)
+    assert compiled is expected and why
 
 
 FLAT_SSL_YAML = """\

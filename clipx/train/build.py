@@ -51,6 +51,7 @@ class Trainer:
     # False when the caller formed the process group before the run (a script training several
     # runs in one torchrun): then the run must leave the group alive for the caller.
     owns_process_group: bool = True
+    compiled: bool = False  # torch.compile wraps the model (train.compile, or auto's choice)
 
     def stateful(self) -> Stateful:
         """What checkpoints save and restore besides the counters."""
@@ -63,6 +64,26 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     if train_cfg.steps is not None:
         return train_cfg.steps
     return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
+
+
+# train.compile=auto compiles bf16 runs of at least this many steps. On the benchmark model (CPU,
+# bf16) compiling took 30-40 s and saved about 70 ms of a 430 ms step, paying back after 500-650
+# steps; fp32 steps gained nothing measurable (BENCHMARKS.md). The threshold leaves a margin for
+# models whose compile time grows faster than their step time.
+COMPILE_AUTO_MIN_STEPS = 1000
+
+
+def compile_choice(train_cfg, total: int) -> tuple[bool, str]:
+    """Whether to torch.compile the model, and why (train.compile true, false or auto)."""
+    if train_cfg.compile is not True and train_cfg.compile is not False:  # "auto"
+        if train_cfg.precision != "bf16":
+            return False, f"auto: compiling was not measured to pay at precision {train_cfg.precision!r}"
+        if train_cfg.sharding == "fsdp":
+            return False, "auto: not combined with train.sharding=fsdp"
+        if total < COMPILE_AUTO_MIN_STEPS:
+            return False, f"auto: {total} steps < {COMPILE_AUTO_MIN_STEPS}, too short to repay compilation"
+        return True, f"auto: bf16, {total} steps >= {COMPILE_AUTO_MIN_STEPS}"
+    return bool(train_cfg.compile), f"train.compile={str(train_cfg.compile).lower()}"
 
 
 def retime_epoch_run(trainer: "Trainer", batches_done: int) -> None:
@@ -141,14 +162,19 @@ def build_trainer(config: Config) -> Trainer:
             autocast_forward(model, accelerator)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    if tcfg.compile:
+    compiled, why = compile_choice(tcfg, steps)
+    if compiled:
+        if tcfg.compile == "auto":  # chosen for speed, not asked for: a graph dynamo cannot take runs eagerly
+            torch._dynamo.config.suppress_errors = True
         # Compile the DDP-wrapped model: torch.compile then splits graphs at DDP's gradient buckets so
         # communication still overlaps backward. The first step includes compilation.
         model = torch.compile(model)
+    if tcfg.compile == "auto" and accelerator.is_main_process:
+        print(f"torch.compile: {'on' if compiled else 'off'} ({why})")
     objective = method.objective(model, config)
     log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process, wandb_project=tcfg.wandb_project,
                      config=config_to_dict(config))
     guard = UpdateGuard(tcfg.max_nonfinite_steps, tcfg.loss_spike_factor, tcfg.loss_spike_warmup)
     keys_log = SampleKeysLog(tcfg.output_dir, accelerator.process_index) if tcfg.log_sample_keys else None
     return Trainer(config, method, accelerator, model, objective, optimizer, scheduler, stream, steps, log,
-                   guard, keys_log, AttentionKernel(tcfg.attention), owns_process_group)
+                   guard, keys_log, AttentionKernel(tcfg.attention), owns_process_group, compiled)

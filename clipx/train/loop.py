@@ -272,6 +272,7 @@ def run_summary(trainer: Trainer, state: TrainerState, clock: Throughput, record
         "world_size": trainer.accelerator.num_processes,
         "first_step_seconds": record.first_step_seconds,
         "attention_kernel": trainer.attention.kernel,
+        "compiled": trainer.compiled,
         "preempted": record.preempted,
         "nonfinite_steps": trainer.guard.nonfinite,
         "loss_spike_steps": trainer.guard.spikes,

@@ -57,7 +57,7 @@ def check_sharding(train_cfg, device_type: str) -> None:
     if train_cfg.fsdp_cpu_offload and device_type == "cpu":
         raise ClipxError("train.fsdp_cpu_offload keeps shards in host memory between uses on GPUs; on CPU "
                          "processes they are there already: drop it")
-    if train_cfg.sharding == "fsdp" and train_cfg.compile:
+    if train_cfg.sharding == "fsdp" and train_cfg.compile is True:  # "auto" leaves sharded runs uncompiled
         raise ClipxError("train.compile is not supported with train.sharding=fsdp yet; drop one of them")
 
 

@@ -10,7 +10,8 @@ on the default tower; every tower runs with every objective it can serve; a cove
 (every objective, accumulation mode and precision at least once, the MiniLM tower unlocked) runs at
 world size 2, all inside one launch, where every flavour also runs sharded with FSDP. Every
 combination measures its attention kernel (train.attention=auto), and every flavour also runs in
-bf16 with the unfused kernel forced, on one and on two processes.
+bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
+flavour also run torch.compile'd in bf16, on one process and (image-text) on two.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ SHARDING = {"ddp": {}, "fsdp": {"train.sharding": "fsdp"}}
 # shapes may keep PyTorch's fused kernel; "math" forces the unfused path that bf16 runs pick on
 # the bench model, for every flavour in bf16 on one and on two processes.
 ATTENTION = {"auto": {}, "math": {"train.attention": "math"}}
+# torch.compile: train.compile=auto leaves these 3-step runs eager; "compiled" forces it, for one
+# image-text and one image-only flavour in bf16 (what auto compiles) on one and on two processes.
+COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -106,12 +110,19 @@ def flavours() -> list[tuple[str, str, dict]]:
 
 
 def _combination(flavour, tower: str, accumulation: str, precision: str, world_size: int = 1,
-                 sharding: str = "ddp", attention: str = "auto") -> Combination:
+                 sharding: str = "ddp", attention: str = "auto", compile: str = "eager") -> Combination:
     name, objective, overrides = flavour
-    suffix = (f"/{sharding}" if sharding != "ddp" else "") + (f"/{attention}" if attention != "auto" else "")
+    suffix = "".join(f"/{value}" for value, default in ((sharding, "ddp"), (attention, "auto"), (compile, "eager"))
+                     if value != default)
     return Combination(f"{name}/{tower}/{accumulation}/{precision}/w{world_size}{suffix}", objective, tower,
                        {**overrides, **TOWERS[tower].overrides, **ACCUMULATION[accumulation], **PRECISION[precision],
-                        **SHARDING[sharding], **ATTENTION[attention]}, world_size)
+                        **SHARDING[sharding], **ATTENTION[attention], **COMPILE[compile]}, world_size)
+
+
+def compiled_cover() -> list[tuple[str, str, dict]]:
+    """The flavours the matrix also runs compiled: the first image-text one and the first image-only one."""
+    kinds = [[f for f in flavours() if is_image_text(f[1]) == image_text] for image_text in (True, False)]
+    return [kind[0] for kind in kinds if kind]
 
 
 def _serves(tower: str, objective: str) -> bool:
@@ -133,7 +144,8 @@ def world_one() -> list[Combination]:
             towers.append(_combination(flavour, tower, "k1", precision))
     sharded = [_combination(f, "vit", "k1", "fp32", sharding="fsdp") for f in flavours()]  # FSDP's group of one
     math = [_combination(f, "vit", "k1", "bf16", attention="math") for f in flavours()]
-    return grid + towers + sharded + math
+    compiled = [_combination(f, "vit", "k1", "bf16", compile="compiled") for f in compiled_cover()]
+    return grid + towers + sharded + math + compiled
 
 
 def world_two() -> list[Combination]:
@@ -156,4 +168,5 @@ def world_two() -> list[Combination]:
             for f in flavours()]
     out += [_combination(image_text[0], tower, "k1", "fp32", world_size=2, sharding="fsdp")
             for tower in ("vit_locked", "minilm_partly_unlocked")]
+    out += [_combination(f, "vit", "k1", "bf16", world_size=2, compile="compiled") for f in compiled_cover()[:1]]
     return out

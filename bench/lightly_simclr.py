@@ -1,4 +1,4 @@
-"""clipx SimCLR against lightly's SimCLR: same encoder, data, batch, steps and augmentations, one run.
+"""clipx SimCLR against lightly's SimCLR: same encoder, data, batch, steps and augmentations, several seeds.
 
     bash bench/lightly_env.sh            # lightly into runs/bench/lightly-site, outside clipx's venv
     PYTHONPATH=runs/bench/lightly-site .venv/bin/python bench/lightly_simclr.py --steps 300
@@ -6,9 +6,10 @@
 Both sides train the tiny ViT of configs/simclr-digits.yaml (open_clip vision tower, 32 px) with a
 BatchNorm MLP head, AdamW and the same warmup-cosine schedule, on the digits training shards, then
 are scored by the same kNN probe, for each of several seeds (one seed's kNN top-1 on 360 test
-images moves by about a point from seed to seed, more than the gap being measured). clipx runs its own pipeline (webdataset shards, its loop); lightly
-runs its documented recipe: SimCLRTransform, SimCLRProjectionHead and NTXentLoss in a plain PyTorch
-loop over a map-style dataset of the same decoded images. Prints a Markdown table and writes JSON.
+images moves by about a point from seed to seed, more than the gap being measured). clipx runs its
+own pipeline (webdataset shards, its loop); lightly runs its documented recipe: SimCLRTransform,
+SimCLRProjectionHead and NTXentLoss in a plain PyTorch loop over a map-style dataset of the same
+decoded images. Prints a Markdown table (per seed, mean kNN, median samples/s) and writes JSON.
 """
 
 from __future__ import annotations

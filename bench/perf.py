@@ -164,7 +164,7 @@ def steady_rate(per_step_rates: list[float], batch: int) -> float:
 
 
 # The ablation row of a bf16 run compiled as train.compile=auto compiles long bf16 runs.
-COMPILED = "with torch.compile (train.compile=true; what auto picks for bf16 runs of >= 1,000 steps)"
+COMPILED = "with torch.compile (train.compile=true; what auto picks for bf16 runs of >= 2,000 steps)"
 
 # Each trainer's name for the same numerics.
 CLIPX_PRECISION = {"fp32": "no", "bf16": "bf16"}

@@ -32,7 +32,7 @@ def markdown(results: dict) -> str:
                      "these 20-step runs, which train.compile=auto leaves eager)")
     if "clipx_bf16_long_run_over_fp32" in results:
         lines.append(f"- **clipx bf16 compiled / clipx fp32 = {results['clipx_bf16_long_run_over_fp32']:.3f}** "
-                     "(end to end; what train.compile=auto runs for bf16 runs of >= 1,000 steps, against fp32, "
+                     "(end to end; what train.compile=auto runs for bf16 runs of >= 2,000 steps, against fp32, "
                      "which it leaves eager; steady state, compile time in the variants table)")
     flops = next(iter(by_precision.values()))["flops"]["model_flops_per_sample"]
     rates = ", ".join(f"{p} {row['flops']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s" for p, row in by_precision.items())

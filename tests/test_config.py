@@ -60,7 +60,7 @@ def test_a_key_of_two_types_takes_either(value, expected):
 @pytest.mark.parametrize("overrides, steps, expected", [
     ({}, 5000, False),  # the default is auto, and auto leaves fp32 eager
     ({"train.precision": "bf16"}, 5000, True),
-    ({"train.precision": "bf16"}, 999, False),  # too short to repay compilation
+    ({"train.precision": "bf16"}, 1999, False),  # too short to repay compilation
     ({"train.precision": "bf16", "train.sharding": "fsdp"}, 5000, False),
     ({"train.precision": "fp16"}, 5000, False),
     ({"train.compile": True}, 3, True),  # asked for: always

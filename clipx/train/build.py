@@ -67,10 +67,10 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
 
 
 # train.compile=auto compiles bf16 runs of at least this many steps. On the benchmark model (CPU,
-# bf16) compiling took 30-40 s and saved about 70 ms of a 430 ms step, paying back after 500-650
-# steps; fp32 steps gained nothing measurable (BENCHMARKS.md). The threshold leaves a margin for
+# bf16) compiling took about 40 s and saved about 40 ms of a 408 ms step, paying back after about
+# 1,000 steps; fp32 steps got slower (BENCHMARKS.md). Twice the break-even leaves a margin for
 # models whose compile time grows faster than their step time.
-COMPILE_AUTO_MIN_STEPS = 1000
+COMPILE_AUTO_MIN_STEPS = 2000
 
 
 def compile_choice(train_cfg, total: int) -> tuple[bool, str]:

@@ -63,6 +63,13 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
+    # FLIP (Li et al. 2023): every training forward drops this fraction of the image patches at
+    # random (the class token stays), so the image tower runs on fewer tokens; evaluation sees them
+    # all. 0 disables. open_clip ViT image towers only.
+    patch_dropout: float = 0.0
+    # FLIP's unmasked tuning: the last N optimizer steps of the run train on every patch, closing
+    # the gap between masked training and unmasked evaluation.
+    patch_dropout_unmasked_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -358,6 +365,10 @@ def validate(config: Config) -> None:
         raise ClipxError(f"data.max_skip_fraction must be in [0, 1] (or null); got {config.data.max_skip_fraction}")
     if t.loss_spike_factor is not None and not t.loss_spike_factor > 1.0:
         raise ClipxError(f"train.loss_spike_factor must be above 1 (or null); got {t.loss_spike_factor}")
+    if not 0.0 <= config.model.patch_dropout < 1.0:
+        raise ClipxError(f"model.patch_dropout must be in [0, 1); got {config.model.patch_dropout}")
+    if config.model.patch_dropout_unmasked_steps < 0:
+        raise ClipxError("model.patch_dropout_unmasked_steps must not be negative")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
     _validate_ssl(config)

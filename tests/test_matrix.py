@@ -20,7 +20,7 @@ import torch
 from clipx.errors import ClipxError
 from tests.distributed.launch import torchrun
 from tests.matrix import exactness
-from tests.matrix.combos import TOWERS, flavours, world_one, world_two
+from tests.matrix.combos import RECIPES, TOWERS, flavours, is_image_text, world_one, world_two
 from tests.matrix.runner import base_overrides, run_combination
 
 WORLD_ONE = world_one()
@@ -96,6 +96,10 @@ def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision()
         assert {c.name.split("/")[2] for c in twos} >= {"k1", "features2", "naive2"}
     for world in (WORLD_ONE, WORLD_TWO):  # the unfused attention kernel, forced, with every flavour
         assert {c.name.split("/")[0] for c in world if c.overrides.get("train.attention") == "math"} == names
+    for recipe in set(RECIPES) - {"plain"}:  # option recipes: every flavour on one process, both kinds on two
+        assert {c.name.split("/")[0] for c in WORLD_ONE if c.name.endswith("/" + recipe)} == names
+        assert {is_image_text(c.objective) for c in WORLD_TWO if c.name.endswith("/" + recipe)} == {True, False}
+    assert any(c.overrides.get("train.compile") is True for c in WORLD_TWO)
 
 
 @pytest.mark.parametrize("flavour", flavours(), ids=[f[0] for f in flavours()])

@@ -9,7 +9,7 @@ from clipx.models.towers import HFTextTower, build_open_clip_text, build_open_cl
 
 def create_model(cfg: ModelConfig) -> DualEncoder:
     """Build towers as the config says; weights are random (checkpoints are loaded separately)."""
-    visual = build_open_clip_vision(cfg.arch)
+    visual = build_open_clip_vision(cfg.arch, cfg.patch_dropout)
     if cfg.text_tower == "hf":
         text = HFTextTower(cfg.hf_text_path, cfg.arch["embed_dim"], cfg.hf_pooling)
     else:

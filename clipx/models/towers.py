@@ -15,13 +15,19 @@ from clipx.errors import ClipxError
 from clipx.models.fused_attention import fuse_self_attention_
 
 
-def build_open_clip_vision(arch: dict) -> nn.Module:
+def build_open_clip_vision(arch: dict, patch_dropout: float = 0.0) -> nn.Module:
     """open_clip's vision tower (ViT, ModifiedResNet or timm) for an architecture dict. images (B, 3, H, W) -> (B, E).
 
-    Its self-attention runs through ``FusedSelfAttention`` (same parameters, fewer copies)."""
+    Its self-attention runs through ``FusedSelfAttention`` (same parameters, fewer copies).
+    ``patch_dropout`` (model.patch_dropout): the fraction of patches a ViT drops in training, through
+    open_clip's own PatchDropout; the architecture dict (and so an export) is left without it."""
     from open_clip.model import _build_vision_tower
+    from open_clip.transformer import VisionTransformer
 
-    tower = _build_vision_tower(arch["embed_dim"], arch["vision_cfg"], quick_gelu=arch.get("quick_gelu", False))
+    vision_cfg = {**arch["vision_cfg"], "patch_dropout": patch_dropout} if patch_dropout else arch["vision_cfg"]
+    tower = _build_vision_tower(arch["embed_dim"], vision_cfg, quick_gelu=arch.get("quick_gelu", False))
+    if patch_dropout and not isinstance(tower, VisionTransformer):
+        raise ClipxError(f"model.patch_dropout drops ViT patches; this image tower is a {type(tower).__name__}")
     return fuse_self_attention_(tower)
 
 

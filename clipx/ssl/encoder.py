@@ -105,7 +105,9 @@ def create_image_encoder(model_cfg, ssl_cfg) -> ImageEncoder:
     from clipx.models.towers import build_open_clip_vision
 
     if ssl_cfg.encoder == "open_clip":
-        backbone, width = build_open_clip_vision(model_cfg.arch), model_cfg.arch["embed_dim"]
+        backbone, width = build_open_clip_vision(model_cfg.arch, model_cfg.patch_dropout), model_cfg.arch["embed_dim"]
     else:
+        if model_cfg.patch_dropout:
+            raise ClipxError(f"model.patch_dropout drops ViT patches; ssl.encoder {ssl_cfg.encoder} is a ResNet")
         backbone, width = torchvision_resnet(ssl_cfg.encoder, image_size(model_cfg))
     return ImageEncoder(backbone, width, ssl_cfg.head_hidden, ssl_cfg.head_out)

@@ -19,6 +19,7 @@ from clipx.errors import ClipxError
 from clipx.methods import Method, Objective, method_of
 from clipx.models.attention import AttentionKernel
 from clipx.models.lock import lock_towers
+from clipx.models.patch_dropout import PatchDropoutSchedule
 from clipx.models.pretrained import init_from_pretrained
 from clipx.templates import load_templates
 from clipx.train.checkpoint import Stateful
@@ -52,6 +53,7 @@ class Trainer:
     # runs in one torchrun): then the run must leave the group alive for the caller.
     owns_process_group: bool = True
     compiled: bool = False  # torch.compile wraps the model (train.compile, or auto's choice)
+    patch_dropout: PatchDropoutSchedule | None = None  # FLIP's unmasked tuning at the end of the run
 
     def stateful(self) -> Stateful:
         """What checkpoints save and restore besides the counters."""
@@ -176,5 +178,8 @@ def build_trainer(config: Config) -> Trainer:
                      config=config_to_dict(config))
     guard = UpdateGuard(tcfg.max_nonfinite_steps, tcfg.loss_spike_factor, tcfg.loss_spike_warmup)
     keys_log = SampleKeysLog(tcfg.output_dir, accelerator.process_index) if tcfg.log_sample_keys else None
+    m = config.model
+    patch_dropout = (PatchDropoutSchedule(unwrap(model), m.patch_dropout, m.patch_dropout_unmasked_steps)
+                     if m.patch_dropout and m.patch_dropout_unmasked_steps else None)
     return Trainer(config, method, accelerator, model, objective, optimizer, scheduler, stream, steps, log,
-                   guard, keys_log, AttentionKernel(tcfg.attention), owns_process_group, compiled)
+                   guard, keys_log, AttentionKernel(tcfg.attention), owns_process_group, compiled, patch_dropout)

@@ -7,6 +7,7 @@ Everything it works with is built once by clipx.train.build.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -116,6 +117,8 @@ def run_loop(trainer: Trainer, state: TrainerState, stop: StopRequest) -> dict:
         while state.step < trainer.total_steps and not record.preempted:
             started = time.perf_counter()
             epoch, micro_batches = fetch(trainer, batches, state.step + 1)
+            if trainer.patch_dropout is not None:
+                trainer.patch_dropout.before_step(state.step + 1, trainer.total_steps)
             out = train_step(trainer, micro_batches, state.step + 1)
             state.step, state.batches, state.epoch = state.step + 1, state.batches + len(micro_batches), epoch
             bar.update(1)
@@ -200,7 +203,8 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
 def settle_attention(trainer: Trainer, batch: dict, buffers: BufferSnapshot) -> None:
     """train.attention=auto: choose the attention kernel with the attention calls of one forward
     pass over ``batch``, leaving no trace of that pass (statistics, staged queue entries, RNG)."""
-    trainer.attention.settle(lambda: trainer.objective.features(batch), backward=True)
+    with trainer.patch_dropout.masked() if trainer.patch_dropout is not None else contextlib.nullcontext():
+        trainer.attention.settle(lambda: trainer.objective.features(batch), backward=True)
     buffers.restore()
     trainer.objective.drop_staged()
     trainer.accelerator.print(trainer.attention.describe())

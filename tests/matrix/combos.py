@@ -11,7 +11,9 @@ on the default tower; every tower runs with every objective it can serve; a cove
 world size 2, all inside one launch, where every flavour also runs sharded with FSDP. Every
 combination measures its attention kernel (train.attention=auto), and every flavour also runs in
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
-flavour also run torch.compile'd in bf16, on one process and (image-text) on two.
+flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
+options (RECIPES: patch dropout) run with every flavour on one process and with an image-text and
+an image-only flavour on two.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ ATTENTION = {"auto": {}, "math": {"train.attention": "math"}}
 # torch.compile: train.compile=auto leaves these 3-step runs eager; "compiled" forces it, for one
 # image-text and one image-only flavour in bf16 (what auto compiles) on one and on two processes.
 COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
+# Training recipes that are options rather than objectives, each run with every flavour on one
+# process and with an image-text and an image-only flavour on two. Patch dropout's unmasked tuning
+# covers the last of the 3 steps, so the resume from step 2 crosses the switch.
+RECIPES = {"plain": {},
+           "patch_dropout": {"model.patch_dropout": 0.5, "model.patch_dropout_unmasked_steps": 1}}
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -110,13 +117,15 @@ def flavours() -> list[tuple[str, str, dict]]:
 
 
 def _combination(flavour, tower: str, accumulation: str, precision: str, world_size: int = 1,
-                 sharding: str = "ddp", attention: str = "auto", compile: str = "eager") -> Combination:
+                 sharding: str = "ddp", attention: str = "auto", compile: str = "eager",
+                 recipe: str = "plain") -> Combination:
     name, objective, overrides = flavour
-    suffix = "".join(f"/{value}" for value, default in ((sharding, "ddp"), (attention, "auto"), (compile, "eager"))
-                     if value != default)
+    suffix = "".join(f"/{value}" for value, default in ((sharding, "ddp"), (attention, "auto"), (compile, "eager"),
+                                                        (recipe, "plain")) if value != default)
     return Combination(f"{name}/{tower}/{accumulation}/{precision}/w{world_size}{suffix}", objective, tower,
                        {**overrides, **TOWERS[tower].overrides, **ACCUMULATION[accumulation], **PRECISION[precision],
-                        **SHARDING[sharding], **ATTENTION[attention], **COMPILE[compile]}, world_size)
+                        **SHARDING[sharding], **ATTENTION[attention], **COMPILE[compile], **RECIPES[recipe]},
+                       world_size)
 
 
 def compiled_cover() -> list[tuple[str, str, dict]]:
@@ -145,7 +154,10 @@ def world_one() -> list[Combination]:
     sharded = [_combination(f, "vit", "k1", "fp32", sharding="fsdp") for f in flavours()]  # FSDP's group of one
     math = [_combination(f, "vit", "k1", "bf16", attention="math") for f in flavours()]
     compiled = [_combination(f, "vit", "k1", "bf16", compile="compiled") for f in compiled_cover()]
-    return grid + towers + sharded + math + compiled
+    precisions = itertools.cycle(PRECISION)
+    recipes = [_combination(f, "vit", "k1", next(precisions), recipe=recipe)
+               for recipe in RECIPES if recipe != "plain" for f in flavours()]
+    return grid + towers + sharded + math + compiled + recipes
 
 
 def world_two() -> list[Combination]:
@@ -169,4 +181,6 @@ def world_two() -> list[Combination]:
     out += [_combination(image_text[0], tower, "k1", "fp32", world_size=2, sharding="fsdp")
             for tower in ("vit_locked", "minilm_partly_unlocked")]
     out += [_combination(f, "vit", "k1", "bf16", world_size=2, compile="compiled") for f in compiled_cover()[:1]]
+    out += [_combination(f, "vit", "features2", "fp32", world_size=2, recipe=recipe)
+            for recipe in RECIPES if recipe != "plain" for f in compiled_cover()]
     return out

@@ -82,6 +82,10 @@ class DataConfig:
     workers: int = 2  # data-loader worker processes per rank
     shuffle_buffer: int = 2000  # samples held in the shuffle buffer of each worker
     crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 disables the crop
+    # Several captions per sample (clipx/data/captions.py): {source: weight}, a source being "txt"
+    # (the .txt member's lines) or a .json field; each sample draws one caption per epoch. None: the
+    # first line of the .txt.
+    caption_keys: Optional[dict] = None
     # Stop the run when more than this share of an epoch's inputs is skipped (corrupt, undecodable,
     # captionless...): a mostly broken data set should not quietly train on what is left. None: never.
     max_skip_fraction: Optional[float] = 0.1
@@ -369,6 +373,12 @@ def validate(config: Config) -> None:
         raise ClipxError(f"model.patch_dropout must be in [0, 1); got {config.model.patch_dropout}")
     if config.model.patch_dropout_unmasked_steps < 0:
         raise ClipxError("model.patch_dropout_unmasked_steps must not be negative")
+    keys = config.data.caption_keys
+    if keys is not None and (not keys or not all(isinstance(k, str) and isinstance(w, (int, float))
+                                                 and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                                                 for k, w in keys.items())):
+        raise ClipxError(f"data.caption_keys must map caption sources (txt, or .json fields) to positive weights; "
+                         f"got {keys!r}")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
     _validate_ssl(config)

@@ -14,8 +14,9 @@ from typing import Iterable, Iterator
 import torch
 import webdataset as wds
 
+from clipx.data.captions import all_captions
 from clipx.data.opener import ShardOpener, open_shards, tar_samples
-from clipx.data.pipeline import all_captions, decode_or_reason
+from clipx.data.pipeline import decode_or_reason
 from clipx.data.shards import expand_shards
 from clipx.data.skips import SkipCounter
 from clipx.data.transforms import stack_images

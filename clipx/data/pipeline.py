@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipx.data.captions import CaptionChooser
 from clipx.data.opener import ShardOpener, read_shard
 from clipx.data.position import Piece, Position, ShardPlan, ShuffleBuffer, replay_shuffle
 from clipx.data.remote import RemoteOptions
@@ -133,21 +134,6 @@ def restore_shuffle_buffer(pieces: list[Piece], position: Position, buffer: Shuf
     return buffer
 
 
-def first_caption(sample: dict) -> str | None:
-    """The first non-empty line of the sample's .txt member, or None."""
-    captions = all_captions(sample)
-    return captions[0] if captions else None
-
-
-def all_captions(sample: dict) -> list[str]:
-    """Every non-empty line of the .txt member (retrieval sets store several captions per image)."""
-    raw = sample.get("txt")
-    if raw is None:
-        return []
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def sample_image_bytes(sample: dict) -> bytes | None:
     return next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
@@ -165,8 +151,14 @@ def sample_rng(seed: int, epoch: int, rank: int, worker: int, index: int):
     with torch.random.fork_rng(devices=[]):
         # The CPU generator only: torch.manual_seed would also queue a seed for every accelerator
         # backend, recording a Python stack each time (a third of a 64 px sample's loading time).
-        torch.default_generator.manual_seed(hash((seed, epoch, rank, worker, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        torch.default_generator.manual_seed(sample_seed(seed, epoch, rank, worker, index))
         yield
+
+
+def sample_seed(seed: int, epoch: int, rank: int, worker: int, index: int) -> int:
+    """The seed of a sample's draws, from its place in the stream (a hash of integers: the same in
+    every process, unlike hashes of strings)."""
+    return hash((seed, epoch, rank, worker, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def decode_or_reason(sample: dict, transform):
@@ -212,12 +204,14 @@ def shuffle_samples(src: Iterable[dict], buffer: ShuffleBuffer | None, new_buffe
 
 
 def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int, position: Position,
-                         rank: int = 0, needs_text: bool = True) -> Iterator[dict]:
+                         rank: int = 0, needs_text: bool = True,
+                         choose_caption: CaptionChooser = CaptionChooser()) -> Iterator[dict]:
     """Raw samples -> {"image": transform's output, "text": str or None, "key": str}.
 
     Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
     needs no caption, and ``transform`` may return a list of augmented views. Each sample's
-    augmentation draws from its own generator, seeded by its place in the stream (``sample_rng``).
+    augmentation draws from its own generator, seeded by its place in the stream (``sample_rng``);
+    so does the choice among its captions (``choose_caption``, data.caption_keys), apart from it.
     """
     guard = PassGuard("usable image-caption pair" if needs_text else "usable image", counter, seen=position.decoded)
     for sample in src:
@@ -228,7 +222,8 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
             continue
         if sample is LOST:
             continue
-        caption = first_caption(sample)
+        # Its own generator (Python's), so the image's draws below are those of a run without it.
+        caption = choose_caption(sample, sample_seed(seed, position.epoch, rank, position.worker, index))
         if caption is None and needs_text:
             counter.add("missing_caption")
             continue
@@ -271,6 +266,7 @@ class TrainPipeline(IterableDataset):
         self.plan, self.batch_size, self.transform, self.collate = plan, batch_size, transform, collate
         self.shuffle_buffer, self.epoch, self.counter, self.per_worker = data_cfg.shuffle_buffer, epoch, counter, per_worker
         self.opener = ShardOpener.from_config(data_cfg)
+        self.choose_caption = CaptionChooser(data_cfg.caption_keys)
         self.resume_epoch, self.resume_positions = -1, {}
         self.remainder: dict | None = None
 
@@ -302,7 +298,7 @@ class TrainPipeline(IterableDataset):
         samples = read_passes(pieces_of, position, self.opener, self.counter)
         samples = shuffle_samples(samples, buffer, new_buffer, position)
         samples = decode_train_samples(samples, self.transform, self.counter, self.plan.seed, position,
-                                       self.plan.rank, self.collate.needs_caption)
+                                       self.plan.rank, self.collate.needs_caption, self.choose_caption)
         batches = collate_train(samples, self.batch_size, self.collate, position, self.counter)
         yield from itertools.islice(batches, max(per_worker - position.batches, 0))
 

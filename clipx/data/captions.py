@@ -37,15 +37,19 @@ def _lines(raw) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _json_field(sample: dict, key: str) -> list[str]:
+def _json_fields(sample: dict) -> dict:
+    """The sample's .json as a dict; empty when it is missing or not a JSON object."""
     raw = sample.get("json")
     if raw is None:
-        return []
+        return {}
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return []
-    value = meta.get(key) if isinstance(meta, dict) else None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _strings(value) -> list[str]:
     values = value if isinstance(value, list) else [value]
     return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
@@ -59,7 +63,8 @@ class CaptionChooser:
     def __call__(self, sample: dict, sample_seed: int) -> Optional[str]:
         if self.weights is None:
             return first_caption(sample)
-        sources = {name: all_captions(sample) if name == TXT else _json_field(sample, name) for name in self.weights}
+        meta = _json_fields(sample) if set(self.weights) - {TXT} else {}  # parsed once per sample
+        sources = {name: all_captions(sample) if name == TXT else _strings(meta.get(name)) for name in self.weights}
         present = [(name, captions) for name, captions in sources.items() if captions]
         if not present:
             return None

@@ -28,7 +28,9 @@ class PatchDropoutSchedule:
         return 0.0 if step > total_steps - self.unmasked_steps else self.rate
 
     def before_step(self, step: int, total_steps: int) -> None:
-        rate = self.rate_at(step, total_steps)
+        self._set(self.rate_at(step, total_steps))
+
+    def _set(self, rate: float) -> None:
         for layer in self.layers:
             layer.prob = rate
 
@@ -37,11 +39,9 @@ class PatchDropoutSchedule:
         """The configured rate inside, whatever the step; the current one restored after. The run's
         attention kernel is chosen on the masked phase's sequence lengths inside this, so a run
         resumed in the unmasked phase chooses what the unbroken run chose."""
-        current = [layer.prob for layer in self.layers]
-        for layer in self.layers:
-            layer.prob = self.rate
+        current = self.layers[0].prob if self.layers else self.rate  # before_step sets one rate for all
+        self._set(self.rate)
         try:
             yield
         finally:
-            for layer, prob in zip(self.layers, current):
-                layer.prob = prob
+            self._set(current)

@@ -86,6 +86,9 @@ class DataConfig:
     # (the .txt member's lines) or a .json field; each sample draws one caption per epoch. None: the
     # first line of the .txt.
     caption_keys: Optional[dict] = None
+    # Hard negatives (NegCLIP): each sample's negative caption, from its .neg.txt member ("neg.txt")
+    # or a .json field, joins the text columns of the image-to-text loss. None: off.
+    hard_negative_key: Optional[str] = None
     # Stop the run when more than this share of an epoch's inputs is skipped (corrupt, undecodable,
     # captionless...): a mostly broken data set should not quietly train on what is left. None: never.
     max_skip_fraction: Optional[float] = 0.1
@@ -110,6 +113,9 @@ class LossConfig:
     # none: each rank sees only its own negatives; global: full (N, N) logits on every rank;
     # local: this rank's rows against all gathered columns, (B, N) logits per rank.
     gather: GatherMode = "local"
+    # slip: the weight of the image tower's SimCLR term (NT-Xent on two views, at ssl.temperature)
+    # added to the CLIP loss; SLIP used 1.0.
+    ssl_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,10 @@ class ViewsConfig:
     """ssl.views: the augmented views an image-only method trains on."""
 
     recipe: Literal["simclr", "mocov2"] = "simclr"  # colour jitter strengths and blur of the views
-    count: int = 2  # global views; their crop's lower scale bound is data.crop_scale_min (SimCLR: 0.08)
+    count: int = 2  # global views
+    # The global views' crop lower scale bound (SimCLR: 0.08); None: data.crop_scale_min. SLIP sets
+    # it apart from data.crop_scale_min, which is then the captioned image's own, milder crop.
+    crop_scale_min: Optional[float] = None
     flip_prob: float = 0.5  # 0 for data where mirroring changes meaning (digits, text)
     jitter_strength: float = 1.0
     jitter_prob: float = 0.8
@@ -381,6 +390,9 @@ def validate(config: Config) -> None:
                          f"got {keys!r}")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
+    views_crop = config.ssl.views.crop_scale_min
+    if views_crop is not None and not 0.0 < views_crop <= 1.0:
+        raise ClipxError(f"ssl.views.crop_scale_min must be in (0, 1]; got {views_crop}")
     _validate_ssl(config)
     if config.model.text_tower == "hf" and not config.model.hf_text_path:
         raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")

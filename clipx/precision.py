@@ -17,6 +17,12 @@ from clipx.errors import ClipxError
 INFERENCE_PRECISIONS = ("fp32", "bf16")
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are. Losses take features through this: the
+    softmax over many negatives wants fp32, and a float64 check of exactness must stay float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
     """Whether bf16 matmuls run in hardware here: on a CPU, AMX or AVX512-BF16 (without them,
     bf16 is emulated and slower than fp32); on a GPU, native bf16 (Ampere and later)."""

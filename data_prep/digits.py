@@ -25,7 +25,9 @@ def prep_digits(
 
     The split is stratified by class and fixed by `seed`. Each caption is one prompt template
     (also picked by `seed`) filled with the class name, both read from `templates_file`
-    (a path or a shipped name; default: `clipx/templates/digits.yaml`). Meta: label, classname, source_index.
+    (a path or a shipped name; default: `clipx/templates/digits.yaml`). Meta: label, classname, source_index,
+    and negative: the same template filled with another class name, a hard negative caption for
+    ``data.hard_negative_key: negative``.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ClipxError(f"test fraction must be between 0 and 1, got {test_fraction}")
@@ -40,13 +42,15 @@ def prep_digits(
         raise ClipxError(f"templates file lists {len(classnames)} class names; digits need 10")
     # One draw per source image, so a sample's caption does not depend on the split.
     template_ids = np.random.default_rng(seed).integers(len(templates), size=len(labels))
+    negative_labels = (labels + np.random.default_rng([seed, 1]).integers(1, 10, size=len(labels))) % 10
     summaries = {}
     for split, indices in zip(("train", "test"), _split(labels, test_fraction, seed)):
         samples = (
             Sample(
                 source=pixels[i],
                 caption=templates[template_ids[i]].format(classnames[labels[i]]),
-                meta={"label": int(labels[i]), "classname": classnames[labels[i]], "source_index": int(i)},
+                meta={"label": int(labels[i]), "classname": classnames[labels[i]], "source_index": int(i),
+                      "negative": templates[template_ids[i]].format(classnames[negative_labels[i]])},
             )
             for i in indices
         )

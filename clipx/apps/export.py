@@ -38,7 +38,7 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
                       "std": list(config.model.image_std), "interpolation": "bicubic", "resize_mode": "shortest"}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / OPEN_CLIP_WEIGHTS))
+    save_file({k: v.contiguous() for k, v in model.clip_state_dict().items()}, str(out / OPEN_CLIP_WEIGHTS))
     (out / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
                                                    indent=2))
     return out

@@ -12,19 +12,30 @@ IMAGE = "image"  # (B, 3, H, W) float, normalised
 TEXT = "text"  # (B, L) int64 token ids
 VIEWS = "views"  # list of (B, 3, H, W) augmented views of the same images (self-supervised modes)
 KEY = "key"  # list of B sample keys, for de-duplication and debugging
+NEGATIVE_TEXT = "negative_text"  # (B, L) token ids of each sample's hard-negative caption ("" where it has none)
+NEGATIVE_MASK = "negative_mask"  # (B,) bool: whether the sample has a hard negative
 
 
 class ImageTextBatch:
-    """Samples {"image": (3, H, W), "text": str, "key"} -> {"image": (B, 3, H, W), "text": (B, L), "key"}."""
+    """Samples {"image": (3, H, W), "text": str, "key"} -> {"image": (B, 3, H, W), "text": (B, L), "key"}.
+
+    With ``hard_negatives``, also each sample's "negative" caption, tokenized, and which samples have
+    one: every batch then carries both, so the ranks gather tensors of one shape.
+    """
 
     needs_caption = True
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, hard_negatives: bool = False):
+        self.tokenizer, self.hard_negatives = tokenizer, hard_negatives
 
     def __call__(self, samples: list[dict]) -> dict:
-        return {KEY: [s["key"] for s in samples], IMAGE: torch.stack([s["image"] for s in samples]),
-                TEXT: self.tokenizer([s["text"] for s in samples])}
+        batch = {KEY: [s["key"] for s in samples], IMAGE: torch.stack([s["image"] for s in samples]),
+                 TEXT: self.tokenizer([s["text"] for s in samples])}
+        if self.hard_negatives:
+            negatives = [s.get("negative") for s in samples]
+            batch[NEGATIVE_TEXT] = self.tokenizer([n or "" for n in negatives])
+            batch[NEGATIVE_MASK] = torch.tensor([n is not None for n in negatives])
+        return batch
 
 
 class ViewsBatch:
@@ -37,3 +48,13 @@ class ViewsBatch:
         views = len(samples[0]["image"])
         return {KEY: [s["key"] for s in samples],
                 VIEWS: [torch.stack([s["image"][v] for s in samples]) for v in range(views)]}
+
+
+class ImageTextViewsBatch(ImageTextBatch):
+    """Samples whose "image" is [image, view 1, ..., view V] (SLIP) -> an image-text batch plus
+    {"views": V tensors (B, 3, H, W)}."""
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = super().__call__([{**s, "image": s["image"][0]} for s in samples])
+        views = len(samples[0]["image"]) - 1
+        return {**batch, VIEWS: [torch.stack([s["image"][1 + v] for s in samples]) for v in range(views)]}

@@ -8,6 +8,9 @@ of the named sources present in it with probability proportional to its weight (
 member, any other name a field of the .json, a string or a list of strings), then one caption of
 that source uniformly. The draw uses its own generator seeded by the sample's place in the stream,
 so a resumed run draws the same captions, and the image augmentations draw exactly as without it.
+
+A sample's hard negative (``data.hard_negative_key``) is the .neg.txt member ("neg.txt") or a .json
+field; where it holds several, one is drawn the same way, from a generator of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import random
 from typing import Optional
 
 TXT = "txt"  # the name, in data.caption_keys, of the .txt member
+NEGATIVE_TXT = "neg.txt"  # the name, in data.hard_negative_key, of the .neg.txt member
 
 
 def all_captions(sample: dict) -> list[str]:
@@ -55,10 +59,21 @@ def _strings(value) -> list[str]:
 
 
 class CaptionChooser:
-    """``chooser(sample, sample_seed)`` -> the sample's caption this epoch, or None when it has none."""
+    """``chooser(sample, sample_seed)`` -> the sample's caption this epoch, or None when it has none;
+    ``chooser.negative(sample, sample_seed)`` -> its hard negative, or None."""
 
-    def __init__(self, caption_keys: Optional[dict] = None):
+    def __init__(self, caption_keys: Optional[dict] = None, negative_key: Optional[str] = None):
         self.weights = dict(caption_keys) if caption_keys else None
+        self.negative_key = negative_key
+
+    def negative(self, sample: dict, sample_seed: int) -> Optional[str]:
+        if self.negative_key is None:
+            return None
+        options = (_lines(sample.get(NEGATIVE_TXT)) if self.negative_key == NEGATIVE_TXT
+                   else _strings(_json_fields(sample).get(self.negative_key)))
+        if len(options) <= 1:
+            return options[0] if options else None
+        return options[random.Random(f"negative-{sample_seed}").randrange(len(options))]
 
     def __call__(self, sample: dict, sample_seed: int) -> Optional[str]:
         if self.weights is None:

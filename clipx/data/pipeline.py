@@ -206,7 +206,7 @@ def shuffle_samples(src: Iterable[dict], buffer: ShuffleBuffer | None, new_buffe
 def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int, position: Position,
                          rank: int = 0, needs_text: bool = True,
                          choose_caption: CaptionChooser = CaptionChooser()) -> Iterator[dict]:
-    """Raw samples -> {"image": transform's output, "text": str or None, "key": str}.
+    """Raw samples -> {"image": transform's output, "text": str or None, "negative": str or None, "key": str}.
 
     Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
     needs no caption, and ``transform`` may return a list of augmented views. Each sample's
@@ -223,7 +223,8 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         if sample is LOST:
             continue
         # Its own generator (Python's), so the image's draws below are those of a run without it.
-        caption = choose_caption(sample, sample_seed(seed, position.epoch, rank, position.worker, index))
+        seed_of_sample = sample_seed(seed, position.epoch, rank, position.worker, index)
+        caption = choose_caption(sample, seed_of_sample)
         if caption is None and needs_text:
             counter.add("missing_caption")
             continue
@@ -234,7 +235,8 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
             continue
         guard.count()
         counter.add_used()
-        yield {"image": image, "text": caption, "key": sample["__key__"]}
+        yield {"image": image, "text": caption, "negative": choose_caption.negative(sample, seed_of_sample),
+               "key": sample["__key__"]}
 
 
 def collate_train(src: Iterable[dict], batch_size: int, collate, position: Position,
@@ -266,7 +268,7 @@ class TrainPipeline(IterableDataset):
         self.plan, self.batch_size, self.transform, self.collate = plan, batch_size, transform, collate
         self.shuffle_buffer, self.epoch, self.counter, self.per_worker = data_cfg.shuffle_buffer, epoch, counter, per_worker
         self.opener = ShardOpener.from_config(data_cfg)
-        self.choose_caption = CaptionChooser(data_cfg.caption_keys)
+        self.choose_caption = CaptionChooser(data_cfg.caption_keys, data_cfg.hard_negative_key)
         self.resume_epoch, self.resume_positions = -1, {}
         self.remainder: dict | None = None
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from clipx.precision import upcast
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

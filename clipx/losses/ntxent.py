@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipx import dist
+from clipx.precision import upcast
 
 
 class NTXentLoss(nn.Module):
@@ -25,7 +26,7 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         batch = z1.shape[0]
-        local = F.normalize(torch.cat([z1, z2]).float(), dim=-1)  # (2B, D): view 1 of all, then view 2
+        local = F.normalize(upcast(torch.cat([z1, z2])), dim=-1)  # (2B, D): view 1 of all, then view 2
         if self.gather == "none" or not dist.is_distributed():
             rank, everyone = 0, local
         else:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipx import dist
-from clipx.losses.chunked import upcast
+from clipx.precision import upcast
 
 SIGLIP_GATHER_MODES = ("none", "local")
 

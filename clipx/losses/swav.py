@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from clipx import dist
+from clipx.precision import upcast
 
 
 @torch.no_grad()
@@ -16,7 +17,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     (N, K) codes: each row sums to 1 and, at convergence, each prototype receives an equal share
     (N_global / K) of the global batch.
     """
-    logits = scores.float() / epsilon
+    logits = upcast(scores) / epsilon
     logits = logits - dist.all_reduce_max_(logits.max().clone())  # the exponent stays finite
     q = torch.exp(logits).T  # (K, N)
     k = q.shape[0]

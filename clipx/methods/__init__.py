@@ -13,6 +13,7 @@ from clipx.methods.moco import MoCo
 from clipx.methods.objective import Method, Objective
 from clipx.methods.siglip import SigLIP
 from clipx.methods.simclr import SimCLR
+from clipx.methods.slip import SLIP
 from clipx.methods.swav import SwAV
 from clipx.registry import Registry
 
@@ -22,6 +23,7 @@ METHODS.register("siglip")(SigLIP())
 METHODS.register("ntxent")(SimCLR())
 METHODS.register("moco")(MoCo())
 METHODS.register("swav")(SwAV())
+METHODS.register("slip")(SLIP())
 
 
 def method_of(config) -> Method:
@@ -36,6 +38,9 @@ def method_of(config) -> Method:
                          f"use one of {', '.join(method.batchnorm_modes)}")
     if config.ssl.views.small_crops and not method.multi_crop:
         raise ClipxError(f"ssl.views.small_crops (multi-crop) is used by loss.name=swav only, not {name}")
+    if config.data.hard_negative_key is not None and not method.hard_negatives:
+        takers = ", ".join(m for m in METHODS.list() if METHODS.get(m).hard_negatives)
+        raise ClipxError(f"data.hard_negative_key (hard-negative captions) is used by loss.name={takers}, not {name}")
     method.validate(config)
     return method
 

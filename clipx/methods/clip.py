@@ -8,6 +8,7 @@ from clipx.methods.image_text import ContrastiveObjective, ImageTextMethod
 
 class CLIP(ImageTextMethod):
     gather_modes = ("none", "global", "local")
+    hard_negatives = True
 
     def objective(self, model, config):
         return ContrastiveObjective(model, ClipLoss(config.loss.gather))

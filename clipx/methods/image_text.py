@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from clipx.data.batch import IMAGE, TEXT, ImageTextBatch
+from clipx.data.batch import IMAGE, NEGATIVE_MASK, NEGATIVE_TEXT, TEXT, ImageTextBatch
 from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
 from clipx.dist import unwrap
 from clipx.methods.objective import Method, Objective
 from clipx.models import create_model, image_size
+from clipx.precision import upcast
 
 
 class ContrastiveObjective(Objective):
@@ -26,16 +27,26 @@ class ContrastiveObjective(Objective):
         self.uses_bias = uses_bias
 
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
-        image_features, text_features, logit_scale, logit_bias = self.model(batch[IMAGE], batch[TEXT])
+        return self.named(batch, *self.model(batch[IMAGE], texts(batch)))
+
+    def named(self, batch: dict, image_features, text_features, logit_scale, logit_bias) -> dict[str, torch.Tensor]:
+        """The model's outputs on ``batch`` as the loss takes them: the text tower's rows split into
+        captions and hard negatives (with which samples have one), everything in fp32."""
+        captions = len(batch[TEXT])
         # Features may come out of bf16/fp16 autocast; the softmax over many negatives wants fp32.
-        out = {"image": image_features.float(), "text": text_features.float(), "logit_scale": logit_scale.float()}
+        out = {"image": upcast(image_features), "text": upcast(text_features[:captions]),
+               "logit_scale": upcast(logit_scale)}
+        if NEGATIVE_TEXT in batch:
+            out.update(negative=upcast(text_features[captions:]), negative_mask=batch[NEGATIVE_MASK])
         if self.uses_bias:
-            out["logit_bias"] = logit_bias.float()
+            out["logit_bias"] = upcast(logit_bias)
         return out
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         extra = (features["logit_bias"],) if self.uses_bias else ()
-        loss = self.loss(features["image"], features["text"], features["logit_scale"], *extra)
+        negatives = ({"negatives": features["negative"], "negative_mask": features["negative_mask"]}
+                     if "negative" in features else {})
+        loss = self.loss(features["image"], features["text"], features["logit_scale"], *extra, **negatives)
         # Copies: the bias can be a view of the parameter, which the optimizer step then changes (and
         # FSDP frees once the step's backward is done); the log must show the value this step used.
         metrics = {"logit_scale": features["logit_scale"].detach().clone()}
@@ -45,6 +56,13 @@ class ContrastiveObjective(Objective):
 
     def after_step(self, step: int, total_steps: int) -> None:
         unwrap(self.model).clamp_logit_scale_()
+
+
+def texts(batch: dict) -> torch.Tensor:
+    """The token ids the text tower embeds: the captions, then the hard negatives when the batch has
+    them (one call of the tower for both)."""
+    negatives = batch.get(NEGATIVE_TEXT)
+    return batch[TEXT] if negatives is None else torch.cat([batch[TEXT], negatives])
 
 
 class ImageTextMethod(Method):
@@ -61,4 +79,4 @@ class ImageTextMethod(Method):
                                crop_scale_min=config.data.crop_scale_min)
 
     def collate(self, config):
-        return ImageTextBatch(Tokenizer(config.model))
+        return ImageTextBatch(Tokenizer(config.model), hard_negatives=config.data.hard_negative_key is not None)

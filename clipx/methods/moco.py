@@ -21,6 +21,7 @@ from clipx.errors import ClipxError
 from clipx.losses.moco import batch_infonce, queue_infonce
 from clipx.methods.objective import Objective
 from clipx.methods.views import ViewsMethod
+from clipx.precision import upcast
 from clipx.ssl.batchnorm import shuffled_forward
 from clipx.ssl.encoder import ImageEncoder, projection_head
 from clipx.ssl.momentum import momentum_at, update_momentum_
@@ -79,14 +80,14 @@ class MoCoObjective(Objective):
             self.queue = FeatureQueue(self.moco.queue_size, ssl_cfg.head_out, device, init=dist.broadcast_(initial))
 
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
-        return unwrap(self.model).keys(images, shuffle=self.cfg.batchnorm == "shuffle").float()
+        return upcast(unwrap(self.model).keys(images, shuffle=self.cfg.batchnorm == "shuffle"))
 
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         first, second = batch[VIEWS][:2]
         if self.version == 2:
-            return {"query": self.model(first).float(), "key": self._keys(second)}
+            return {"query": upcast(self.model(first)), "key": self._keys(second)}
         both = torch.cat([first, second])
-        queries, keys = self.model(both).float(), self._keys(both)  # (2B, P) each
+        queries, keys = upcast(self.model(both)), self._keys(both)  # (2B, P) each
         b = len(first)
         return {"query1": queries[:b], "query2": queries[b:], "key1": keys[:b], "key2": keys[b:]}
 

@@ -84,6 +84,8 @@ class Method:
     # ssl.batchnorm settings the method can honour, and whether it takes multi-crop views.
     batchnorm_modes: tuple[str, ...] = ("local", "sync")
     multi_crop: bool = False
+    # Whether its loss takes hard-negative captions (data.hard_negative_key) as extra text columns.
+    hard_negatives: bool = False
 
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""

@@ -8,6 +8,7 @@ from clipx.data.batch import VIEWS
 from clipx.losses import NTXentLoss
 from clipx.methods.objective import Objective
 from clipx.methods.views import ViewsMethod
+from clipx.precision import upcast
 
 
 class SimCLRObjective(Objective):
@@ -20,7 +21,7 @@ class SimCLRObjective(Objective):
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         first, second = batch[VIEWS][:2]
         # One forward over both views, so BatchNorm in the head normalises them together.
-        projections = self.model(torch.cat([first, second])).float()  # (2B, P)
+        projections = upcast(self.model(torch.cat([first, second])))  # (2B, P)
         return {"view1": projections[: len(first)], "view2": projections[len(first):]}
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:

@@ -17,6 +17,7 @@ from clipx.errors import ClipxError
 from clipx.losses.swav import sinkhorn, swapped_prediction
 from clipx.methods.objective import Objective
 from clipx.methods.views import ViewsMethod
+from clipx.precision import upcast
 from clipx.ssl.encoder import ImageEncoder
 from clipx.ssl.queue import FeatureQueue
 
@@ -73,7 +74,7 @@ class SwAVObjective(Objective):
         z, scores = self.model(views, learn_prototypes=learn)
         b, v = len(views[0]), len(views)
         # Sample-major (B, V, ...) so that micro-batches concatenate along the batch dimension.
-        return {"z": z.float().view(v, b, -1).transpose(0, 1), "scores": scores.float().view(v, b, -1).transpose(0, 1)}
+        return {"z": upcast(z).view(v, b, -1).transpose(0, 1), "scores": upcast(scores).view(v, b, -1).transpose(0, 1)}
 
     def _codes(self, scores: torch.Tensor, view: int) -> torch.Tensor:
         """(B, K) codes for one global view, computed with the queued projections when in use."""

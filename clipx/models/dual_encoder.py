@@ -66,3 +66,33 @@ class DualEncoder(nn.Module):
         """
         bias = self.logit_bias.reshape(()) if self.logit_bias is not None else None
         return self.encode_image(images), self.encode_text(tokens), self.scale(), bias
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights an open_clip CustomTextCLIP has (what ``clipx export`` writes)."""
+        return self.state_dict()
+
+
+class DualEncoderWithImageHead(DualEncoder):
+    """A DualEncoder whose image tower also feeds a projection head on augmented views: SLIP's
+    SimCLR term (clipx.methods.slip). The head is trained with the towers and checkpointed with
+    them; exports leave it out, since open_clip's model has no place for it.
+    """
+
+    def __init__(self, visual: nn.Module, text: nn.Module, image_head: nn.Module, **kwargs):
+        super().__init__(visual, text, **kwargs)
+        self.image_head = image_head
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, views: Optional[torch.Tensor] = None):
+        """DualEncoder's four outputs, then, when ``views`` (V*B, 3, H, W) are given, the head's
+        projections (V*B, P) of the image tower's (unnormalised) embeddings of them.
+
+        The views go through the tower in a call of their own, as in SLIP: a tower with BatchNorm
+        (ModifiedResNet) then normalises the captioned images and the augmented views apart.
+        """
+        out = super().forward(images, tokens)
+        if views is None:
+            return out
+        return (*out, self.image_head(self.visual(views)))
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("image_head.")}

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+from torch import nn
+
 from clipx.config import ModelConfig
-from clipx.models.dual_encoder import DualEncoder
+from clipx.models.dual_encoder import DualEncoder, DualEncoderWithImageHead
 from clipx.models.towers import HFTextTower, build_open_clip_text, build_open_clip_vision
 
 
-def create_model(cfg: ModelConfig) -> DualEncoder:
-    """Build towers as the config says; weights are random (checkpoints are loaded separately)."""
+def create_model(cfg: ModelConfig, image_head: Optional[nn.Module] = None) -> DualEncoder:
+    """Build towers as the config says; weights are random (checkpoints are loaded separately).
+    With ``image_head``, the image tower also feeds that head (DualEncoderWithImageHead)."""
     visual = build_open_clip_vision(cfg.arch, cfg.patch_dropout)
     if cfg.text_tower == "hf":
         text = HFTextTower(cfg.hf_text_path, cfg.arch["embed_dim"], cfg.hf_pooling)
     else:
         text = build_open_clip_text(cfg.arch)
-    return DualEncoder(visual, text, cfg.init_temperature, cfg.max_logit_scale, cfg.init_logit_bias)
+    scalars = {"init_temperature": cfg.init_temperature, "max_logit_scale": cfg.max_logit_scale,
+               "init_logit_bias": cfg.init_logit_bias}
+    if image_head is not None:
+        return DualEncoderWithImageHead(visual, text, image_head, **scalars)
+    return DualEncoder(visual, text, **scalars)
 
 
 def image_size(cfg: ModelConfig) -> int:

@@ -58,7 +58,10 @@ class MultiView:
 
 def ssl_views(views_cfg, size: int, mean, std, crop_scale_min: float) -> MultiView:
     """The configured views (``ssl.views``): ``count`` global crops of ``size`` px covering at least
-    ``crop_scale_min`` of the image, and ``small_crops`` crops of ``small_crop_size`` px."""
+    ``views_cfg.crop_scale_min`` of the image (``crop_scale_min``, data's, when that is None), and
+    ``small_crops`` crops of ``small_crop_size`` px."""
+    if views_cfg.crop_scale_min is not None:
+        crop_scale_min = views_cfg.crop_scale_min
     small = (view_augmentation(views_cfg, views_cfg.small_crop_size, mean, std, tuple(views_cfg.small_crop_scale))
              if views_cfg.small_crops else None)
     return MultiView(view_augmentation(views_cfg, size, mean, std, (crop_scale_min, 1.0)), views_cfg.count,

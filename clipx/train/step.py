@@ -54,7 +54,8 @@ def _feature_cache(accelerator, model, objective, micro_batches: list[dict]) -> 
         for batch in micro_batches:
             rng_states.append(_rng_state())
             cached.append(objective.features(batch))
-    leaves = [{k: v.detach().requires_grad_() for k, v in features.items()} for features in cached]
+    # Non-float features (a mask of which samples have a hard negative) carry no gradient.
+    leaves = [{k: v.detach().requires_grad_(v.is_floating_point()) for k, v in features.items()} for features in cached]
     out = objective.loss_from_features(_concat(leaves))
     out["loss"].backward()  # gradients w.r.t. the cached features only: the towers are not in this graph
     for index, (batch, features) in enumerate(zip(micro_batches, leaves)):

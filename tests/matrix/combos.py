@@ -12,7 +12,7 @@ world size 2, all inside one launch, where every flavour also runs sharded with 
 combination measures its attention kernel (train.attention=auto), and every flavour also runs in
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
-options (RECIPES: patch dropout, several captions) run with every flavour they apply to on one
+options (RECIPES: patch dropout, several captions, hard negatives) run with every flavour they apply to on one
 process and with an image-text and (if it applies) an image-only flavour on two.
 """
 
@@ -45,9 +45,11 @@ COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # process and with an image-text and an image-only flavour on two. Patch dropout's unmasked tuning
 # covers the last of the 3 steps, so the resume from step 2 crosses the switch.
 # Several captions per sample: the digits' .txt sentence or their .json class name, drawn per sample.
+# Hard negatives: the digits' .json "negative", the caption's template filled with another class.
 RECIPES = {"plain": {},
            "patch_dropout": {"model.patch_dropout": 0.5, "model.patch_dropout_unmasked_steps": 1},
-           "multi_caption": {"data.caption_keys": {"txt": 0.5, "classname": 0.5}}}
+           "multi_caption": {"data.caption_keys": {"txt": 0.5, "classname": 0.5}},
+           "hard_negatives": {"data.hard_negative_key": "negative"}}
 CAPTION_RECIPES = {"multi_caption"}  # recipes about captions: image-text flavours only
 
 TINY_VIT = {
@@ -137,6 +139,13 @@ def compiled_cover() -> list[tuple[str, str, dict]]:
     return [kind[0] for kind in kinds if kind]
 
 
+def recipe_applies(recipe: str, objective: str) -> bool:
+    """Whether a flavour of ``objective`` can train with ``recipe`` (the others refuse it)."""
+    if recipe == "hard_negatives":
+        return METHODS.get(objective).hard_negatives
+    return recipe not in CAPTION_RECIPES or is_image_text(objective)
+
+
 def _serves(tower: str, objective: str) -> bool:
     t, image_text = TOWERS[tower], is_image_text(objective)
     return not (t.image_text_only and not image_text) and not (t.views_only and image_text)
@@ -159,8 +168,7 @@ def world_one() -> list[Combination]:
     compiled = [_combination(f, "vit", "k1", "bf16", compile="compiled") for f in compiled_cover()]
     precisions = itertools.cycle(PRECISION)
     recipes = [_combination(f, "vit", "k1", next(precisions), recipe=recipe)
-               for recipe in RECIPES if recipe != "plain" for f in flavours()
-               if recipe not in CAPTION_RECIPES or is_image_text(f[1])]
+               for recipe in RECIPES if recipe != "plain" for f in flavours() if recipe_applies(recipe, f[1])]
     return grid + towers + sharded + math + compiled + recipes
 
 
@@ -186,6 +194,5 @@ def world_two() -> list[Combination]:
             for tower in ("vit_locked", "minilm_partly_unlocked")]
     out += [_combination(f, "vit", "k1", "bf16", world_size=2, compile="compiled") for f in compiled_cover()[:1]]
     out += [_combination(f, "vit", "features2", "fp32", world_size=2, recipe=recipe)
-            for recipe in RECIPES if recipe != "plain" for f in compiled_cover()
-            if recipe not in CAPTION_RECIPES or is_image_text(f[1])]
+            for recipe in RECIPES if recipe != "plain" for f in compiled_cover() if recipe_applies(recipe, f[1])]
     return out

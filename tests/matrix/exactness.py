@@ -6,6 +6,10 @@ under DDP: in one micro-batch, or in 2 with feature caching (GradCache). The tes
 one process on the union batch: the loss averaged over ranks and DDP's averaged gradients must
 equal the single-process loss and gradients (for ``gather: none``, the mean of per-rank problems).
 
+Everything runs in float64 (the default dtype while a case runs): the comparison then sees errors
+of the distribution itself, not fp32's summation order, which differs with the rank count and
+reaches ~1e-6 of the gradients' scale on the larger objectives.
+
 Models run in eval mode: BatchNorm then normalises with running statistics, so no layer couples
 the samples of a batch. In train mode the SSL heads' BatchNorm makes a "union batch" undefined for
 both multi-process and micro-batched runs (each normalises its own rows), as the README says.
@@ -34,6 +38,7 @@ class Case:
     gather: str
     micro_batches: int  # 1, or 2 with feature caching
     overrides: dict
+    hard_negatives: bool = False  # the batch carries hard-negative captions, some samples without one
 
 
 def cases() -> list[Case]:
@@ -42,8 +47,9 @@ def cases() -> list[Case]:
         spec = METHODS.get(objective)
         for gather in spec.gather_modes or ("local",):  # methods without gather modes always gather
             for micro_batches in (1, 2):
-                out.append(Case(f"{name}/gather-{gather}/micro{micro_batches}", objective, gather, micro_batches,
-                                {**overrides, "loss.gather": gather}))
+                for negatives in (False, True) if spec.hard_negatives else (False,):
+                    out.append(Case(f"{name}/gather-{gather}/micro{micro_batches}" + ("/hard-negatives" * negatives),
+                                    objective, gather, micro_batches, {**overrides, "loss.gather": gather}, negatives))
     return out
 
 
@@ -64,9 +70,14 @@ def build(case: Case, world: int, arch_path: Path):
 
 def global_batch(case: Case) -> dict:
     generator = torch.Generator().manual_seed(1)
-    if is_image_text(case.objective):
-        return {"image": torch.randn(GLOBAL, 3, 32, 32, generator=generator),
-                "text": torch.randint(1, 400, (GLOBAL, 16), generator=generator)}
+    if is_image_text(case.objective):  # views too, for SLIP's image-only term (other methods ignore them)
+        batch = {"image": torch.randn(GLOBAL, 3, 32, 32, generator=generator),
+                 "text": torch.randint(1, 400, (GLOBAL, 16), generator=generator),
+                 "views": [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]}
+        if case.hard_negatives:  # every third sample has none: masked out on whichever rank holds it
+            batch.update(negative_text=torch.randint(1, 400, (GLOBAL, 16), generator=generator),
+                         negative_mask=torch.arange(GLOBAL) % 3 != 1)
+        return batch
     return {"views": [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]}
 
 
@@ -76,7 +87,16 @@ def rows(batch: dict, selection: slice) -> dict:
 
 
 def step_gradients(case: Case, accelerator, world: int, rank: int, arch_path: Path) -> dict:
-    """This rank's share of the global batch through one step: {"loss", "grads"}."""
+    """This rank's share of the global batch through one step, in float64: {"loss", "grads"}."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return _step_gradients(case, accelerator, world, rank, arch_path)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _step_gradients(case: Case, accelerator, world: int, rank: int, arch_path: Path) -> dict:
     from clipx.methods import build_objective
     from clipx.train.step import micro_batch_gradients
 

@@ -100,8 +100,9 @@ def retime_epoch_run(trainer: "Trainer", batches_done: int) -> None:
     epoch, in_epoch = stream.resume_point
     rest = stream.epoch_length(epoch) - in_epoch + max(tcfg.epochs - epoch - 1, 0) * stream.batches_per_epoch
     trainer.total_steps = max(1, (batches_done + rest) // tcfg.accum_steps)
-    trainer.scheduler.lr_lambdas[0] = functools.partial(cosine_with_warmup, total_steps=trainer.total_steps,
-                                                        warmup_steps=tcfg.warmup_steps)
+    schedule = functools.partial(cosine_with_warmup, total_steps=trainer.total_steps, warmup_steps=tcfg.warmup_steps)
+    # LambdaLR keeps one multiplier per parameter group (weight decay, layer decay): all follow the new total.
+    trainer.scheduler.lr_lambdas[:] = [schedule] * len(trainer.scheduler.lr_lambdas)
 
 
 def check_inputs(config: Config) -> Method:

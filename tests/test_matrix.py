@@ -20,7 +20,7 @@ import torch
 from clipx.errors import ClipxError
 from tests.distributed.launch import torchrun
 from tests.matrix import exactness
-from tests.matrix.combos import CAPTION_RECIPES, RECIPES, TOWERS, flavours, is_image_text, world_one, world_two
+from tests.matrix.combos import IMAGE_TEXT_RECIPES, RECIPES, TOWERS, flavours, is_image_text, world_one, world_two
 from tests.matrix.runner import base_overrides, run_combination
 
 WORLD_ONE = world_one()
@@ -97,7 +97,7 @@ def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision()
     for world in (WORLD_ONE, WORLD_TWO):  # the unfused attention kernel, forced, with every flavour
         assert {c.name.split("/")[0] for c in world if c.overrides.get("train.attention") == "math"} == names
     for recipe in set(RECIPES) - {"plain"}:  # option recipes: every flavour on one process, both kinds on two
-        kinds = {True} if recipe in CAPTION_RECIPES else {True, False}
+        kinds = {True} if recipe in IMAGE_TEXT_RECIPES else {True, False}
         applies = {f[0] for f in flavours() if is_image_text(f[1]) in kinds}
         assert {c.name.split("/")[0] for c in WORLD_ONE if c.name.endswith("/" + recipe)} == applies
         assert {is_image_text(c.objective) for c in WORLD_TWO if c.name.endswith("/" + recipe)} == kinds

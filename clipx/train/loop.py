@@ -167,7 +167,7 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
     """Optimizer step number ``step`` (1-based): gradients of the micro-batches, the guard's verdict,
     the update if allowed. Returns detached metrics and the learning rate this step's update used."""
     accelerator, scaler = trainer.accelerator, trainer.accelerator.scaler
-    lr = trainer.scheduler.get_last_lr()[0]
+    lr = max(trainer.scheduler.get_last_lr())  # the schedule's own: layer decay scales other groups below it
     buffers = BufferSnapshot(unwrap(trainer.model))  # BatchNorm statistics move in forward: undone if refused
     if not trainer.attention.settled:
         settle_attention(trainer, micro_batches[0], buffers)

@@ -12,9 +12,9 @@ world size 2, all inside one launch, where every flavour also runs sharded with 
 combination measures its attention kernel (train.attention=auto), and every flavour also runs in
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
-options (RECIPES: patch dropout, several captions, layer-wise learning-rate decay) run with every
-flavour they apply to on one process and with an image-text and (if it applies) an image-only
-flavour on two.
+options (RECIPES: patch dropout, several captions, EMA weights, layer-wise learning-rate decay) run
+with every flavour they apply to on one process and with an image-text and (if it applies) an
+image-only flavour on two; EMA also runs sharded with those two flavours on one and on two processes.
 """
 
 from __future__ import annotations
@@ -46,10 +46,13 @@ COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # process and with an image-text and an image-only flavour on two. Patch dropout's unmasked tuning
 # covers the last of the 3 steps, so the resume from step 2 crosses the switch.
 # Several captions per sample: the digits' .txt sentence or their .json class name, drawn per sample.
+# EMA weights: a decay low enough that 3 steps move the average visibly; they also run sharded
+# (FSDP keeps each rank's shards of the average), on one and on two processes.
 # Layer-wise learning-rate decay counts the blocks of an image-text model's towers.
 RECIPES = {"plain": {},
            "patch_dropout": {"model.patch_dropout": 0.5, "model.patch_dropout_unmasked_steps": 1},
            "multi_caption": {"data.caption_keys": {"txt": 0.5, "classname": 0.5}},
+           "ema": {"train.ema_decay": 0.9},
            "layer_decay": {"train.layer_decay": 0.75}}
 IMAGE_TEXT_RECIPES = {"multi_caption", "layer_decay"}  # recipes about captions or both towers: image-text only
 
@@ -164,6 +167,7 @@ def world_one() -> list[Combination]:
     recipes = [_combination(f, "vit", "k1", next(precisions), recipe=recipe)
                for recipe in RECIPES if recipe != "plain" for f in flavours()
                if recipe not in IMAGE_TEXT_RECIPES or is_image_text(f[1])]
+    recipes += [_combination(f, "vit", "k1", "fp32", sharding="fsdp", recipe="ema") for f in compiled_cover()]
     return grid + towers + sharded + math + compiled + recipes
 
 
@@ -191,4 +195,5 @@ def world_two() -> list[Combination]:
     out += [_combination(f, "vit", "features2", "fp32", world_size=2, recipe=recipe)
             for recipe in RECIPES if recipe != "plain" for f in compiled_cover()
             if recipe not in IMAGE_TEXT_RECIPES or is_image_text(f[1])]
+    out += [_combination(f, "vit", "k1", "bf16", world_size=2, sharding="fsdp", recipe="ema") for f in compiled_cover()]
     return out

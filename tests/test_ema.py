@@ -53,6 +53,17 @@ def test_ema_decay_outside_zero_to_one_is_refused_with_one_line():
         assert "\n" not in str(caught.value)
 
 
+def test_the_memory_plan_counts_the_average_of_every_trainable_parameter():
+    """4 fp32 bytes a trainable parameter: whole with DDP, about half of it per rank sharded over 2."""
+    from clipx.apps.plan import plan_memory
+    from clipx.methods import build_model
+
+    parameters = sum(p.numel() for p in build_model(load_config(DEMO)).parameters())
+    plain, averaged = (plan_memory(load_config(DEMO, extra), 2) for extra in ([], ["train.ema_decay=0.99"]))
+    assert averaged.model_state - plain.model_state == 4 * parameters
+    assert 2 * parameters <= averaged.model_state_fsdp - plain.model_state_fsdp <= 2.01 * parameters
+
+
 @pytest.fixture()
 def ema_trainer(digits_dir, tiny_model_json, tmp_path):
     from clipx.train.build import build_trainer

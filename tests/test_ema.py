@@ -120,6 +120,31 @@ def test_evaluation_during_training_scores_the_average_and_puts_the_trained_weig
     assert records[-1]["kind"] == "eval" and records[-1]["weights"] == "ema"
 
 
+def test_evaluating_the_average_of_a_sharded_model_leaves_its_training_unchanged(digits_dir, tiny_model_json, tmp_path):
+    """FSDP over a group of one: a run that evaluates its EMA weights mid-run (swapped into the shards,
+    then swapped back) trains on exactly as its twin that does not. Blocks stay gathered after a
+    forward pass here (fsdp_reshard_after_forward=false), so a gathered copy of the averages would
+    outlive the evaluation unless the swap frees it."""
+    from clipx.dist import full_tensor
+    from clipx.train.build import build_trainer
+    from clipx.train.loop import evaluate_now, fetch, train_step
+
+    twins = []
+    for name in ("evaluated", "twin"):
+        config = load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path / name, **{
+            "train.ema_decay": DECAY, "data.workers": 0, "train.batch_size": 32, "train.sharding": "fsdp",
+            "train.fsdp_reshard_after_forward": False}))
+        trainer = build_trainer(config)
+        batches = trainer.stream.batches(0)
+        for step in (1, 2, 3):
+            train_step(trainer, fetch(trainer, batches, step)[1], step)
+            if step == 2 and name == "evaluated":
+                assert evaluate_now(trainer, step)["weights"] == "ema"
+        twins.append({k: full_tensor(v).clone() for k, v in trainer.model.state_dict().items()})
+        trainer.log.close()
+    assert all(torch.equal(v, twins[1][k]) for k, v in twins[0].items())
+
+
 def _train(digits_dir, tiny_model_json, run, resume=None, **extra):
     from clipx.train.loop import train
 

@@ -166,6 +166,7 @@ def _add_eval(commands) -> None:
         sub.add_argument("--batch-size", type=int, default=256)
         sub.add_argument("--workers", type=int, default=2)
         _add_precision(sub)
+        _add_weights(sub)
         if task == "knn":
             sub.add_argument("--k", type=int, default=20)
             sub.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
@@ -179,11 +180,18 @@ def _add_eval(commands) -> None:
         sub.add_argument("--batch-size", type=int, default=256)
         sub.add_argument("--workers", type=int, default=2)
         _add_precision(sub)
+        _add_weights(sub)
         if task == "zero-shot":
             sub.add_argument("--templates", default=None,
                              help="shipped name (digits, imagenet) or YAML path; default: the checkpoint's eval.templates")
             sub.add_argument("--label-key", default=None, help="field of the .json holding the class index")
         sub.set_defaults(func=_eval)
+
+
+def _add_weights(parser) -> None:
+    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                        help="the trained weights (raw) or their moving average (ema, train.ema_decay); "
+                        "auto: ema when the checkpoint has it")
 
 
 def _add_precision(parser) -> None:
@@ -192,13 +200,14 @@ def _add_precision(parser) -> None:
 
 
 def _eval(args) -> int:
-    from clipx.api import load_model
+    from clipx.api import choose_weights, load_model
     from clipx.data.shards import clip_benchmark_shards
     from clipx.data.tokenizer import Tokenizer
     from eval.run import default_device, evaluate
 
     device = default_device()
-    model, config = load_model(args.checkpoint, device)
+    weights = choose_weights(args.checkpoint, args.weights)
+    model, config = load_model(args.checkpoint, device, weights)
     zero_shot = args.task == "zero-shot"
     data, templates = args.data, getattr(args, "templates", None) or config.eval.templates
     clip_benchmark = clip_benchmark_shards(args.data)
@@ -212,6 +221,7 @@ def _eval(args) -> int:
                        batch_size=args.batch_size, workers=args.workers, precision=args.precision)
     results["checkpoint"] = str(args.checkpoint)
     results["precision"] = args.precision
+    results["weights"] = weights
     write_json_atomic(Path(args.out), results)
     print(json.dumps(results, indent=2))
     return 0
@@ -220,17 +230,19 @@ def _eval(args) -> int:
 # ---- demo -------------------------------------------------------------------------------------
 
 def _eval_probe(args) -> int:
-    from clipx.api import load_model
+    from clipx.api import choose_weights, load_model
     from eval.image_probes import knn_eval, labelled_features, linear_probe_eval
     from eval.run import default_device
 
     device = default_device()
-    model, config = load_model(args.checkpoint, device)
+    weights = choose_weights(args.checkpoint, args.weights)
+    model, config = load_model(args.checkpoint, device, weights)
     train, test = (labelled_features(model, config.model, shards, device, args.label_key, args.batch_size,
                                      args.workers, args.precision) for shards in (args.train_data, args.data))
     key = "knn" if args.task == "knn" else "linear_probe"
     metrics = knn_eval(train, test, args.k, args.temperature) if key == "knn" else linear_probe_eval(train, test)
-    results = {key: metrics, "num_train": len(train[1]), "num_test": len(test[1]), "checkpoint": str(args.checkpoint)}
+    results = {key: metrics, "num_train": len(train[1]), "num_test": len(test[1]), "checkpoint": str(args.checkpoint),
+               "weights": weights}
     write_json_atomic(Path(args.out), results)
     print(json.dumps(results, indent=2))
     return 0
@@ -274,34 +286,43 @@ def _add_export(commands) -> None:
                         help="open_clip: a local-dir:DIR folder (open_clip_config.json + safetensors); "
                         "hf: a transformers CLIPModel folder with its tokenizer and image processor")
     export.add_argument("--out", required=True, help="directory to write")
+    _add_weights(export)
     export.set_defaults(func=_export)
 
 
 def _export(args) -> int:
+    from clipx.api import choose_weights
+
+    weights = choose_weights(args.checkpoint, args.weights)
     if args.format == "hf":
         from clipx.apps.export_hf import export_hf
 
-        out = export_hf(args.checkpoint, args.out)
-        print(f"wrote {out}: load it with transformers.CLIPModel.from_pretrained('{out}')")
+        out = export_hf(args.checkpoint, args.out, weights)
+        print(f"wrote {out} ({weights} weights): load it with transformers.CLIPModel.from_pretrained('{out}')")
         return 0
     from clipx.apps.export import export_open_clip
 
-    out = export_open_clip(args.checkpoint, args.out)
-    print(f"wrote {out}: load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    out = export_open_clip(args.checkpoint, args.out, weights)
+    print(f"wrote {out} ({weights} weights): load it with open_clip.create_model_and_transforms('local-dir:{out}')")
     return 0
 
 
 def _add_consolidate(commands) -> None:
     consolidate = commands.add_parser("consolidate", help="join a sharded (FSDP) checkpoint's model into one file")
     consolidate.add_argument("checkpoint", help="checkpoint directory (or a run directory: its latest)")
-    consolidate.add_argument("--out", default=None, help="file to write (default CHECKPOINT/model.safetensors)")
+    consolidate.add_argument("--out", default=None, help="file to write (default CHECKPOINT/model.safetensors; "
+                             "an EMA model goes beside it, as model_ema.safetensors or OUT's stem + _ema)")
     consolidate.set_defaults(func=_consolidate)
 
 
 def _consolidate(args) -> int:
     from clipx.api import consolidate
+    from clipx.run_layout import as_checkpoint, model_shards
 
     print(f"wrote {consolidate(args.checkpoint, args.out)}")
+    if model_shards(as_checkpoint(args.checkpoint), "ema"):  # train.ema_decay: the EMA model too, beside it
+        ema_out = None if args.out is None else Path(args.out).with_name(Path(args.out).stem + "_ema.safetensors")
+        print(f"wrote {consolidate(args.checkpoint, ema_out, 'ema')}")
     return 0
 
 
@@ -314,6 +335,7 @@ def _add_encode(commands) -> None:
     encode.add_argument("--batch-size", type=int, default=256)
     encode.add_argument("--workers", type=int, default=2)
     _add_precision(encode)
+    _add_weights(encode)
     encode.set_defaults(func=_encode)
 
 
@@ -321,7 +343,7 @@ def _encode(args) -> int:
     from clipx.apps.encode import encode
 
     summary = encode(args.checkpoint, args.out, images=args.images, texts=args.texts, batch_size=args.batch_size,
-                     workers=args.workers, precision=args.precision)
+                     workers=args.workers, precision=args.precision, weights=args.weights)
     print(json.dumps(summary, indent=2))
     return 0
 

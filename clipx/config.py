@@ -130,6 +130,12 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_clip_norm: Optional[float] = None
+    # Keep an fp32 moving average of the trainable weights, ema <- d * ema + (1 - d) * w after each
+    # applied step; evaluation during training and consumers (--weights auto) then use it. None: off.
+    ema_decay: Optional[float] = None
+    # Layer-wise learning-rate decay (BEiT) for fine-tuning pretrained towers: a tower's group k
+    # levels below its head (final norm, projection) trains at lr * layer_decay**k. None or 1: off.
+    layer_decay: Optional[float] = None
     # K micro-batches per optimizer step. features (GradCache): the loss sees all K x B samples as one
     # batch, at micro-batch memory, for one extra forward pass; naive: K separate losses of B
     # samples each (fewer negatives: not the same objective), gradients summed.
@@ -376,6 +382,10 @@ def validate(config: Config) -> None:
         raise ClipxError("train.warmup_steps, train.loss_spike_warmup, eval.every and data.workers must not be negative")
     if config.data.max_skip_fraction is not None and not 0.0 <= config.data.max_skip_fraction <= 1.0:
         raise ClipxError(f"data.max_skip_fraction must be in [0, 1] (or null); got {config.data.max_skip_fraction}")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise ClipxError(f"train.ema_decay must be in (0, 1) (or null); got {t.ema_decay}")
+    if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
+        raise ClipxError(f"train.layer_decay must be in (0, 1] (or null); got {t.layer_decay}")
     if t.loss_spike_factor is not None and not t.loss_spike_factor > 1.0:
         raise ClipxError(f"train.loss_spike_factor must be above 1 (or null); got {t.loss_spike_factor}")
     if not 0.0 <= config.model.patch_dropout < 1.0:

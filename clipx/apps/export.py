@@ -20,12 +20,13 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
-def export_open_clip(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write ``checkpoint`` as an open_clip local directory ``out``; returns ``out``."""
+def export_open_clip(checkpoint: str | Path, out: str | Path, weights: str = "auto") -> Path:
+    """Write ``checkpoint`` (its ``weights``: auto, ema or raw, as clipx.api.load_model) as an open_clip
+    local directory ``out``; returns ``out``."""
     from clipx.api import load_model
     from clipx.models import image_size
 
-    model, config = load_model(checkpoint)
+    model, config = load_model(checkpoint, weights=weights)
     if not hasattr(model, "encode_text"):
         raise ClipxError(f"{checkpoint} is an image-only ({config.loss.name}) model: export covers CLIP models")
     if config.model.text_tower != "open_clip":

@@ -115,11 +115,12 @@ def write_image_processor(out: Path, size: int, mean, std) -> None:
         "do_convert_rgb": True}))
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+def export_hf(checkpoint: str | Path, out: str | Path, weights: str = "auto") -> Path:
+    """Write ``checkpoint`` (its ``weights``: auto, ema or raw) as a transformers CLIPModel folder ``out``."""
     from clipx.api import load_model
     from clipx.models import image_size
 
-    model, config = load_model(checkpoint)
+    model, config = load_model(checkpoint, weights=weights)
     if config.model.text_tower != "open_clip" or not hasattr(model, "encode_text") or model.logit_bias is not None:
         raise ClipxError("--format hf exports CLIP models with open_clip towers and no SigLIP bias (CLIPModel has "
                          "neither a transformers text tower slot nor a logit bias); use --format open_clip")

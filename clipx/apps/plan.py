@@ -8,7 +8,8 @@ Estimates, per rank, for one training step:
   activations  what autograd saves in the towers' forward pass, measured on a 2-sample forward and
                scaled to the micro-batch
   model state  fp32 parameters, gradients and AdamW's two moments (16 bytes a trainable parameter,
-               4 a frozen one): whole on every rank with DDP; with FSDP each rank holds its rows of
+               4 a frozen one), and with train.ema_decay the fp32 average of every trainable one
+               (4 bytes more): whole on every rank with DDP; with FSDP each rank holds its rows of
                every parameter (torch.chunk along dim 0, as fully_shard splits them), so about 1/N.
                FSDP also gathers one block at a time for compute (not counted: one block is small
                next to the whole model).
@@ -54,7 +55,7 @@ class MemoryPlan:
         rows = [("logit matrices", self.logits, self.logits),
                 ("gathered features + grads", self.features, self.features),
                 ("tower activations (micro-batch)", self.activations, self.activations),
-                ("params + grads + AdamW", self.model_state, self.model_state_fsdp),
+                ("params + grads + AdamW (+ EMA)", self.model_state, self.model_state_fsdp),
                 ("total", self.total, self.total_fsdp)]
         head = (f"per-rank memory: world size {self.world_size}, micro-batch {self.micro_batch}, "
                 f"global batch {self.global_batch}")
@@ -110,19 +111,21 @@ def plan_memory(config: Config, world_size: int, global_batch: int | None = None
         logits=logits,
         features=features,
         activations=activation_bytes(model, config, micro),
-        model_state=model_state_bytes(model, 1),
-        model_state_fsdp=model_state_bytes(model, world_size),
+        model_state=model_state_bytes(model, 1, t.ema_decay is not None),
+        model_state_fsdp=model_state_bytes(model, world_size, t.ema_decay is not None),
     )
 
 
-def model_state_bytes(model: torch.nn.Module, shards: int) -> int:
-    """fp32 parameters, gradients and AdamW moments of the rank holding the most, with every parameter
-    split into ``shards`` row blocks along dim 0 (1: not sharded). Frozen parameters: weights only."""
+def model_state_bytes(model: torch.nn.Module, shards: int, ema: bool = False) -> int:
+    """fp32 parameters, gradients and AdamW moments (and with ``ema`` their average) of the rank
+    holding the most, with every parameter split into ``shards`` row blocks along dim 0 (1: not
+    sharded). Frozen parameters: weights only."""
+    trainable = 16 + (FP32 if ema else 0)
     total = 0
     for parameter in model.parameters():
         rows = parameter.shape[0] if parameter.ndim else 1
         share = -(-rows // shards) * (parameter.numel() // max(rows, 1))  # rank 0 holds the largest chunk
-        total += (16 if parameter.requires_grad else FP32) * share
+        total += (trainable if parameter.requires_grad else FP32) * share
     return total
 
 

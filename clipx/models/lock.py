@@ -9,6 +9,9 @@ always trains (it starts random).
 Locked means unchanged, BatchNorm statistics included: a BatchNorm layer whose parameters are all
 locked stays in eval mode (it normalises with its pretrained running statistics and never updates
 them), as open_clip's own locking does for ResNet towers.
+
+The same groups are the levels of layer-wise learning-rate decay (``train.layer_decay``,
+clipx.train.optim), through ``layer_groups``.
 """
 
 from __future__ import annotations
@@ -31,19 +34,24 @@ def _group(name: str, blocks: int) -> int:
     return blocks + 1 if name.split(".")[0] in ("ln_post", "proj", "ln_final", "text_projection") else 0
 
 
+def layer_groups(names: list[str]) -> tuple[dict[str, int], int]:
+    """(each parameter name's group, the number of transformer blocks) for a tower's parameter names:
+    0 for the stem, 1..blocks for the blocks, blocks + 1 for the head (if it has one)."""
+    blocks = 1 + max((int(m.group(1)) for m in map(_BLOCK.search, names) if m), default=-1)
+    return {name: _group(name, blocks) for name in names}, blocks
+
+
 def lock_tower(tower: torch.nn.Module, unlocked: int, keep_trainable: tuple[str, ...] = ()) -> int:
     """Freeze ``tower`` but its last ``unlocked`` groups and the parameters named in ``keep_trainable``;
     returns how many parameters were frozen."""
-    names = [name for name, _ in tower.named_parameters() if not name.startswith(keep_trainable)]
-    blocks = 1 + max((int(m.group(1)) for m in map(_BLOCK.search, names) if m), default=-1)
+    groups, blocks = layer_groups([name for name, _ in tower.named_parameters() if not name.startswith(keep_trainable)])
     if unlocked and not blocks:
         raise ClipxError(f"this {type(tower).__name__} tower has no transformer blocks to count unlocked groups "
                          "in (a ResNet?); lock it whole (unlocked groups 0) or not at all")
-    last_group = max(_group(name, blocks) for name in names)  # blocks + 1, or blocks without a head
-    first_unlocked = last_group + 1 - unlocked
+    first_unlocked = max(groups.values()) + 1 - unlocked  # the last group: blocks + 1, or blocks without a head
     frozen = 0
     for name, param in tower.named_parameters():
-        if name.startswith(keep_trainable) or _group(name, blocks) >= first_unlocked:
+        if name.startswith(keep_trainable) or groups[name] >= first_unlocked:
             continue
         param.requires_grad_(False)
         frozen += param.numel()

@@ -23,6 +23,7 @@ from clipx.models.patch_dropout import PatchDropoutSchedule
 from clipx.models.pretrained import init_from_pretrained
 from clipx.templates import load_templates
 from clipx.train.checkpoint import Stateful
+from clipx.train.ema import ModelEma
 from clipx.train.guards import UpdateGuard
 from clipx.train.metrics_log import MetricsLog, SampleKeysLog
 from clipx.train.optim import build_optimizer
@@ -54,11 +55,12 @@ class Trainer:
     owns_process_group: bool = True
     compiled: bool = False  # torch.compile wraps the model (train.compile, or auto's choice)
     patch_dropout: PatchDropoutSchedule | None = None  # FLIP's unmasked tuning at the end of the run
+    ema: ModelEma | None = None  # train.ema_decay: the moving average of the trainable weights
 
     def stateful(self) -> Stateful:
         """What checkpoints save and restore besides the counters."""
         return Stateful(unwrap(self.model), self.optimizer, self.scheduler, self.objective, self.accelerator.scaler,
-                        self.stream)
+                        self.stream, self.ema)
 
 
 def total_steps(train_cfg, batches_per_epoch: int) -> int:
@@ -100,8 +102,9 @@ def retime_epoch_run(trainer: "Trainer", batches_done: int) -> None:
     epoch, in_epoch = stream.resume_point
     rest = stream.epoch_length(epoch) - in_epoch + max(tcfg.epochs - epoch - 1, 0) * stream.batches_per_epoch
     trainer.total_steps = max(1, (batches_done + rest) // tcfg.accum_steps)
-    trainer.scheduler.lr_lambdas[0] = functools.partial(cosine_with_warmup, total_steps=trainer.total_steps,
-                                                        warmup_steps=tcfg.warmup_steps)
+    schedule = functools.partial(cosine_with_warmup, total_steps=trainer.total_steps, warmup_steps=tcfg.warmup_steps)
+    # LambdaLR keeps one multiplier per parameter group (weight decay, layer decay): all follow the new total.
+    trainer.scheduler.lr_lambdas[:] = [schedule] * len(trainer.scheduler.lr_lambdas)
 
 
 def check_inputs(config: Config) -> Method:
@@ -149,6 +152,7 @@ def build_trainer(config: Config) -> Trainer:
     if tcfg.sharding == "fsdp":  # before the optimizer exists: sharding replaces the parameters
         model = shard_model(model, tcfg, accelerator.device.type, accelerator.num_processes)
     optimizer = build_optimizer(model, tcfg)
+    ema = ModelEma(unwrap(model), tcfg.ema_decay) if tcfg.ema_decay is not None else None  # the initial weights
     stream = TrainStream(config.data, method.train_transform(config), tcfg.batch_size, tcfg.seed,
                          method.collate(config), accelerator.process_index, accelerator.num_processes)
     steps = total_steps(tcfg, stream.batches_per_epoch)
@@ -182,4 +186,4 @@ def build_trainer(config: Config) -> Trainer:
     patch_dropout = (PatchDropoutSchedule(unwrap(model), m.patch_dropout, m.patch_dropout_unmasked_steps)
                      if m.patch_dropout and m.patch_dropout_unmasked_steps else None)
     return Trainer(config, method, accelerator, model, objective, optimizer, scheduler, stream, steps, log,
-                   guard, keys_log, AttentionKernel(tcfg.attention), owns_process_group, compiled, patch_dropout)
+                   guard, keys_log, AttentionKernel(tcfg.attention), owns_process_group, compiled, patch_dropout, ema)

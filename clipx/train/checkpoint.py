@@ -2,10 +2,11 @@
 
 Layout of ``<output_dir>/checkpoints/step-000000100/``:
   model.safetensors          the model's weights (what evaluators load)
+  model_ema.safetensors      with train.ema_decay: the model with its EMA weights (clipx.train.ema)
   state.safetensors/.json    optimizer, LR scheduler and loss scaler (the same on every rank)
-  model-shard<r>.*, optimizer-shard<r>.*
-                             with train.sharding=fsdp, instead of model.safetensors and the optimizer
-                             in state.*: rank r's shards (clipx.train.sharding)
+  model-shard<r>.*, optimizer-shard<r>.*, model_ema-shard<r>.*
+                             with train.sharding=fsdp, instead of model.safetensors, the optimizer
+                             in state.* and model_ema.safetensors: rank r's shards (clipx.train.sharding)
   rank<r>.safetensors/.json  rank r's RNG states, its objective's state (MoCo/SwAV queues) and its
                              loader workers' data positions
   config.yaml                the resolved config: rebuilds the model with no other file
@@ -35,6 +36,7 @@ from clipx import dist
 from clipx.config import Config, dump_config
 from clipx.errors import ClipxError
 from clipx.run_layout import CHECKPOINT_DIRNAME, MANIFEST, TMP_PREFIX, as_checkpoint, checkpoint_dir, list_checkpoints
+from clipx.train.ema import ModelEma, load_ema, save_ema
 from clipx.train.sharding import is_sharded, load_shards, local_part, save_shards
 from clipx.train.state_io import fsync_dir, fsync_file, load_tree, save_tree, write_text_synced
 
@@ -59,6 +61,7 @@ class Stateful:
     objective: object
     scaler: object | None = None
     data: object | None = None  # the data stream (its workers' positions)
+    ema: ModelEma | None = None  # train.ema_decay's moving average
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: TrainerState, parts: Stateful,
@@ -81,6 +84,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, config: Config, state: 
                                     "data": parts.data.state_dict() if parts.data is not None else {}})
     if sharded:
         save_shards(tmp, rank, weights, parts.model, parts.optimizer)
+    if parts.ema is not None:
+        save_ema(tmp, rank, weights, parts.ema, sharded, accelerator.is_main_process)
     if accelerator.is_main_process:
         if not sharded:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
@@ -199,6 +204,8 @@ def load_training_state(accelerator, path: Path, parts: Stateful) -> TrainerStat
             parts.model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
             parts.optimizer.load_state_dict(shared["optimizer"])
         parts.scheduler.load_state_dict(shared["scheduler"])
+        if parts.ema is not None and not load_ema(path, parts.ema):
+            accelerator.print(f"{path} holds no EMA weights: train.ema_decay averages from the resumed weights on")
         if parts.scaler is not None and shared["scaler"] is not None:
             parts.scaler.load_state_dict(shared["scaler"])
         # Another number of processes: rank r takes old rank r mod N's objective state (queues) and

@@ -167,7 +167,7 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
     """Optimizer step number ``step`` (1-based): gradients of the micro-batches, the guard's verdict,
     the update if allowed. Returns detached metrics and the learning rate this step's update used."""
     accelerator, scaler = trainer.accelerator, trainer.accelerator.scaler
-    lr = trainer.scheduler.get_last_lr()[0]
+    lr = max(trainer.scheduler.get_last_lr())  # the schedule's own: layer decay scales other groups below it
     buffers = BufferSnapshot(unwrap(trainer.model))  # BatchNorm statistics move in forward: undone if refused
     if not trainer.attention.settled:
         settle_attention(trainer, micro_batches[0], buffers)
@@ -185,6 +185,8 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
                                            scaler.get_scale() if scaler is not None else None)
     if accepted:
         trainer.optimizer.step()  # under fp16 Accelerate's wrapper also calls scaler.update()
+        if trainer.ema is not None:
+            trainer.ema.update()
     else:
         buffers.restore()
         if scaler is not None:
@@ -236,7 +238,8 @@ def save(trainer: Trainer, state: TrainerState) -> Path:
 
 
 def evaluate_now(trainer: Trainer, step: int) -> dict | None:
-    """Zero-shot and retrieval on data.val, sharded across all ranks (each embeds its share).
+    """Zero-shot and retrieval on data.val, sharded across all ranks (each embeds its share), of the
+    EMA weights when the run keeps them (train.ema_decay), else of the trained ones; ``weights`` says which.
 
     The evaluators are applications above the library's core: reached here, at evaluation time only.
     """
@@ -248,13 +251,15 @@ def evaluate_now(trainer: Trainer, step: int) -> dict | None:
     from eval.run import evaluate, flatten_metrics
 
     e = config.eval
-    results = evaluate(unwrap(trainer.model), Tokenizer(config.model), config.model, config.data.val,
-                       trainer.accelerator.device, e.zero_shot and "zero_shot" in method.evaluators,
-                       e.retrieval and "retrieval" in method.evaluators, e.templates, e.label_key, e.batch_size,
-                       config.data.workers, ShardOpener.from_config(config.data),
-                       # bf16 training evaluates in bf16 too; fp32 and fp16 runs evaluate in fp32.
-                       precision="bf16" if config.train.precision == "bf16" else "fp32")
-    trainer.log.log(step, "eval", flatten_metrics(results))
+    with trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext():
+        results = evaluate(unwrap(trainer.model), Tokenizer(config.model), config.model, config.data.val,
+                           trainer.accelerator.device, e.zero_shot and "zero_shot" in method.evaluators,
+                           e.retrieval and "retrieval" in method.evaluators, e.templates, e.label_key, e.batch_size,
+                           config.data.workers, ShardOpener.from_config(config.data),
+                           # bf16 training evaluates in bf16 too; fp32 and fp16 runs evaluate in fp32.
+                           precision="bf16" if config.train.precision == "bf16" else "fp32")
+    results["weights"] = "ema" if trainer.ema is not None else "raw"
+    trainer.log.log(step, "eval", {"weights": results["weights"], **flatten_metrics(results)})
     return results
 
 

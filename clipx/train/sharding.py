@@ -29,6 +29,7 @@ import functools
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,7 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from clipx import dist
 from clipx.errors import ClipxError
-from clipx.run_layout import MODEL_SHARD
+from clipx.run_layout import MODEL_SHARD, WEIGHT_FILES, model_shards
 from clipx.train.state_io import load_tree, merge_shards, save_tree
 
 # train.precision -> the dtype parameters are gathered in for compute; gradients are reduced in fp32.
@@ -182,9 +183,19 @@ def load_shards(folder: Path, world_size: int, model: nn.Module, optimizer) -> N
     set_optimizer_state_dict(model, _bare(optimizer), optimizer_state, options=whole)
 
 
-def read_sharded_model(folder: Path, world_size: int) -> dict[str, torch.Tensor]:
+def read_sharded_model(folder: Path, world_size: int, stem: str = MODEL_SHARD) -> dict[str, torch.Tensor]:
     """The whole model state dict from the model shards of ``world_size`` ranks (no process group needed)."""
-    return merge_shards([load_tree(folder / MODEL_SHARD.format(rank=r)) for r in range(world_size)])
+    return merge_shards([load_tree(folder / stem.format(rank=r)) for r in range(world_size)])
+
+
+def read_model_state(checkpoint: Path, weights: str = "raw") -> dict[str, torch.Tensor]:
+    """The whole state dict of ``checkpoint``'s raw or EMA model (``weights``), on the host: its
+    whole file (a DDP run's, or consolidated), or else its ranks' shards joined."""
+    whole, stem = WEIGHT_FILES[weights]
+    shards = model_shards(checkpoint, weights)
+    if (checkpoint / whole).is_file() or not shards:
+        return load_file(str(checkpoint / whole), device="cpu")
+    return read_sharded_model(checkpoint, shards, stem)
 
 
 def _bare(optimizer):

@@ -12,8 +12,10 @@ world size 2, all inside one launch, where every flavour also runs sharded with 
 combination measures its attention kernel (train.attention=auto), and every flavour also runs in
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
-options (RECIPES: patch dropout, several captions, hard negatives) run with every flavour they apply to on one
-process and with an image-text and (if it applies) an image-only flavour on two.
+options (RECIPES: patch dropout, several captions, hard negatives, EMA weights, layer-wise
+learning-rate decay) run with every flavour they apply to on one process and with an image-text and
+(if it applies) an image-only flavour on two; EMA also runs sharded with those two flavours on one
+and on two processes.
 """
 
 from __future__ import annotations
@@ -46,11 +48,16 @@ COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # covers the last of the 3 steps, so the resume from step 2 crosses the switch.
 # Several captions per sample: the digits' .txt sentence or their .json class name, drawn per sample.
 # Hard negatives: the digits' .json "negative", the caption's template filled with another class.
+# EMA weights: a decay low enough that 3 steps move the average visibly; they also run sharded
+# (FSDP keeps each rank's shards of the average), on one and on two processes.
+# Layer-wise learning-rate decay counts the blocks of an image-text model's towers.
 RECIPES = {"plain": {},
            "patch_dropout": {"model.patch_dropout": 0.5, "model.patch_dropout_unmasked_steps": 1},
            "multi_caption": {"data.caption_keys": {"txt": 0.5, "classname": 0.5}},
-           "hard_negatives": {"data.hard_negative_key": "negative"}}
-CAPTION_RECIPES = {"multi_caption"}  # recipes about captions: image-text flavours only
+           "hard_negatives": {"data.hard_negative_key": "negative"},
+           "ema": {"train.ema_decay": 0.9},
+           "layer_decay": {"train.layer_decay": 0.75}}
+IMAGE_TEXT_RECIPES = {"multi_caption", "layer_decay"}  # recipes about captions or both towers: image-text only
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -143,7 +150,7 @@ def recipe_applies(recipe: str, objective: str) -> bool:
     """Whether a flavour of ``objective`` can train with ``recipe`` (the others refuse it)."""
     if recipe == "hard_negatives":
         return METHODS.get(objective).hard_negatives
-    return recipe not in CAPTION_RECIPES or is_image_text(objective)
+    return recipe not in IMAGE_TEXT_RECIPES or is_image_text(objective)
 
 
 def _serves(tower: str, objective: str) -> bool:
@@ -169,6 +176,7 @@ def world_one() -> list[Combination]:
     precisions = itertools.cycle(PRECISION)
     recipes = [_combination(f, "vit", "k1", next(precisions), recipe=recipe)
                for recipe in RECIPES if recipe != "plain" for f in flavours() if recipe_applies(recipe, f[1])]
+    recipes += [_combination(f, "vit", "k1", "fp32", sharding="fsdp", recipe="ema") for f in compiled_cover()]
     return grid + towers + sharded + math + compiled + recipes
 
 
@@ -195,4 +203,5 @@ def world_two() -> list[Combination]:
     out += [_combination(f, "vit", "k1", "bf16", world_size=2, compile="compiled") for f in compiled_cover()[:1]]
     out += [_combination(f, "vit", "features2", "fp32", world_size=2, recipe=recipe)
             for recipe in RECIPES if recipe != "plain" for f in compiled_cover() if recipe_applies(recipe, f[1])]
+    out += [_combination(f, "vit", "k1", "bf16", world_size=2, sharding="fsdp", recipe="ema") for f in compiled_cover()]
     return out

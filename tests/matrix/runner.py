@@ -4,7 +4,8 @@ In-process at world size 1 (``run_combination``); at world size 2 every combinat
 torchrun launch (``python -m torch.distributed.run --nproc_per_node 2 -m tests.matrix.runner OUT DATA
 NAME...``), whose process group all the runs share. Each run reports what the test asserts:
 the losses, which trainable tensors moved, which locked tensors changed, and whether the resumed
-run ended bitwise equal to the unbroken one.
+run ended bitwise equal to the unbroken one (its weights, objective state and, with
+train.ema_decay, its EMA weights).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
         "objective_state_differs": sorted(k for k in states[0] if k.startswith("t.objective")
                                           and not torch.equal(states[0][k], states[1][k])),
         "world_size": dist.world_size(),
+        **_ema_findings(combination, final_dir, resumed / "checkpoints" / f"step-{STEPS:09d}", initial, trainable),
     }
     if dist.is_distributed():
         torch.distributed.barrier()  # every rank has read the checkpoints
@@ -110,6 +112,20 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
         # and the findings are all the test needs.
         shutil.rmtree(work)
     return findings
+
+
+def _ema_findings(combination: Combination, final_dir: Path, resumed_dir: Path, initial: dict,
+                  trainable: set[str]) -> dict:
+    """With train.ema_decay: whether the resumed run's EMA weights equal the unbroken run's bitwise,
+    and which trainable tensors' averages no step moved."""
+    from clipx.api import read_weights
+
+    if "train.ema_decay" not in combination.overrides:
+        return {"ema_checked": False, "ema_resume_differs": [], "ema_unmoved": []}
+    final, again = (read_weights(folder, initial, "ema") for folder in (final_dir, resumed_dir))
+    return {"ema_checked": True,
+            "ema_resume_differs": sorted(n for n in final if not torch.equal(final[n], again[n])),
+            "ema_unmoved": sorted(n for n in trainable if torch.equal(initial[n], final[n]))}
 
 
 def main() -> None:

@@ -88,6 +88,28 @@ def _add_prep(commands) -> None:
         if sub is not digits:
             sub.add_argument("--image-size", type=int, default=224)
             sub.add_argument("--shard-size", type=int, default=10000)
+    _add_embed_teacher(sources)
+
+
+def _add_embed_teacher(sources) -> None:
+    embed = sources.add_parser("embed-teacher", help="copy shards adding each sample's teacher embeddings "
+                                                      "(teacher.npy), for distill.embedded")
+    embed.add_argument("--teacher", required=True, help="a clipx run or checkpoint, an open_clip folder or a "
+                                                        "transformers CLIPModel folder")
+    embed.add_argument("--shards", required=True, help="shard pattern or folder to embed")
+    embed.add_argument("--out", required=True, help="output folder: the shards again, sizes.json, teacher.json")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--device", default="cpu")
+    embed.set_defaults(func=_prep_embed_teacher)
+
+
+def _prep_embed_teacher(args) -> int:
+    from data_prep.embed_teacher import embed_teacher, summary_line
+
+    if args.batch_size <= 0:
+        raise ClipxError(f"--batch-size must be positive; got {args.batch_size}")
+    print(summary_line(embed_teacher(args.teacher, args.shards, args.out, args.batch_size, args.device)))
+    return 0
 
 
 def _prep_digits(args) -> int:

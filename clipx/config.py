@@ -119,6 +119,28 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher CLIP (clipx/methods/distill.py), on any
+    image-text method: weight x KL(teacher || student) of the similarity softmaxes, both directions.
+
+    The teacher runs online (``teacher``: a clipx run or checkpoint, an open_clip folder or a
+    transformers CLIPModel folder) or was run once by ``clipx prep embed-teacher``, whose shards
+    carry each sample's teacher embeddings in a ``teacher.npy`` member (``embedded: true``).
+    """
+
+    teacher: Optional[str] = None
+    embedded: bool = False
+    weight: float = 1.0  # added to the method's own loss (open_clip's DistillClipLoss sums them too)
+    # The teacher's logit scale (exp'd) for its logits; None: the online teacher's own, or the one
+    # embed-teacher recorded in teacher.json beside the shards.
+    teacher_logit_scale: Optional[float] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher is not None or self.embedded
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 256  # per device; per micro-batch when accum_steps > 1
     steps: Optional[int] = None  # total optimizer steps; wins over epochs
@@ -295,6 +317,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -404,6 +427,14 @@ def validate(config: Config) -> None:
     if views_crop is not None and not 0.0 < views_crop <= 1.0:
         raise ClipxError(f"ssl.views.crop_scale_min must be in (0, 1]; got {views_crop}")
     _validate_ssl(config)
+    d = config.distill
+    if d.teacher is not None and d.embedded:
+        raise ClipxError("distill.teacher (run the teacher online) and distill.embedded (read its embeddings from "
+                         "the shards) exclude each other; set one")
+    if not (math.isfinite(d.weight) and d.weight >= 0):
+        raise ClipxError(f"distill.weight must be a finite number >= 0; got {d.weight}")
+    if d.teacher_logit_scale is not None and not d.teacher_logit_scale > 0:
+        raise ClipxError(f"distill.teacher_logit_scale must be positive (or null); got {d.teacher_logit_scale}")
     if config.model.text_tower == "hf" and not config.model.hf_text_path:
         raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")
 

@@ -69,7 +69,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._name = ""
         self._count = 0
-        _make_dir(self.out_dir)
+        make_dir(self.out_dir)
         # An old sizes.json next to half-rewritten shards would describe the wrong data.
         (self.out_dir / SIZES_FILE).unlink(missing_ok=True)
 
@@ -85,7 +85,7 @@ class ShardWriter:
             self._open_next()
         text = json.dumps(jsonable(meta), ensure_ascii=False, allow_nan=False)
         for ext, data in (("jpg", jpg), ("txt", caption.encode("utf-8")), ("json", text.encode())):
-            _add_member(self._tar, f"{key}.{ext}", data)
+            add_member(self._tar, f"{key}.{ext}", data)
         self._count += 1
 
     def close(self) -> dict[str, int]:
@@ -154,7 +154,7 @@ def jsonable(value):
     return str(value)
 
 
-def _make_dir(path: Path) -> None:
+def make_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as error:
@@ -167,7 +167,7 @@ def _check_key(key: str) -> None:
         raise ValueError(f"sample key must be non-empty without '.' or '/', got {key!r}")
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0  # fixed header fields make shards reproducible byte for byte

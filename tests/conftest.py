@@ -31,11 +31,35 @@ def attention_kernel_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    """scikit-learn digits as shards: <dir>/train (6 shards of <=256) and <dir>/test (2 shards)."""
+    """scikit-learn digits as shards: <dir>/train (6 shards of <=256) and <dir>/test (2 shards), and
+    <dir>/teacher, a seeded untrained tiny CLIP checkpoint that distillation runs use as their teacher,
+    and <dir>/train-teacher, the training shards with its embeddings (for distill.embedded)."""
     from data_prep import prep_digits
+    from data_prep.embed_teacher import embed_teacher
 
     out = tmp_path_factory.mktemp("digits")
     prep_digits(out, image_size=32, shard_size=256, workers=0)
+    write_tiny_teacher(out / "teacher")
+    embed_teacher(out / "teacher", str(out / "train"), out / "train-teacher")
+    return out
+
+
+def write_tiny_teacher(out: Path) -> Path:
+    """A clipx checkpoint (config.yaml + model.safetensors) of a seeded random tiny CLIP whose
+    embeddings are 24 wide, unlike the students' 32: the distillation loss must not need them alike."""
+    import torch
+    from safetensors.torch import save_file
+
+    from clipx.config import dump_config, load_config
+    from clipx.methods import build_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    arch = out / "arch.json"
+    arch.write_text(json.dumps({**TINY_ARCH, "embed_dim": 24}))
+    config = load_config(None, [f"model.name={arch}"])
+    torch.manual_seed(1234)
+    save_file(build_model(config).state_dict(), str(out / "model.safetensors"))
+    dump_config(config, out / "config.yaml")
     return out
 
 

@@ -14,6 +14,10 @@ VIEWS = "views"  # list of (B, 3, H, W) augmented views of the same images (self
 KEY = "key"  # list of B sample keys, for de-duplication and debugging
 NEGATIVE_TEXT = "negative_text"  # (B, L) token ids of each sample's hard-negative caption ("" where it has none)
 NEGATIVE_MASK = "negative_mask"  # (B,) bool: whether the sample has a hard negative
+# Distillation (clipx/methods/distill.py): the teacher's own inputs, or its stored embeddings.
+TEACHER_IMAGE = "teacher_image"  # (B, 3, H', W') the image through the teacher's transform
+TEACHER_TEXT = "teacher_text"  # (B, L') the caption through the teacher's tokenizer
+TEACHER_EMBEDDING = "teacher_embedding"  # (B, 2, Dt) float: the teacher's image and text embeddings
 
 
 class ImageTextBatch:

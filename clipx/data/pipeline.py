@@ -205,8 +205,10 @@ def shuffle_samples(src: Iterable[dict], buffer: ShuffleBuffer | None, new_buffe
 
 def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int, position: Position,
                          rank: int = 0, needs_text: bool = True,
-                         choose_caption: CaptionChooser = CaptionChooser()) -> Iterator[dict]:
-    """Raw samples -> {"image": transform's output, "text": str or None, "negative": str or None, "key": str}.
+                         choose_caption: CaptionChooser = CaptionChooser(), members: tuple[str, ...] = ()
+                         ) -> Iterator[dict]:
+    """Raw samples -> {"image": transform's output, "text": str or None, "negative": str or None, "key": str},
+    plus the raw bytes of each of ``members`` (a sample without one is skipped as missing_member).
 
     Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
     needs no caption, and ``transform`` may return a list of augmented views. Each sample's
@@ -228,6 +230,9 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         if caption is None and needs_text:
             counter.add("missing_caption")
             continue
+        if any(sample.get(member) is None for member in members):
+            counter.add("missing_member")
+            continue
         with sample_rng(seed, position.epoch, rank, position.worker, index):
             image, reason = decode_or_reason(sample, transform)
         if reason is not None:
@@ -236,7 +241,7 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         guard.count()
         counter.add_used()
         yield {"image": image, "text": caption, "negative": choose_caption.negative(sample, seed_of_sample),
-               "key": sample["__key__"]}
+               "key": sample["__key__"], **{member: sample[member] for member in members}}
 
 
 def collate_train(src: Iterable[dict], batch_size: int, collate, position: Position,
@@ -300,7 +305,8 @@ class TrainPipeline(IterableDataset):
         samples = read_passes(pieces_of, position, self.opener, self.counter)
         samples = shuffle_samples(samples, buffer, new_buffer, position)
         samples = decode_train_samples(samples, self.transform, self.counter, self.plan.seed, position,
-                                       self.plan.rank, self.collate.needs_caption, self.choose_caption)
+                                       self.plan.rank, self.collate.needs_caption, self.choose_caption,
+                                       getattr(self.collate, "members", ()))
         batches = collate_train(samples, self.batch_size, self.collate, position, self.counter)
         yield from itertools.islice(batches, max(per_worker - position.batches, 0))
 

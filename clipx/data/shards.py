@@ -76,6 +76,22 @@ def clip_benchmark_shards(folder: str | Path, split: str = "test") -> str | None
     return str(Path(folder) / split / f"{{0..{count - 1}}}.tar")
 
 
+def read_beside(pattern: str, name: str, options: RemoteOptions | None = None) -> bytes | None:
+    """The file ``name`` in the folder of the first shard of ``pattern`` (local or remote), or None
+    when there is none: metadata that `clipx prep` writes beside the shards, as sizes.json."""
+    url = expand_shards(pattern, allow_pipe=True, options=options)[0]
+    if url.startswith(PIPE_PREFIX):
+        return None
+    folder = url.rsplit("/", 1)[0] if "/" in url else "."
+    if not is_remote(url):
+        path = Path(folder) / name
+        return path.read_bytes() if path.is_file() else None
+    try:
+        return read_remote_bytes(f"{folder}/{name}", options or RemoteOptions())
+    except ShardUnreadable:
+        return None
+
+
 def count_samples(urls: list[str], options: RemoteOptions | None = None) -> int:
     """Total samples in ``urls`` (see ``shard_sizes``)."""
     sizes = shard_sizes(urls, options)

@@ -25,7 +25,7 @@ class SkipCounter:
     """
 
     REASONS = ("unreadable_shard", "corrupt_tar", "duplicate_key", "missing_image", "undecodable_image",
-               "oversized_image", "missing_caption", "bad_label")
+               "oversized_image", "missing_caption", "missing_member", "bad_label")
     USED = "used"
 
     def __init__(self):

@@ -57,6 +57,8 @@ class ClipLoss(nn.Module):
         batch = image_features.shape[0]
         distributed = self.gather != "none" and dist.is_distributed()
         if negatives is not None:
+            if negative_mask is None:
+                raise ValueError("negatives need negative_mask: which samples have one")
             if distributed:
                 negatives = dist.gather_with_grad(negatives)  # (N, D)
                 negative_mask = dist.gather_no_grad(negative_mask.to(torch.uint8)).bool()  # gloo gathers no bools

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from clipx.errors import ClipxError
 from clipx.methods.clip import CLIP
+from clipx.methods.distill import Distilled
+from clipx.methods.image_text import ImageTextMethod
 from clipx.methods.moco import MoCo
 from clipx.methods.objective import Method, Objective
 from clipx.methods.siglip import SigLIP
@@ -41,6 +43,11 @@ def method_of(config) -> Method:
     if config.data.hard_negative_key is not None and not method.hard_negatives:
         takers = ", ".join(m for m in METHODS.list() if METHODS.get(m).hard_negatives)
         raise ClipxError(f"data.hard_negative_key (hard-negative captions) is used by loss.name={takers}, not {name}")
+    if config.distill.enabled:
+        if not isinstance(method, ImageTextMethod):
+            raise ClipxError(f"distill (a teacher CLIP's similarities as targets) applies to image-text methods, "
+                             f"not loss.name={name}")
+        method = Distilled(method)
     method.validate(config)
     return method
 

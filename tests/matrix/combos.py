@@ -13,7 +13,7 @@ combination measures its attention kernel (train.attention=auto), and every flav
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
 options (RECIPES: patch dropout, several captions, hard negatives, EMA weights, layer-wise
-learning-rate decay) run with every flavour they apply to on one process and with an image-text and
+learning-rate decay, distillation) run with every flavour they apply to on one process and with an image-text and
 (if it applies) an image-only flavour on two; EMA also runs sharded with those two flavours on one
 and on two processes.
 """
@@ -51,13 +51,17 @@ COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # EMA weights: a decay low enough that 3 steps move the average visibly; they also run sharded
 # (FSDP keeps each rank's shards of the average), on one and on two processes.
 # Layer-wise learning-rate decay counts the blocks of an image-text model's towers.
+# Distillation from the online teacher that the digits fixture writes beside the shards (the
+# embedded form gives the same losses: tests/test_distill.py).
 RECIPES = {"plain": {},
            "patch_dropout": {"model.patch_dropout": 0.5, "model.patch_dropout_unmasked_steps": 1},
            "multi_caption": {"data.caption_keys": {"txt": 0.5, "classname": 0.5}},
            "hard_negatives": {"data.hard_negative_key": "negative"},
            "ema": {"train.ema_decay": 0.9},
-           "layer_decay": {"train.layer_decay": 0.75}}
-IMAGE_TEXT_RECIPES = {"multi_caption", "layer_decay"}  # recipes about captions or both towers: image-text only
+           "layer_decay": {"train.layer_decay": 0.75},
+           "distill": {"distill.teacher": "{data_dir}/teacher", "distill.weight": 0.5}}
+# Recipes about captions or both towers: image-text only.
+IMAGE_TEXT_RECIPES = {"multi_caption", "layer_decay", "distill"}
 
 TINY_VIT = {
     "embed_dim": 32,

@@ -39,6 +39,7 @@ class Case:
     micro_batches: int  # 1, or 2 with feature caching
     overrides: dict
     hard_negatives: bool = False  # the batch carries hard-negative captions, some samples without one
+    distill: bool = False  # the batch carries a teacher's embeddings (distill.embedded)
 
 
 def cases() -> list[Case]:
@@ -47,10 +48,20 @@ def cases() -> list[Case]:
         spec = METHODS.get(objective)
         for gather in spec.gather_modes or ("local",):  # methods without gather modes always gather
             for micro_batches in (1, 2):
-                for negatives in (False, True) if spec.hard_negatives else (False,):
-                    out.append(Case(f"{name}/gather-{gather}/micro{micro_batches}" + ("/hard-negatives" * negatives),
-                                    objective, gather, micro_batches, {**overrides, "loss.gather": gather}, negatives))
+                base = {**overrides, "loss.gather": gather}
+                prefix = f"{name}/gather-{gather}/micro{micro_batches}"
+                out.append(Case(prefix, objective, gather, micro_batches, base))
+                if spec.hard_negatives:
+                    out.append(Case(prefix + "/hard-negatives", objective, gather, micro_batches, base, True))
+                if is_image_text(objective):  # the teacher's logits gathered like the student's
+                    out.append(Case(prefix + "/distill", objective, gather, micro_batches,
+                                    {**base, **DISTILL}, distill=True))
     return out
+
+
+# Embedded teacher embeddings come with the batch; their logit scale would come from teacher.json.
+DISTILL = {"distill.embedded": True, "distill.teacher_logit_scale": 7.0, "distill.weight": 0.5}
+TEACHER_DIM = 24  # unlike the students' 32: the loss must not need them alike
 
 
 def build(case: Case, world: int, arch_path: Path):
@@ -77,6 +88,9 @@ def global_batch(case: Case) -> dict:
         if case.hard_negatives:  # every third sample has none: masked out on whichever rank holds it
             batch.update(negative_text=torch.randint(1, 400, (GLOBAL, 16), generator=generator),
                          negative_mask=torch.arange(GLOBAL) % 3 != 1)
+        if case.distill:
+            teacher = torch.randn(GLOBAL, 2, TEACHER_DIM, generator=generator)
+            batch["teacher_embedding"] = teacher / teacher.norm(dim=-1, keepdim=True)
         return batch
     return {"views": [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]}
 

@@ -46,7 +46,9 @@ def base_overrides(combination: Combination, data_dir: Path, work: Path, output_
         "ssl.head_hidden": 32, "ssl.head_out": 16, "ssl.moco.predictor_hidden": 32,
         "ssl.moco.queue_size": 32, "ssl.swav.queue_size": 32, "ssl.swav.prototypes": 16,
         "ssl.swav.freeze_prototypes_steps": 1, "ssl.views.flip_prob": 0.0,
-        **combination.overrides,
+        # Paths inside the data folder (the distillation teacher) are written "{data_dir}/...".
+        **{k: v.replace("{data_dir}", str(data_dir)) if isinstance(v, str) else v
+           for k, v in combination.overrides.items()},
     }
     if TOWERS[combination.tower].needs_minilm:
         values["model.hf_text_path"] = minilm_path()

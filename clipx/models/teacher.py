@@ -1,0 +1,101 @@
+"""A frozen teacher CLIP from local disk, with its own image transform and tokenizer.
+
+Three layouts are read, each with the library that wrote it: a clipx run or checkpoint
+(``clipx.api.load``), an open_clip folder (``open_clip_config.json`` + weights, through open_clip's
+``local-dir:`` loader) and a transformers ``CLIPModel`` folder (``config.json`` of model_type clip,
+with its tokenizer and image-processor files). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from clipx.errors import ClipxError
+
+
+class Teacher:
+    """``embed(images, tokens)`` -> L2-normalised (image, text) embeddings, fp32, without gradients.
+
+    ``transform``: PIL image -> the teacher's (3, H, W) input (its evaluation transform: the
+    teacher sees the stored image, not the student's augmented crop, so online and embedded
+    teachers agree); ``tokenize``: list[str] -> (N, L) ids; ``logit_scale``: its exp()'d scale.
+    """
+
+    def __init__(self, encode_image: Callable, encode_text: Callable, transform: Callable, tokenize: Callable,
+                 logit_scale: float, module: torch.nn.Module, source: str):
+        self._encode_image, self._encode_text = encode_image, encode_text
+        self.transform, self.tokenize, self.logit_scale = transform, tokenize, logit_scale
+        self.module, self.source = module, source
+        module.eval().requires_grad_(False)
+
+    def to(self, device) -> "Teacher":
+        self.module.to(device)
+        return self
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (F.normalize(self._encode_image(images).float(), dim=-1),
+                F.normalize(self._encode_text(tokens).float(), dim=-1))
+
+
+def load_teacher(path: str | Path) -> Teacher:
+    """The teacher at ``path`` (a clipx run/checkpoint, an open_clip folder or a CLIPModel folder), on the CPU."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ClipxError(f"distill.teacher {path} is not a directory (a clipx run or checkpoint, an open_clip "
+                         "folder or a transformers CLIPModel folder)")
+    if (path / "open_clip_config.json").is_file():
+        return _open_clip_teacher(path)
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "clip":
+        return _hf_teacher(path)
+    return _clipx_teacher(path)
+
+
+def _clipx_teacher(path: Path) -> Teacher:
+    from clipx.api import load
+
+    model, preprocess, tokenizer = load(path)
+    if tokenizer is None:
+        raise ClipxError(f"distill.teacher {path} is an image-only model; a teacher needs both towers")
+    return Teacher(model.encode_image, model.encode_text, preprocess, tokenizer,
+                   float(model.logit_scale.detach().exp()), model, f"clipx:{path}")
+
+
+def _open_clip_teacher(path: Path) -> Teacher:
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    return Teacher(model.encode_image, model.encode_text, preprocess, tokenizer,
+                   float(model.logit_scale.detach().exp()), model, f"open_clip:{path}")
+
+
+def _hf_teacher(path: Path) -> Teacher:
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(path, local_files_only=True)
+    processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    length = model.config.text_config.max_position_embeddings
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        # Padded to the full context: CLIP's causal text tower pools at the end-of-text token,
+        # which never attends to the padding after it.
+        return tokenizer(texts, padding="max_length", truncation=True, max_length=length,
+                         return_tensors="pt")["input_ids"]
+
+    def transform(image) -> torch.Tensor:
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def features(output) -> torch.Tensor:  # transformers 5 returns a model output, 4 a tensor
+        return output if torch.is_tensor(output) else output.pooler_output
+
+    return Teacher(lambda images: features(model.get_image_features(pixel_values=images)),
+                   lambda tokens: features(model.get_text_features(input_ids=tokens)),
+                   transform, tokenize, float(model.logit_scale.detach().exp()), model, f"transformers:{path}")

@@ -59,9 +59,13 @@ def test_digits_split_layout_and_captions(digits_dir):
     for samples in splits.values():
         for sample in samples.values():
             meta = json.loads(sample["json"])
-            assert set(meta) == {"label", "classname", "source_index"}
+            assert set(meta) == {"label", "classname", "source_index", "negative"}
             assert meta["classname"] == classnames[meta["label"]]
-            assert meta["classname"] in sample["txt"].decode("utf-8")
+            caption = sample["txt"].decode("utf-8")
+            assert meta["classname"] in caption
+            # The hard negative: the caption's template filled with another digit's name.
+            other = [name for name in classnames if caption.replace(meta["classname"], name) == meta["negative"]]
+            assert len(other) == 1 and other[0] != meta["classname"], (caption, meta["negative"])
             image = decode(sample["jpg"])
             assert image.size == (32, 32) and image.mode == "RGB"
             sources.append(meta["source_index"])

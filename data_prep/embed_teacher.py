@@ -43,6 +43,8 @@ def embed_teacher(teacher_path: str | Path, shards: str, out_dir: str | Path, ba
     names = [url.rsplit("/", 1)[-1] for url in urls]
     if len(set(names)) != len(names):
         raise ClipxError("--shards names two shards alike; they would overwrite each other in --out")
+    if any(Path(url).parent.resolve() == out_dir.resolve() for url in urls if "://" not in url):
+        raise ClipxError(f"--out {out_dir} holds the input shards; write the embedded copy to another folder")
     make_dir(out_dir)
     teacher = load_teacher(teacher_path).to(device)
     opener, sizes, totals = ShardOpener(), {}, {"samples": 0, "embedded": 0, "skipped": 0, "dim": 0}

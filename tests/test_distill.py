@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from clipx.config import load_config
+from clipx.errors import ClipxError
 from clipx.losses.distill import DistillLoss
 from tests.conftest import DEMO, REPO, tiny_overrides
 
@@ -72,6 +73,8 @@ def test_online_and_embedded_teachers_give_the_same_loss_on_the_same_batch(digit
     from clipx.methods.distill import TEACHER_MEMBER
     from data_prep.embed_teacher import embed_teacher
 
+    with pytest.raises(ClipxError, match="holds the input shards"):  # never overwrites its input
+        embed_teacher(digits_dir / "teacher", str(digits_dir / "train"), digits_dir / "train")
     result = embed_teacher(digits_dir / "teacher", str(digits_dir / "train"), tmp_path / "embedded", batch_size=100)
     assert result["samples"] == result["embedded"] == 1437 and result["dim"] == 24
     assert json.loads((tmp_path / "embedded" / "sizes.json").read_text()) == \

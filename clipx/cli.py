@@ -10,6 +10,7 @@ from pathlib import Path
 
 from clipx.errors import ClipxError
 from clipx.fileio import write_json_atomic
+from clipx.templates import parse_classes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +60,7 @@ def _add_prep(commands) -> None:
     digits.add_argument("--seed", type=int, default=0)
     digits.add_argument("--test-fraction", type=float, default=0.2)
     digits.add_argument("--templates", default=None, help="YAML with classnames and templates (default: digits)")
+    digits.add_argument("--classes", default=None, help="only these labels, e.g. 0-4 (a fine-tuning task)")
     digits.set_defaults(func=_prep_digits)
 
     for name, help_text in (("folder", "a folder of images + a captions file"),
@@ -117,7 +119,8 @@ def _prep_digits(args) -> int:
 
     summaries = prep_digits(Path(args.out), image_size=args.image_size, shard_size=args.shard_size,
                             test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
-                            templates_file=args.templates)
+                            templates_file=args.templates,
+                            classes=parse_classes(args.classes) if args.classes else None)
     for split, summary in summaries.items():
         print(f"{split}: {summary.format()}")
     return 0
@@ -207,6 +210,8 @@ def _add_eval(commands) -> None:
             sub.add_argument("--templates", default=None,
                              help="shipped name (digits, imagenet) or YAML path; default: the checkpoint's eval.templates")
             sub.add_argument("--label-key", default=None, help="field of the .json holding the class index")
+            sub.add_argument("--classes", default=None, help="choose among these labels only, e.g. 5-9 (other "
+                             "images are left out); default: the checkpoint's eval.classes, else every class")
         sub.set_defaults(func=_eval)
 
 
@@ -240,7 +245,8 @@ def _eval(args) -> int:
                        zero_shot=zero_shot, retrieval=not zero_shot,
                        templates=templates,
                        label_key=(getattr(args, "label_key", None) or config.eval.label_key),
-                       batch_size=args.batch_size, workers=args.workers, precision=args.precision)
+                       batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+                       classes=parse_classes(args.classes) if getattr(args, "classes", None) else config.eval.classes)
     results["checkpoint"] = str(args.checkpoint)
     results["precision"] = args.precision
     results["weights"] = weights

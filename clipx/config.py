@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -220,6 +220,11 @@ class EvalConfig:
     # or a path to a YAML file with `classnames` and `templates`.
     templates: str = "digits"
     label_key: str = "label"  # field of each sample's .json (or a .cls member) holding the class index
+    # The task's classes, as label indices into the class names: zero-shot evaluation leaves the
+    # other samples out and chooses among these classes only; a classifier (loss.name: classify)
+    # has one output per class, in this order; class prompts (data.caption_keys: class_prompt) are
+    # made for these. None: every class of eval.templates.
+    classes: Optional[tuple] = None
     batch_size: int = 256
 
 
@@ -426,6 +431,8 @@ def validate(config: Config) -> None:
     views_crop = config.ssl.views.crop_scale_min
     if views_crop is not None and not 0.0 < views_crop <= 1.0:
         raise ClipxError(f"ssl.views.crop_scale_min must be in (0, 1]; got {views_crop}")
+    if config.eval.classes is not None:
+        check_classes(config.eval.classes, "eval.classes")
     _validate_ssl(config)
     d = config.distill
     if d.teacher is not None and d.embedded:
@@ -437,6 +444,14 @@ def validate(config: Config) -> None:
         raise ClipxError(f"distill.teacher_logit_scale must be positive (or null); got {d.teacher_logit_scale}")
     if config.model.text_tower == "hf" and not config.model.hf_text_path:
         raise ClipxError("model.text_tower is 'hf' but model.hf_text_path is not set; give the local model directory")
+
+
+def check_classes(classes: Sequence, what: str) -> tuple[int, ...]:
+    """``classes`` as a tuple of distinct non-negative ints; one-line ClipxError otherwise."""
+    if not classes or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise ClipxError(f"{what} must be distinct non-negative class indices; got {list(classes)!r}")
+    return tuple(classes)
 
 
 def _validate_ssl(config: Config) -> None:

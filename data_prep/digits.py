@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -20,6 +21,7 @@ def prep_digits(
     seed: int = 0,
     workers: int = 2,
     templates_file=None,
+    classes: Optional[Sequence[int]] = None,
 ) -> dict[str, PrepSummary]:
     """Write `out_dir/train` and `out_dir/test` shards of the digits; return both summaries.
 
@@ -27,7 +29,9 @@ def prep_digits(
     (also picked by `seed`) filled with the class name, both read from `templates_file`
     (a path or a shipped name; default: `clipx/templates/digits.yaml`). Meta: label, classname, source_index,
     and negative: the same template filled with another class name, a hard negative caption for
-    ``data.hard_negative_key: negative``.
+    ``data.hard_negative_key: negative``. ``classes``: write only the digits of these labels (labels
+    and captions unchanged), e.g. a fine-tuning task of some classes; the split is made before, so a
+    sample falls in the same split either way.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ClipxError(f"test fraction must be between 0 and 1, got {test_fraction}")
@@ -45,6 +49,8 @@ def prep_digits(
     negative_labels = (labels + np.random.default_rng([seed, 1]).integers(1, 10, size=len(labels))) % 10
     summaries = {}
     for split, indices in zip(("train", "test"), _split(labels, test_fraction, seed)):
+        if classes is not None:
+            indices = indices[np.isin(labels[indices], list(classes))]
         samples = (
             Sample(
                 source=pixels[i],

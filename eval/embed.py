@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from clipx.errors import ClipxError
+from clipx.models.classifier import encode_texts
 
 
 @dataclass
@@ -37,7 +38,7 @@ def embed_dataset(model, loader, tokenizer, device, dim: int, with_texts: bool =
             captions.extend(sample_captions)
             owners.extend([first + offset] * len(sample_captions))
         keys.extend(batch["key"])
-    texts = embed_texts(model, tokenizer, captions, device, text_batch) if with_texts and captions else None
+    texts = encode_texts(model, tokenizer, captions, device, text_batch) if with_texts and captions else None
     return Embeddings(
         image_features=torch.cat(images) if images else torch.empty(0, dim),
         labels=torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
@@ -81,12 +82,3 @@ def merge_embeddings(parts: list[Embeddings]) -> Embeddings:
         text_to_image=text_owner[kept],
         duplicates=len(keys) - len(order),
     )
-
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: list[str], device, batch_size: int = 512) -> torch.Tensor:
-    """list of M strings -> (M, D) unit-norm text features."""
-    model.eval()
-    chunks = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
-              for i in range(0, len(texts), batch_size)]
-    return torch.cat(chunks)

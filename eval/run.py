@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 from clipx import dist
@@ -10,7 +12,7 @@ from clipx.data.skips import SkipCounter
 from clipx.data.transforms import image_transform
 from clipx.models import image_size
 from clipx.models.inference import InferenceEncoder
-from clipx.templates import load_templates
+from clipx.templates import chosen_classes, load_templates
 from eval.embed import embed_dataset, merge_embeddings
 from eval.retrieval import retrieval_eval
 from eval.zero_shot import build_zero_shot_classifier, zero_shot_metrics
@@ -18,8 +20,12 @@ from eval.zero_shot import build_zero_shot_classifier, zero_shot_metrics
 
 def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool = True, retrieval: bool = True,
              templates: str = "digits", label_key: str = "label", batch_size: int = 256, workers: int = 2,
-             opener=None, precision: str = "fp32") -> dict:
-    """{"zero_shot": {...}, "retrieval": {...}, "num_images": N, "skipped": {...}} for ``shards``.
+             opener=None, precision: str = "fp32", classes: Optional[Sequence[int]] = None) -> dict:
+    """{"zero_shot": {...}, "retrieval": {...}, "num_images": N, "skipped": {...}} for ``shards``, and
+    for a model with a classification head (clipx.models.classifier) that head's "classifier" metrics.
+
+    ``classes``: the label indices zero-shot classification chooses among (eval.classes); images of
+    other labels are left out of it. None: every class of ``templates``.
 
     In a process group every rank must call this: each embeds the samples whose keys hash to it,
     the embeddings are gathered, and every rank computes the same metrics on all of them.
@@ -39,8 +45,13 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
     results: dict = {"num_images": int(embeddings.image_features.shape[0])}
     if zero_shot:
         classnames, prompts = load_templates(templates)
-        classifier = build_zero_shot_classifier(model, tokenizer, classnames, prompts, device)
-        results["zero_shot"] = zero_shot_metrics(embeddings, classifier)
+        chosen = chosen_classes(classes, len(classnames))
+        classifier = build_zero_shot_classifier(model, tokenizer, [classnames[c] for c in chosen], prompts, device)
+        results["zero_shot"] = zero_shot_metrics(embeddings, classifier, chosen if classes is not None else None)
+    head = getattr(model, "head", None)
+    if head is not None:
+        results["classifier"] = zero_shot_metrics(embeddings, head.weight.detach().float().cpu().T, model.classes,
+                                                  head.bias.detach().float().cpu())
     if retrieval:
         results["retrieval"] = retrieval_eval(embeddings)
         results["num_captions"] = int(embeddings.text_features.shape[0])

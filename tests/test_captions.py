@@ -58,6 +58,7 @@ class Captions:
 
 
 def _two_epochs(digits_dir, **data) -> list[dict]:
+    from clipx.data.captions import caption_chooser
     from clipx.data.pipeline import SharedEpoch, build_train_loader
     from clipx.data.skips import SkipCounter
     from clipx.data.transforms import image_transform
@@ -66,7 +67,9 @@ def _two_epochs(digits_dir, **data) -> list[dict]:
         f"data.train={digits_dir / 'train'}", "data.workers=0", *(f"data.{k}={v}" for k, v in data.items())])
     transform = image_transform(32, config.model.image_mean, config.model.image_std, True, 0.8)
     epoch = SharedEpoch()
-    loader, _ = build_train_loader(config.data, 64, transform, Captions(), 0, 0, 1, epoch, SkipCounter())
+    collate = Captions()
+    collate.choose_caption = caption_chooser(config.data, config.eval)
+    loader, _ = build_train_loader(config.data, 64, transform, collate, 0, 0, 1, epoch, SkipCounter())
     batches = []
     for number in range(2):
         epoch.set(number)

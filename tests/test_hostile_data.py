@@ -32,7 +32,7 @@ def test_every_fault_kind_is_skipped_and_counted_and_every_good_sample_read_once
     assert counter.used() == len(corpus.good_keys)
     # Every kind is in the corpus but the labels of evaluation and the members a method asks for
     # (distill.embedded's teacher.npy: tests/test_distill.py).
-    assert set(corpus.expected_skips) == set(SkipCounter.REASONS) - {"bad_label", "missing_member"}
+    assert set(corpus.expected_skips) == set(SkipCounter.REASONS) - {"bad_label", "missing_member", "no_class_label"}
 
 
 def test_worker_processes_count_into_the_same_tally(corpus):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from clipx.data.captions import CaptionChooser
+
 IMAGE = "image"  # (B, 3, H, W) float, normalised
 TEXT = "text"  # (B, L) int64 token ids
 VIEWS = "views"  # list of (B, 3, H, W) augmented views of the same images (self-supervised modes)
 KEY = "key"  # list of B sample keys, for de-duplication and debugging
+LABEL = "label"  # (B,) int64: each sample's row of a classifier (clipx.data.labels.LabelReader)
 NEGATIVE_TEXT = "negative_text"  # (B, L) token ids of each sample's hard-negative caption ("" where it has none)
 NEGATIVE_MASK = "negative_mask"  # (B,) bool: whether the sample has a hard negative
 # Distillation (clipx/methods/distill.py): the teacher's own inputs, or its stored embeddings.
@@ -23,14 +26,16 @@ TEACHER_EMBEDDING = "teacher_embedding"  # (B, 2, Dt) float: the teacher's image
 class ImageTextBatch:
     """Samples {"image": (3, H, W), "text": str, "key"} -> {"image": (B, 3, H, W), "text": (B, L), "key"}.
 
-    With ``hard_negatives``, also each sample's "negative" caption, tokenized, and which samples have
-    one: every batch then carries both, so the ranks gather tensors of one shape.
+    ``choose_caption`` (clipx.data.captions) is how the pipeline picks each sample's caption. When it
+    picks hard negatives too, the batch also has each sample's "negative" caption, tokenized, and
+    which samples have one: every batch then carries both, so the ranks gather tensors of one shape.
     """
 
     needs_caption = True
 
-    def __init__(self, tokenizer, hard_negatives: bool = False):
-        self.tokenizer, self.hard_negatives = tokenizer, hard_negatives
+    def __init__(self, tokenizer, choose_caption: CaptionChooser = CaptionChooser()):
+        self.tokenizer, self.choose_caption = tokenizer, choose_caption
+        self.hard_negatives = choose_caption.negative_key is not None
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = {KEY: [s["key"] for s in samples], IMAGE: torch.stack([s["image"] for s in samples]),
@@ -62,3 +67,18 @@ class ImageTextViewsBatch(ImageTextBatch):
         batch = super().__call__([{**s, "image": s["image"][0]} for s in samples])
         views = len(samples[0]["image"]) - 1
         return {**batch, VIEWS: [torch.stack([s["image"][1 + v] for s in samples]) for v in range(views)]}
+
+
+class LabelledImageBatch:
+    """Samples {"image": (3, H, W), "label": int, "key"} -> {"image": (B, 3, H, W), "label": (B,), "key"}.
+    ``labels`` (clipx.data.labels.LabelReader) is how the pipeline reads each sample's label;
+    captions are not needed."""
+
+    needs_caption = False
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __call__(self, samples: list[dict]) -> dict:
+        return {KEY: [s["key"] for s in samples], IMAGE: torch.stack([s["image"] for s in samples]),
+                LABEL: torch.tensor([s["label"] for s in samples], dtype=torch.long)}

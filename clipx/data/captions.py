@@ -11,16 +11,25 @@ so a resumed run draws the same captions, and the image augmentations draw exact
 
 A sample's hard negative (``data.hard_negative_key``) is the .neg.txt member ("neg.txt") or a .json
 field; where it holds several, one is drawn the same way, from a generator of its own.
+
+One more source, "class_prompt", is made rather than read: one of the task's prompt templates
+(eval.templates) filled with the name of the sample's class (its label). Trained alone, it is FLYP's
+contrastive fine-tuning (Goyal et al. 2023, "Finetune like you pretrain"): the class prompts are the
+captions, so fine-tuning keeps the loss the model was pretrained with.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from typing import Optional
+from typing import Optional, Sequence
+
+from clipx.data.labels import sample_label
+from clipx.templates import chosen_classes, load_templates
 
 TXT = "txt"  # the name, in data.caption_keys, of the .txt member
 NEGATIVE_TXT = "neg.txt"  # the name, in data.hard_negative_key, of the .neg.txt member
+CLASS_PROMPT = "class_prompt"  # the name, in data.caption_keys, of the prompts made from the sample's label
 
 
 def all_captions(sample: dict) -> list[str]:
@@ -58,13 +67,35 @@ def _strings(value) -> list[str]:
     return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
 
+class ClassPrompts:
+    """sample -> every prompt template filled with the name of its class; [] when its label is
+    missing, malformed or not one of ``classes``."""
+
+    def __init__(self, classnames: Sequence[str], templates: Sequence[str], label_key: str, classes: Sequence[int]):
+        self.classnames, self.templates, self.label_key = list(classnames), list(templates), label_key
+        self.classes = frozenset(classes)
+
+    def __call__(self, sample: dict) -> list[str]:
+        try:
+            label = sample_label(sample, self.label_key)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return []
+        if label not in self.classes:
+            return []
+        return [template.format(self.classnames[label]) for template in self.templates]
+
+
 class CaptionChooser:
     """``chooser(sample, sample_seed)`` -> the sample's caption this epoch, or None when it has none;
     ``chooser.negative(sample, sample_seed)`` -> its hard negative, or None."""
 
-    def __init__(self, caption_keys: Optional[dict] = None, negative_key: Optional[str] = None):
+    def __init__(self, caption_keys: Optional[dict] = None, negative_key: Optional[str] = None,
+                 class_prompts: Optional[ClassPrompts] = None):
         self.weights = dict(caption_keys) if caption_keys else None
         self.negative_key = negative_key
+        if self.weights and CLASS_PROMPT in self.weights and class_prompts is None:
+            raise ValueError(f"caption source {CLASS_PROMPT!r} needs the task's class prompts")
+        self.class_prompts = class_prompts
 
     def negative(self, sample: dict, sample_seed: int) -> Optional[str]:
         if self.negative_key is None:
@@ -78,11 +109,29 @@ class CaptionChooser:
     def __call__(self, sample: dict, sample_seed: int) -> Optional[str]:
         if self.weights is None:
             return first_caption(sample)
-        meta = _json_fields(sample) if set(self.weights) - {TXT} else {}  # parsed once per sample
-        sources = {name: all_captions(sample) if name == TXT else _strings(meta.get(name)) for name in self.weights}
+        meta = _json_fields(sample) if set(self.weights) - {TXT, CLASS_PROMPT} else {}  # parsed once per sample
+        sources = {name: self._source(sample, name, meta) for name in self.weights}
         present = [(name, captions) for name, captions in sources.items() if captions]
         if not present:
             return None
         rng = random.Random(sample_seed)
         (_, captions), = rng.choices(present, weights=[self.weights[name] for name, _ in present])
         return captions[rng.randrange(len(captions))]
+
+    def _source(self, sample: dict, name: str, meta: dict) -> list[str]:
+        if name == TXT:
+            return all_captions(sample)
+        if name == CLASS_PROMPT:
+            return self.class_prompts(sample) if self.class_prompts is not None else []
+        return _strings(meta.get(name))
+
+
+def caption_chooser(data_cfg, eval_cfg) -> CaptionChooser:
+    """The chooser a run's config describes: data.caption_keys and data.hard_negative_key, with the
+    class prompts of eval.templates (and eval.classes, eval.label_key) when "class_prompt" is a source."""
+    keys, prompts = data_cfg.caption_keys, None
+    if keys and CLASS_PROMPT in keys:
+        classnames, templates = load_templates(eval_cfg.templates)
+        prompts = ClassPrompts(classnames, templates, eval_cfg.label_key,
+                               chosen_classes(eval_cfg.classes, len(classnames)))
+    return CaptionChooser(keys, data_cfg.hard_negative_key, prompts)

@@ -7,7 +7,6 @@ labels (a .cls member or a .json field) and every caption of each image.
 from __future__ import annotations
 
 import functools
-import json
 import zlib
 from typing import Iterable, Iterator
 
@@ -15,6 +14,7 @@ import torch
 import webdataset as wds
 
 from clipx.data.captions import all_captions
+from clipx.data.labels import sample_label
 from clipx.data.opener import ShardOpener, open_shards, tar_samples
 from clipx.data.pipeline import decode_or_reason
 from clipx.data.shards import expand_shards
@@ -30,22 +30,11 @@ def decode_eval_samples(src: Iterable[dict], transform, label_key: str, counter:
             counter.add(reason)
             continue
         try:
-            label = _label(sample, label_key)
+            label = sample_label(sample, label_key)
         except (ValueError, TypeError, UnicodeDecodeError):  # malformed .cls or .json
             counter.add("bad_label")
             continue
         yield {"image": image, "captions": all_captions(sample), "label": label, "key": sample["__key__"]}
-
-
-def _label(sample: dict, label_key: str) -> int:
-    """The class index from a .cls member or the .json field ``label_key``; -1 when there is none."""
-    if "cls" in sample:
-        return int(sample["cls"].decode().strip())
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        if isinstance(meta, dict) and label_key in meta:
-            return int(meta[label_key])
-    return -1
 
 
 def collate_eval(samples: list[dict]) -> dict:

@@ -15,7 +15,7 @@ import functools
 import itertools
 import math
 import multiprocessing as mp
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -205,10 +205,12 @@ def shuffle_samples(src: Iterable[dict], buffer: ShuffleBuffer | None, new_buffe
 
 def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, seed: int, position: Position,
                          rank: int = 0, needs_text: bool = True,
-                         choose_caption: CaptionChooser = CaptionChooser(), members: tuple[str, ...] = ()
-                         ) -> Iterator[dict]:
+                         choose_caption: CaptionChooser = CaptionChooser(), members: tuple[str, ...] = (),
+                         labels: Optional[Callable[[dict], Optional[int]]] = None) -> Iterator[dict]:
     """Raw samples -> {"image": transform's output, "text": str or None, "negative": str or None, "key": str},
-    plus the raw bytes of each of ``members`` (a sample without one is skipped as missing_member).
+    plus the raw bytes of each of ``members`` (a sample without one is skipped as missing_member)
+    and, with ``labels`` (clipx.data.labels.LabelReader), the sample's "label": its classifier row
+    (a sample it gives None for is skipped as no_class_label).
 
     Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
     needs no caption, and ``transform`` may return a list of augmented views. Each sample's
@@ -233,6 +235,10 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         if any(sample.get(member) is None for member in members):
             counter.add("missing_member")
             continue
+        label = labels(sample) if labels is not None else None
+        if labels is not None and label is None:
+            counter.add("no_class_label")
+            continue
         with sample_rng(seed, position.epoch, rank, position.worker, index):
             image, reason = decode_or_reason(sample, transform)
         if reason is not None:
@@ -241,7 +247,8 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         guard.count()
         counter.add_used()
         yield {"image": image, "text": caption, "negative": choose_caption.negative(sample, seed_of_sample),
-               "key": sample["__key__"], **{member: sample[member] for member in members}}
+               "key": sample["__key__"], **{member: sample[member] for member in members},
+               **({"label": label} if labels is not None else {})}
 
 
 def collate_train(src: Iterable[dict], batch_size: int, collate, position: Position,
@@ -273,7 +280,9 @@ class TrainPipeline(IterableDataset):
         self.plan, self.batch_size, self.transform, self.collate = plan, batch_size, transform, collate
         self.shuffle_buffer, self.epoch, self.counter, self.per_worker = data_cfg.shuffle_buffer, epoch, counter, per_worker
         self.opener = ShardOpener.from_config(data_cfg)
-        self.choose_caption = CaptionChooser(data_cfg.caption_keys, data_cfg.hard_negative_key)
+        # The collation says what a sample must provide beyond its image: its caption (and how to
+        # choose it), raw members, its label.
+        self.choose_caption = getattr(collate, "choose_caption", CaptionChooser())
         self.resume_epoch, self.resume_positions = -1, {}
         self.remainder: dict | None = None
 
@@ -306,7 +315,7 @@ class TrainPipeline(IterableDataset):
         samples = shuffle_samples(samples, buffer, new_buffer, position)
         samples = decode_train_samples(samples, self.transform, self.counter, self.plan.seed, position,
                                        self.plan.rank, self.collate.needs_caption, self.choose_caption,
-                                       getattr(self.collate, "members", ()))
+                                       getattr(self.collate, "members", ()), getattr(self.collate, "labels", None))
         batches = collate_train(samples, self.batch_size, self.collate, position, self.counter)
         yield from itertools.islice(batches, max(per_worker - position.batches, 0))
 

@@ -21,11 +21,13 @@ class SkipCounter:
     Reasons: a shard that cannot be opened or read as a tar (each such event counts once, since
     the samples it held are unknown), a sample key repeated within a shard, a sample with no image
     member, an image that does not decode (garbage, HTML), an image header over the pixel cap, a
-    sample with no or an empty caption, a malformed label.
+    sample with no or an empty caption, a malformed label, a training sample of a classifier whose
+    label is missing or not one of its classes.
     """
 
     REASONS = ("unreadable_shard", "corrupt_tar", "duplicate_key", "missing_image", "undecodable_image",
-               "oversized_image", "missing_caption", "missing_member", "bad_label")
+               "oversized_image", "missing_caption", "missing_member", "bad_label",
+               "no_class_label")
     USED = "used"
 
     def __init__(self):

@@ -8,6 +8,7 @@ evaluators apply. Adding one is a new module plus a line below (docs/ARCHITECTUR
 from __future__ import annotations
 
 from clipx.errors import ClipxError
+from clipx.methods.classify import Classify
 from clipx.methods.clip import CLIP
 from clipx.methods.distill import Distilled
 from clipx.methods.image_text import ImageTextMethod
@@ -26,6 +27,7 @@ METHODS.register("ntxent")(SimCLR())
 METHODS.register("moco")(MoCo())
 METHODS.register("swav")(SwAV())
 METHODS.register("slip")(SLIP())
+METHODS.register("classify")(Classify())
 
 
 def method_of(config) -> Method:

@@ -75,6 +75,7 @@ class DistillBatch:
 
     def __init__(self, student, teacher: Teacher | None):
         self.student, self.teacher = student, teacher
+        self.choose_caption = student.choose_caption  # the teacher embeds the caption the student drew
         self.members = () if teacher is not None else (TEACHER_MEMBER,)
 
     def __call__(self, samples: list[dict]) -> dict:

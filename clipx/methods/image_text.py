@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from clipx.data.batch import IMAGE, NEGATIVE_MASK, NEGATIVE_TEXT, TEXT, ImageTextBatch
+from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import image_transform
 from clipx.dist import unwrap
@@ -69,6 +70,7 @@ class ImageTextMethod(Method):
     """Image and caption towers trained against each other; subclasses choose the loss."""
 
     evaluators = ("zero_shot", "retrieval")
+    has_text_tower = True
 
     def build_model(self, config) -> torch.nn.Module:
         return create_model(config.model)
@@ -79,4 +81,4 @@ class ImageTextMethod(Method):
                                crop_scale_min=config.data.crop_scale_min)
 
     def collate(self, config):
-        return ImageTextBatch(Tokenizer(config.model), hard_negatives=config.data.hard_negative_key is not None)
+        return ImageTextBatch(Tokenizer(config.model), caption_chooser(config.data, config.eval))

@@ -86,6 +86,9 @@ class Method:
     multi_crop: bool = False
     # Whether its loss takes hard-negative captions (data.hard_negative_key) as extra text columns.
     hard_negatives: bool = False
+    # Whether its model has a text tower (image-text methods, and a fine-tuned CLIP classifier): the
+    # text-tower options (model.text_tower, model.lock_text) and tower locks apply to it.
+    has_text_tower: bool = False
 
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from clipx.data.batch import IMAGE, VIEWS, ImageTextViewsBatch
+from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer
 from clipx.errors import ClipxError
 from clipx.losses import ClipLoss, NTXentLoss
@@ -79,7 +80,7 @@ class SLIP(ImageTextMethod):
         return ImageAndViews(super().train_transform(config), views)
 
     def collate(self, config):
-        return ImageTextViewsBatch(Tokenizer(config.model), hard_negatives=config.data.hard_negative_key is not None)
+        return ImageTextViewsBatch(Tokenizer(config.model), caption_chooser(config.data, config.eval))
 
     def objective(self, model, config):
         return SlipObjective(model, ClipLoss(config.loss.gather),

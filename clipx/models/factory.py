@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import nn
 
 from clipx.config import ModelConfig
+from clipx.models.classifier import DualEncoderWithClassifier
 from clipx.models.dual_encoder import DualEncoder, DualEncoderWithImageHead
 from clipx.models.towers import HFTextTower, build_open_clip_text, build_open_clip_vision
 
 
-def create_model(cfg: ModelConfig, image_head: Optional[nn.Module] = None) -> DualEncoder:
+def create_model(cfg: ModelConfig, image_head: Optional[nn.Module] = None,
+                 classes: Optional[Sequence[int]] = None) -> DualEncoder:
     """Build towers as the config says; weights are random (checkpoints are loaded separately).
-    With ``image_head``, the image tower also feeds that head (DualEncoderWithImageHead)."""
+    With ``image_head``, the image tower also feeds that head (DualEncoderWithImageHead); with
+    ``classes``, a linear classifier over them reads the image embedding (DualEncoderWithClassifier)."""
     visual = build_open_clip_vision(cfg.arch, cfg.patch_dropout)
     if cfg.text_tower == "hf":
         text = HFTextTower(cfg.hf_text_path, cfg.arch["embed_dim"], cfg.hf_pooling)
@@ -21,6 +24,8 @@ def create_model(cfg: ModelConfig, image_head: Optional[nn.Module] = None) -> Du
         text = build_open_clip_text(cfg.arch)
     scalars = {"init_temperature": cfg.init_temperature, "max_logit_scale": cfg.max_logit_scale,
                "init_logit_bias": cfg.init_logit_bias}
+    if classes is not None:
+        return DualEncoderWithClassifier(visual, text, cfg.arch["embed_dim"], classes, **scalars)
     if image_head is not None:
         return DualEncoderWithImageHead(visual, text, image_head, **scalars)
     return DualEncoder(visual, text, **scalars)

@@ -99,10 +99,12 @@ def from_hf_clip(state: dict[str, torch.Tensor], config: dict) -> dict[str, torc
 
 
 def init_from_pretrained(model: torch.nn.Module, path: str | Path, text_tower: str) -> None:
-    """Load ``path``'s weights into ``model``. With a transformers text tower (whose weights come from
+    """Load ``path``'s weights into ``model`` (its CLIP part, ``clip_state_dict``). With a transformers text tower (whose weights come from
     model.hf_text_path), only the image tower, the logit scale and bias are taken from ``path``."""
     weights = read_pretrained(path)
-    expected = model.state_dict()
+    # A CLIP's weights: what a method adds to the towers (SLIP's view head, a classifier's head) starts
+    # as the method builds it.
+    expected = model.clip_state_dict()
     if text_tower == "hf":
         expected = {k: v for k, v in expected.items() if not k.startswith("text.")}
         weights = {k: v for k, v in weights.items() if not k.startswith("text.")}

@@ -1,16 +1,19 @@
 """Class names and prompt templates from YAML files (shipped ones by name, or any path).
 
 A leaf of the library: data_prep writes captions from them and the evaluators build zero-shot
-classifiers from them, so both read this one place without importing each other.
+classifiers from them, so both read this one place without importing each other. Also here: the
+lists of class indices that pick a task's classes out of a set of class names (eval.classes).
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Optional, Sequence
 
 import yaml
 
+from clipx.config import check_classes
 from clipx.errors import ClipxError
 
 
@@ -81,3 +84,25 @@ def load_clip_benchmark_templates(folder: Path) -> tuple[list[str], list[str]]:
     if not classnames or not templates:
         raise ClipxError(f"{folder}: {' and '.join(CLIP_BENCHMARK_FILES)} must not be empty")
     return classnames, templates
+
+
+def parse_classes(text: str) -> tuple[int, ...]:
+    """``"5-9"`` or ``"0,2,4"`` or ``"0-2,7"`` -> the class indices, in the order given (a CLI helper)."""
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            first, _, last = part.partition("-")
+            out.extend(range(int(first), int(last) + 1) if last else [int(first)])
+    except ValueError:
+        raise ClipxError(f"classes {text!r}: give class indices as 5-9, 0,2,4 or 0-2,7") from None
+    return check_classes(out, "classes")
+
+
+def chosen_classes(classes: Optional[Sequence[int]], count: int, what: str = "eval.classes") -> tuple[int, ...]:
+    """The class indices a task uses: ``classes`` (checked against the ``count`` class names), or all."""
+    if classes is None:
+        return tuple(range(count))
+    bad = [c for c in classes if c >= count]
+    if bad:
+        raise ClipxError(f"{what} names class {bad[0]} but the templates list only {count} class names")
+    return tuple(classes)

@@ -257,7 +257,7 @@ def evaluate_now(trainer: Trainer, step: int) -> dict | None:
                            e.retrieval and "retrieval" in method.evaluators, e.templates, e.label_key, e.batch_size,
                            config.data.workers, ShardOpener.from_config(config.data),
                            # bf16 training evaluates in bf16 too; fp32 and fp16 runs evaluate in fp32.
-                           precision="bf16" if config.train.precision == "bf16" else "fp32")
+                           precision="bf16" if config.train.precision == "bf16" else "fp32", classes=e.classes)
     results["weights"] = "ema" if trainer.ema is not None else "raw"
     trainer.log.log(step, "eval", {"weights": results["weights"], **flatten_metrics(results)})
     return results

@@ -51,6 +51,7 @@ COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # EMA weights: a decay low enough that 3 steps move the average visibly; they also run sharded
 # (FSDP keeps each rank's shards of the average), on one and on two processes.
 # Layer-wise learning-rate decay counts the blocks of an image-text model's towers.
+# FLYP: CLIP's loss with the class prompts of each sample's label as its captions.
 # Distillation from the online teacher that the digits fixture writes beside the shards (the
 # embedded form gives the same losses: tests/test_distill.py).
 RECIPES = {"plain": {},
@@ -59,9 +60,11 @@ RECIPES = {"plain": {},
            "hard_negatives": {"data.hard_negative_key": "negative"},
            "ema": {"train.ema_decay": 0.9},
            "layer_decay": {"train.layer_decay": 0.75},
-           "distill": {"distill.teacher": "{data_dir}/teacher", "distill.weight": 0.5}}
-# Recipes about captions or both towers: image-text only.
-IMAGE_TEXT_RECIPES = {"multi_caption", "layer_decay", "distill"}
+           "distill": {"distill.teacher": "{data_dir}/teacher", "distill.weight": 0.5},
+           "flyp": {"data.caption_keys": {"class_prompt": 1}}}
+# Recipes about captions: image-text only. Recipes about both towers: models with a text tower.
+IMAGE_TEXT_RECIPES = {"multi_caption", "distill", "flyp"}
+TEXT_TOWER_RECIPES = {"layer_decay"}
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -119,8 +122,14 @@ class Combination:
 
 
 def is_image_text(objective: str) -> bool:
-    """Whether the method trains an image-text DualEncoder (which text towers and locks apply to)."""
+    """Whether the method trains on image-caption pairs (which caption recipes apply to)."""
     return isinstance(METHODS.get(objective), ImageTextMethod)
+
+
+def has_text_tower(objective: str) -> bool:
+    """Whether the method's model has a text tower (which text towers and locks apply to): the
+    image-text methods, and classification fine-tuning of a CLIP."""
+    return METHODS.get(objective).has_text_tower
 
 
 def flavours() -> list[tuple[str, str, dict]]:
@@ -154,12 +163,14 @@ def recipe_applies(recipe: str, objective: str) -> bool:
     """Whether a flavour of ``objective`` can train with ``recipe`` (the others refuse it)."""
     if recipe == "hard_negatives":
         return METHODS.get(objective).hard_negatives
+    if recipe in TEXT_TOWER_RECIPES:
+        return has_text_tower(objective)
     return recipe not in IMAGE_TEXT_RECIPES or is_image_text(objective)
 
 
 def _serves(tower: str, objective: str) -> bool:
-    t, image_text = TOWERS[tower], is_image_text(objective)
-    return not (t.image_text_only and not image_text) and not (t.views_only and image_text)
+    t, text_tower = TOWERS[tower], has_text_tower(objective)
+    return not (t.image_text_only and not text_tower) and not (t.views_only and text_tower)
 
 
 def world_one() -> list[Combination]:

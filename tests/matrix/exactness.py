@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from clipx.methods import METHODS
-from tests.matrix.combos import TINY_VIT, flavours, is_image_text
+from tests.matrix.combos import TINY_VIT, flavours, has_text_tower, is_image_text
 
 GLOBAL = 12  # samples in the union batch: divisible by 1, 2, 3 and 4 ranks, and by 2 micro-batches of each
 
@@ -81,10 +81,11 @@ def build(case: Case, world: int, arch_path: Path):
 
 def global_batch(case: Case) -> dict:
     generator = torch.Generator().manual_seed(1)
-    if is_image_text(case.objective):  # views too, for SLIP's image-only term (other methods ignore them)
+    if has_text_tower(case.objective):  # views and labels too, for SLIP's image-only term and classifiers
         batch = {"image": torch.randn(GLOBAL, 3, 32, 32, generator=generator),
                  "text": torch.randint(1, 400, (GLOBAL, 16), generator=generator),
-                 "views": [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]}
+                 "views": [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)],
+                 "label": torch.randint(0, 10, (GLOBAL,), generator=generator)}
         if case.hard_negatives:  # every third sample has none: masked out on whichever rank holds it
             batch.update(negative_text=torch.randint(1, 400, (GLOBAL, 16), generator=generator),
                          negative_mask=torch.arange(GLOBAL) % 3 != 1)

@@ -3,7 +3,7 @@
 In-process at world size 1 (``run_combination``); at world size 2 every combination runs inside one
 torchrun launch (``python -m torch.distributed.run --nproc_per_node 2 -m tests.matrix.runner OUT DATA
 NAME...``), whose process group all the runs share. Each run reports what the test asserts:
-the losses, which trainable tensors moved, which locked tensors changed, and whether the resumed
+the losses, which trainable tensors moved, which locked or frozen tensors changed, and whether the resumed
 run ended bitwise equal to the unbroken one (its weights, objective state and, with
 train.ema_decay, its EMA weights).
 """
@@ -76,6 +76,7 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
     # Whole tensors also when sharded (FSDP), as the checkpoint's weights are read below.
     initial = {k: dist.full_tensor(v.detach()).clone() for k, v in bare.state_dict().items()}
     trainable = {n for n, p in bare.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in bare.named_parameters() if not p.requires_grad}  # locks, a classifier's text tower
     summary = fit(trainer)
 
     if dist.rank() == 0:
@@ -101,6 +102,7 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
         "locked_checked": sum(1 for n in initial if n.startswith(locked)) if locked else 0,
         "locked_changed": sorted(n for n in initial if locked and n.startswith(locked)
                                  and not torch.equal(initial[n], final[n])),
+        "frozen_changed": sorted(n for n in frozen if not torch.equal(initial[n], final[n])),
         "resume_differs": sorted(n for n in final if not torch.equal(final[n], again[n])),
         "objective_state_differs": sorted(k for k in states[0] if k.startswith("t.objective")
                                           and not torch.equal(states[0][k], states[1][k])),

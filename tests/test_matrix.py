@@ -34,6 +34,8 @@ def check(result: dict, combination) -> None:
     assert result["refused_steps"] == 0
     assert result["unmoved_trainable"] == [], "trainable tensors that no step changed"
     assert result["locked_changed"] == [], "locked tensors (weights or BatchNorm statistics) changed"
+    assert result["frozen_changed"] == [], "frozen base weights of a LoRA run changed"
+    assert (result["frozen_checked"] > 0) == ("model.lora_rank" in combination.overrides)
     assert result["resume_differs"] == [], "a run resumed at step 2 ended with different weights"
     assert result["objective_state_differs"] == [], "a resumed run ended with a different queue or counter"
     assert result["ema_resume_differs"] == [], "a run resumed at step 2 ended with different EMA weights"

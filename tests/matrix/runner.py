@@ -76,6 +76,7 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
     # Whole tensors also when sharded (FSDP), as the checkpoint's weights are read below.
     initial = {k: dist.full_tensor(v.detach()).clone() for k, v in bare.state_dict().items()}
     trainable = {n for n, p in bare.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in bare.named_parameters() if not p.requires_grad}
     summary = fit(trainer)
 
     if dist.rank() == 0:
@@ -100,6 +101,10 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
         "unmoved_trainable": sorted(n for n in trainable if torch.equal(initial[n], final[n])),
         "locked_checked": sum(1 for n in initial if n.startswith(locked)) if locked else 0,
         "locked_changed": sorted(n for n in initial if locked and n.startswith(locked)
+                                 and not torch.equal(initial[n], final[n])),
+        # LoRA freezes the towers' base weights: every frozen parameter must end as it started.
+        "frozen_checked": len(frozen) if "model.lora_rank" in combination.overrides else 0,
+        "frozen_changed": sorted(n for n in frozen if "model.lora_rank" in combination.overrides
                                  and not torch.equal(initial[n], final[n])),
         "resume_differs": sorted(n for n in final if not torch.equal(final[n], again[n])),
         "objective_state_differs": sorted(k for k in states[0] if k.startswith("t.objective")

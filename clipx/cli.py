@@ -310,9 +310,10 @@ def _demo(args) -> int:
 def _add_export(commands) -> None:
     export = commands.add_parser("export", help="write a checkpoint in another tool's format")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
-    export.add_argument("--format", required=True, choices=["open_clip", "hf"],
+    export.add_argument("--format", required=True, choices=["open_clip", "hf", "lora"],
                         help="open_clip: a local-dir:DIR folder (open_clip_config.json + safetensors); "
-                        "hf: a transformers CLIPModel folder with its tokenizer and image processor")
+                        "hf: a transformers CLIPModel folder with its tokenizer and image processor "
+                        "(both with LoRA adapters merged in); lora: a LoRA run's adapters alone, in PEFT's layout")
     export.add_argument("--out", required=True, help="directory to write")
     _add_weights(export)
     export.set_defaults(func=_export)
@@ -322,6 +323,12 @@ def _export(args) -> int:
     from clipx.api import choose_weights
 
     weights = choose_weights(args.checkpoint, args.weights)
+    if args.format == "lora":
+        from clipx.apps.export_lora import export_lora
+
+        out = export_lora(args.checkpoint, args.out, weights)
+        print(f"wrote {out} ({weights} weights): LoRA adapters in PEFT's layout (peft.PeftModel.from_pretrained)")
+        return 0
     if args.format == "hf":
         from clipx.apps.export_hf import export_hf
 

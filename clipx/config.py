@@ -31,6 +31,8 @@ from clipx.errors import ClipxError
 # local, this rank's rows against all gathered columns, (B, N) logits per rank.
 GatherMode = Literal["none", "global", "local"]
 GATHER_MODES: tuple[str, ...] = typing.get_args(GatherMode)
+# model.lora_targets: the layers of a tower's blocks that LoRA adapts (clipx/models/lora.py).
+LORA_TARGETS = ("attn", "mlp")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,17 @@ class ModelConfig:
     # FLIP's unmasked tuning: the last N optimizer steps of the run train on every patch, closing
     # the gap between masked training and unmasked evaluation.
     patch_dropout_unmasked_steps: int = 0
+    # LoRA (Hu et al. 2021; clipx/models/lora.py): low-rank adapters of this rank on both towers'
+    # blocks, whose base weights are then frozen (the logit scale, a transformers tower's projection
+    # and heads outside the towers still train); exports merge them in. 0: off.
+    lora_rank: int = 0
+    # Adapter outputs are scaled by alpha / rank. Hu et al. fix alpha at the first rank tried and do
+    # not tune it, so a new rank needs no new learning rate; 8 is PEFT's default (with its r = 8).
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0  # dropout on the adapters' input (Hu et al. used 0.1 on GPT-2; PEFT's default 0)
+    # Which layers of each tower's blocks get adapters: attn (q/k/v and output projections), mlp.
+    # Hu et al. adapt attention only; both is the common choice for vision towers (more capacity, same rank).
+    lora_targets: tuple = ("attn", "mlp")
 
 
 @dataclass(frozen=True)
@@ -420,6 +433,7 @@ def validate(config: Config) -> None:
         raise ClipxError(f"model.patch_dropout must be in [0, 1); got {config.model.patch_dropout}")
     if config.model.patch_dropout_unmasked_steps < 0:
         raise ClipxError("model.patch_dropout_unmasked_steps must not be negative")
+    _validate_lora(config.model)
     keys = config.data.caption_keys
     if keys is not None and (not keys or not all(isinstance(k, str) and isinstance(w, (int, float))
                                                  and not isinstance(w, bool) and math.isfinite(w) and w > 0
@@ -452,6 +466,22 @@ def check_classes(classes: Sequence, what: str) -> tuple[int, ...]:
             or len(set(classes)) != len(classes):
         raise ClipxError(f"{what} must be distinct non-negative class indices; got {list(classes)!r}")
     return tuple(classes)
+
+
+def _validate_lora(m: ModelConfig) -> None:
+    if m.lora_rank < 0:
+        raise ClipxError(f"model.lora_rank must not be negative (0 turns LoRA off); got {m.lora_rank}")
+    if not (math.isfinite(m.lora_alpha) and m.lora_alpha > 0):
+        raise ClipxError(f"model.lora_alpha must be a positive finite number; got {m.lora_alpha}")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        raise ClipxError(f"model.lora_dropout must be in [0, 1); got {m.lora_dropout}")
+    for target in m.lora_targets:
+        if target not in LORA_TARGETS:
+            raise ClipxError(f"model.lora_targets: unknown target {target!r}{suggest(str(target), list(LORA_TARGETS))}; "
+                             f"choose from {', '.join(LORA_TARGETS)}")
+    if m.lora_rank and not m.lora_targets:
+        raise ClipxError(f"model.lora_targets is empty; name at least one of {', '.join(LORA_TARGETS)} (or set "
+                         "model.lora_rank=0)")
 
 
 def _validate_ssl(config: Config) -> None:

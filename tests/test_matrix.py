@@ -35,6 +35,8 @@ def check(result: dict, combination) -> None:
     assert result["unmoved_trainable"] == [], "trainable tensors that no step changed"
     assert result["locked_changed"] == [], "locked tensors (weights or BatchNorm statistics) changed"
     assert result["frozen_changed"] == [], "parameters that do not train (requires_grad off) changed"
+    if "model.lora_rank" in combination.overrides:
+        assert result["frozen_checked"] > 0, "a LoRA run whose base weights were not frozen"
     assert result["resume_differs"] == [], "a run resumed at step 2 ended with different weights"
     assert result["objective_state_differs"] == [], "a resumed run ended with a different queue or counter"
     assert result["ema_resume_differs"] == [], "a run resumed at step 2 ended with different EMA weights"

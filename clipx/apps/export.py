@@ -4,7 +4,8 @@ open_clip: a directory with ``open_clip_config.json`` and ``open_clip_model.safe
 ``open_clip.create_model_and_transforms("local-dir:DIR")`` and ``open_clip.get_tokenizer("local-dir:DIR")``
 load. A DualEncoder with open_clip towers keeps open_clip's CustomTextCLIP attribute names
 (``visual``, ``text``, ``logit_scale``, ``logit_bias``), so the weights are written as they are and
-the config only needs ``custom_text: true``.
+the config only needs ``custom_text: true``. A LoRA model (model.lora_rank) is written with its
+adapters merged into the weights they adapt.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from clipx.errors import ClipxError
+from clipx.models.lora import merged_state_dict
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -39,7 +41,8 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, weights: str = "au
                       "std": list(config.model.image_std), "interpolation": "bicubic", "resize_mode": "shortest"}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.clip_state_dict().items()}, str(out / OPEN_CLIP_WEIGHTS))
+    weights = merged_state_dict(model, model.clip_state_dict())  # LoRA adapters folded in: plain open_clip weights
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / OPEN_CLIP_WEIGHTS))
     (out / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
                                                    indent=2))
     return out

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipx.errors import ClipxError
+from clipx.models.lora import merged_state_dict
 from clipx.models.pretrained import BLOCK_RENAMES
 
 # Keys of open_clip's tower configs that CLIPModel can represent; any other key is refused.
@@ -125,7 +126,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, weights: str = "auto") ->
         raise ClipxError("--format hf exports CLIP models with open_clip towers and no SigLIP bias (CLIPModel has "
                          "neither a transformers text tower slot nor a logit bias); use --format open_clip")
     cfg = hf_config(config.model.arch, float(model.logit_scale.detach()))
-    weights = hf_state_dict(model.state_dict(), cfg)
+    weights = hf_state_dict(merged_state_dict(model), cfg)  # LoRA adapters folded into the weights they adapt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -45,6 +45,9 @@ def method_of(config) -> Method:
     if config.data.hard_negative_key is not None and not method.hard_negatives:
         takers = ", ".join(m for m in METHODS.list() if METHODS.get(m).hard_negatives)
         raise ClipxError(f"data.hard_negative_key (hard-negative captions) is used by loss.name={takers}, not {name}")
+    if config.model.lora_rank and not method.has_text_tower:
+        raise ClipxError(f"model.lora_rank (LoRA adapters on both towers) applies to CLIP models (image-text "
+                         f"methods and classify), not loss.name={name}")
     if config.distill.enabled:
         if not isinstance(method, ImageTextMethod):
             raise ClipxError(f"distill (a teacher CLIP's similarities as targets) applies to image-text methods, "

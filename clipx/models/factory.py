@@ -9,6 +9,7 @@ from torch import nn
 from clipx.config import ModelConfig
 from clipx.models.classifier import DualEncoderWithClassifier
 from clipx.models.dual_encoder import DualEncoder, DualEncoderWithImageHead
+from clipx.models.lora import add_model_lora_
 from clipx.models.towers import HFTextTower, build_open_clip_text, build_open_clip_vision
 
 
@@ -16,7 +17,9 @@ def create_model(cfg: ModelConfig, image_head: Optional[nn.Module] = None,
                  classes: Optional[Sequence[int]] = None) -> DualEncoder:
     """Build towers as the config says; weights are random (checkpoints are loaded separately).
     With ``image_head``, the image tower also feeds that head (DualEncoderWithImageHead); with
-    ``classes``, a linear classifier over them reads the image embedding (DualEncoderWithClassifier)."""
+    ``classes``, a linear classifier over them reads the image embedding (DualEncoderWithClassifier).
+    With model.lora_rank > 0 both towers carry LoRA adapters (zero at first: the towers' function is
+    unchanged); models/lock.py:lock_towers freezes their base weights for training."""
     visual = build_open_clip_vision(cfg.arch, cfg.patch_dropout)
     if cfg.text_tower == "hf":
         text = HFTextTower(cfg.hf_text_path, cfg.arch["embed_dim"], cfg.hf_pooling)
@@ -25,10 +28,10 @@ def create_model(cfg: ModelConfig, image_head: Optional[nn.Module] = None,
     scalars = {"init_temperature": cfg.init_temperature, "max_logit_scale": cfg.max_logit_scale,
                "init_logit_bias": cfg.init_logit_bias}
     if classes is not None:
-        return DualEncoderWithClassifier(visual, text, cfg.arch["embed_dim"], classes, **scalars)
+        return add_model_lora_(DualEncoderWithClassifier(visual, text, cfg.arch["embed_dim"], classes, **scalars), cfg)
     if image_head is not None:
-        return DualEncoderWithImageHead(visual, text, image_head, **scalars)
-    return DualEncoder(visual, text, **scalars)
+        return add_model_lora_(DualEncoderWithImageHead(visual, text, image_head, **scalars), cfg)
+    return add_model_lora_(DualEncoder(visual, text, **scalars), cfg)
 
 
 def image_size(cfg: ModelConfig) -> int:

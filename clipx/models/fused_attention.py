@@ -31,19 +31,28 @@ class FusedSelfAttention(nn.MultiheadAttention):
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if need_weights or key_padding_mask is not None or not (query is key is value) or query.dim() != 3:
+        if not self.covers(query, key, value, key_padding_mask, need_weights):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
         batch, length, width = query.shape
         heads = self.num_heads
-        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3E)
+        qkv = self.in_projection(query)  # (B, L, 3E)
         q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(attn_mask, batch, heads, q.dtype),
                                              dropout_p=self.dropout if self.training else 0.0,
                                              is_causal=is_causal and attn_mask is None)
         out = out.transpose(1, 2).reshape(batch, length, width)
-        return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
+        return self.out_proj(out), None  # through its forward, so a LoRA adapter on it applies (models/lora.py)
+
+    def covers(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               key_padding_mask: Optional[torch.Tensor], need_weights: bool) -> bool:
+        """Whether the fast self-attention path computes this call (otherwise MHA's own forward does)."""
+        return not need_weights and key_padding_mask is None and query is key is value and query.dim() == 3
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed q/k/v projection. (B, L, E) -> (B, L, 3E). LoRA's attention adds its adapter here."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
 
 
 def sdpa_mask(attn_mask: Optional[torch.Tensor], batch: int, heads: int, dtype: torch.dtype) -> Optional[torch.Tensor]:

@@ -85,9 +85,17 @@ def freeze_locked_batchnorm_(module: torch.nn.Module) -> None:
 
 
 def lock_towers(model: torch.nn.Module, cfg) -> None:
-    """Apply model.lock_image / model.lock_text to a DualEncoder."""
+    """Apply model.lock_image / model.lock_text to a DualEncoder, and with model.lora_rank > 0 freeze
+    both towers' base weights (their LoRA adapters and a transformers tower's projection train;
+    everything outside the towers, the logit scale and heads, too). A locked tower's adapters are
+    locked with it: locked means unchanged."""
     if (cfg.lock_image or cfg.lock_text) and not hasattr(model, "text"):
         raise ClipxError("model.lock_image and model.lock_text apply to image-text models (loss.name clip or siglip)")
+    if cfg.lora_rank:
+        from clipx.models.lora import freeze_base_
+
+        freeze_base_(model.visual)
+        freeze_base_(model.text, ("proj",) if cfg.text_tower == "hf" else ())
     if cfg.lock_image:
         lock_tower(model.visual, cfg.lock_image_unlocked_groups)
     if cfg.lock_text:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipx.errors import ClipxError
+from clipx.models.lora import is_adapter_key
 from clipx.run_layout import as_checkpoint
 
 # open_clip residual-block module -> CLIPEncoderLayer module, besides the packed q/k/v projection:
@@ -99,12 +100,18 @@ def from_hf_clip(state: dict[str, torch.Tensor], config: dict) -> dict[str, torc
 
 
 def init_from_pretrained(model: torch.nn.Module, path: str | Path, text_tower: str) -> None:
-    """Load ``path``'s weights into ``model`` (its CLIP part, ``clip_state_dict``). With a transformers text tower (whose weights come from
-    model.hf_text_path), only the image tower, the logit scale and bias are taken from ``path``."""
+    """Load ``path``'s weights into ``model`` (its CLIP part, ``clip_state_dict``). With a transformers
+    text tower (whose weights come from model.hf_text_path), only the image tower, the logit scale and
+    bias are taken from ``path``. LoRA adapters are taken from ``path`` if it has them (a clipx LoRA
+    run), else they stay as built (zero: the pretrained function)."""
     weights = read_pretrained(path)
     # A CLIP's weights: what a method adds to the towers (SLIP's view head, a classifier's head) starts
     # as the method builds it.
-    expected = model.clip_state_dict()
+    state = model.clip_state_dict()
+    if any(is_adapter_key(k) and k not in state for k in weights):
+        raise ClipxError(f"model.pretrained {path} holds LoRA adapters this model has no place for; start from its "
+                         "merged export (clipx export --format open_clip) or set model.lora_* as it was trained")
+    expected = {k: v for k, v in state.items() if not is_adapter_key(k) or k in weights}
     if text_tower == "hf":
         expected = {k: v for k, v in expected.items() if not k.startswith("text.")}
         weights = {k: v for k, v in weights.items() if not k.startswith("text.")}

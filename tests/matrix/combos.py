@@ -13,9 +13,9 @@ combination measures its attention kernel (train.attention=auto), and every flav
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
 options (RECIPES: patch dropout, several captions, hard negatives, EMA weights, layer-wise
-learning-rate decay, distillation) run with every flavour they apply to on one process and with an image-text and
+learning-rate decay, distillation, LoRA) run with every flavour they apply to on one process and with an image-text and
 (if it applies) an image-only flavour on two; EMA also runs sharded with those two flavours on one
-and on two processes.
+and on two processes, and LoRA sharded with the image-text one.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # FLYP: CLIP's loss with the class prompts of each sample's label as its captions.
 # Distillation from the online teacher that the digits fixture writes beside the shards (the
 # embedded form gives the same losses: tests/test_distill.py).
+# LoRA adapters on both towers of an image-text model, their base weights frozen: the runner checks
+# that no frozen parameter changed.
 RECIPES = {"plain": {},
            "patch_dropout": {"model.patch_dropout": 0.5, "model.patch_dropout_unmasked_steps": 1},
            "multi_caption": {"data.caption_keys": {"txt": 0.5, "classname": 0.5}},
@@ -61,10 +63,11 @@ RECIPES = {"plain": {},
            "ema": {"train.ema_decay": 0.9},
            "layer_decay": {"train.layer_decay": 0.75},
            "distill": {"distill.teacher": "{data_dir}/teacher", "distill.weight": 0.5},
-           "flyp": {"data.caption_keys": {"class_prompt": 1}}}
-# Recipes about captions: image-text only. Recipes about both towers: models with a text tower.
+           "flyp": {"data.caption_keys": {"class_prompt": 1}},
+           "lora": {"model.lora_rank": 4}}
+# Recipes about captions: image-text only. Recipes about the towers' blocks: models with a text tower.
 IMAGE_TEXT_RECIPES = {"multi_caption", "distill", "flyp"}
-TEXT_TOWER_RECIPES = {"layer_decay"}
+TEXT_TOWER_RECIPES = {"layer_decay", "lora"}
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -192,6 +195,7 @@ def world_one() -> list[Combination]:
     recipes = [_combination(f, "vit", "k1", next(precisions), recipe=recipe)
                for recipe in RECIPES if recipe != "plain" for f in flavours() if recipe_applies(recipe, f[1])]
     recipes += [_combination(f, "vit", "k1", "fp32", sharding="fsdp", recipe="ema") for f in compiled_cover()]
+    recipes += [_combination(compiled_cover()[0], "vit", "k1", "fp32", sharding="fsdp", recipe="lora")]
     return grid + towers + sharded + math + compiled + recipes
 
 
@@ -219,4 +223,5 @@ def world_two() -> list[Combination]:
     out += [_combination(f, "vit", "features2", "fp32", world_size=2, recipe=recipe)
             for recipe in RECIPES if recipe != "plain" for f in compiled_cover() if recipe_applies(recipe, f[1])]
     out += [_combination(f, "vit", "k1", "bf16", world_size=2, sharding="fsdp", recipe="ema") for f in compiled_cover()]
+    out += [_combination(compiled_cover()[0], "vit", "k1", "bf16", world_size=2, sharding="fsdp", recipe="lora")]
     return out

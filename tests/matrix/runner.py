@@ -76,7 +76,7 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
     # Whole tensors also when sharded (FSDP), as the checkpoint's weights are read below.
     initial = {k: dist.full_tensor(v.detach()).clone() for k, v in bare.state_dict().items()}
     trainable = {n for n, p in bare.named_parameters() if p.requires_grad}
-    frozen = {n for n, p in bare.named_parameters() if not p.requires_grad}  # locks, a classifier's text tower
+    frozen = {n for n, p in bare.named_parameters() if not p.requires_grad}  # locks, LoRA, a classifier's text tower
     summary = fit(trainer)
 
     if dist.rank() == 0:
@@ -102,6 +102,8 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
         "locked_checked": sum(1 for n in initial if n.startswith(locked)) if locked else 0,
         "locked_changed": sorted(n for n in initial if locked and n.startswith(locked)
                                  and not torch.equal(initial[n], final[n])),
+        # Every frozen parameter (LoRA's base weights, a classifier's text tower) must end as it started.
+        "frozen_checked": len(frozen),
         "frozen_changed": sorted(n for n in frozen if not torch.equal(initial[n], final[n])),
         "resume_differs": sorted(n for n in final if not torch.equal(final[n], again[n])),
         "objective_state_differs": sorted(k for k in states[0] if k.startswith("t.objective")

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_consolidate(commands)
     _add_encode(commands)
     _add_report(commands)
+    _add_wise_ft(commands)
     table = commands.add_parser("table", help="Markdown table of demo results.json files")
     table.add_argument("results", nargs="+")
     table.set_defaults(func=_table)
@@ -75,6 +76,14 @@ def _add_prep(commands) -> None:
                            help="rows naming the same image become one sample with one caption per line "
                                 "(Flickr30k/COCO retrieval tables)")
         table.set_defaults(func=_prep_folder)
+
+    labelled = sources.add_parser("labelled", help="a folder of class subfolders of images (ImageFolder layout); "
+                                  "also writes classes.yaml for eval.templates")
+    labelled.add_argument("--images", required=True, help="the folder: one subfolder of images per class")
+    labelled.add_argument("--templates", nargs="+", default=None,
+                          help="prompt templates with {} for the class name (default: 'a photo of a {}.'); the "
+                          "first one makes each sample's caption")
+    labelled.set_defaults(func=_prep_labelled)
 
     hf = sources.add_parser("hf", help="a Hugging Face `datasets` dataset on local disk")
     hf.add_argument("--dataset", required=True, help="folder saved with save_to_disk, or data files for --builder")
@@ -134,6 +143,17 @@ def _prep_folder(args) -> int:
                           caption_column=args.caption_column, image_size=args.image_size,
                           shard_size=args.shard_size, workers=args.workers, group_by_image=args.group_by_image)
     print(summary.format())
+    return 0
+
+
+def _prep_labelled(args) -> int:
+    from data_prep import prep_labelled_folder
+    from data_prep.labelled import CLASSES_FILE
+
+    summary = prep_labelled_folder(args.images, Path(args.out), templates=args.templates, image_size=args.image_size,
+                                   shard_size=args.shard_size, workers=args.workers)
+    print(summary.format())
+    print(f"class names and prompt templates: {Path(args.out) / CLASSES_FILE} (give it as eval.templates)")
     return 0
 
 
@@ -395,6 +415,67 @@ def _report(args) -> int:
     from clipx.apps.report.html import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out, args.data)}")
+    return 0
+
+
+def _add_wise_ft(commands) -> None:
+    wise = commands.add_parser("wise-ft", help="WiSE-FT: average a zero-shot and a fine-tuned checkpoint's weights")
+    wise.add_argument("--zero-shot", required=True, help="the CLIP the fine-tuning started from (checkpoint or run)")
+    wise.add_argument("--fine-tuned", required=True, help="its fine-tuned descendant (checkpoint or run)")
+    wise.add_argument("--alpha", type=float, default=None, help="write the checkpoint (1 - alpha)*zero-shot + "
+                      "alpha*fine-tuned to --out; alpha in [0, 1]")
+    wise.add_argument("--alphas", default=None, help="evaluate the curve: START:STOP:STEP (0:1:0.1, STOP included) "
+                      "or 0,0.5,1; writes OUT/wise_ft.json and OUT/wise_ft.png")
+    wise.add_argument("--out", required=True, help="folder for the checkpoint and/or the curve")
+    wise.add_argument("--task-data", default=None, help="the fine-tuning task's evaluation shards (default: the "
+                      "fine-tuned run's data.val)")
+    wise.add_argument("--held-out", nargs="+", action="extend", default=[], help="shards of held-out tasks, scored "
+                      "zero-shot")
+    wise.add_argument("--held-out-classes", default=None, help="their labels, e.g. 5-9 (default: every class)")
+    wise.add_argument("--held-out-templates", default=None, help="their class names and prompts (default: the "
+                      "fine-tuned run's eval.templates)")
+    wise.add_argument("--batch-size", type=int, default=256)
+    wise.add_argument("--workers", type=int, default=2)
+    _add_precision(wise)
+    _add_weights(wise)
+    wise.set_defaults(func=_wise_ft)
+
+
+def _wise_ft(args) -> int:
+    from clipx.apps import wise_ft
+    from clipx.data.shards import expand_shards
+    from eval.run import default_device
+
+    if args.alpha is None and args.alphas is None:
+        raise ClipxError("clipx wise-ft needs --alpha X (write that checkpoint) or --alphas 0:1:0.1 (evaluate the "
+                         "curve), or both")
+    if args.alphas is None and (args.task_data or args.held_out):
+        raise ClipxError("--task-data and --held-out evaluate the curve: give --alphas too")
+    if args.alphas is not None and not args.held_out:
+        raise ClipxError("the curve plots task accuracy against held-out accuracy: give --held-out SHARDS")
+    alpha = wise_ft.check_alpha(args.alpha) if args.alpha is not None else None
+    alphas = wise_ft.parse_alphas(args.alphas) if args.alphas is not None else []
+    if Path(args.out).is_file():
+        raise ClipxError(f"--out {args.out} is a file; give a folder")
+    if alpha is not None:
+        wise_ft.check_checkpoint_out(args.out)
+    device = default_device()
+    ends = wise_ft.load_endpoints(args.zero_shot, args.fine_tuned, args.weights, device)
+    task_data = args.task_data or ends.config.data.val
+    if alphas:  # every input of the curve is checked before anything is written
+        if not task_data:
+            raise ClipxError("the fine-tuned run has no data.val: give --task-data SHARDS for the curve")
+        expand_shards(task_data, "--task-data")
+        classes = parse_classes(args.held_out_classes) if args.held_out_classes else None
+        held_out = wise_ft.held_out_sets(args.held_out, classes, args.held_out_templates or ends.config.eval.templates)
+    if alpha is not None:
+        out = wise_ft.write_checkpoint(ends.at(alpha), ends.config, args.out, {"alpha": alpha, **ends.sources})
+        print(f"wrote {out}: (1 - {alpha}) * zero-shot + {alpha} * fine-tuned")
+    if alphas:
+        curve = wise_ft.evaluate_curve(ends, alphas, task_data, held_out, device, args.batch_size, args.workers,
+                                       args.precision)
+        print(wise_ft.curve_table(curve["rows"]))
+        print("wrote " + " and ".join(map(str, wise_ft.write_curve(curve, args.out))))
     return 0
 
 

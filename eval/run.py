@@ -49,7 +49,9 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
         classifier = build_zero_shot_classifier(model, tokenizer, [classnames[c] for c in chosen], prompts, device)
         results["zero_shot"] = zero_shot_metrics(embeddings, classifier, chosen if classes is not None else None)
     head = getattr(model, "head", None)
-    if head is not None:
+    # A classifier's head scores its own classes; shards of other classes only (a held-out task) have
+    # nothing for it to score.
+    if head is not None and bool(torch.isin(embeddings.labels, torch.tensor(model.classes)).any()):
         results["classifier"] = zero_shot_metrics(embeddings, head.weight.detach().float().cpu().T, model.classes,
                                                   head.bias.detach().float().cpu())
     if retrieval:

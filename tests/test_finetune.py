@@ -176,3 +176,36 @@ def test_eval_cli_chooses_among_the_classes_given(digits_dir, tiny_model_json, t
                           "--data", str(digits_dir / "test"), "--out", str(out), "--classes", "5-x"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "give class indices as" in bad.stderr and json.loads(out.read_text()) == high
+
+
+def test_a_labelled_folder_becomes_labelled_captioned_shards_and_a_templates_file(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from clipx.data.eval_loader import build_eval_loader
+    from clipx.templates import load_templates
+
+    for name, colour in (("red fox", (200, 30, 30)), ("blue jay", (30, 30, 200))):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 24, 3), colour, dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+    (tmp_path / "images" / "blue jay" / "notes.txt").write_text("not an image")
+    out = tmp_path / "shards"
+    result = subprocess.run([sys.executable, "-m", "clipx.cli", "prep", "labelled", "--images", str(tmp_path / "images"),
+                             "--out", str(out), "--image-size", "16", "--workers", "0",
+                             "--templates", "a photo of a {}.", "a {} bird."], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_templates(out / "classes.yaml") == (["blue jay", "red fox"], ["a photo of a {}.", "a {} bird."])
+    loader = build_eval_loader(str(out), lambda image: torch.tensor(image.getpixel((8, 8))), "label", 64, 0)
+    batch = next(iter(loader))
+    for pixel, label, captions in zip(batch["image"], batch["label"], batch["captions"]):
+        name = ["blue jay", "red fox"][label]
+        assert captions == [f"a photo of a {name}."]
+        assert (pixel[2] > pixel[0]) == (name == "blue jay")  # the image is its class's colour
+    assert len(batch["label"]) == 6
+    bad = subprocess.run([sys.executable, "-m", "clipx.cli", "prep", "labelled", "--images", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "labelled folder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -2,7 +2,8 @@
 
 The page holds the run's plots (drawn from metrics.jsonl), its config, a table of final metrics,
 and, when the run has validation shards, a retrieval gallery (for a few captions, the top-5
-retrieved images, the right one marked) and a zero-shot confusion matrix. Every image is inlined
+retrieved images, the right one marked) and a zero-shot confusion matrix; when `clipx wise-ft --alphas`
+wrote its curve into the run directory (wise_ft.json), that curve's plot and table. Every image is inlined
 as a data: URI, so the file can be mailed or archived alone. A script on the page records whether
 every image decoded (``data-images-rendered`` on <body>), which the browser test reads.
 """
@@ -179,6 +180,27 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
     return out
 
 
+def _wise_ft_section(run_dir: Path) -> str:
+    """The WiSE-FT curve `clipx wise-ft --alphas ... --out RUN_DIR` wrote, as a plot and a table ("" if none)."""
+    from clipx.apps.wise_ft import CURVE_JSON, curve_png, read_curve
+
+    if not (run_dir / CURVE_JSON).is_file():
+        return ""
+    curve = read_curve(run_dir / CURVE_JSON)
+    rows = sorted(curve["rows"], key=lambda row: row["alpha"])
+    names = list(rows[0]["held_out_top1"])
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["α", "task top-1", *(f"{n} top-1" for n in names)])
+    body = "".join("<tr>" + "".join(f"<td class='num'>{v:.4g}</td>" for v in
+                                    [row["alpha"], row["task_top1"], *(row["held_out_top1"][n] for n in names)])
+                   + "</tr>" for row in rows)
+    task = curve.get("task", {})
+    intro = (f"<p>Weights (1 − α)·zero-shot + α·fine-tuned (WiSE-FT, Wortsman et al. 2022), zero-shot "
+             f"{html.escape(str(curve.get('zero_shot')))}; task accuracy is {html.escape(str(task.get('metric')))} "
+             f"on {html.escape(str(task.get('data')))}, held-out sets are scored zero-shot.</p>")
+    return _section("WiSE-FT curve", intro + f"<img src='{_data_uri(curve_png(rows))}' alt='WiSE-FT curve'>"
+                    f"<table><tr>{head}</tr>{body}</table>")
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, data: str | None = None) -> Path:
     """Render RUN_DIR's report to ``out`` (default RUN_DIR/report.html); returns the path."""
     from clipx.config import load_config
@@ -195,6 +217,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
     shards = data or config.data.val
     if shards:
         sections += _evaluation_sections(run_dir, shards, config.eval.templates if config.eval.zero_shot else None)
+    sections += _wise_ft_section(run_dir)
     sections += _section("Config", f"<pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre>")
     out = Path(out) if out else run_dir / "report.html"
     tmp = out.with_name(f".{out.name}.tmp")

@@ -20,7 +20,7 @@ import torch
 from clipx.errors import ClipxError
 from tests.distributed.launch import torchrun
 from tests.matrix import exactness
-from tests.matrix.combos import RECIPES, TOWERS, flavours, is_image_text, recipe_applies, world_one, world_two
+from tests.matrix.combos import RECIPES, TOWERS, flavours, kind, recipe_applies, world_one, world_two
 from tests.matrix.runner import base_overrides, run_combination
 
 WORLD_ONE = world_one()
@@ -106,9 +106,9 @@ def test_the_matrix_covers_every_registered_flavour_accumulation_and_precision()
         assert {c.name.split("/")[0] for c in world if c.overrides.get("train.attention") == "math"} == names
     for recipe in set(RECIPES) - {"plain"}:  # option recipes: every flavour on one process, both kinds on two
         applies = {f[0] for f in flavours() if recipe_applies(recipe, f[1])}
-        kinds = {is_image_text(f[1]) for f in flavours() if recipe_applies(recipe, f[1])}
+        kinds = {kind(f[1]) for f in flavours() if recipe_applies(recipe, f[1])} - {"classifier"}
         assert {c.name.split("/")[0] for c in WORLD_ONE if c.name.endswith("/" + recipe)} == applies
-        assert {is_image_text(c.objective) for c in WORLD_TWO if c.name.endswith("/" + recipe)} == kinds
+        assert {kind(c.objective) for c in WORLD_TWO if c.name.endswith("/" + recipe)} == kinds
     assert any(c.overrides.get("train.compile") is True for c in WORLD_TWO)
 
 

@@ -156,10 +156,19 @@ def _combination(flavour, tower: str, accumulation: str, precision: str, world_s
                        world_size)
 
 
+def kind(objective: str) -> str:
+    """image_text (trains on captions), classifier (a CLIP with a head: a text tower, no captions) or
+    image_only (self-supervised)."""
+    if is_image_text(objective):
+        return "image_text"
+    return "classifier" if has_text_tower(objective) else "image_only"
+
+
 def compiled_cover() -> list[tuple[str, str, dict]]:
-    """The flavours the matrix also runs compiled: the first image-text one and the first image-only one."""
-    kinds = [[f for f in flavours() if is_image_text(f[1]) == image_text] for image_text in (True, False)]
-    return [kind[0] for kind in kinds if kind]
+    """The flavours the matrix also runs compiled (and runs the recipes with on two processes): the
+    first image-text one and the first image-only one."""
+    kinds = [[f for f in flavours() if kind(f[1]) == wanted] for wanted in ("image_text", "image_only")]
+    return [found[0] for found in kinds if found]
 
 
 def recipe_applies(recipe: str, objective: str) -> bool:

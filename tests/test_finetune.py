@@ -209,3 +209,32 @@ def test_a_labelled_folder_becomes_labelled_captioned_shards_and_a_templates_fil
     bad = subprocess.run([sys.executable, "-m", "clipx.cli", "prep", "labelled", "--images", str(tmp_path / "none"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode != 0 and "labelled folder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_lora_fine_tuned_classifier_trains_adapters_and_head_and_exports_merged(digits_dir, tiny_model_json,
+                                                                                   tmp_path):
+    """The fine-tuning path end to end: LoRA on a classifier trains the adapters and the head only, and
+    the open_clip export (adapters merged, head left out) embeds as clipx does."""
+    import open_clip
+
+    import clipx
+    from clipx.apps.export import export_open_clip
+
+    clip = write_clip_checkpoint(tmp_path / "clip", tiny_model_json)
+    out = tmp_path / "run"
+    run_training(tiny_overrides(digits_dir, tiny_model_json, out, **{
+        "loss.name": "classify", "model.pretrained": str(clip), "eval.classes": str(LOW), "model.lora_rank": 4,
+        "data.max_skip_fraction": "null", "train.lr": 1e-2}))
+    start = load_file(str(clip / "model.safetensors"))
+    final = load_file(str(sorted((out / "checkpoints").iterdir())[-1] / "model.safetensors"))
+    changed = {k for k in final if k not in start or not torch.equal(start[k], final[k])}
+    assert {"head.weight", "head.bias"} <= changed
+    assert changed - {"head.weight", "head.bias"} and all("lora_" in k for k in changed - {"head.weight", "head.bias"})
+    assert any(k.startswith("visual.") for k in changed) and not any(k.startswith("text.") for k in changed)
+    export = export_open_clip(out, tmp_path / "open_clip")
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    ours, _, _ = clipx.load(out)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        error = (ours.encode_image(images) - theirs.eval().encode_image(images, normalize=True)).abs().max()
+    assert error < 1e-5

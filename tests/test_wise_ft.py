@@ -179,3 +179,23 @@ def test_bad_input_is_one_line_and_loses_nothing(ends, tmp_path, tiny_model_json
     assert "did not write" in refused(capsys, *both, "--alpha", "0.5", "--out", checkpoint)
     assert "training run" in refused(capsys, *both, "--alpha", "0.5", "--out", fine_tuned)
     assert (checkpoint / "model.safetensors").read_bytes() == before
+
+
+def test_a_lora_fine_tuned_model_is_interpolated_merged(tmp_path, digits_dir):
+    """WiSE-FT's line runs between the models a LoRA run computes (adapters folded in): alpha = 1
+    classifies as the LoRA model does, and the written checkpoint has no adapters."""
+    import clipx
+
+    zero_shot = write_tiny_teacher(tmp_path / "A")
+    run_training(tiny_overrides(digits_dir, zero_shot / "arch.json", tmp_path / "B", **{
+        "loss.name": "classify", "model.pretrained": str(zero_shot), "eval.classes": "[0,1,2,3,4]",
+        "model.lora_rank": 4, "train.lr": 1e-2, "data.max_skip_fraction": "null", "train.steps": 2,
+        "eval.zero_shot": "false"}))
+    assert wise_ft("--zero-shot", zero_shot, "--fine-tuned", tmp_path / "B", "--alpha", 1, "--out", tmp_path / "C") == 0
+    ours, _, _ = clipx.load(tmp_path / "C")
+    lora, _, _ = clipx.load(tmp_path / "B")
+    assert load_config(tmp_path / "C" / "config.yaml").model.lora_rank == 0
+    assert not any("lora_" in key for key in load_file(str(tmp_path / "C" / "model.safetensors")))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.classify(images), lora.classify(images), rtol=0, atol=1e-5)

@@ -25,7 +25,7 @@ import io
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Optional, Sequence
 
@@ -35,8 +35,10 @@ from torch import nn
 from clipx.api import choose_weights, load_model
 from clipx.config import Config
 from clipx.errors import ClipxError
+from clipx.methods import build_model
 from clipx.models.classifier import DualEncoderWithClassifier
 from clipx.models.dual_encoder import DualEncoder
+from clipx.models.lora import merged_state_dict
 from clipx.run_layout import MODEL_WEIGHTS, as_checkpoint
 
 CURVE_JSON = "wise_ft.json"
@@ -132,8 +134,10 @@ def load_endpoints(zero_shot: str | Path, fine_tuned: str | Path, weights: str =
     """
     a_path, b_path = _checkpoint(zero_shot, "--zero-shot"), _checkpoint(fine_tuned, "--fine-tuned")
     a_weights, b_weights = choose_weights(a_path, weights), choose_weights(b_path, weights)
-    a_model, _ = load_model(a_path, "cpu", a_weights)
+    a_model, a_config = load_model(a_path, "cpu", a_weights)
     b_model, b_config = load_model(b_path, "cpu", b_weights)
+    a_model, _ = without_adapters(a_model, a_config)
+    b_model, b_config = without_adapters(b_model, b_config)
     end = {key: value.detach().clone() for key, value in b_model.state_dict().items()}
     a_state = a_model.state_dict()
     built_head = [key for key in end if key in HEAD_KEYS and key not in a_state and hasattr(b_model, "set_head_")]
@@ -154,6 +158,19 @@ def load_endpoints(zero_shot: str | Path, fine_tuned: str | Path, weights: str =
     sources = {"zero_shot": str(a_path), "fine_tuned": str(b_path),
                "weights": {"zero_shot": a_weights, "fine_tuned": b_weights}}
     return Endpoints(b_model, b_config, start, end, sources)
+
+
+def without_adapters(model: nn.Module, config: Config) -> tuple[nn.Module, Config]:
+    """A LoRA model (model.lora_rank > 0) as the plain model it computes: every adapter folded into the
+    weight it adapts, and a config without adapters. WiSE-FT interpolates weights, and a low-rank
+    product B·A is not linear in its factors, so the line runs between merged models; the written
+    checkpoint is then a plain one. Any other model comes back as it is."""
+    if not config.model.lora_rank:
+        return model, config
+    plain_config = replace(config, model=replace(config.model, lora_rank=0))
+    plain = build_model(plain_config)
+    plain.load_state_dict(merged_state_dict(model), strict=True)
+    return plain.eval(), plain_config
 
 
 def _zero_shot_head(zero_shot: DualEncoder, classifier: DualEncoderWithClassifier, config, device) -> dict[str, torch.Tensor]:

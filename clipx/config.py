@@ -232,7 +232,7 @@ class EvalConfig:
     # Class names and prompt templates: a name shipped in clipx/templates ("digits", "imagenet")
     # or a path to a YAML file with `classnames` and `templates`.
     templates: str = "digits"
-    label_key: str = "label"  # field of each sample's .json (or a .cls member) holding the class index
+    label_key: str = "label"  # field of each sample's .json (or a .cls member) holding the class index (also SupCon's)
     # The task's classes, as label indices into the class names: zero-shot evaluation leaves the
     # other samples out and chooses among these classes only; a classifier (loss.name: classify)
     # has one output per class, in this order; class prompts (data.caption_keys: class_prompt) are
@@ -286,13 +286,13 @@ class SwAVConfig:
 
 @dataclass(frozen=True)
 class SSLConfig:
-    """Image-only self-supervised training (loss.name: ntxent | moco | swav)."""
+    """Image-only training on views (loss.name: ntxent | moco | swav | supcon)."""
 
     # "open_clip": the vision tower described by model.name; or a torchvision ResNet ("resnet18", ...).
     encoder: str = "open_clip"
     head_hidden: int = 512
     head_out: int = 128
-    temperature: float = 0.1  # NT-Xent, MoCo's InfoNCE, SwAV's swapped prediction
+    temperature: float = 0.1  # NT-Xent, SupCon, MoCo's InfoNCE, SwAV's swapped prediction
     # BatchNorm across the batch: local (per device), sync (over all ranks; GPU only), or shuffle
     # (MoCo: the key encoder sees a random share of the global batch, so BN cannot leak the pair).
     batchnorm: Literal["local", "sync", "shuffle"] = "local"

@@ -1,4 +1,4 @@
-"""The keys of a training batch, defined once, and the two ways samples become a batch.
+"""The keys of a training batch, defined once, and the ways samples become a batch.
 
 Every pipeline and objective uses these names. A method picks its collation (image + tokenized
 caption, or augmented views); the streaming pipeline only calls what it is given.
@@ -14,7 +14,7 @@ IMAGE = "image"  # (B, 3, H, W) float, normalised
 TEXT = "text"  # (B, L) int64 token ids
 VIEWS = "views"  # list of (B, 3, H, W) augmented views of the same images (self-supervised modes)
 KEY = "key"  # list of B sample keys, for de-duplication and debugging
-LABEL = "label"  # (B,) int64: each sample's row of a classifier (clipx.data.labels.LabelReader)
+LABEL = "label"  # (B,) int64: each sample's row of a classifier, or its class (-1: none) (clipx.data.labels)
 NEGATIVE_TEXT = "negative_text"  # (B, L) token ids of each sample's hard-negative caption ("" where it has none)
 NEGATIVE_MASK = "negative_mask"  # (B,) bool: whether the sample has a hard negative
 # Distillation (clipx/methods/distill.py): the teacher's own inputs, or its stored embeddings.
@@ -57,6 +57,18 @@ class ViewsBatch:
         views = len(samples[0]["image"])
         return {KEY: [s["key"] for s in samples],
                 VIEWS: [torch.stack([s["image"][v] for s in samples]) for v in range(views)]}
+
+
+class LabelledViewsBatch(ViewsBatch):
+    """Samples of views and a "label" -> a views batch plus {"label": (B,) int64}. ``labels``
+    (clipx.data.labels.LabelReader) is how the pipeline reads each sample's label; -1 marks a sample
+    without one (SupCon, clipx/methods/supcon.py)."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __call__(self, samples: list[dict]) -> dict:
+        return {**super().__call__(samples), LABEL: torch.tensor([s["label"] for s in samples], dtype=torch.long)}
 
 
 class ImageTextViewsBatch(ImageTextBatch):

@@ -2,7 +2,8 @@
 classification methods read it, and which classes a task keeps.
 
 One home for both readers: the evaluation loader (every sample, -1 where there is no label) and the
-training pipeline of a classifier (``LabelReader``: the sample's row of the head, or None to skip it).
+training pipeline (``LabelReader``): a classifier's row of the head, or None to skip the sample; or,
+for supervised contrastive learning, the label itself and -1 for a sample without one.
 """
 
 from __future__ import annotations
@@ -25,14 +26,23 @@ def sample_label(sample: dict, label_key: str) -> int:
 
 class LabelReader:
     """sample -> the row of a classifier over ``classes`` (label indices) that its label selects, or
-    None (no label, or a class the classifier does not have). Picklable: it travels to data workers."""
+    None (no label, or a class the classifier does not have). Picklable: it travels to data workers.
 
-    def __init__(self, label_key: str, classes: Sequence[int]):
+    With ``classes=None`` every label is its own row; with ``unlabelled=-1`` a sample without a label
+    (none, or a negative one) gives -1 instead of None, so the pipeline keeps it (SupCon's instance
+    positives). A malformed label gives None (skipped) either way.
+    """
+
+    def __init__(self, label_key: str, classes: Optional[Sequence[int]] = None, unlabelled: Optional[int] = None):
         self.label_key = label_key
-        self.rows = {label: row for row, label in enumerate(classes)}
+        self.rows = None if classes is None else {label: row for row, label in enumerate(classes)}
+        self.unlabelled = unlabelled
 
     def __call__(self, sample: dict) -> Optional[int]:
         try:
-            return self.rows.get(sample_label(sample, self.label_key))
+            label = sample_label(sample, self.label_key)
         except (ValueError, TypeError, UnicodeDecodeError):
             return None
+        if label < 0:
+            return self.unlabelled
+        return label if self.rows is None else self.rows.get(label)

@@ -17,6 +17,7 @@ from clipx.methods.objective import Method, Objective
 from clipx.methods.siglip import SigLIP
 from clipx.methods.simclr import SimCLR
 from clipx.methods.slip import SLIP
+from clipx.methods.supcon import SupCon
 from clipx.methods.swav import SwAV
 from clipx.registry import Registry
 
@@ -28,6 +29,7 @@ METHODS.register("moco")(MoCo())
 METHODS.register("swav")(SwAV())
 METHODS.register("slip")(SLIP())
 METHODS.register("classify")(Classify())
+METHODS.register("supcon")(SupCon())
 
 
 def method_of(config) -> Method:

@@ -163,6 +163,24 @@ def case_ntxent(out_dir: Path) -> dict:
     return {"loss": loss.detach(), "grad_z1": mine1.grad, "grad_z2": mine2.grad}
 
 
+SUPCON_LABELS = (0, 1, 0, -1, 1, 2, -1, 0)  # classes shared across the ranks' halves; -1: no label
+
+
+def case_supcon(out_dir: Path) -> dict:
+    """SupCon (float64) on this rank's half of a batch of labelled view pairs, in each gather mode."""
+    from clipx.losses import SupConLoss
+
+    z1, z2, rows = paired_halves()
+    labels = torch.tensor(SUPCON_LABELS)[rows]
+    out = {}
+    for gather in ("none", "local", "global"):
+        mine1, mine2 = z1[rows].double().requires_grad_(), z2[rows].double().requires_grad_()
+        loss = SupConLoss(0.2, gather)(mine1, mine2, labels)
+        loss.backward()
+        out[gather] = {"loss": loss.detach(), "grad_z1": mine1.grad, "grad_z2": mine2.grad}
+    return out
+
+
 def case_sinkhorn(out_dir: Path) -> dict:
     """Sinkhorn–Knopp codes of this rank's half of a score matrix, marginals over both ranks."""
     from clipx.losses.swav import sinkhorn
@@ -208,7 +226,7 @@ def case_moco(out_dir: Path) -> dict:
             "shuffled": shuffled, "unshuffled": per_sample(keys[rows]).detach()}
 
 
-CASES = {"clip_gather": case_clip_gather, "ntxent": case_ntxent, "sinkhorn": case_sinkhorn, "moco": case_moco, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
+CASES = {"clip_gather": case_clip_gather, "ntxent": case_ntxent, "supcon": case_supcon, "sinkhorn": case_sinkhorn, "moco": case_moco, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
          "timeout": case_timeout}
 
 

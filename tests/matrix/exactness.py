@@ -95,7 +95,11 @@ def global_batch(case: Case) -> dict:
             teacher = torch.randn(GLOBAL, 2, TEACHER_DIM, generator=generator)
             batch["teacher_embedding"] = teacher / teacher.norm(dim=-1, keepdim=True)
         return batch
-    return {"views": [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]}
+    views = [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]
+    # Labels for the image-only methods that read them (SupCon; the others ignore them): 3 classes
+    # spread over every rank's rows, and every fourth sample without a label (-1, instance positives).
+    labels = torch.randint(0, 3, (GLOBAL,), generator=generator).masked_fill(torch.arange(GLOBAL) % 4 == 1, -1)
+    return {"views": views, "label": labels}
 
 
 def rows(batch: dict, selection: slice) -> dict:

@@ -6,11 +6,12 @@ classification task and score both that task and zero-shot classification of the
 1. Pretrain: the digits demo's CLIP (configs/demo-digits.yaml) for --pretrain-steps steps on all ten
    digits: short, so the 0-4 task leaves fine-tuning some headroom.
 2. Fine-tune on the 0-4 training digits (configs/finetune-digits.yaml, loss.name: classify): fully;
-   with LoRA adapters (model.lora_rank=4, adapters and head only); with layer-wise LR decay 0.75.
+   with LoRA adapters (model.lora_rank=4, adapters and head only); with layer-wise LR decay 0.75;
+   and FLYP (CLIP's loss with the class prompts as captions, both towers).
 3. WiSE-FT (`clipx wise-ft --alphas 0:1:0.1`) between the pretrained and the fully fine-tuned model.
 
 Every model is scored on the 0-4 test digits (the head's top-1; zero-shot top-1 for the pretrained
-model, whose head that is at step 0) and by zero-shot top-1 among the classes 5-9 on the 5-9 test
+model, whose head that is at step 0, and for FLYP) and by zero-shot top-1 among the classes 5-9 on the 5-9 test
 digits. Prints a Markdown table, writes runs/bench/finetune/results.json and the WiSE-FT curve
 bench/plots/finetune_wise_ft.png. `--markdown runs/bench/finetune/results.json` prints the tables again.
 """
@@ -92,16 +93,19 @@ def main() -> None:
     data, clip = args.work / "pretrain" / "data", Path(pretrained["checkpoint"])
     prep_digits(args.work / "low", image_size=32, shard_size=256, workers=0, classes=range(5))
     rows = [{**score("pretrained (zero-shot)", clip, data, args.work, False), "trained_share": 0.0}]
-    variants = {"full fine-tuning": [], "LoRA rank 4": ["model.lora_rank=4", "train.lr=1e-3", "train.weight_decay=0"],
-                "layer decay 0.75": ["train.layer_decay=0.75"]}
+    variants = {"full fine-tuning": [f"train.lr={args.lr}"],
+                "LoRA rank 4": ["model.lora_rank=4", "train.lr=1e-3", "train.weight_decay=0"],
+                "layer decay 0.75": [f"train.lr={args.lr}", "train.layer_decay=0.75"],
+                # FLYP: CLIP's own loss, the class prompts as the captions; its task score is zero-shot's.
+                "FLYP": [f"train.lr={args.lr}", "loss.name=clip", "data.caption_keys={class_prompt: 1}"]}
     runs = {}
     for name, extra in variants.items():
         out = args.work / name.replace(" ", "-")
         clipx("train", "--config", str(REPO / "configs" / "finetune-digits.yaml"), *common, f"model.pretrained={clip}",
               f"data.train={args.work / 'low' / 'train'}", f"train.steps={args.steps}",
-              f"train.checkpoint_every={args.steps}", f"train.output_dir={out}", f"train.lr={args.lr}", *extra)
+              f"train.checkpoint_every={args.steps}", f"train.output_dir={out}", *extra)
         runs[name] = out
-        rows.append({**score(name, out, data, args.work, True), "trained_share": trainable_share(
+        rows.append({**score(name, out, data, args.work, name != "FLYP"), "trained_share": trainable_share(
             sorted((out / "checkpoints").iterdir())[-1])})
     curve_dir = args.work / "wise-ft"
     clipx("wise-ft", "--zero-shot", str(clip), "--fine-tuned", str(runs["full fine-tuning"]), "--alphas", "0:1:0.1",

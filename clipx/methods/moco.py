@@ -123,6 +123,7 @@ class MoCoObjective(Objective):
 class MoCo(ViewsMethod):
     variants = {"v2": {"ssl.moco.version": 2, "ssl.batchnorm": "shuffle"}, "v3": {"ssl.moco.version": 3}}
     batchnorm_modes = ("local", "sync", "shuffle")
+    updated_outside_optimizer = ("momentum_encoder.",)  # k <- m k + (1 - m) q after each step
 
     def validate(self, config) -> None:
         s = config.ssl.moco

@@ -89,6 +89,9 @@ class Method:
     # Whether its model has a text tower (image-text methods, and a fine-tuned CLIP classifier): the
     # text-tower options (model.text_tower, model.lock_text) and tower locks apply to it.
     has_text_tower: bool = False
+    # State-dict prefixes of parameters the method updates itself, outside the optimizer (MoCo's
+    # momentum encoder): frozen to autograd, yet changing every step.
+    updated_outside_optimizer: tuple[str, ...] = ()
 
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""

@@ -66,6 +66,7 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
     from clipx.api import read_weights
     from clipx.config import load_config
     from clipx.dist import unwrap
+    from clipx.methods import METHODS
     from clipx.train.loop import build_trainer, fit, train
 
     work.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,9 @@ def run_combination(combination: Combination, data_dir: Path, work: Path) -> dic
     # Whole tensors also when sharded (FSDP), as the checkpoint's weights are read below.
     initial = {k: dist.full_tensor(v.detach()).clone() for k, v in bare.state_dict().items()}
     trainable = {n for n, p in bare.named_parameters() if p.requires_grad}
-    frozen = {n for n, p in bare.named_parameters() if not p.requires_grad}  # locks, LoRA, a classifier's text tower
+    # Locks, LoRA's base weights, a classifier's text tower; not what the method updates itself.
+    frozen = {n for n, p in bare.named_parameters() if not p.requires_grad
+              and not n.startswith(METHODS.get(combination.objective).updated_outside_optimizer)}
     summary = fit(trainer)
 
     if dist.rank() == 0:

@@ -89,6 +89,8 @@ class Method:
     # Whether its model has a text tower (image-text methods, and a fine-tuned CLIP classifier): the
     # text-tower options (model.text_tower, model.lock_text) and tower locks apply to it.
     has_text_tower: bool = False
+    # Whether its loss has a mixed form (ssl.mix: i-Mix / MixCo, clipx/methods/mixing.py).
+    mixing: bool = False
 
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""

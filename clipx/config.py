@@ -95,6 +95,10 @@ class DataConfig:
     workers: int = 2  # data-loader worker processes per rank
     shuffle_buffer: int = 2000  # samples held in the shuffle buffer of each worker
     crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 disables the crop
+    # RandAugment (Cubuk et al. 2020; torchvision's): "N,M", N random ops at magnitude M (0..30) on
+    # every training image after its crop, the SSL views and CLIP's image alike. Its draws come from
+    # the per-sample seeded generator (clipx/data/pipeline.py:sample_rng). None: off.
+    randaugment: Optional[str] = None
     # Several captions per sample (clipx/data/captions.py): {source: weight}, a source being "txt"
     # (the .txt member's lines) or a .json field; each sample draws one caption per epoch. None: the
     # first line of the .txt.
@@ -260,6 +264,10 @@ class ViewsConfig:
     small_crop_scale: tuple = (0.05, 0.14)
 
 
+# ssl.mix: i-Mix / MixCo input mixing for the contrastive losses (clipx/ssl/mixing.py).
+MixMode = Literal["none", "mixup", "cutmix"]
+
+
 @dataclass(frozen=True)
 class MoCoConfig:
     """ssl.moco (loss.name: moco)."""
@@ -298,6 +306,13 @@ class SSLConfig:
     batchnorm: Literal["local", "sync", "shuffle"] = "local"
     bn_splits: int = 1  # normalise this many interleaved groups of a device's batch apart (emulates devices)
     views: ViewsConfig = field(default_factory=ViewsConfig)
+    # i-Mix (Lee et al. 2021): mix each micro-batch's anchor images with a permutation of themselves
+    # (mixup, or cutmix's pasted box), lambda ~ Beta(mix_alpha, mix_alpha) folded to >= 0.5, and train
+    # towards the lambda-weighted pair of their sources' positives (ntxent, moco, clip). mix_prob: the
+    # share of micro-batches mixed.
+    mix: MixMode = "none"
+    mix_alpha: float = 1.0
+    mix_prob: float = 1.0
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
 
@@ -442,6 +457,7 @@ def validate(config: Config) -> None:
                          f"got {keys!r}")
     if not 0.0 < config.data.crop_scale_min <= 1.0:
         raise ClipxError(f"data.crop_scale_min must be in (0, 1]; got {config.data.crop_scale_min}")
+    parse_randaugment(config.data.randaugment)
     views_crop = config.ssl.views.crop_scale_min
     if views_crop is not None and not 0.0 < views_crop <= 1.0:
         raise ClipxError(f"ssl.views.crop_scale_min must be in (0, 1]; got {views_crop}")
@@ -466,6 +482,17 @@ def check_classes(classes: Sequence, what: str) -> tuple[int, ...]:
             or len(set(classes)) != len(classes):
         raise ClipxError(f"{what} must be distinct non-negative class indices; got {list(classes)!r}")
     return tuple(classes)
+
+
+def parse_randaugment(value: Optional[str]) -> Optional[tuple[int, int]]:
+    """data.randaugment "N,M" -> (N, M), None for None; one-line ClipxError otherwise."""
+    if value is None:
+        return None
+    parts = str(value).replace(" ", "").split(",")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1 or int(parts[1]) > 30:
+        raise ClipxError(f"data.randaugment must be \"N,M\": N >= 1 ops at magnitude M in 0..30 (e.g. \"2,9\"); "
+                         f"got {value!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _validate_lora(m: ModelConfig) -> None:
@@ -503,6 +530,8 @@ def _validate_ssl(config: Config) -> None:
     scale = v.small_crop_scale
     if len(scale) != 2 or not all(isinstance(x, (int, float)) for x in scale) or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ClipxError(f"ssl.views.small_crop_scale must be [min, max] with 0 < min <= max <= 1; got {list(scale)}")
+    if not (math.isfinite(s.mix_alpha) and s.mix_alpha > 0) or not 0.0 <= s.mix_prob <= 1.0:
+        raise ClipxError(f"ssl.mix_alpha must be positive and ssl.mix_prob in [0, 1]; got {s.mix_alpha}, {s.mix_prob}")
     if s.batchnorm == "sync" and s.bn_splits > 1:
         raise ClipxError("ssl.bn_splits splits BatchNorm within a device; it cannot be combined with ssl.batchnorm=sync")
 

@@ -50,6 +50,8 @@ def method_of(config) -> Method:
     if config.model.lora_rank and not method.has_text_tower:
         raise ClipxError(f"model.lora_rank (LoRA adapters on both towers) applies to CLIP models (image-text "
                          f"methods and classify), not loss.name={name}")
+    if config.ssl.mix != "none":
+        _check_mixing(config, method)
     if config.distill.enabled:
         if not isinstance(method, ImageTextMethod):
             raise ClipxError(f"distill (a teacher CLIP's similarities as targets) applies to image-text methods, "
@@ -57,6 +59,16 @@ def method_of(config) -> Method:
         method = Distilled(method)
     method.validate(config)
     return method
+
+
+def _check_mixing(config, method: Method) -> None:
+    name, takers = config.loss.name, ", ".join(m for m in METHODS.list() if METHODS.get(m).mixing)
+    if not method.mixing:
+        raise ClipxError(f"ssl.mix={config.ssl.mix} (i-Mix) has a mixed loss for loss.name={takers}, not {name}; "
+                         "set ssl.mix=none")
+    if config.data.hard_negative_key is not None or config.distill.enabled:
+        raise ClipxError(f"ssl.mix={config.ssl.mix} does not combine with hard-negative captions or distill; "
+                         "set ssl.mix=none or drop them")
 
 
 def build_model(config):

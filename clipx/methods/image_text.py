@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from clipx.config import parse_randaugment
 from clipx.data.batch import IMAGE, NEGATIVE_MASK, NEGATIVE_TEXT, TEXT, ImageTextBatch
 from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer
@@ -78,7 +79,8 @@ class ImageTextMethod(Method):
     def train_transform(self, config):
         m = config.model
         return image_transform(image_size(m), m.image_mean, m.image_std, train=True,
-                               crop_scale_min=config.data.crop_scale_min)
+                               crop_scale_min=config.data.crop_scale_min,
+                               randaugment=parse_randaugment(config.data.randaugment))
 
     def collate(self, config):
         return ImageTextBatch(Tokenizer(config.model), caption_chooser(config.data, config.eval))

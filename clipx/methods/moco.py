@@ -124,6 +124,7 @@ class MoCo(ViewsMethod):
     variants = {"v2": {"ssl.moco.version": 2, "ssl.batchnorm": "shuffle"}, "v3": {"ssl.moco.version": 3}}
     batchnorm_modes = ("local", "sync", "shuffle")
     updated_outside_optimizer = ("momentum_encoder.",)  # k <- m k + (1 - m) q after each step
+    mixing = True
 
     def validate(self, config) -> None:
         s = config.ssl.moco
@@ -141,4 +142,9 @@ class MoCo(ViewsMethod):
 
     def objective(self, model, config):
         t = config.train
-        return MoCoObjective(model, config.ssl, t.batch_size * t.accum_steps * dist.world_size())
+        global_batch = t.batch_size * t.accum_steps * dist.world_size()
+        if config.ssl.mix != "none":
+            from clipx.methods.mixing import MixedMoCoObjective, mixer_of  # it builds on this module
+
+            return MixedMoCoObjective(model, config.ssl, global_batch, mixer_of(config.ssl))
+        return MoCoObjective(model, config.ssl, global_batch)

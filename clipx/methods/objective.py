@@ -92,6 +92,8 @@ class Method:
     # State-dict prefixes of parameters the method updates itself, outside the optimizer (MoCo's
     # momentum encoder): frozen to autograd, yet changing every step.
     updated_outside_optimizer: tuple[str, ...] = ()
+    # Whether its loss has a mixed form (ssl.mix: i-Mix / MixCo, clipx/methods/mixing.py).
+    mixing: bool = False
 
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""

@@ -30,6 +30,12 @@ class SimCLRObjective(Objective):
 
 class SimCLR(ViewsMethod):
     gather_modes = ("none", "global", "local")
+    mixing = True
 
     def objective(self, model, config):
-        return SimCLRObjective(model, NTXentLoss(config.ssl.temperature, config.loss.gather))
+        loss = NTXentLoss(config.ssl.temperature, config.loss.gather)
+        if config.ssl.mix != "none":
+            from clipx.methods.mixing import MixedSimCLRObjective, mixer_of  # it builds on this module
+
+            return MixedSimCLRObjective(model, loss, mixer_of(config.ssl))
+        return SimCLRObjective(model, loss)

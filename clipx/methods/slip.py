@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from clipx.config import parse_randaugment
 from clipx.data.batch import IMAGE, VIEWS, ImageTextViewsBatch
 from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer
@@ -76,7 +77,8 @@ class SLIP(ImageTextMethod):
 
     def train_transform(self, config):
         m = config.model
-        views = ssl_views(config.ssl.views, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min)
+        views = ssl_views(config.ssl.views, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min,
+                          parse_randaugment(config.data.randaugment))
         return ImageAndViews(super().train_transform(config), views)
 
     def collate(self, config):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from clipx.config import parse_randaugment
 from clipx.data.batch import ViewsBatch
 from clipx.methods.objective import Method
 from clipx.models import image_size
@@ -35,7 +36,8 @@ class ViewsMethod(Method):
 
     def train_transform(self, config):
         m = config.model
-        return ssl_views(config.ssl.views, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min)
+        return ssl_views(config.ssl.views, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min,
+                         parse_randaugment(config.data.randaugment))
 
     def collate(self, config):
         return ViewsBatch()

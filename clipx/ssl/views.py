@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from clipx.data.transforms import RandomResizedCrop, ToNormalizedTensor
+from clipx.data.transforms import RandomResizedCrop, ToNormalizedTensor, rand_augment
 
 
 class RandomGaussianBlur:
@@ -25,8 +25,12 @@ class RandomGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(self.sigma[0] + where * (self.sigma[1] - self.sigma[0])))
 
 
-def view_augmentation(views_cfg, size: int, mean, std, scale: tuple[float, float]):
+def view_augmentation(views_cfg, size: int, mean, std, scale: tuple[float, float],
+                      randaugment: tuple[int, int] | None = None):
     """PIL image -> normalised (3, size, size) tensor, one random view of ``scale`` of its area.
+
+    RandAugment's (N, M) ops, if given, follow the crop and flip (as in timm's and torchvision's
+    recipes), before the colour jitter.
 
     simclr: colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, blur; mocov2: jitter
     (0.4, 0.4, 0.4, 0.1). The blur's sigma is drawn from [0.1, 2.0] pixels, as in SimCLR and MoCo v2.
@@ -37,6 +41,7 @@ def view_augmentation(views_cfg, size: int, mean, std, scale: tuple[float, float
     return T.Compose([
         RandomResizedCrop(size, scale=scale),
         T.RandomHorizontalFlip(p=views_cfg.flip_prob),
+        *rand_augment(randaugment),
         T.RandomApply([jitter], p=views_cfg.jitter_prob),
         T.RandomGrayscale(p=views_cfg.grayscale_prob),
         RandomGaussianBlur(views_cfg.blur_prob),
@@ -56,13 +61,14 @@ class MultiView:
         return views + [self.small_augmentation(image) for _ in range(self.small_count)]
 
 
-def ssl_views(views_cfg, size: int, mean, std, crop_scale_min: float) -> MultiView:
+def ssl_views(views_cfg, size: int, mean, std, crop_scale_min: float,
+              randaugment: tuple[int, int] | None = None) -> MultiView:
     """The configured views (``ssl.views``): ``count`` global crops of ``size`` px covering at least
     ``views_cfg.crop_scale_min`` of the image (``crop_scale_min``, data's, when that is None), and
-    ``small_crops`` crops of ``small_crop_size`` px."""
+    ``small_crops`` crops of ``small_crop_size`` px; every view with RandAugment's (N, M) if given."""
     if views_cfg.crop_scale_min is not None:
         crop_scale_min = views_cfg.crop_scale_min
-    small = (view_augmentation(views_cfg, views_cfg.small_crop_size, mean, std, tuple(views_cfg.small_crop_scale))
-             if views_cfg.small_crops else None)
-    return MultiView(view_augmentation(views_cfg, size, mean, std, (crop_scale_min, 1.0)), views_cfg.count,
+    small = (view_augmentation(views_cfg, views_cfg.small_crop_size, mean, std, tuple(views_cfg.small_crop_scale),
+                               randaugment) if views_cfg.small_crops else None)
+    return MultiView(view_augmentation(views_cfg, size, mean, std, (crop_scale_min, 1.0), randaugment), views_cfg.count,
                      small, views_cfg.small_crops)

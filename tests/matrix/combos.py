@@ -56,6 +56,8 @@ COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # embedded form gives the same losses: tests/test_distill.py).
 # LoRA adapters on both towers of an image-text model, their base weights frozen: the runner checks
 # that no frozen parameter changed.
+# RandAugment on every method's training images; i-Mix's mixup (half the micro-batches) and cutmix
+# on the methods with a mixed loss (METHODS' ``mixing``): their draws must replay and resume.
 RECIPES = {"plain": {},
            "patch_dropout": {"model.patch_dropout": 0.5, "model.patch_dropout_unmasked_steps": 1},
            "multi_caption": {"data.caption_keys": {"txt": 0.5, "classname": 0.5}},
@@ -64,10 +66,14 @@ RECIPES = {"plain": {},
            "layer_decay": {"train.layer_decay": 0.75},
            "distill": {"distill.teacher": "{data_dir}/teacher", "distill.weight": 0.5},
            "flyp": {"data.caption_keys": {"class_prompt": 1}},
-           "lora": {"model.lora_rank": 4}}
+           "lora": {"model.lora_rank": 4},
+           "randaugment": {"data.randaugment": "2,9"},
+           "imix": {"ssl.mix": "mixup", "ssl.mix_prob": 0.5},
+           "icutmix": {"ssl.mix": "cutmix"}}
 # Recipes about captions: image-text only. Recipes about the towers' blocks: models with a text tower.
 IMAGE_TEXT_RECIPES = {"multi_caption", "distill", "flyp"}
 TEXT_TOWER_RECIPES = {"layer_decay", "lora"}
+MIX_RECIPES = {"imix", "icutmix"}
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -175,6 +181,8 @@ def recipe_applies(recipe: str, objective: str) -> bool:
     """Whether a flavour of ``objective`` can train with ``recipe`` (the others refuse it)."""
     if recipe == "hard_negatives":
         return METHODS.get(objective).hard_negatives
+    if recipe in MIX_RECIPES:
+        return METHODS.get(objective).mixing
     if recipe in TEXT_TOWER_RECIPES:
         return has_text_tower(objective)
     return recipe not in IMAGE_TEXT_RECIPES or is_image_text(objective)

@@ -40,6 +40,9 @@ class Case:
     overrides: dict
     hard_negatives: bool = False  # the batch carries hard-negative captions, some samples without one
     distill: bool = False  # the batch carries a teacher's embeddings (distill.embedded)
+    # ssl.mix with FixedMix's mixes; mix_blocks: the blocks of each micro-batch that mix among themselves
+    mix: bool = False
+    mix_blocks: int = 1
 
 
 def cases() -> list[Case]:
@@ -53,6 +56,9 @@ def cases() -> list[Case]:
                 out.append(Case(prefix, objective, gather, micro_batches, base))
                 if spec.hard_negatives:
                     out.append(Case(prefix + "/hard-negatives", objective, gather, micro_batches, base, True))
+                if spec.mixing:  # i-Mix's virtual labels: partners on their own rank, targets gathered
+                    out.append(Case(prefix + "/imix", objective, gather, micro_batches, {**base, "ssl.mix": "mixup"},
+                                    mix=True))
                 if is_image_text(objective):  # the teacher's logits gathered like the student's
                     out.append(Case(prefix + "/distill", objective, gather, micro_batches,
                                     {**base, **DISTILL}, distill=True))
@@ -102,6 +108,27 @@ def global_batch(case: Case) -> dict:
     return {"views": views, "label": labels}
 
 
+class FixedMix:
+    """A mixer whose mixes are the same however the union batch is split: each sample's lam follows
+    from its pixels, and its partner is the next sample of its block (a micro-batch's rows split
+    into ``blocks`` equal blocks), so one process on the union batch, told the multi-process run's
+    blocks, mixes exactly what the ranks' micro-batches mix. (A run draws its mixes per rank and
+    micro-batch instead: clipx/ssl/mixing.py.)"""
+
+    def __init__(self, blocks: int):
+        self.blocks = blocks
+
+    def __call__(self, images: torch.Tensor):
+        from clipx.ssl.mixing import MixDraw
+
+        b, size = len(images), len(images) // self.blocks
+        lam = 0.5 + 0.25 * (1 + torch.tanh(images.flatten(1).mean(dim=1) * 10))
+        local = torch.arange(b)
+        partner = local - local % size + (local % size + 1) % size
+        weight = lam.view(-1, 1, 1, 1)
+        return MixDraw(weight * images + (1 - weight) * images[partner], lam, partner - local)
+
+
 def rows(batch: dict, selection: slice) -> dict:
     return {k: [v[selection] for v in value] if isinstance(value, list) else value[selection]
             for k, value in batch.items()}
@@ -125,6 +152,8 @@ def _step_gradients(case: Case, accelerator, world: int, rank: int, arch_path: P
     if accelerator is not None:
         model = accelerator.prepare(model)
     objective = build_objective(model, config)
+    if case.mix:
+        objective.mixer = FixedMix(case.mix_blocks)
     per_rank = GLOBAL // world
     mine = rows(global_batch(case), slice(rank * per_rank, (rank + 1) * per_rank))
     size = per_rank // case.micro_batches
@@ -156,8 +185,10 @@ def reference(case: Case, world: int, arch_path: Path) -> dict:
     import dataclasses
 
     if case.gather != "none":
-        return step_gradients(dataclasses.replace(case, micro_batches=1), None, 1, 0, arch_path)
-    parts = [step_gradients(dataclasses.replace(case, micro_batches=1), None, world, r, arch_path)
+        union = dataclasses.replace(case, micro_batches=1, mix_blocks=world * case.micro_batches)
+        return step_gradients(union, None, 1, 0, arch_path)
+    parts = [step_gradients(dataclasses.replace(case, micro_batches=1, mix_blocks=case.micro_batches), None, world, r,
+                            arch_path)
              for r in range(world)]
     return {"loss": sum(p["loss"] for p in parts) / world,
             "grads": {n: sum(p["grads"][n] for p in parts) / world for n in parts[0]["grads"]}}

@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--precision", default="bf16", choices=["no", "bf16"])
     parser.add_argument("--lr", type=float, default=3e-4, help="full and layer-decay fine-tuning's rate (LoRA: 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="train.seed of the pretraining and every fine-tuning")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench" / "finetune")
     parser.add_argument("--plot", type=Path, default=REPO / "bench" / "plots" / "finetune_wise_ft.png")
     parser.add_argument("--markdown", type=Path, default=None, help="only print the tables of a results.json")
@@ -86,7 +87,7 @@ def main() -> None:
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
 
-    common = [f"train.precision={args.precision}"]
+    common = [f"train.precision={args.precision}", f"train.seed={args.seed}"]
     pretrained = run_demo(args.work / "pretrain", REPO / "configs" / "demo-digits.yaml",
                           overrides=[*common, f"train.steps={args.pretrain_steps}",
                                      f"train.checkpoint_every={args.pretrain_steps}", "eval.every=0"])
@@ -114,7 +115,8 @@ def main() -> None:
     curve = json.loads((curve_dir / "wise_ft.json").read_text())
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(curve_dir / "wise_ft.png", args.plot)
-    results = {"pretrain_steps": args.pretrain_steps, "steps": args.steps, "lr": args.lr, "precision": args.precision,
+    results = {"pretrain_steps": args.pretrain_steps, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+               "precision": args.precision,
                "rows": rows, "wise_ft": curve}
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
     print(markdown(results))
@@ -124,7 +126,7 @@ def markdown(results: dict) -> str:
     """The models' table, the WiSE-FT curve's table, and the issue's bar: an alpha that keeps the
     held-out zero-shot within 3 points of the pretrained model and >= 80% of full fine-tuning's gain."""
     lines = [f"Pretrained {results['pretrain_steps']} steps, fine-tuned {results['steps']} steps at lr "
-             f"{results.get('lr', 3e-4):g} (LoRA 1e-3), {results['precision']}.", "",
+             f"{results.get('lr', 3e-4):g} (LoRA 1e-3), {results['precision']}, seed {results.get('seed', 0)}.", "",
              "| model | 0-4 task top-1 | 5-9 zero-shot top-1 (held out) | share of the CLIP's parameters trained |",
              "|---|---|---|---|"]
     for r in results["rows"]:

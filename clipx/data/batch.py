@@ -1,7 +1,7 @@
 """The keys of a training batch, defined once, and the ways samples become a batch.
 
 Every pipeline and objective uses these names. A method picks its collation (image + tokenized
-caption, or augmented views); the streaming pipeline only calls what it is given.
+caption, augmented views, labelled images or views); the streaming pipeline only calls what it is given.
 """
 
 from __future__ import annotations

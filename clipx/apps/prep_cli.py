@@ -1,0 +1,130 @@
+"""`clipx prep digits|folder|csv|labelled|hf|embed-teacher`: the shard writers' command line.
+
+Arguments are parsed here and each handler calls its writer in data_prep/ (imported when the command
+runs: pandas, scikit-learn and datasets are heavy); clipx/cli.py adds these subcommands to its parser
+and turns a ClipxError into one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipx.errors import ClipxError
+from clipx.templates import parse_classes
+
+
+def add_prep(commands) -> None:
+    """`clipx prep SOURCE ...`: the shard writers' subcommands, added to the CLI's ``commands``."""
+    prep = commands.add_parser("prep", help="write webdataset shards + sizes.json")
+    sources = prep.add_subparsers(dest="source", required=True)
+
+    digits = sources.add_parser("digits", help="scikit-learn's handwritten digits, split into train/ and test/")
+    digits.add_argument("--image-size", type=int, default=32)
+    digits.add_argument("--shard-size", type=int, default=256)
+    digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument("--test-fraction", type=float, default=0.2)
+    digits.add_argument("--templates", default=None, help="YAML with classnames and templates (default: digits)")
+    digits.add_argument("--classes", default=None, help="only these labels, e.g. 0-4 (a fine-tuning task)")
+    digits.set_defaults(func=_prep_digits)
+
+    for name, help_text in (("folder", "a folder of images + a captions file"),
+                            ("csv", "a captions table whose image column holds paths")):
+        table = sources.add_parser(name, help=help_text)
+        table.add_argument("--captions", required=True, help="CSV, TSV, JSONL or Parquet file")
+        table.add_argument("--images", default=None, help="folder the image paths are relative to "
+                                                          "(default: the captions file's folder)")
+        table.add_argument("--image-column", default="image")
+        table.add_argument("--caption-column", default="caption")
+        table.add_argument("--group-by-image", action="store_true",
+                           help="rows naming the same image become one sample with one caption per line "
+                                "(Flickr30k/COCO retrieval tables)")
+        table.set_defaults(func=_prep_folder)
+
+    labelled = sources.add_parser("labelled", help="a folder of class subfolders of images (ImageFolder layout); "
+                                  "also writes classes.yaml for eval.templates")
+    labelled.add_argument("--images", required=True, help="the folder: one subfolder of images per class")
+    labelled.add_argument("--templates", nargs="+", default=None,
+                          help="prompt templates with {} for the class name (default: 'a photo of a {}.'); the "
+                          "first one makes each sample's caption")
+    labelled.set_defaults(func=_prep_labelled)
+
+    hf = sources.add_parser("hf", help="a Hugging Face `datasets` dataset on local disk")
+    hf.add_argument("--dataset", required=True, help="folder saved with save_to_disk, or data files for --builder")
+    hf.add_argument("--builder", default=None, help="build from local files: csv, json, parquet, imagefolder")
+    hf.add_argument("--split", default="train")
+    hf.add_argument("--image-column", default="image")
+    hf.add_argument("--caption-column", default="text")
+    hf.set_defaults(func=_prep_hf)
+
+    for sub in sources.choices.values():
+        sub.add_argument("--out", required=True, help="output folder for shards and sizes.json")
+        sub.add_argument("--workers", type=int, default=2, help="image re-encoding processes")
+        if sub is not digits:
+            sub.add_argument("--image-size", type=int, default=224)
+            sub.add_argument("--shard-size", type=int, default=10000)
+    _add_embed_teacher(sources)
+
+
+def _add_embed_teacher(sources) -> None:
+    embed = sources.add_parser("embed-teacher", help="copy shards adding each sample's teacher embeddings "
+                                                      "(teacher.npy), for distill.embedded")
+    embed.add_argument("--teacher", required=True, help="a clipx run or checkpoint, an open_clip folder or a "
+                                                        "transformers CLIPModel folder")
+    embed.add_argument("--shards", required=True, help="shard pattern or folder to embed")
+    embed.add_argument("--out", required=True, help="output folder: the shards again, sizes.json, teacher.json")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--device", default="cpu")
+    embed.set_defaults(func=_prep_embed_teacher)
+
+
+def _prep_embed_teacher(args) -> int:
+    from data_prep.embed_teacher import embed_teacher, summary_line
+
+    if args.batch_size <= 0:
+        raise ClipxError(f"--batch-size must be positive; got {args.batch_size}")
+    print(summary_line(embed_teacher(args.teacher, args.shards, args.out, args.batch_size, args.device)))
+    return 0
+
+
+def _prep_digits(args) -> int:
+    from data_prep import prep_digits
+
+    summaries = prep_digits(Path(args.out), image_size=args.image_size, shard_size=args.shard_size,
+                            test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
+                            templates_file=args.templates,
+                            classes=parse_classes(args.classes) if args.classes else None)
+    for split, summary in summaries.items():
+        print(f"{split}: {summary.format()}")
+    return 0
+
+
+def _prep_folder(args) -> int:
+    from data_prep import prep_folder
+
+    images = args.images or str(Path(args.captions).parent)
+    summary = prep_folder(images, args.captions, Path(args.out), image_column=args.image_column,
+                          caption_column=args.caption_column, image_size=args.image_size,
+                          shard_size=args.shard_size, workers=args.workers, group_by_image=args.group_by_image)
+    print(summary.format())
+    return 0
+
+
+def _prep_labelled(args) -> int:
+    from data_prep import prep_labelled_folder
+    from data_prep.labelled import CLASSES_FILE
+
+    summary = prep_labelled_folder(args.images, Path(args.out), templates=args.templates, image_size=args.image_size,
+                                   shard_size=args.shard_size, workers=args.workers)
+    print(summary.format())
+    print(f"class names and prompt templates: {Path(args.out) / CLASSES_FILE} (give it as eval.templates)")
+    return 0
+
+
+def _prep_hf(args) -> int:
+    from data_prep import prep_hf
+
+    summary = prep_hf(args.dataset, Path(args.out), image_column=args.image_column,
+                      caption_column=args.caption_column, split=args.split, builder=args.builder,
+                      image_size=args.image_size, shard_size=args.shard_size, workers=args.workers)
+    print(summary.format())
+    return 0

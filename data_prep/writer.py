@@ -80,12 +80,25 @@ class ShardWriter:
 
     def add(self, key: str, jpg: bytes, caption: str, meta: dict) -> None:
         """Append one sample as `{key}.jpg`, `{key}.txt` and `{key}.json`."""
+        self._append(key, [("jpg", jpg), ("txt", caption.encode("utf-8")), ("json", _meta_bytes(meta))])
+
+    def add_text(self, key: str, texts: dict[str, str], meta: dict) -> None:
+        """Append a text-only sample: `{key}.{ext}` for each (ext, text) of `texts` in order, then
+        `{key}.json`; e.g. texts={"txt": sentence, "pos.txt": paraphrase}."""
+        for ext in texts:
+            if not ext or ext.startswith(".") or "/" in ext or ext == "json":
+                raise ValueError(f"text member extension must be plain and not 'json', got {ext!r}")
+        members = [(ext, text.encode("utf-8")) for ext, text in texts.items()]
+        self._append(key, members + [("json", _meta_bytes(meta))])
+
+    def _append(self, key: str, members: list[tuple[str, bytes]]) -> None:
         _check_key(key)
         if self._tar is None or self._count >= self.shard_size:
             self._open_next()
-        text = json.dumps(jsonable(meta), ensure_ascii=False, allow_nan=False)
-        for ext, data in (("jpg", jpg), ("txt", caption.encode("utf-8")), ("json", text.encode())):
-            add_member(self._tar, f"{key}.{ext}", data)
+        tar = self._tar
+        assert tar is not None  # _open_next always leaves a shard open
+        for ext, data in members:
+            add_member(tar, f"{key}.{ext}", data)
         self._count += 1
 
     def close(self) -> dict[str, int]:
@@ -152,6 +165,10 @@ def jsonable(value):
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return str(value)
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    return json.dumps(jsonable(meta), ensure_ascii=False, allow_nan=False).encode()
 
 
 def make_dir(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`clipx prep digits|folder|csv|labelled|hf|embed-teacher`: the shard writers' command line.
+"""`clipx prep digits|folder|csv|labelled|hf|embed-teacher|sentences`: the shard writers' command line.
 
 Arguments are parsed here and each handler calls its writer in data_prep/ (imported when the command
 runs: pandas, scikit-learn and datasets are heavy); clipx/cli.py adds these subcommands to its parser
@@ -63,6 +63,41 @@ def add_prep(commands) -> None:
             sub.add_argument("--image-size", type=int, default=224)
             sub.add_argument("--shard-size", type=int, default=10000)
     _add_embed_teacher(sources)
+    _add_sentences(sources)
+
+
+def _add_sentences(sources) -> None:
+    sentences = sources.add_parser("sentences", help="text-only training shards (SimCSE) and STS/retrieval "
+                                                      "evaluation files from class names x prompt templates")
+    sentences.add_argument("--out", required=True, help="output folder: train/ shards, sts.tsv, retrieval.tsv, "
+                                                        "manifest.json")
+    sentences.add_argument("--templates", default="imagenet", help="shipped set (imagenet, digits) or a YAML path")
+    sentences.add_argument("--seed", type=int, default=0)
+    sentences.add_argument("--heldout-templates", type=int, default=None,
+                           help="templates kept out of training for evaluation (default: a quarter, 20 of 80)")
+    sentences.add_argument("--heldout-classes", type=int, default=None,
+                           help="class names kept out of training for evaluation (default: a fifth, 200 of 1000)")
+    sentences.add_argument("--samples", type=int, default=None,
+                           help="training samples drawn with the seed (default: every train class x train template)")
+    sentences.add_argument("--pairs", action="store_true",
+                           help="add a paraphrase (.pos.txt: same class, another template) for supervised SimCSE")
+    sentences.add_argument("--shard-size", type=int, default=1000)
+    sentences.add_argument("--sts-pairs", type=int, default=2000, help="sentence pairs in sts.tsv")
+    sentences.set_defaults(func=_prep_sentences)
+
+
+def _prep_sentences(args) -> int:
+    from data_prep.sentences import prep_sentences
+
+    summary, manifest = prep_sentences(Path(args.out), args.templates, seed=args.seed,
+                                       heldout_templates=args.heldout_templates,
+                                       heldout_classes=args.heldout_classes, samples=args.samples,
+                                       pairs=args.pairs, shard_size=args.shard_size, sts_pairs=args.sts_pairs)
+    counts, out = manifest["counts"], Path(args.out)
+    print(summary.format())
+    print(f"evaluation (held-out templates x held-out classes): {counts['sts_pairs']} pairs in {out / 'sts.tsv'}, "
+          f"{counts['retrieval_queries']} queries in {out / 'retrieval.tsv'}; split in {out / 'manifest.json'}")
+    return 0
 
 
 def _add_embed_teacher(sources) -> None:

@@ -220,6 +220,9 @@ class TrainConfig:
     # Write every step's sample keys to sample_keys.rank{N}.jsonl (an audit trail of what was trained on).
     log_sample_keys: bool = False
     log_every: int = 10
+    # Draw the run's PNG plots (RUN_DIR/plots, for `clipx report`) when it ends. Drawing takes seconds;
+    # many seconds-long runs (the combination matrix) leave it off.
+    plots: bool = True
     # Also log to Weights & Biases under this project (needs `pip install wandb`; offline unless
     # WANDB_MODE says otherwise). None: TensorBoard and metrics.jsonl only.
     wandb_project: Optional[str] = None

@@ -76,7 +76,7 @@ def tiny_overrides(digits_dir: Path, model_json: Path, out: Path, **extra) -> li
         "model.name": str(model_json), "data.train": str(digits_dir / "train"), "data.val": str(digits_dir / "test"),
         "data.workers": 2, "data.shuffle_buffer": 200, "train.batch_size": 64, "train.steps": 4,
         "train.warmup_steps": 1, "train.output_dir": str(out), "train.log_every": 1, "train.threads": 1,
-        "train.precision": "no",
+        "train.precision": "no", "train.plots": False,  # seconds of matplotlib per run; test_report draws them
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

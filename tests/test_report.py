@@ -21,7 +21,8 @@ def run_dir(tmp_path_factory, digits_dir, tiny_model_json):
     from clipx.train.loop import train
 
     out = tmp_path_factory.mktemp("report-run")
-    train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, out, **{"train.steps": 6, "eval.every": 3})))
+    overrides = tiny_overrides(digits_dir, tiny_model_json, out, **{"train.steps": 6, "eval.every": 3, "train.plots": True})
+    train(load_config(DEMO, overrides))
     return out
 
 

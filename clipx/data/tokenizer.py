@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from clipx.config import ModelConfig
@@ -17,12 +19,9 @@ class Tokenizer:
             self._hf = AutoTokenizer.from_pretrained(cfg.hf_text_path, local_files_only=True)
             self.context_length = cfg.hf_context_length
         else:
-            from open_clip.tokenizer import SimpleTokenizer
-
             self._hf = None
             self.context_length = cfg.arch["text_cfg"].get("context_length", 77)
-            # The BPE vocabulary ships inside the open_clip package: nothing is downloaded.
-            self._bpe = SimpleTokenizer(context_length=self.context_length)
+            self._bpe = _bpe_tokenizer(self.context_length)
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if self._hf is None:
@@ -30,3 +29,13 @@ class Tokenizer:
         encoded = self._hf(texts, padding="max_length", truncation=True, max_length=self.context_length,
                            return_tensors="pt")
         return encoded["input_ids"]
+
+
+@functools.lru_cache(maxsize=4)
+def _bpe_tokenizer(context_length: int):
+    """open_clip's BPE tokenizer, built once per process and context length: reading its merges takes a
+    third of a second, and a run builds a tokenizer for training and again for each evaluation. The
+    vocabulary ships inside the open_clip package: nothing is downloaded."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)

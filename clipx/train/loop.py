@@ -58,7 +58,8 @@ def fit(trainer: Trainer, resume: str | None = None) -> dict:
             summary = run_loop(trainer, state, stop)
         if accelerator.is_main_process:
             (Path(config.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-            write_run_plots(config.train.output_dir)
+            if config.train.plots:
+                write_run_plots(config.train.output_dir)
     finally:
         stop.close()
         trainer.log.close()

@@ -41,7 +41,7 @@ def base_overrides(combination: Combination, data_dir: Path, work: Path, output_
     values = {
         "model.name": str(arch), "data.train": str(data_dir / "train"), "data.val": None, "data.workers": 0,
         "data.shuffle_buffer": 32, "train.batch_size": 8, "train.steps": STEPS, "train.checkpoint_every": 2,
-        "train.warmup_steps": 0, "train.lr": 1e-3, "train.log_every": 1, "train.threads": 1,
+        "train.warmup_steps": 0, "train.lr": 1e-3, "train.log_every": 1, "train.threads": 1, "train.plots": False,
         "train.output_dir": str(output_dir), "loss.name": combination.objective,
         "ssl.head_hidden": 32, "ssl.head_out": 16, "ssl.moco.predictor_hidden": 32,
         "ssl.moco.queue_size": 32, "ssl.swav.queue_size": 32, "ssl.swav.prototypes": 16,

@@ -31,7 +31,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "a
 
     ``path`` is a checkpoint directory or a run directory (its newest checkpoint). The model is
     built from the checkpoint's own config.yaml; ``model.encode_image`` and ``model.encode_text``
-    return unit-norm embeddings. Image-only (self-supervised) checkpoints have no text tower.
+    return unit-norm embeddings. Image-only (self-supervised) checkpoints have no text tower, text-only
+    (SimCSE) ones no image tower (no ``encode_image``).
     ``weights``: ``auto`` (the EMA weights when the run kept them, train.ema_decay), ``ema`` or ``raw``.
     """
     from clipx.data.tokenizer import Tokenizer

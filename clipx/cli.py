@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from clipx.apps.prep_cli import add_prep
+from clipx.apps.text_eval import add_text_eval
 from clipx.errors import ClipxError
 from clipx.fileio import write_json_atomic
 from clipx.templates import parse_classes
@@ -116,6 +117,9 @@ def _add_eval(commands) -> None:
             sub.add_argument("--classes", default=None, help="choose among these labels only, e.g. 5-9 (other "
                              "images are left out); default: the checkpoint's eval.classes, else every class")
         sub.set_defaults(func=_eval)
+    for sub in add_text_eval(tasks):
+        _add_precision(sub)
+        _add_weights(sub)
 
 
 def _add_weights(parser) -> None:
@@ -213,10 +217,11 @@ def _demo(args) -> int:
 def _add_export(commands) -> None:
     export = commands.add_parser("export", help="write a checkpoint in another tool's format")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
-    export.add_argument("--format", required=True, choices=["open_clip", "hf", "lora"],
+    export.add_argument("--format", required=True, choices=["open_clip", "hf", "lora", "sentence-transformers"],
                         help="open_clip: a local-dir:DIR folder (open_clip_config.json + safetensors); "
                         "hf: a transformers CLIPModel folder with its tokenizer and image processor "
-                        "(both with LoRA adapters merged in); lora: a LoRA run's adapters alone, in PEFT's layout")
+                        "(both with LoRA adapters merged in); lora: a LoRA run's adapters alone, in PEFT's layout; "
+                        "sentence-transformers: a transformers text tower with its pooling and projection")
     export.add_argument("--out", required=True, help="directory to write")
     _add_weights(export)
     export.set_defaults(func=_export)
@@ -231,6 +236,13 @@ def _export(args) -> int:
 
         out = export_lora(args.checkpoint, args.out, weights)
         print(f"wrote {out} ({weights} weights): LoRA adapters in PEFT's layout (peft.PeftModel.from_pretrained)")
+        return 0
+    if args.format == "sentence-transformers":
+        from clipx.apps.export_sentence import export_sentence_transformers
+
+        out = export_sentence_transformers(args.checkpoint, args.out, weights)
+        print(f"wrote {out} ({weights} weights): transformers.AutoModel.from_pretrained('{out}') plus its pooling "
+              f"and projection, or sentence_transformers.SentenceTransformer('{out}')")
         return 0
     if args.format == "hf":
         from clipx.apps.export_hf import export_hf

@@ -83,6 +83,10 @@ class ModelConfig:
     # Which layers of each tower's blocks get adapters: attn (q/k/v and output projections), mlp.
     # Hu et al. adapt attention only; both is the common choice for vision towers (more capacity, same rank).
     lora_targets: tuple = ("attn", "mlp")
+    # Dropout on the residual stream after each block of an open_clip text transformer of a text-only
+    # model, in training only: SimCSE's one augmentation. None: the method's default (SimCSE: 0.1,
+    # BERT's own rate that Gao et al. 2021 kept). A transformers tower keeps its own config's dropout.
+    text_dropout: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,9 @@ class DataConfig:
     # Hard negatives (NegCLIP): each sample's negative caption, from its .neg.txt member ("neg.txt")
     # or a .json field, joins the text columns of the image-to-text loss. None: off.
     hard_negative_key: Optional[str] = None
+    # Text pairs (loss.name simcse): a sample's second text, its supervised positive, from its
+    # .pos.txt member ("pos.txt") or a .json field; a sample without one is paired with itself.
+    positive_key: str = "pos.txt"
     # Stop the run when more than this share of an epoch's inputs is skipped (corrupt, undecodable,
     # captionless...): a mostly broken data set should not quietly train on what is left. None: never.
     max_skip_fraction: Optional[float] = 0.1
@@ -449,6 +456,8 @@ def validate(config: Config) -> None:
         raise ClipxError(f"train.loss_spike_factor must be above 1 (or null); got {t.loss_spike_factor}")
     if not 0.0 <= config.model.patch_dropout < 1.0:
         raise ClipxError(f"model.patch_dropout must be in [0, 1); got {config.model.patch_dropout}")
+    if config.model.text_dropout is not None and not 0.0 <= config.model.text_dropout < 1.0:
+        raise ClipxError(f"model.text_dropout must be in [0, 1); got {config.model.text_dropout}")
     if config.model.patch_dropout_unmasked_steps < 0:
         raise ClipxError("model.patch_dropout_unmasked_steps must not be negative")
     _validate_lora(config.model)

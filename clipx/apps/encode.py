@@ -99,6 +99,8 @@ def encode(checkpoint: str, out: str, images: str | None = None, texts: str | No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = choose_weights(checkpoint, weights)
     model, preprocess, tokenizer = load(checkpoint, device, weights)
+    if images and not hasattr(model, "encode_image"):
+        raise ClipxError(f"{checkpoint} is a text-only model: it cannot embed --images")
     model = InferenceEncoder(model, device, precision)
     if text_list and tokenizer is None:
         raise ClipxError(f"{checkpoint} is an image-only model: it cannot embed --texts")

@@ -31,6 +31,9 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, weights: str = "au
     model, config = load_model(checkpoint, weights=weights)
     if not hasattr(model, "encode_text"):
         raise ClipxError(f"{checkpoint} is an image-only ({config.loss.name}) model: export covers CLIP models")
+    if not hasattr(model, "visual"):
+        raise ClipxError(f"{checkpoint} is a text-only ({config.loss.name}) model: export covers CLIP models; a "
+                         "transformers text tower exports with --format sentence-transformers")
     if config.model.text_tower != "open_clip":
         raise ClipxError("a model with a transformers text tower (model.text_tower=hf) has no open_clip or CLIPModel "
                          "layout to export to; load it with clipx.load")

@@ -122,7 +122,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, weights: str = "auto") ->
     from clipx.models import image_size
 
     model, config = load_model(checkpoint, weights=weights)
-    if config.model.text_tower != "open_clip" or not hasattr(model, "encode_text") or model.logit_bias is not None:
+    if not hasattr(model, "visual") or not hasattr(model, "encode_text"):
+        raise ClipxError(f"{checkpoint} is no CLIP model ({config.loss.name}): --format hf exports CLIP models")
+    if config.model.text_tower != "open_clip" or model.logit_bias is not None:
         raise ClipxError("--format hf exports CLIP models with open_clip towers and no SigLIP bias (CLIPModel has "
                          "neither a transformers text tower slot nor a logit bias); use --format open_clip")
     cfg = hf_config(config.model.arch, float(model.logit_scale.detach()))

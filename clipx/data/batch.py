@@ -1,7 +1,8 @@
 """The keys of a training batch, defined once, and the ways samples become a batch.
 
 Every pipeline and objective uses these names. A method picks its collation (image + tokenized
-caption, augmented views, labelled images or views); the streaming pipeline only calls what it is given.
+caption, augmented views, labelled images or views, text pairs); the streaming pipeline only calls
+what it is given.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ KEY = "key"  # list of B sample keys, for de-duplication and debugging
 LABEL = "label"  # (B,) int64: each sample's row of a classifier, or its class (-1: none) (clipx.data.labels)
 NEGATIVE_TEXT = "negative_text"  # (B, L) token ids of each sample's hard-negative caption ("" where it has none)
 NEGATIVE_MASK = "negative_mask"  # (B,) bool: whether the sample has a hard negative
+POSITIVE_TEXT = "positive_text"  # (B, L) token ids of each sample's paired text, or of its caption again (SimCSE)
 # Distillation (clipx/methods/distill.py): the teacher's own inputs, or its stored embeddings.
 TEACHER_IMAGE = "teacher_image"  # (B, 3, H', W') the image through the teacher's transform
 TEACHER_TEXT = "teacher_text"  # (B, L') the caption through the teacher's tokenizer
@@ -38,13 +40,28 @@ class ImageTextBatch:
         self.hard_negatives = choose_caption.negative_key is not None
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch = {KEY: [s["key"] for s in samples], IMAGE: torch.stack([s["image"] for s in samples]),
-                 TEXT: self.tokenizer([s["text"] for s in samples])}
+        return {KEY: [s["key"] for s in samples], IMAGE: torch.stack([s["image"] for s in samples]),
+                **self.captions(samples)}
+
+    def captions(self, samples: list[dict]) -> dict:
+        """{"text": (B, L)} and, when hard negatives are on, {"negative_text": (B, L), "negative_mask": (B,)}."""
+        batch = {TEXT: self.tokenizer([s["text"] for s in samples])}
         if self.hard_negatives:
             negatives = [s.get("negative") for s in samples]
             batch[NEGATIVE_TEXT] = self.tokenizer([n or "" for n in negatives])
             batch[NEGATIVE_MASK] = torch.tensor([n is not None for n in negatives])
         return batch
+
+
+class TextPairBatch(ImageTextBatch):
+    """Samples {"text": str, "positive": str or None, "key"} (no image) -> {"text": (B, L),
+    "positive_text": (B, L), "key"}, plus hard negatives as ImageTextBatch has them: text-only
+    contrastive training (SimCSE). A sample's positive is its paired text where it has one, else its
+    own caption again, which then differs from the anchor only by the encoder's dropout."""
+
+    def __call__(self, samples: list[dict]) -> dict:
+        return {KEY: [s["key"] for s in samples], **self.captions(samples),
+                POSITIVE_TEXT: self.tokenizer([s["positive"] or s["text"] for s in samples])}
 
 
 class ViewsBatch:

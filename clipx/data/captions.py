@@ -10,7 +10,9 @@ that source uniformly. The draw uses its own generator seeded by the sample's pl
 so a resumed run draws the same captions, and the image augmentations draw exactly as without it.
 
 A sample's hard negative (``data.hard_negative_key``) is the .neg.txt member ("neg.txt") or a .json
-field; where it holds several, one is drawn the same way, from a generator of its own.
+field; where it holds several, one is drawn the same way, from a generator of its own. So is a text
+pair's second text (``data.positive_key``: the .pos.txt member, "pos.txt", or a .json field), which
+text-only training (SimCSE) takes as the caption's positive.
 
 One more source, "class_prompt", is made rather than read: one of the task's prompt templates
 (eval.templates) filled with the name of the sample's class (its label). Trained alone, it is FLYP's
@@ -29,6 +31,7 @@ from clipx.templates import chosen_classes, load_templates
 
 TXT = "txt"  # the name, in data.caption_keys, of the .txt member
 NEGATIVE_TXT = "neg.txt"  # the name, in data.hard_negative_key, of the .neg.txt member
+POSITIVE_TXT = "pos.txt"  # the name, in data.positive_key, of the .pos.txt member
 CLASS_PROMPT = "class_prompt"  # the name, in data.caption_keys, of the prompts made from the sample's label
 
 
@@ -85,26 +88,35 @@ class ClassPrompts:
         return [template.format(self.classnames[label]) for template in self.templates]
 
 
+def _second_text(sample: dict, key: Optional[str], member: str, stream: str, sample_seed: int) -> Optional[str]:
+    """One text of ``key`` (the ``member`` file's lines, or a .json field) of ``sample``, or None; where
+    it holds several, one drawn from a generator of the ``stream``'s own, seeded by the sample."""
+    if key is None:
+        return None
+    options = _lines(sample.get(member)) if key == member else _strings(_json_fields(sample).get(key))
+    if len(options) <= 1:
+        return options[0] if options else None
+    return options[random.Random(f"{stream}-{sample_seed}").randrange(len(options))]
+
+
 class CaptionChooser:
     """``chooser(sample, sample_seed)`` -> the sample's caption this epoch, or None when it has none;
-    ``chooser.negative(sample, sample_seed)`` -> its hard negative, or None."""
+    ``chooser.negative(sample, sample_seed)`` -> its hard negative, or None;
+    ``chooser.positive(sample, sample_seed)`` -> its paired text (``positive_key``), or None."""
 
     def __init__(self, caption_keys: Optional[dict] = None, negative_key: Optional[str] = None,
-                 class_prompts: Optional[ClassPrompts] = None):
+                 class_prompts: Optional[ClassPrompts] = None, positive_key: Optional[str] = None):
         self.weights = dict(caption_keys) if caption_keys else None
-        self.negative_key = negative_key
+        self.negative_key, self.positive_key = negative_key, positive_key
         if self.weights and CLASS_PROMPT in self.weights and class_prompts is None:
             raise ValueError(f"caption source {CLASS_PROMPT!r} needs the task's class prompts")
         self.class_prompts = class_prompts
 
     def negative(self, sample: dict, sample_seed: int) -> Optional[str]:
-        if self.negative_key is None:
-            return None
-        options = (_lines(sample.get(NEGATIVE_TXT)) if self.negative_key == NEGATIVE_TXT
-                   else _strings(_json_fields(sample).get(self.negative_key)))
-        if len(options) <= 1:
-            return options[0] if options else None
-        return options[random.Random(f"negative-{sample_seed}").randrange(len(options))]
+        return _second_text(sample, self.negative_key, NEGATIVE_TXT, "negative", sample_seed)
+
+    def positive(self, sample: dict, sample_seed: int) -> Optional[str]:
+        return _second_text(sample, self.positive_key, POSITIVE_TXT, "positive", sample_seed)
 
     def __call__(self, sample: dict, sample_seed: int) -> Optional[str]:
         if self.weights is None:
@@ -126,12 +138,13 @@ class CaptionChooser:
         return _strings(meta.get(name))
 
 
-def caption_chooser(data_cfg, eval_cfg) -> CaptionChooser:
+def caption_chooser(data_cfg, eval_cfg, pairs: bool = False) -> CaptionChooser:
     """The chooser a run's config describes: data.caption_keys and data.hard_negative_key, with the
-    class prompts of eval.templates (and eval.classes, eval.label_key) when "class_prompt" is a source."""
+    class prompts of eval.templates (and eval.classes, eval.label_key) when "class_prompt" is a source;
+    with ``pairs`` (text-pair training), data.positive_key too."""
     keys, prompts = data_cfg.caption_keys, None
     if keys and CLASS_PROMPT in keys:
         classnames, templates = load_templates(eval_cfg.templates)
         prompts = ClassPrompts(classnames, templates, eval_cfg.label_key,
                                chosen_classes(eval_cfg.classes, len(classnames)))
-    return CaptionChooser(keys, data_cfg.hard_negative_key, prompts)
+    return CaptionChooser(keys, data_cfg.hard_negative_key, prompts, data_cfg.positive_key if pairs else None)

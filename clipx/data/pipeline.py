@@ -207,17 +207,19 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
                          rank: int = 0, needs_text: bool = True,
                          choose_caption: CaptionChooser = CaptionChooser(), members: tuple[str, ...] = (),
                          labels: Optional[Callable[[dict], Optional[int]]] = None) -> Iterator[dict]:
-    """Raw samples -> {"image": transform's output, "text": str or None, "negative": str or None, "key": str},
-    plus the raw bytes of each of ``members`` (a sample without one is skipped as missing_member)
+    """Raw samples -> {"image": transform's output, "text": str or None, "negative": str or None,
+    "positive": str or None, "key": str}, plus the raw bytes of each of ``members`` (a sample without one is skipped as missing_member)
     and, with ``labels`` (clipx.data.labels.LabelReader), the sample's "label": its classifier row
     (a sample it gives None for is skipped as no_class_label).
 
     Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
-    needs no caption, and ``transform`` may return a list of augmented views. Each sample's
+    needs no caption, and ``transform`` may return a list of augmented views; without ``transform``
+    (text-only objectives) no image is decoded or needed, and "image" is None. Each sample's
     augmentation draws from its own generator, seeded by its place in the stream (``sample_rng``);
     so does the choice among its captions (``choose_caption``, data.caption_keys), apart from it.
     """
-    guard = PassGuard("usable image-caption pair" if needs_text else "usable image", counter, seen=position.decoded)
+    usable = "usable caption" if transform is None else "usable image-caption pair" if needs_text else "usable image"
+    guard = PassGuard(usable, counter, seen=position.decoded)
     for sample in src:
         index = position.decoded
         position.decoded += 1
@@ -239,15 +241,17 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         if labels is not None and label is None:
             counter.add("no_class_label")
             continue
-        with sample_rng(seed, position.epoch, rank, position.worker, index):
-            image, reason = decode_or_reason(sample, transform)
+        image, reason = None, None
+        if transform is not None:
+            with sample_rng(seed, position.epoch, rank, position.worker, index):
+                image, reason = decode_or_reason(sample, transform)
         if reason is not None:
             counter.add(reason)
             continue
         guard.count()
         counter.add_used()
         yield {"image": image, "text": caption, "negative": choose_caption.negative(sample, seed_of_sample),
-               "key": sample["__key__"], **{member: sample[member] for member in members},
+               "positive": choose_caption.positive(sample, seed_of_sample), "key": sample["__key__"], **{member: sample[member] for member in members},
                **({"label": label} if labels is not None else {})}
 
 

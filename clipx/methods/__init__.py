@@ -16,6 +16,7 @@ from clipx.methods.moco import MoCo
 from clipx.methods.objective import Method, Objective
 from clipx.methods.siglip import SigLIP
 from clipx.methods.simclr import SimCLR
+from clipx.methods.simcse import SimCSE
 from clipx.methods.slip import SLIP
 from clipx.methods.supcon import SupCon
 from clipx.methods.swav import SwAV
@@ -30,6 +31,7 @@ METHODS.register("swav")(SwAV())
 METHODS.register("slip")(SLIP())
 METHODS.register("classify")(Classify())
 METHODS.register("supcon")(SupCon())
+METHODS.register("simcse")(SimCSE())
 
 
 def method_of(config) -> Method:
@@ -50,6 +52,9 @@ def method_of(config) -> Method:
     if config.model.lora_rank and not method.has_text_tower:
         raise ClipxError(f"model.lora_rank (LoRA adapters on both towers) applies to CLIP models (image-text "
                          f"methods and classify), not loss.name={name}")
+    if config.model.text_dropout is not None and not method.text_only:
+        raise ClipxError(f"model.text_dropout (dropout in an open_clip text tower) is used by text-only training "
+                         f"(loss.name=simcse), not loss.name={name}")
     if config.ssl.mix != "none":
         _check_mixing(config, method)
     if config.distill.enabled:

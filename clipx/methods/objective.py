@@ -94,6 +94,8 @@ class Method:
     updated_outside_optimizer: tuple[str, ...] = ()
     # Whether its loss has a mixed form (ssl.mix: i-Mix / MixCo, clipx/methods/mixing.py).
     mixing: bool = False
+    # Whether its model is a text tower alone (SimCSE): it reads captions, never images.
+    text_only: bool = False
 
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""

@@ -13,9 +13,11 @@ combination measures its attention kernel (train.attention=auto), and every flav
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
 options (RECIPES: patch dropout, several captions, hard negatives, EMA weights, layer-wise
-learning-rate decay, distillation, LoRA) run with every flavour they apply to on one process and with an image-text and
-(if it applies) an image-only flavour on two; EMA also runs sharded with those two flavours on one
-and on two processes, and LoRA sharded with the image-text one.
+learning-rate decay, distillation, LoRA, RandAugment, i-Mix, text pairs) run with every flavour they
+apply to on one process and with an image-text, an image-only and a text-only flavour (each where it
+applies) on two; EMA also runs sharded with those flavours on one and on two processes, and LoRA
+sharded with the image-text one. Text-only methods (SimCSE) train the default tower's text
+transformer and the MiniLM towers; image recipes do not apply to them.
 """
 
 from __future__ import annotations
@@ -69,11 +71,17 @@ RECIPES = {"plain": {},
            "lora": {"model.lora_rank": 4},
            "randaugment": {"data.randaugment": "2,9"},
            "imix": {"ssl.mix": "mixup", "ssl.mix_prob": 0.5},
-           "icutmix": {"ssl.mix": "cutmix"}}
-# Recipes about captions: image-text only. Recipes about the towers' blocks: models with a text tower.
-IMAGE_TEXT_RECIPES = {"multi_caption", "distill", "flyp"}
+           "icutmix": {"ssl.mix": "cutmix"},
+           "text_pairs": {"data.positive_key": "classname"}}
+# Recipes about an image and its caption: image-text only; about captions alone: text-only methods
+# too. Recipes about the towers' blocks: models with a text tower. About images: not text-only ones.
+IMAGE_TEXT_RECIPES = {"distill", "flyp"}
+CAPTION_RECIPES = {"multi_caption"}
 TEXT_TOWER_RECIPES = {"layer_decay", "lora"}
+IMAGE_RECIPES = {"patch_dropout", "randaugment"}
 MIX_RECIPES = {"imix", "icutmix"}
+# Text pairs (SimCSE's supervised positives): the digits' .json class name as each caption's pair.
+PAIR_RECIPES = {"text_pairs"}
 
 TINY_VIT = {
     "embed_dim": 32,
@@ -97,6 +105,7 @@ class Tower:
     # stand-in. The loss-scaler path is the same for every tower, and runs with the others.
     cpu_fp16: bool = True
     locked_prefixes: tuple[str, ...] = ()  # state-dict prefixes that must stay bitwise unchanged
+    text_only: bool = False  # also a text-only model's tower (its image side is no different from "vit")
 
 
 TOWERS = {
@@ -107,13 +116,14 @@ TOWERS = {
     "modified_resnet_locked": Tower(TINY_RESNET, {"model.lock_image": True}, image_text_only=True,
                                     locked_prefixes=("visual.",)),
     "minilm_locked": Tower(TINY_VIT, {"model.text_tower": "hf", "model.lock_text": True}, needs_minilm=True,
-                           image_text_only=True, locked_prefixes=("text.transformer.",)),
+                           image_text_only=True, locked_prefixes=("text.transformer.",), text_only=True),
     "minilm_partly_unlocked": Tower(TINY_VIT, {"model.text_tower": "hf", "model.lock_text": True,
                                                "model.lock_text_unlocked_layers": 1},
                                     needs_minilm=True, image_text_only=True,
                                     locked_prefixes=tuple(f"text.transformer.encoder.layer.{i}." for i in range(5))
-                                    + ("text.transformer.embeddings.",)),
-    "minilm_unlocked": Tower(TINY_VIT, {"model.text_tower": "hf"}, needs_minilm=True, image_text_only=True),
+                                    + ("text.transformer.embeddings.",), text_only=True),
+    "minilm_unlocked": Tower(TINY_VIT, {"model.text_tower": "hf"}, needs_minilm=True, image_text_only=True,
+                             text_only=True),
     # LiT with the packaged MiniLM as the trainable text tower: the flagship recipe of the DDP bug.
     "lit_minilm": Tower(TINY_VIT, {"model.text_tower": "hf", "model.lock_image": True}, needs_minilm=True,
                         image_text_only=True, locked_prefixes=("visual.",)),
@@ -162,34 +172,50 @@ def _combination(flavour, tower: str, accumulation: str, precision: str, world_s
                        world_size)
 
 
+def is_text_only(objective: str) -> bool:
+    """Whether the method trains a text tower alone (SimCSE)."""
+    return METHODS.get(objective).text_only
+
+
 def kind(objective: str) -> str:
-    """image_text (trains on captions), classifier (a CLIP with a head: a text tower, no captions) or
-    image_only (self-supervised)."""
+    """image_text (trains on captions), classifier (a CLIP with a head: a text tower, no captions),
+    text_only (a text tower on captions) or image_only (self-supervised)."""
     if is_image_text(objective):
         return "image_text"
+    if is_text_only(objective):
+        return "text_only"
     return "classifier" if has_text_tower(objective) else "image_only"
 
 
 def compiled_cover() -> list[tuple[str, str, dict]]:
     """The flavours the matrix also runs compiled (and runs the recipes with on two processes): the
-    first image-text one and the first image-only one."""
-    kinds = [[f for f in flavours() if kind(f[1]) == wanted] for wanted in ("image_text", "image_only")]
+    first image-text one, the first image-only one and the first text-only one."""
+    kinds = [[f for f in flavours() if kind(f[1]) == wanted] for wanted in ("image_text", "image_only", "text_only")]
     return [found[0] for found in kinds if found]
 
 
 def recipe_applies(recipe: str, objective: str) -> bool:
     """Whether a flavour of ``objective`` can train with ``recipe`` (the others refuse it)."""
+    method = METHODS.get(objective)
     if recipe == "hard_negatives":
-        return METHODS.get(objective).hard_negatives
+        return method.hard_negatives
     if recipe in MIX_RECIPES:
-        return METHODS.get(objective).mixing
+        return method.mixing
     if recipe in TEXT_TOWER_RECIPES:
         return has_text_tower(objective)
+    if recipe in PAIR_RECIPES:
+        return method.text_only
+    if recipe in IMAGE_RECIPES:
+        return not method.text_only
+    if recipe in CAPTION_RECIPES:
+        return is_image_text(objective) or method.text_only
     return recipe not in IMAGE_TEXT_RECIPES or is_image_text(objective)
 
 
 def _serves(tower: str, objective: str) -> bool:
     t, text_tower = TOWERS[tower], has_text_tower(objective)
+    if is_text_only(objective):
+        return t.text_only
     return not (t.image_text_only and not text_tower) and not (t.views_only and text_tower)
 
 

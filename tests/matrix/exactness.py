@@ -89,6 +89,13 @@ def build(case: Case, world: int, arch_path: Path):
 
 def global_batch(case: Case) -> dict:
     generator = torch.Generator().manual_seed(1)
+    if METHODS.get(case.objective).text_only:  # captions and their positives, no image
+        batch = {"text": torch.randint(1, 400, (GLOBAL, 16), generator=generator),
+                 "positive_text": torch.randint(1, 400, (GLOBAL, 16), generator=generator)}
+        if case.hard_negatives:
+            batch.update(negative_text=torch.randint(1, 400, (GLOBAL, 16), generator=generator),
+                         negative_mask=torch.arange(GLOBAL) % 3 != 1)
+        return batch
     if has_text_tower(case.objective):  # views and labels too, for SLIP's image-only term and classifiers
         batch = {"image": torch.randn(GLOBAL, 3, 32, 32, generator=generator),
                  "text": torch.randint(1, 400, (GLOBAL, 16), generator=generator),

@@ -84,8 +84,10 @@ def test_the_core_imports_no_application_or_evaluator_at_module_level():
 
 
 def test_config_is_the_bottom_layer():
-    """config (and its file reading, config_io) imports nothing of clipx but its errors."""
-    assert import_graph()["clipx.config"] <= {"clipx.errors", "clipx.config_io"}
+    """config (and its file reading, config_io, and its rules, config_rules) imports nothing of clipx
+    but its errors."""
+    assert import_graph()["clipx.config"] <= {"clipx.errors", "clipx.config_io", "clipx.config_rules"}
+    assert import_graph()["clipx.config_rules"] <= {"clipx.errors", "clipx.config_io"}
     assert import_graph()["clipx.config_io"] <= {"clipx.errors"}
 
 

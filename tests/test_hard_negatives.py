@@ -114,5 +114,5 @@ def test_batches_carry_tokenized_negatives_and_which_samples_have_one(tmp_path):
 
 @pytest.mark.parametrize("loss", ["siglip", "ntxent", "moco"])
 def test_methods_whose_loss_takes_no_negatives_refuse_them(loss):
-    with pytest.raises(ClipxError, match="data.hard_negative_key .* is used by loss.name=clip, slip, not"):
+    with pytest.raises(ClipxError, match="data.hard_negative_key .* is used by loss.name=clip, simcse, slip, not"):
         method_of(load_config(DEMO, [f"loss.name={loss}", "data.hard_negative_key=negative"]))

@@ -179,7 +179,8 @@ def test_the_mixer_is_reproducible_from_the_generator_and_mix_prob_zero_is_the_i
 
 
 def test_randaugment_draws_are_reproducible_per_sample_seed():
-    from clipx.config import ViewsConfig, parse_randaugment
+    from clipx.config import ViewsConfig
+    from clipx.config_rules import parse_randaugment
     from clipx.data.pipeline import sample_rng
     from clipx.data.transforms import image_transform
     from clipx.ssl.views import ssl_views

@@ -208,8 +208,8 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
                          choose_caption: CaptionChooser = CaptionChooser(), members: tuple[str, ...] = (),
                          labels: Optional[Callable[[dict], Optional[int]]] = None) -> Iterator[dict]:
     """Raw samples -> {"image": transform's output, "text": str or None, "negative": str or None,
-    "positive": str or None, "key": str}, plus the raw bytes of each of ``members`` (a sample without one is skipped as missing_member)
-    and, with ``labels`` (clipx.data.labels.LabelReader), the sample's "label": its classifier row
+    "positive": str or None, "key": str}, plus the raw bytes of each of ``members`` (a sample without
+    one is skipped as missing_member) and, with ``labels`` (clipx.data.labels.LabelReader), the sample's "label": its classifier row
     (a sample it gives None for is skipped as no_class_label).
 
     Bad samples are counted and skipped; without ``needs_text`` (image-only objectives) a sample
@@ -251,7 +251,8 @@ def decode_train_samples(src: Iterable[dict], transform, counter: SkipCounter, s
         guard.count()
         counter.add_used()
         yield {"image": image, "text": caption, "negative": choose_caption.negative(sample, seed_of_sample),
-               "positive": choose_caption.positive(sample, seed_of_sample), "key": sample["__key__"], **{member: sample[member] for member in members},
+               "positive": choose_caption.positive(sample, seed_of_sample), "key": sample["__key__"],
+               **{member: sample[member] for member in members},
                **({"label": label} if labels is not None else {})}
 
 

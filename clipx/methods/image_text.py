@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from clipx.config import parse_randaugment
+from clipx.config_rules import parse_randaugment
 from clipx.data.batch import IMAGE, NEGATIVE_MASK, NEGATIVE_TEXT, TEXT, ImageTextBatch
 from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer

@@ -29,8 +29,8 @@ from clipx.models import create_text_encoder
 from clipx.precision import upcast
 
 # Dropout of an open_clip text tower when model.text_dropout is unset: BERT's 0.1, which SimCSE kept
-# (Gao et al. 2021, table 3: 0.1 beat 0, 0.05 and higher rates on STS-B development). At 0 a sentence's two
-# passes are identical and the loss only spreads the embeddings apart.
+# (Gao et al. 2021, table 3: 0.1 beat 0, 0.05 and higher rates on STS-B development). At 0 a
+# sentence's two passes are identical and the loss only spreads the embeddings apart.
 DROPOUT = 0.1
 
 
@@ -46,7 +46,8 @@ class SimCSEObjective(Objective):
         parts = [batch[TEXT], batch[POSITIVE_TEXT]]
         if NEGATIVE_TEXT in batch:
             parts.append(batch[NEGATIVE_TEXT])
-        # One call: each row draws its own dropout mask, and BatchNorm-free towers see one batch.
+        # One call of the tower for every text: each row draws its own dropout mask, so a caption
+        # paired with itself still gets two different passes.
         embeddings = upcast(self.model(torch.cat(parts)))  # (2B [+ B], D), unit norm
         size = len(batch[TEXT])
         out = {"anchor": embeddings[:size], "positive": embeddings[size:2 * size]}

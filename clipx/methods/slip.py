@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from clipx.config import parse_randaugment
+from clipx.config_rules import parse_randaugment
 from clipx.data.batch import IMAGE, VIEWS, ImageTextViewsBatch
 from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from clipx.config import parse_randaugment
+from clipx.config_rules import parse_randaugment
 from clipx.data.batch import ViewsBatch
 from clipx.methods.objective import Method
 from clipx.models import image_size

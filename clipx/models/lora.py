@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from clipx.config import LORA_TARGETS as TARGETS  # noqa: F401 (re-exported)
+from clipx.config_rules import LORA_TARGETS as TARGETS  # noqa: F401 (re-exported)
 from clipx.errors import ClipxError
 from clipx.models.fused_attention import FusedSelfAttention
 from clipx.models.lock import freeze_locked_batchnorm_

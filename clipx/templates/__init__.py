@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from clipx.config import check_classes
+from clipx.config_rules import check_classes
 from clipx.errors import ClipxError
 
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clipx.models.towers import set_tower_grad_checkpointing
+
 
 class DualEncoder(nn.Module):
     """Image and text towers embedding into one space, plus a learnable logit scale.
@@ -31,13 +33,7 @@ class DualEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute both towers' activations during backward (open_clip and transformers towers)."""
         for tower in (self.visual, self.text):
-            if hasattr(tower, "set_grad_checkpointing"):
-                tower.set_grad_checkpointing(enable)
-            elif hasattr(tower, "transformer") and hasattr(tower.transformer, "gradient_checkpointing_enable"):
-                if enable:
-                    tower.transformer.gradient_checkpointing_enable()
-                else:
-                    tower.transformer.gradient_checkpointing_disable()
+            set_tower_grad_checkpointing(tower, enable)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, E), unit norm."""

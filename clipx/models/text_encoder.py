@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clipx.models.towers import set_tower_grad_checkpointing
+
 
 class TextEncoder(nn.Module):
     """Token ids (B, L) -> unit-norm sentence embeddings (B, E) through one text tower.
@@ -33,12 +35,7 @@ class TextEncoder(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the tower's activations during backward (open_clip and transformers towers)."""
-        if hasattr(self.text, "set_grad_checkpointing"):
-            self.text.set_grad_checkpointing(enable)
-        elif enable:
-            self.text.transformer.gradient_checkpointing_enable()
-        else:
-            self.text.transformer.gradient_checkpointing_disable()
+        set_tower_grad_checkpointing(self.text, enable)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, E), unit norm."""

@@ -88,3 +88,15 @@ def _drop_pooler_weights(state_dict, prefix, *args) -> None:
     """Load-time hook: ignore the pooler weights of checkpoints written while the pooler was kept."""
     for key in [k for k in state_dict if k.startswith(prefix + "transformer.pooler.")]:
         del state_dict[key]
+
+
+def set_tower_grad_checkpointing(tower: nn.Module, enable: bool = True) -> None:
+    """Recompute ``tower``'s activations during backward: open_clip towers through their own switch,
+    a transformers tower (HFTextTower) through its model's."""
+    if hasattr(tower, "set_grad_checkpointing"):
+        tower.set_grad_checkpointing(enable)
+    elif hasattr(tower, "transformer") and hasattr(tower.transformer, "gradient_checkpointing_enable"):
+        if enable:
+            tower.transformer.gradient_checkpointing_enable()
+        else:
+            tower.transformer.gradient_checkpointing_disable()

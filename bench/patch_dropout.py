@@ -3,7 +3,8 @@
     .venv/bin/python bench/patch_dropout.py [--rate 0.5] [--precision bf16] [--alternations 3]
 
 Speed: clipx on `make bench`'s work (configs/bench-small.yaml, its shards, batch 128, 20 steps,
-first 5 dropped), with and without `model.patch_dropout`, runs alternating, medians.
+first 5 dropped), with and without `model.patch_dropout`, runs alternating, medians; both also with
+token batches at full context (`data.trim_padding=false`).
 Learning: the digits demo's training (configs/demo-digits.yaml, 600 steps, the demo's precision
 choice) without patch dropout, with it, and with it plus FLIP's unmasked tuning over the last 10%
 of the steps; zero-shot top-1 on the held-out digits at equal steps, and each run's wall time.
@@ -16,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +27,14 @@ from bench.perf import MODEL, run_clipx, write_bench_shards  # noqa: E402
 
 
 def speed(work: Path, rate: float, precision: str, alternations: int, batch: int = 128, steps: int = 20) -> dict:
+    """Samples/s with and without patch dropout, as clipx runs (token batches trimmed to the captions'
+    length), and both again with the batches at full context (data.trim_padding=false): how much of
+    the step the text tower takes decides what dropping image tokens can buy."""
     shards = write_bench_shards(work, 64, batch * steps * 2)
-    variants = {"none": [], f"patch_dropout={rate}": [f"model.patch_dropout={rate}"]}
+    untrimmed = "data.trim_padding=false"
+    variants = {"none": [], f"patch_dropout={rate}": [f"model.patch_dropout={rate}"],
+                f"none, {untrimmed}": [untrimmed],
+                f"patch_dropout={rate}, {untrimmed}": [f"model.patch_dropout={rate}", untrimmed]}
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for index in range(alternations):
         for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
@@ -36,7 +44,31 @@ def speed(work: Path, rate: float, precision: str, alternations: int, batch: int
             print(f"  {name}: {result['samples_per_second']:.1f} samples/s", file=sys.stderr)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     return {"precision": precision, "runs": rates, "medians": medians,
-            "ratio": medians[f"patch_dropout={rate}"] / medians["none"]}
+            "ratio": medians[f"patch_dropout={rate}"] / medians["none"],
+            "ratio_untrimmed": medians[f"patch_dropout={rate}, {untrimmed}"] / medians[f"none, {untrimmed}"],
+            "compute_only": compute_only(shards, rate, precision, batch)}
+
+
+def compute_only(shards: Path, rate: float, precision: str, batch: int, alternations: int = 5) -> dict:
+    """The same comparison without the loader: clipx's step (bench/profile_step.py) on random inputs
+    of clipx's token length for these shards, the two models alternating; median ms per step."""
+    from bench.perf import clipx_text_length
+    from bench.profile_step import build_step
+
+    length = clipx_text_length(shards, MODEL, batch)
+    steps = {"none": build_step(MODEL, batch, 2, precision, text_length=length)[0],
+             f"patch_dropout={rate}": build_step(MODEL, batch, 2, precision, text_length=length,
+                                                 overrides=(f"model.patch_dropout={rate}",))[0]}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in [*steps.values()] * 2:  # warm-up
+        step()
+    for _ in range(alternations):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    ms = {name: statistics.median(values) * 1000 for name, values in times.items()}
+    return {"text_length": length, "ms_per_step": ms, "ratio": ms["none"] / ms[f"patch_dropout={rate}"]}
 
 
 def learning(work: Path, rate: float, steps: int = 600) -> dict:
@@ -62,7 +94,11 @@ def markdown(results: dict) -> str:
              "", "| patch dropout | samples/s (median) | runs |", "|---|---:|---|"]
     lines += [f"| {name} | {s['medians'][name]:.1f} | {', '.join(f'{r:.1f}' for r in runs)} |"
               for name, runs in s["runs"].items()]
-    lines += ["", f"**Speed-up: {s['ratio']:.2f}x**", ""]
+    lines += ["", f"**Speed-up: {s['ratio']:.2f}x** ({s['ratio_untrimmed']:.2f}x with token batches at full context)", ""]
+    c = s["compute_only"]
+    lines += [f"Compute only (no loader; random inputs, {c['text_length']} text tokens), median ms per step: " +
+              ", ".join(f"{name} {value:.0f}" for name, value in c["ms_per_step"].items()) +
+              f"; **speed-up {c['ratio']:.2f}x**", ""]
     d = results["learning"]
     lines += [f"Digits demo, {d['steps']} steps each:", "",
               "| variant | precision | zero-shot top-1 | train seconds | samples/s |", "|---|---|---:|---:|---:|"]
@@ -77,15 +113,21 @@ def main() -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--alternations", type=int, default=3)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench" / "patch_dropout")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="measure speed only; keep the learning results of the last run's results.json")
     parser.add_argument("--markdown", type=Path, metavar="RESULTS.json", help="print saved results as tables")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
         return
     args.work.mkdir(parents=True, exist_ok=True)
+    saved = args.work / "results.json"
+    if args.speed_only and not saved.is_file():
+        sys.exit(f"--speed-only keeps the learning results of an earlier run: {saved} is missing")
     results = {"command": "bench/patch_dropout.py", "rate": args.rate,
                "speed": speed(args.work, args.rate, args.precision, args.alternations),
-               "learning": learning(args.work, args.rate)}
+               "learning": (json.loads(saved.read_text())["learning"] if args.speed_only
+                            else learning(args.work, args.rate))}
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
     print(markdown(results))
 

@@ -259,8 +259,24 @@ def loader_throughput(shards: Path, model: Path, batch: int, workers: int, batch
     return {"workers": workers, "samples_per_second": rate, "per_worker": rate / max(workers, 1)}
 
 
-def flops_per_sample(model: Path, batch: int = 16) -> float:
-    """Forward + backward FLOPs of both towers and the loss, per sample (torch's FlopCounterMode)."""
+def clipx_text_length(shards: Path, model: Path, batch: int) -> int:
+    """The longest token batch clipx trains on with these shards (data.trim_padding ends each batch
+    after its longest caption); open_clip_train always runs the full context."""
+    from clipx.config import load_config
+    from clipx.data.tokenizer import Tokenizer
+
+    config = load_config(CONFIG, [f"model.name={model.resolve()}", "data.train=unused"])
+    tokenizer = Tokenizer(config.model, trim_padding=config.data.trim_padding)
+    captions = []
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            captions += [tar.extractfile(m).read().decode().splitlines()[0] for m in tar if m.name.endswith(".txt")]
+    return max(tokenizer(captions[i:i + batch]).shape[1] for i in range(0, len(captions), batch))
+
+
+def flops_per_sample(model: Path, batch: int = 16, text_length: int | None = None) -> float:
+    """Forward + backward FLOPs of both towers and the loss, per sample (torch's FlopCounterMode), on
+    token batches of ``text_length`` (None: the model's context length)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -271,7 +287,7 @@ def flops_per_sample(model: Path, batch: int = 16) -> float:
     clip = build_model(config)
     objective = build_objective(clip, config)
     size = config.model.arch["vision_cfg"]["image_size"]
-    context = config.model.arch["text_cfg"]["context_length"]
+    context = text_length or config.model.arch["text_cfg"]["context_length"]
     batch_inputs = {"image": torch.randn(batch, 3, size, size), "text": torch.randint(0, 49408, (batch, context))}
     with FlopCounterMode(display=False) as counter:
         objective(batch_inputs)["loss"].backward()
@@ -354,17 +370,22 @@ def main() -> None:
     size = native_size(args.model)
     shards = write_bench_shards(args.work, size, args.batch * args.steps * 2)
     flops = flops_per_sample(args.model)
+    text_length = clipx_text_length(shards, args.model, args.batch)
+    clipx_flops = flops_per_sample(args.model, text_length=text_length)
     by_precision = {}
     for precision in precisions:
         print(f"side by side, {precision}", file=sys.stderr)
         train = side_by_side(args.work, shards, args.model, args.batch, args.steps, args.workers, args.threads,
                              args.alternations, precision)
         peak = matmul_flops_per_second(args.threads, precision)
-        breakdown = phase_seconds(args.model, args.batch, args.threads, precision)
+        breakdown = phase_seconds(args.model, args.batch, args.threads, precision, text_length=text_length)
         by_precision[precision] = {
             "train": train,
+            # Each trainer's MFU counts the FLOPs it runs: clipx's token batches end after the longest
+            # caption (clipx_text_length), open_clip_train's run the whole context.
             "flops": {"model_flops_per_sample": flops, "matmul_flops_per_second": peak,
-                      "clipx_mfu": flops * train["clipx_samples_per_second"] / peak,
+                      "clipx_model_flops_per_sample": clipx_flops, "clipx_text_length": text_length,
+                      "clipx_mfu": clipx_flops * train["clipx_samples_per_second"] / peak,
                       "open_clip_mfu": flops * train["open_clip_samples_per_second"] / peak},
             # Compute alone (random inputs, no loader); the rest of an end-to-end step is data wait,
             # logging and the update guard.
@@ -410,6 +431,7 @@ def main() -> None:
 ABLATIONS = {
     "PyTorch's attention kernel (train.attention=default)": (["train.attention=default"], None),
     "without host-memory retention (train.retain_host_memory=false)": (["train.retain_host_memory=false"], None),
+    "token batches at the full context (data.trim_padding=false)": (["data.trim_padding=false"], None),
     COMPILED: (["train.compile=true"], "bf16"),
     "with torch.compile (train.compile=true; auto leaves fp32 eager)": (["train.compile=true"], "fp32"),
 }

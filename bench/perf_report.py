@@ -34,9 +34,14 @@ def markdown(results: dict) -> str:
         lines.append(f"- **clipx bf16 compiled / clipx fp32 = {results['clipx_bf16_long_run_over_fp32']:.3f}** "
                      "(end to end; what train.compile=auto runs for bf16 runs of >= 2,000 steps, against fp32, "
                      "which it leaves eager; steady state, compile time in the variants table)")
-    flops = next(iter(by_precision.values()))["flops"]["model_flops_per_sample"]
+    f = next(iter(by_precision.values()))["flops"]
     rates = ", ".join(f"{p} {row['flops']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s" for p, row in by_precision.items())
-    lines += ["", f"Model FLOPs per sample (forward + backward, both towers): {flops / 1e9:.3f} GFLOP. "
+    per_sample = f"{f['model_flops_per_sample'] / 1e9:.3f} GFLOP"
+    if "clipx_model_flops_per_sample" in f:  # results written before clipx trimmed its token batches have one figure
+        per_sample = (f"{per_sample} at the full context (open_clip_train); "
+                      f"{f['clipx_model_flops_per_sample'] / 1e9:.3f} GFLOP for clipx, whose token batches end after "
+                      f"the longest caption ({f['clipx_text_length']} tokens here): each trainer's MFU counts its own")
+    lines += ["", f"Model FLOPs per sample (forward + backward, both towers): {per_sample}. "
               f"Dense 2048² matmul on this machine ({s['threads']} threads): {rates}.", ""]
     breakdowns = {p: row["breakdown"] for p, row in by_precision.items() if "breakdown" in row}
     if breakdowns:

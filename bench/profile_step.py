@@ -21,11 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_step(model_path: Path, batch_size: int, threads: int, precision: str, fused_attention: bool = True):
+def build_step(model_path: Path, batch_size: int, threads: int, precision: str, fused_attention: bool = True,
+               text_length: int | None = None, overrides: tuple[str, ...] = ()):
     """clipx's training step on random inputs of the benchmark's shapes, as ``step(phases)``: forward
     with the loss under autocast (bf16) and the run's attention kernel (measured as train.attention=auto
     measures it), backward, fused AdamW, zero_grad; ``phases`` (a dict) accumulates each phase's seconds.
-    ``fused_attention=False``: the towers keep open_clip's nn.MultiheadAttention (for the comparison)."""
+    ``fused_attention=False``: the towers keep open_clip's nn.MultiheadAttention (for the comparison).
+    ``text_length``: tokens per caption (None: the context length); ``overrides``: config overrides."""
     from clipx.config import load_config
     from clipx.methods import build_model, build_objective
     from clipx.models.attention import AttentionKernel
@@ -33,13 +35,13 @@ def build_step(model_path: Path, batch_size: int, threads: int, precision: str, 
 
     torch.set_num_threads(threads)
     config = load_config(REPO / "configs" / "bench-small.yaml", [f"model.name={model_path.resolve()}",
-                                                                  "data.train=unused"])
+                                                                  "data.train=unused", *overrides])
     with contextlib.nullcontext() if fused_attention else unfused_attention():
         model = build_model(config)
     objective = build_objective(model, config)
     optimizer = build_optimizer(model, config.train)
     arch = config.model.arch
-    size, context = arch["vision_cfg"]["image_size"], arch["text_cfg"]["context_length"]
+    size, context = arch["vision_cfg"]["image_size"], text_length or arch["text_cfg"]["context_length"]
     batch = {"image": torch.randn(batch_size, 3, size, size),
              "text": torch.randint(0, arch["text_cfg"]["vocab_size"], (batch_size, context))}
 
@@ -84,12 +86,13 @@ def unfused_attention():
         towers.fuse_self_attention_ = swap
 
 
-def phase_seconds(model_path: Path, batch_size: int, threads: int, precision: str, steps: int = 5) -> dict:
+def phase_seconds(model_path: Path, batch_size: int, threads: int, precision: str, steps: int = 5,
+                  text_length: int | None = None) -> dict:
     """Seconds per step of each phase (compute only: no data loading), after two warm-up steps; and
     the whole step with open_clip's nn.MultiheadAttention instead of FusedSelfAttention, the two
     steps alternating (medians)."""
-    step, kernel = build_step(model_path, batch_size, threads, precision)
-    unfused, _ = build_step(model_path, batch_size, threads, precision, fused_attention=False)
+    step, kernel = build_step(model_path, batch_size, threads, precision, text_length=text_length)
+    unfused, _ = build_step(model_path, batch_size, threads, precision, fused_attention=False, text_length=text_length)
     for _ in range(2):
         step()
         unfused()

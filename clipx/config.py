@@ -111,6 +111,9 @@ class DataConfig:
     # Text pairs (loss.name simcse): a sample's second text, its supervised positive, from its
     # .pos.txt member ("pos.txt") or a .json field; a sample without one is paired with itself.
     positive_key: str = "pos.txt"
+    # Training token batches end after their longest text (rounded up to 16) instead of at the
+    # context length, where the text tower cannot see padding (clipx/data/tokenizer.py).
+    trim_padding: bool = True
     # Stop the run when more than this share of an epoch's inputs is skipped (corrupt, undecodable,
     # captionless...): a mostly broken data set should not quietly train on what is left. None: never.
     max_skip_fraction: Optional[float] = 0.1

@@ -43,14 +43,25 @@ class ImageTextBatch:
         return {KEY: [s["key"] for s in samples], IMAGE: torch.stack([s["image"] for s in samples]),
                 **self.captions(samples)}
 
-    def captions(self, samples: list[dict]) -> dict:
-        """{"text": (B, L)} and, when hard negatives are on, {"negative_text": (B, L), "negative_mask": (B,)}."""
-        batch = {TEXT: self.tokenizer([s["text"] for s in samples])}
+    def captions(self, samples: list[dict], **more_texts: list[str]) -> dict:
+        """{"text": (B, L)} and, when hard negatives are on, {"negative_text": (B, L), "negative_mask": (B,)};
+        ``more_texts``: further {key: B texts} tokenized with them (all of one length L)."""
+        texts = {TEXT: [s["text"] for s in samples], **more_texts}
         if self.hard_negatives:
             negatives = [s.get("negative") for s in samples]
-            batch[NEGATIVE_TEXT] = self.tokenizer([n or "" for n in negatives])
+            texts[NEGATIVE_TEXT] = [n or "" for n in negatives]
+        batch = tokenize_together(self.tokenizer, texts)
+        if self.hard_negatives:
             batch[NEGATIVE_MASK] = torch.tensor([n is not None for n in negatives])
         return batch
+
+
+def tokenize_together(tokenizer, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """{key: texts} -> {key: (len(texts), L) token ids}, in one tokenizer call: a tokenizer that trims
+    padding (data.trim_padding) then gives every text tensor of a batch the same length, which
+    objectives that encode them together (hard negatives, SimCSE's pairs) rely on."""
+    tokens = tokenizer([text for group in texts.values() for text in group])
+    return dict(zip(texts, tokens.split([len(group) for group in texts.values()])))
 
 
 class TextPairBatch(ImageTextBatch):
@@ -60,8 +71,8 @@ class TextPairBatch(ImageTextBatch):
     own caption again, which then differs from the anchor only by the encoder's dropout."""
 
     def __call__(self, samples: list[dict]) -> dict:
-        return {KEY: [s["key"] for s in samples], **self.captions(samples),
-                POSITIVE_TEXT: self.tokenizer([s["positive"] or s["text"] for s in samples])}
+        return {KEY: [s["key"] for s in samples],
+                **self.captions(samples, **{POSITIVE_TEXT: [s["positive"] or s["text"] for s in samples]})}
 
 
 class ViewsBatch:

@@ -8,27 +8,64 @@ import torch
 
 from clipx.config import ModelConfig
 
+# A trimmed batch's length is a multiple of this: few distinct shapes, so torch.compile builds few
+# graphs and kernels tuned per shape stay few; at most 15 padding tokens per text are kept.
+TRIM_MULTIPLE = 16
+
 
 class Tokenizer:
-    """Callable: list of N captions -> (N, context_length) int64 token ids, padded and truncated."""
+    """Callable: list of N captions -> (N, L) int64 token ids, padded and truncated; L is the context length.
 
-    def __init__(self, cfg: ModelConfig):
+    ``trim_padding`` (data.trim_padding, for training batches): where the text tower cannot see
+    trailing padding (``padding_is_inert``), the batch ends after its longest text, rounded up to a
+    multiple of TRIM_MULTIPLE, instead of at the context length. Captions are often far shorter than
+    the context (the benchmark model's digit captions fit 16 of its 32), and the tower's cost grows
+    with L. The tower's features and gradients are those of the untrimmed batch up to rounding.
+    """
+
+    def __init__(self, cfg: ModelConfig, trim_padding: bool = False):
         if cfg.text_tower == "hf":
             from transformers import AutoTokenizer
 
             self._hf = AutoTokenizer.from_pretrained(cfg.hf_text_path, local_files_only=True)
             self.context_length = cfg.hf_context_length
+            self.pad_id = self._hf.pad_token_id if self._hf.pad_token_id is not None else 0
         else:
             self._hf = None
             self.context_length = cfg.arch["text_cfg"].get("context_length", 77)
             self._bpe = _bpe_tokenizer(self.context_length)
+            self.pad_id = 0  # open_clip's SimpleTokenizer pads with zeros
+        self.trim_padding = trim_padding and padding_is_inert(cfg)
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if self._hf is None:
-            return self._bpe(texts)
-        encoded = self._hf(texts, padding="max_length", truncation=True, max_length=self.context_length,
-                           return_tensors="pt")
-        return encoded["input_ids"]
+            tokens = self._bpe(texts)
+        else:
+            tokens = self._hf(texts, padding="max_length", truncation=True, max_length=self.context_length,
+                              return_tensors="pt")["input_ids"]
+        return self.trim(tokens) if self.trim_padding else tokens
+
+    def trim(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, L) -> (N, L'): the columns up to the last one any text uses, rounded up to TRIM_MULTIPLE.
+        A pad id inside a text (open_clip's id 0 is "!") is kept: only trailing columns go."""
+        used = (tokens != self.pad_id).any(0).nonzero()
+        length = int(used.max()) + 1 if len(used) else 1
+        length = min(-(-length // TRIM_MULTIPLE) * TRIM_MULTIPLE, tokens.shape[1])
+        return tokens[:, :length]
+
+
+def padding_is_inert(cfg: ModelConfig) -> bool:
+    """Whether ``cfg``'s text tower gives the same features (and gradients) whatever trailing padding
+    follows a text: a transformers tower masks pad tokens out of attention and pooling
+    (models/towers.py:HFTextTower); an open_clip text transformer does when its attention is causal
+    (no token sees a later one) and it pools the end-of-text token (``argmax``), with no class token
+    appended after the padding. A non-causal open_clip tower attends to its padding, and ``last``
+    pooling reads it: those keep the full context."""
+    if cfg.text_tower == "hf":
+        return True
+    text_cfg = cfg.arch["text_cfg"]
+    return (not text_cfg.get("no_causal_mask", False) and text_cfg.get("pool_type", "argmax") == "argmax"
+            and not text_cfg.get("embed_cls", False))
 
 
 @functools.lru_cache(maxsize=4)

@@ -83,4 +83,4 @@ class ImageTextMethod(Method):
                                randaugment=parse_randaugment(config.data.randaugment))
 
     def collate(self, config):
-        return ImageTextBatch(Tokenizer(config.model), caption_chooser(config.data, config.eval))
+        return ImageTextBatch(Tokenizer(config.model, config.data.trim_padding), caption_chooser(config.data, config.eval))

@@ -86,7 +86,7 @@ class SimCSE(Method):
         return None  # no image is decoded
 
     def collate(self, config):
-        return TextPairBatch(Tokenizer(config.model), caption_chooser(config.data, config.eval, pairs=True))
+        return TextPairBatch(Tokenizer(config.model, config.data.trim_padding), caption_chooser(config.data, config.eval, pairs=True))
 
     def objective(self, model, config) -> Objective:
         return SimCSEObjective(model, ClipLoss(config.loss.gather, symmetric=False), config.ssl.temperature)

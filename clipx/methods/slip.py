@@ -82,7 +82,7 @@ class SLIP(ImageTextMethod):
         return ImageAndViews(super().train_transform(config), views)
 
     def collate(self, config):
-        return ImageTextViewsBatch(Tokenizer(config.model), caption_chooser(config.data, config.eval))
+        return ImageTextViewsBatch(Tokenizer(config.model, config.data.trim_padding), caption_chooser(config.data, config.eval))
 
     def objective(self, model, config):
         return SlipObjective(model, ClipLoss(config.loss.gather),

@@ -41,7 +41,24 @@ def build_open_clip_text(arch: dict) -> nn.Module:
             "model.hf_text_path to a local copy of it"
         )
     tower = _build_text_tower(arch["embed_dim"], arch["text_cfg"], quick_gelu=arch.get("quick_gelu", False))
+    # Token batches may end before the context length (data.trim_padding). open_clip slices its
+    # positional embedding to the batch's length, but hands its blocks the causal mask at full
+    # context size unless it also builds a padding mask.
+    tower.transformer.register_forward_pre_hook(_mask_to_length, with_kwargs=True)
     return fuse_self_attention_(tower)
+
+
+def _mask_to_length(transformer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of an open_clip ``Transformer`` (x: (B, L, W), attn_mask: (C, C) or None):
+    the mask's top-left (L, L) block, which is the causal mask of L tokens."""
+    length = args[0].shape[1]
+    if "attn_mask" in kwargs:
+        mask = kwargs["attn_mask"]
+        if mask is not None and mask.dim() == 2 and mask.shape[-1] != length:
+            kwargs = {**kwargs, "attn_mask": mask[:length, :length]}
+    elif len(args) > 1 and args[1] is not None and args[1].dim() == 2 and args[1].shape[-1] != length:
+        args = (args[0], args[1][:length, :length], *args[2:])
+    return args, kwargs
 
 
 class HFTextTower(nn.Module):

@@ -173,8 +173,11 @@ def build_trainer(config: Config) -> Trainer:
         if tcfg.compile == "auto":  # chosen for speed, not asked for: a graph dynamo cannot take runs eagerly
             torch._dynamo.config.suppress_errors = True
         # Compile the DDP-wrapped model: torch.compile then splits graphs at DDP's gradient buckets so
-        # communication still overlaps backward. The first step includes compilation.
-        model = torch.compile(model)
+        # communication still overlaps backward. The first step includes compilation. dynamic=False:
+        # one static graph per input shape (trimmed token batches come in a few lengths). Dynamo's
+        # default turns a shape dynamic when a second one appears, so which graph served a length
+        # would depend on the order lengths came in, and a resumed run would not repeat it bitwise.
+        model = torch.compile(model, dynamic=False)
     if tcfg.compile == "auto" and accelerator.is_main_process:
         print(f"torch.compile: {'on' if compiled else 'off'} ({why})")
     objective = method.objective(model, config)

@@ -83,10 +83,12 @@ MIX_RECIPES = {"imix", "icutmix"}
 # Text pairs (SimCSE's supervised positives): the digits' .json class name as each caption's pair.
 PAIR_RECIPES = {"text_pairs"}
 
+# A context of 32 tokens, twice the digits' longest caption: training batches are trimmed to 16
+# (data.trim_padding), so every run also checks trimmed batches against resume and the gathers.
 TINY_VIT = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
 }
 # open_clip's ModifiedResNet (CLIP's RN50 design: BatchNorm, attention pooling), at 32 px.
 TINY_RESNET = {**TINY_VIT, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16}}

@@ -174,3 +174,51 @@ def test_distill_settings_it_cannot_train_are_refused_in_one_line(digits_dir, ti
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, last
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_feature_cached_accumulation_runs_an_online_teacher_once_per_micro_batch(digits_dir, tiny_model_json, tmp_path,
+                                                                                 monkeypatch):
+    """train.accum_mode=features replays the student with autograd; the frozen teacher's embeddings
+    of the first pass serve the replay. The gradients are those of one batch of the union."""
+    import contextlib
+
+    from clipx.data.pipeline import decode_or_reason
+    from clipx.data.skips import SkipCounter
+    from clipx.data.tar_reader import shard_samples
+    from clipx.methods import build_model, build_objective, method_of
+    from clipx.train.step import micro_batch_gradients
+
+    config = load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "run", **{
+        "data.val": "null", "distill.teacher": str(digits_dir / "teacher")}))
+    method = method_of(config)
+    transform, collate = method.train_transform(config), method.collate(config)
+    with open(digits_dir / "train" / "shard-000001.tar", "rb") as stream:
+        raw = [s for _, s in shard_samples(stream, SkipCounter())][:16]
+    torch.manual_seed(0)
+    samples = [{"image": decode_or_reason(s, transform)[0], "text": s["txt"].decode(), "key": s["__key__"]}
+               for s in raw]
+    micro_batches, union = [collate(samples[:8]), collate(samples[8:])], collate(samples)
+
+    class OneProcess:  # what micro_batch_gradients asks of an Accelerator
+        scaler = None
+
+        def backward(self, loss):
+            loss.backward()
+
+        def no_sync(self, model):
+            return contextlib.nullcontext()
+
+    torch.manual_seed(0)
+    model = build_model(config).eval()  # no dropout: the two ways see the same function
+    objective = build_objective(model, config)
+    teacher, calls = objective.teacher, []
+    embed = teacher.embed
+    monkeypatch.setattr(teacher, "embed", lambda *args: calls.append(1) or embed(*args))  # a cached, shared teacher
+    micro_batch_gradients(OneProcess(), model, objective, micro_batches, "features")
+    assert len(calls) == len(micro_batches)
+    cached = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    objective(union)["loss"].backward()
+    assert cached.keys() == {name for name, p in model.named_parameters() if p.grad is not None} and cached
+    for name, grad in cached.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -114,6 +114,12 @@ class DistilledObjective(Objective):
             teacher_image, teacher_text = self.teacher.embed(batch[TEACHER_IMAGE], batch[TEACHER_TEXT])
         return {**out, "teacher_image": teacher_image, "teacher_text": teacher_text}
 
+    def replay_features(self, batch: dict, cached: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The teacher is frozen and its embeddings are targets without gradient: the first pass's
+        # serve the replay, so an online teacher embeds each micro-batch once.
+        return {**self.student.replay_features(batch, cached),
+                "teacher_image": cached["teacher_image"], "teacher_text": cached["teacher_text"]}
+
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         out = self.student.loss_from_features(features)
         distill = self.loss(features["image"], features["text"], features["logit_scale"],

@@ -28,6 +28,13 @@ class Objective:
         """features (of one or several micro-batches, concatenated) -> {"loss": scalar, "metrics": {...}}."""
         raise NotImplementedError
 
+    def replay_features(self, batch: dict, cached: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``features(batch)`` again, now with autograd, for feature-cached accumulation
+        (clipx/train/step.py); ``cached``: what the first, gradient-free pass returned. An objective
+        may hand back cached entries that take no gradient (a frozen teacher's embeddings) rather
+        than compute them twice."""
+        return self.features(batch)
+
     def __call__(self, batch: dict) -> dict:
         return self.loss_from_features(self.features(batch))
 

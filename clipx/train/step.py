@@ -61,7 +61,7 @@ def _feature_cache(accelerator, model, objective, micro_batches: list[dict]) -> 
     for index, (batch, features) in enumerate(zip(micro_batches, leaves)):
         _restore_rng_state(rng_states[index])  # the replay must see the same randomness as the first pass
         with _sync_last(accelerator, model, index, count):
-            replayed = objective.features(batch)
+            replayed = objective.replay_features(batch, features)
             tensors, grads = [], []
             for name, value in replayed.items():
                 if value.ndim == 0:

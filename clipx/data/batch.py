@@ -59,9 +59,14 @@ class ImageTextBatch:
 def tokenize_together(tokenizer, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     """{key: texts} -> {key: (len(texts), L) token ids}, in one tokenizer call: a tokenizer that trims
     padding (data.trim_padding) then gives every text tensor of a batch the same length, which
-    objectives that encode them together (hard negatives, SimCSE's pairs) rely on."""
+    objectives that encode them together (hard negatives, SimCSE's pairs) rely on. The tokenizer's
+    output is sliced by rows, so any batch-first result works (tests pass texts through as they are)."""
     tokens = tokenizer([text for group in texts.values() for text in group])
-    return dict(zip(texts, tokens.split([len(group) for group in texts.values()])))
+    batch, start = {}, 0
+    for key, group in texts.items():
+        batch[key] = tokens[start:start + len(group)]
+        start += len(group)
+    return batch
 
 
 class TextPairBatch(ImageTextBatch):

@@ -47,7 +47,8 @@ class Tokenizer:
 
     def trim(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, L) -> (N, L'): the columns up to the last one any text uses, rounded up to TRIM_MULTIPLE.
-        A pad id inside a text (open_clip's id 0 is "!") is kept: only trailing columns go."""
+        A pad id inside a text (open_clip's id 0 is a byte of its vocabulary) is kept: only trailing
+        columns go."""
         used = (tokens != self.pad_id).any(0).nonzero()
         length = int(used.max()) + 1 if len(used) else 1
         length = min(-(-length // TRIM_MULTIPLE) * TRIM_MULTIPLE, tokens.shape[1])

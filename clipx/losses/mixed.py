@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clipx import dist
-from clipx.precision import upcast
+from clipx.losses.ntxent import view_logits
 
 
 def mix_targets(lam: torch.Tensor, shift: torch.Tensor, columns: int, offset: int) -> torch.Tensor:
@@ -60,15 +60,8 @@ def mixed_ntxent(z1: torch.Tensor, z2: torch.Tensor, lam: torch.Tensor, shift: t
     one forward pass and 2N - 1 candidates per anchor, and gives the clean anchors the transposed
     targets instead, so lam = 1 is NT-Xent itself."""
     b = z1.shape[0]
-    local = F.normalize(upcast(torch.cat([z1, z2])), dim=-1)  # (2B, D)
-    if gather == "none" or not dist.is_distributed():
-        rank, everyone = 0, local
-    else:
-        rank, everyone = dist.rank(), dist.gather_with_grad(local)  # (2N, D), rank blocks of [view 1; view 2]
-    logits = local @ everyone.T / temperature  # (2B, 2N)
-    offset, rows = rank * 2 * b, torch.arange(2 * b, device=local.device)
-    logits = logits.index_put((rows, rows + offset), logits.new_tensor(float("-inf")))
-    columns = everyone.shape[0]
+    logits, _, offset = view_logits(z1, z2, temperature, gather)  # (2B, 2N), this rank's views from offset
+    columns = logits.shape[1]
     targets = torch.cat([mix_targets(lam, shift, columns, offset + b), source_targets(lam, shift, columns, offset)])
     return soft_cross_entropy(logits, targets)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from clipx import dist
-from clipx.precision import upcast
+from clipx.losses.ntxent import view_logits
 
 UNLABELLED = -1  # the label of a sample without one: its only positive is its other view
 
@@ -47,19 +47,12 @@ class SupConLoss(nn.Module):
         batch = z1.shape[0]
         if labels is None:
             labels = torch.full((batch,), UNLABELLED, dtype=torch.long, device=z1.device)
-        local = nn.functional.normalize(upcast(torch.cat([z1, z2])), dim=-1)  # (2B, D): view 1 of all, then view 2
         local_labels = torch.cat([labels, labels]).long()  # (2B,)
         distributed = self.gather != "none" and dist.is_distributed()
-        everyone = dist.gather_with_grad(local) if distributed else local  # (2N, D), rank blocks of [view 1; view 2]
         all_labels = dist.gather_no_grad(local_labels) if distributed else local_labels  # (2N,)
-        views = torch.arange(len(everyone), device=local.device)
+        logits, rows, _ = view_logits(z1, z2, self.temperature, self.gather, every_anchor=self.gather == "global")
+        views = torch.arange(logits.shape[1], device=logits.device)
         images = views // (2 * batch) * batch + views % batch  # (2N,) which image of the union batch a view shows
-        if distributed and self.gather == "global":
-            anchors, rows = everyone, views
-        else:
-            first = dist.rank() * 2 * batch if distributed else 0
-            anchors, rows = local, first + torch.arange(2 * batch, device=local.device)
-        logits = anchors @ everyone.T / self.temperature  # (A, 2N)
         return supcon_from_logits(logits, rows, images, all_labels)
 
 

@@ -35,6 +35,48 @@ def member_key(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
+class FastTarInfo(tarfile.TarInfo):
+    """tarfile's header parsing, faster on the header a shard is mostly made of: a regular file's.
+
+    TarInfo.frombuf decodes every field through helpers and sums the header twice for its checksum,
+    about 30 us per header, three headers per image-text sample: a tenth of a loader worker's time
+    per sample. Here a regular file's header is read with plain slicing and one ``sum``. Anything
+    else (pax and GNU long-name headers, directories, base-256 numbers, a checksum that does not
+    match, the zero blocks at the end) goes to TarInfo.frombuf, so errors and edge cases are
+    tarfile's own. tests/test_tar_reader.py checks that both parse shards to the same members.
+    """
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) != tarfile.BLOCKSIZE or buf[156:157] not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            return super().frombuf(buf, encoding, errors)
+        try:
+            mode, uid, gid, size, mtime, chksum, devmajor, devminor = (
+                int(buf[start:end].split(b"\0", 1)[0].strip() or b"0", 8) for start, end in _NUMBER_FIELDS)
+        except ValueError:  # base-256 numbers, or garbage: tarfile decides
+            return super().frombuf(buf, encoding, errors)
+        if chksum != sum(buf) - sum(buf[148:156]) + 256:  # the checksum field counts as 8 spaces
+            return super().frombuf(buf, encoding, errors)
+
+        def text(start: int, end: int) -> str:
+            return buf[start:end].split(b"\0", 1)[0].decode(encoding, errors)
+
+        obj = cls()
+        obj.name, obj.linkname, obj.uname, obj.gname = text(0, 100), text(157, 257), text(265, 297), text(297, 329)
+        if obj.name.endswith("/"):  # V7's directories: tarfile's own parsing handles them
+            return super().frombuf(buf, encoding, errors)
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime, obj.chksum = mode, uid, gid, size, mtime, chksum
+        obj.devmajor, obj.devminor, obj.type = devmajor, devminor, buf[156:157]
+        prefix = text(345, 500)
+        if prefix:  # a ustar name longer than 100 bytes
+            obj.name = prefix + "/" + obj.name
+        return obj
+
+
+# (start, end) of the octal fields: mode, uid, gid, size, mtime, checksum, devmajor, devminor.
+_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
+
+
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     for info in tar:
         tar.members = []  # streaming: do not keep every header of a shard in memory
@@ -69,7 +111,7 @@ def shard_samples(stream: IO[bytes], counter: SkipCounter, first: int = 0,
     in_body = False  # a failure while reading a member's body spoils the sample being read
     try:
         mode = "r:*" if seekable else "r|*"
-        tar = tarfile.open(fileobj=stream, mode=mode)  # type: ignore[call-overload]
+        tar = tarfile.open(fileobj=stream, mode=mode, tarinfo=FastTarInfo)  # type: ignore[call-overload]
         for info in _members(tar):
             named = member_key(info.name)
             if named is None:

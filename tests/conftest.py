@@ -85,6 +85,32 @@ def tiny_overrides(digits_dir: Path, model_json: Path, out: Path, **extra) -> li
 DEMO = REPO / "configs" / "demo-digits.yaml"
 
 
+def clipx_in_process(*args, check: bool = False) -> subprocess.CompletedProcess:
+    """``clipx ARGS`` through ``clipx.cli.main`` in this process: its exit status and what it printed,
+    as a subprocess would report them, without a fresh interpreter's imports (about 8 s each on the
+    2-core machine, most of a refused command's time). What a command must show as a process (the
+    console script, signals, exit codes set by ``sys.exit``, torchrun) stays in real subprocesses:
+    ``tests/test_end_to_end.py`` runs prep, train and both evaluators and a refusal that way.
+
+    An exception that escapes ``main`` propagates, failing the test, where a subprocess would print
+    a traceback (which the one-line-error checks refuse)."""
+    import contextlib
+    import io
+
+    from clipx.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    result = subprocess.CompletedProcess(["clipx", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check:
+        assert code == 0, err.getvalue()[-3000:]
+    return result
+
+
 def run_training(config_overrides: list[str], *extra: str, check: bool = True,
                  timeout: float = 600) -> subprocess.CompletedProcess:
     """`clipx train --config configs/demo-digits.yaml OVERRIDES EXTRA` in a fresh process."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from clipx.config import load_config
 from clipx.errors import ClipxError
 from clipx.losses.distill import DistillLoss
-from tests.conftest import DEMO, REPO, tiny_overrides
+from tests.conftest import DEMO, clipx_in_process, tiny_overrides
 
 
 def _reference(images, texts, scale, teacher_images, teacher_texts, teacher_scale) -> float:
@@ -135,8 +134,7 @@ def test_a_clipx_teacher_exported_to_open_clip_and_transformers_embeds_alike(dig
 
 
 def _train(overrides: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "clipx.cli", "train", "--config", str(DEMO), *overrides]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    return clipx_in_process("train", "--config", DEMO, *overrides)
 
 
 def _records(run: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from clipx.config import load_config
 from clipx.train.loop import train
 from clipx.train.metrics_log import read_metrics
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, clipx_in_process, tiny_overrides
 
 DEMO = REPO / "configs" / "demo-digits.yaml"
 
@@ -103,21 +103,22 @@ def one_line_error(result, *needles):
 
 
 def test_bad_inputs_get_one_line_errors(tmp_path, digits_dir):
+    # The first as a real process (exit status and stderr of `python -m clipx.cli`), the rest in this one.
     one_line_error(clipx("train", "--config", DEMO, f"data.train={tmp_path}/none-{{000..003}}.tar", check=False),
                    "matched no files")
-    one_line_error(clipx("train", "--config", DEMO, "train.bacth_size=3", check=False),
+    one_line_error(clipx_in_process("train", "--config", DEMO, "train.bacth_size=3"),
                    "train.bacth_size", "did you mean 'train.batch_size'")
-    one_line_error(clipx("train", "--config", DEMO, "train.steps=many", check=False), "train.steps", "expects int")
-    one_line_error(clipx("train", "--config", DEMO, "loss.name=siglip", "model.init_logit_bias=-10",
-                         "loss.gather=global", check=False), "not available for loss.name=siglip")
-    one_line_error(clipx("eval", "zero-shot", "--checkpoint", tmp_path, "--data", digits_dir / "test",
-                         "--out", tmp_path / "x.json", check=False), "is not a clipx checkpoint")
+    one_line_error(clipx_in_process("train", "--config", DEMO, "train.steps=many"), "train.steps", "expects int")
+    one_line_error(clipx_in_process("train", "--config", DEMO, "loss.name=siglip", "model.init_logit_bias=-10",
+                                    "loss.gather=global"), "not available for loss.name=siglip")
+    one_line_error(clipx_in_process("eval", "zero-shot", "--checkpoint", tmp_path, "--data", digits_dir / "test",
+                                    "--out", tmp_path / "x.json"), "is not a clipx checkpoint")
     captions = tmp_path / "captions.csv"
     captions.write_text("file,text\na.jpg,a cat\n")
-    one_line_error(clipx("prep", "folder", "--captions", captions, "--out", tmp_path / "out", check=False),
+    one_line_error(clipx_in_process("prep", "folder", "--captions", captions, "--out", tmp_path / "out"),
                    "'image'")
-    one_line_error(clipx("prep", "folder", "--captions", captions, "--image-column", "file",
-                         "--out", tmp_path / "out", check=False), "'caption'")
+    one_line_error(clipx_in_process("prep", "folder", "--captions", captions, "--image-column", "file",
+                                    "--out", tmp_path / "out"), "'caption'")
 
 
 def test_unusable_data_and_damaged_checkpoints_get_one_line_errors(tmp_path, digits_dir, tiny_model_json):
@@ -127,24 +128,25 @@ def test_unusable_data_and_damaged_checkpoints_get_one_line_errors(tmp_path, dig
         (garbage / "train" / f"shard-{i:06d}.tar").write_bytes(b"not a tar file at all" * 100)
     (garbage / "train" / "sizes.json").write_text('{"shard-000000.tar": 10, "shard-000001.tar": 10}')
     # Every shard is corrupt: training must stop with a message, not wait forever for a batch.
-    one_line_error(clipx("train", "--config", DEMO, *tiny_overrides(garbage, tiny_model_json, tmp_path / "run"),
-                         "data.val=null", check=False), "no readable sample")
+    one_line_error(clipx_in_process("train", "--config", DEMO, *tiny_overrides(garbage, tiny_model_json, tmp_path / "run"),
+                                    "data.val=null"), "no readable sample")
 
     bad_templates = tmp_path / "t.yaml"
     bad_templates.write_text("classnames: [a]\ntemplates: [no placeholder]\n")
-    one_line_error(clipx("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, tmp_path / "r2"),
-                         f"eval.templates={bad_templates}", check=False), "exactly one")
+    one_line_error(clipx_in_process("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, tmp_path / "r2"),
+                                    f"eval.templates={bad_templates}"), "exactly one")
     assert not (tmp_path / "r2" / "checkpoints").exists()  # refused before any training
 
     run = tmp_path / "r3"
-    clipx("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, run, **{"train.steps": 1}))
+    clipx_in_process("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, run, **{"train.steps": 1}),
+                     check=True)
     checkpoint = run / "checkpoints" / "step-000000001"
     (checkpoint / "trainer_state.json").unlink()
-    one_line_error(clipx("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, run),
-                         "--resume", checkpoint, check=False), "trainer_state.json")
+    one_line_error(clipx_in_process("train", "--config", DEMO, *tiny_overrides(digits_dir, tiny_model_json, run),
+                                    "--resume", checkpoint), "trainer_state.json")
     (checkpoint / "model.safetensors").write_bytes(b"\x00" * 64)
-    one_line_error(clipx("eval", "zero-shot", "--checkpoint", checkpoint, "--data", digits_dir / "test",
-                         "--out", tmp_path / "z.json", check=False), "cannot be read")
+    one_line_error(clipx_in_process("eval", "zero-shot", "--checkpoint", checkpoint, "--data", digits_dir / "test",
+                                    "--out", tmp_path / "z.json"), "cannot be read")
 
 
 @pytest.mark.parametrize("options", [{"train.grad_checkpointing": True},
@@ -183,8 +185,8 @@ def test_training_with_the_packaged_minilm_as_text_tower(tmp_path, digits_dir, t
 def test_demo_writes_the_documented_results_keys(mode, tmp_path, tiny_model_json):
     """`clipx demo` end to end, shortened to 2 steps of the tiny model (the full run is in BENCHMARKS.md)."""
     out = tmp_path / "demo"
-    clipx("demo", "--mode", mode, "--out", out, f"model.name={tiny_model_json}", "train.steps=2",
-          "train.warmup_steps=1", "train.batch_size=32", "train.threads=2")
+    clipx_in_process("demo", "--mode", mode, "--out", out, f"model.name={tiny_model_json}", "train.steps=2",
+                     "train.warmup_steps=1", "train.batch_size=32", "train.threads=2", check=True)
     results = json.loads((out / "results.json").read_text())
     assert {"samples_per_second", "wall_seconds"} <= set(results["train"]) and results["train"]["steps"] == 2
     if mode == "clip":

@@ -1,8 +1,6 @@
 """open_clip export round trip, the clipx.load API, and `clipx encode` to .npy and .parquet."""
 
 import json
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -14,7 +12,7 @@ import clipx
 from clipx.config import load_config
 from clipx.data.transforms import decode_image
 from clipx.errors import ClipxError
-from tests.conftest import DEMO, REPO, tiny_overrides
+from tests.conftest import DEMO, clipx_in_process, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +38,7 @@ def test_open_clip_export_loads_in_open_clip_and_gives_the_same_embeddings(run_d
     import open_clip
 
     export = tmp_path / "export"
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(run_dir), "--format",
-                             "open_clip", "--out", str(export)], cwd=REPO, capture_output=True, text=True)
+    result = clipx_in_process("export", "--checkpoint", run_dir, "--format", "open_clip", "--out", export)
     assert result.returncode == 0, result.stderr
     theirs, _, their_preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}")
     their_tokenizer = open_clip.get_tokenizer(f"local-dir:{export}")
@@ -64,8 +61,7 @@ def test_hf_export_loads_as_clip_model_and_gives_the_same_embeddings(run_dir, di
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
     export = tmp_path / "hf"
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(run_dir), "--format",
-                             "hf", "--out", str(export)], cwd=REPO, capture_output=True, text=True)
+    result = clipx_in_process("export", "--checkpoint", run_dir, "--format", "hf", "--out", export)
     assert result.returncode == 0, result.stderr
     assert (export / "model.safetensors").is_file() and not list(export.glob("*.bin"))
     theirs = CLIPModel.from_pretrained(export).eval()
@@ -114,9 +110,8 @@ def test_encode_writes_npy_and_parquet_rows_equal_to_the_api(run_dir, digits_dir
     for i, image in enumerate(digits_images(digits_dir, 3)):
         image.save(tmp_path / f"img{i}.png")
     (tmp_path / "img9.png").write_bytes(b"<html>not an image</html>")
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "encode", "--checkpoint", str(run_dir), "--images",
-                             str(tmp_path / "img*.png"), "--out", str(tmp_path / "e.parquet"), "--workers", "0"],
-                            cwd=REPO, capture_output=True, text=True)
+    result = clipx_in_process("encode", "--checkpoint", run_dir, "--images", tmp_path / "img*.png",
+                              "--out", tmp_path / "e.parquet", "--workers", "0")
     assert result.returncode == 0, result.stderr
     import pyarrow.parquet as pq
 

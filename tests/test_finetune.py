@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from clipx.config import load_config
 from clipx.errors import ClipxError
-from tests.conftest import run_training, tiny_overrides
+from tests.conftest import clipx_in_process, run_training, tiny_overrides
 
 LOW = [0, 1, 2, 3, 4]
 
@@ -161,26 +161,20 @@ def test_classify_settings_it_cannot_train_are_refused_in_one_line(extra, messag
 
 
 def test_eval_cli_chooses_among_the_classes_given(digits_dir, tiny_model_json, tmp_path):
-    import subprocess
-    import sys
 
     clip = write_clip_checkpoint(tmp_path / "clip", tiny_model_json)
     out = tmp_path / "high.json"
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "eval", "zero-shot", "--checkpoint", str(clip),
-                             "--data", str(digits_dir / "test"), "--out", str(out), "--classes", "5-9",
-                             "--workers", "0"], capture_output=True, text=True)
+    result = clipx_in_process("eval", "zero-shot", "--checkpoint", clip, "--data", digits_dir / "test", "--out", out,
+                              "--classes", "5-9", "--workers", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     high = json.loads(out.read_text())
     assert high["num_images"] > 0 and 0.0 <= high["zero_shot"]["top1"] <= 1.0
-    bad = subprocess.run([sys.executable, "-m", "clipx.cli", "eval", "zero-shot", "--checkpoint", str(clip),
-                          "--data", str(digits_dir / "test"), "--out", str(out), "--classes", "5-x"],
-                         capture_output=True, text=True)
+    bad = clipx_in_process("eval", "zero-shot", "--checkpoint", clip, "--data", digits_dir / "test", "--out", out,
+                           "--classes", "5-x")
     assert bad.returncode != 0 and "give class indices as" in bad.stderr and json.loads(out.read_text()) == high
 
 
 def test_a_labelled_folder_becomes_labelled_captioned_shards_and_a_templates_file(tmp_path):
-    import subprocess
-    import sys
 
     import numpy as np
     from PIL import Image
@@ -194,9 +188,8 @@ def test_a_labelled_folder_becomes_labelled_captioned_shards_and_a_templates_fil
             Image.fromarray(np.full((20, 24, 3), colour, dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
     (tmp_path / "images" / "blue jay" / "notes.txt").write_text("not an image")
     out = tmp_path / "shards"
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "prep", "labelled", "--images", str(tmp_path / "images"),
-                             "--out", str(out), "--image-size", "16", "--workers", "0",
-                             "--templates", "a photo of a {}.", "a {} bird."], capture_output=True, text=True)
+    result = clipx_in_process("prep", "labelled", "--images", tmp_path / "images", "--out", out, "--image-size", "16",
+                              "--workers", "0", "--templates", "a photo of a {}.", "a {} bird.")
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_templates(out / "classes.yaml") == (["blue jay", "red fox"], ["a photo of a {}.", "a {} bird."])
     loader = build_eval_loader(str(out), lambda image: torch.tensor(image.getpixel((8, 8))), "label", 64, 0)
@@ -206,8 +199,7 @@ def test_a_labelled_folder_becomes_labelled_captioned_shards_and_a_templates_fil
         assert captions == [f"a photo of a {name}."]
         assert (pixel[2] > pixel[0]) == (name == "blue jay")  # the image is its class's colour
     assert len(batch["label"]) == 6
-    bad = subprocess.run([sys.executable, "-m", "clipx.cli", "prep", "labelled", "--images", str(tmp_path / "none"),
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    bad = clipx_in_process("prep", "labelled", "--images", tmp_path / "none", "--out", tmp_path / "x")
     assert bad.returncode != 0 and "labelled folder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 

@@ -3,8 +3,6 @@ move, merged exports equal the unmerged model through open_clip's and transforme
 the PEFT-layout adapter folder, and one-line refusals."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from clipx.errors import ClipxError
 from clipx.models import create_model
 from clipx.models.lock import lock_towers
 from clipx.models.lora import is_adapter_key, merged_state_dict
-from tests.conftest import DEMO, REPO, TINY_ARCH, tiny_overrides
+from tests.conftest import DEMO, TINY_ARCH, clipx_in_process, tiny_overrides
 
 TEXTS = ["a handwritten seven.", "the digit zero, written by hand.", "a scan of the number four."]
 
@@ -139,8 +137,7 @@ def test_only_adapters_and_the_logit_scale_change_in_training(lora_run, digits_d
 
 
 def _export(run, fmt, out):
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(run), "--format", fmt,
-                             "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    result = clipx_in_process("export", "--checkpoint", run, "--format", fmt, "--out", out)
     assert result.returncode == 0, result.stderr
     return out
 

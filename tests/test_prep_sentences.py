@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from clipx.errors import ClipxError
 from clipx.templates import load_templates
 from data_prep.sentences import prep_sentences, split_sentences
 from eval.text_similarity import read_pairs_tsv, read_sts_tsv, sts_metrics, text_retrieval_metrics
-from tests.conftest import REPO
+from tests.conftest import clipx_in_process
 
 CLASSNAMES, TEMPLATES = load_templates("digits")  # 10 names, 8 templates: 2 and 2 held out by default
 
@@ -167,8 +166,7 @@ def test_templates_with_a_tab_are_refused(tmp_path):
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipx.cli", "prep", "sentences", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    return clipx_in_process("prep", "sentences", *args)
 
 
 def test_cli_writes_and_summarises(tmp_path):

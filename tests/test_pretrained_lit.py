@@ -1,8 +1,6 @@
 """Starting from pretrained weights (clipx, open_clip and Hugging Face formats) and locked towers (LiT),
 including the packaged all-MiniLM-L6-v2 as a locked or partly unlocked text tower."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ from safetensors.torch import load_file
 from clipx.config import load_config
 from clipx.errors import ClipxError
 from clipx.train.checkpoint import list_checkpoints
-from tests.conftest import DEMO, REPO, tiny_overrides
+from tests.conftest import DEMO, clipx_in_process, tiny_overrides
 
 
 def train_run(out, digits_dir, tiny_model_json, **extra):
@@ -29,8 +27,7 @@ def source(tmp_path_factory, digits_dir, tiny_model_json):
     out = tmp_path_factory.mktemp("source")
     weights = train_run(out / "run", digits_dir, tiny_model_json)
     for fmt in ("open_clip", "hf"):
-        subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(out / "run"), "--format", fmt,
-                        "--out", str(out / fmt)], cwd=REPO, check=True, capture_output=True)
+        clipx_in_process("export", "--checkpoint", out / "run", "--format", fmt, "--out", out / fmt, check=True)
     return out, weights
 
 

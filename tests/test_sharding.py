@@ -145,15 +145,12 @@ def test_consumers_read_a_sharded_checkpoint_and_consolidate_writes_open_clips_l
                                                                                       tmp_path):
     """Evaluators, export and clipx.load join the shards on the fly; `clipx consolidate` writes the
     model.safetensors a DDP run writes (logit_scale 0-dim), equal to it here (one process, fp32)."""
-    import subprocess
-    import sys
-
     import open_clip
     from safetensors.torch import load_file
 
     import clipx
     from clipx.run_layout import list_checkpoints
-    from tests.conftest import REPO
+    from tests.conftest import clipx_in_process
 
     sharded, plain = (list_checkpoints(sharded_and_plain_runs[s])[-1] for s in ("fsdp", "ddp"))
     assert not (sharded / "model.safetensors").exists() and (sharded / "model-shard0.safetensors").is_file()
@@ -161,13 +158,11 @@ def test_consumers_read_a_sharded_checkpoint_and_consolidate_writes_open_clips_l
     expected = load_file(str(plain / "model.safetensors"))
     assert model.logit_scale.shape == () and all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     export = tmp_path / "export"
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(sharded), "--format",
-                             "open_clip", "--out", str(export)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = clipx_in_process("export", "--checkpoint", sharded, "--format", "open_clip", "--out", export)
     assert result.returncode == 0, result.stderr[-2000:]
     theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
     assert torch.equal(theirs.logit_scale.detach(), expected["logit_scale"])
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "consolidate", str(sharded_and_plain_runs["fsdp"])],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = clipx_in_process("consolidate", sharded_and_plain_runs["fsdp"])
     assert result.returncode == 0, result.stderr[-2000:]
     written = load_file(str(sharded / "model.safetensors"))
     assert written.keys() == expected.keys()

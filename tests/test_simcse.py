@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from clipx.config import load_config
 from clipx.errors import ClipxError
 from clipx.losses import ClipLoss
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, clipx_in_process, tiny_overrides
 
 SIMCSE = REPO / "configs" / "simcse-sentences.yaml"
 
@@ -123,8 +122,7 @@ def trained(sentences, tiny_model_json, tmp_path_factory) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipx.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+    return clipx_in_process(*args)
 
 
 def test_training_on_caption_only_shards_beats_the_untrained_tower_on_held_out_similarity(

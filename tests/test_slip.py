@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from clipx.errors import ClipxError
 from clipx.losses import ClipLoss, NTXentLoss
 from clipx.methods import build_model, method_of
 from clipx.methods.slip import SlipObjective
-from tests.conftest import REPO, run_training, tiny_overrides
+from tests.conftest import REPO, clipx_in_process, run_training, tiny_overrides
 
 SLIP = REPO / "configs" / "slip-digits.yaml"
 
@@ -106,14 +104,12 @@ def test_slip_trains_and_its_checkpoint_serves_zero_shot_and_knn(digits_dir, tin
     # The same checkpoint serves the image-only probes (its image embeddings) and exports to open_clip
     # without the head, where it embeds images as clipx does.
     probe = tmp_path / "knn.json"
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "eval", "knn", "--checkpoint", str(out),
-                             "--train-data", str(digits_dir / "train"), "--data", str(digits_dir / "test"),
-                             "--out", str(probe), "--workers", "0"], cwd=REPO, capture_output=True, text=True)
+    result = clipx_in_process("eval", "knn", "--checkpoint", out, "--train-data", digits_dir / "train",
+                              "--data", digits_dir / "test", "--out", probe, "--workers", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     assert 0.1 < json.loads(probe.read_text())["knn"]["top1"] <= 1.0
     export = tmp_path / "export"
-    result = subprocess.run([sys.executable, "-m", "clipx.cli", "export", "--checkpoint", str(out), "--format",
-                             "open_clip", "--out", str(export)], cwd=REPO, capture_output=True, text=True)
+    result = clipx_in_process("export", "--checkpoint", out, "--format", "open_clip", "--out", export)
     assert result.returncode == 0, result.stderr[-2000:]
     import open_clip
 

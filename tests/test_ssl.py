@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch.nn.functional as F
 
 from clipx.config import load_config
 from clipx.losses import NTXentLoss
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, clipx_in_process, tiny_overrides
 
 SIMCLR = REPO / "configs" / "simclr-digits.yaml"
 
@@ -100,9 +98,8 @@ def test_simclr_trains_and_both_probes_run_through_the_cli(tmp_path, digits_dir,
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     for task, key in (("knn", "knn"), ("linear-probe", "linear_probe")):
         out = tmp_path / f"{task}.json"
-        result = subprocess.run([sys.executable, "-m", "clipx.cli", "eval", task, "--checkpoint", str(run),
-                                 "--train-data", str(digits_dir / "train"), "--data", str(digits_dir / "test"),
-                                 "--out", str(out)], capture_output=True, text=True, timeout=300)
+        result = clipx_in_process("eval", task, "--checkpoint", run, "--train-data", digits_dir / "train",
+                                  "--data", digits_dir / "test", "--out", out)
         assert result.returncode == 0, result.stderr[-2000:]
         metrics = json.loads(out.read_text())[key]
         assert 0.3 < metrics["top1"] <= metrics["top5"], metrics  # 10 classes: chance is 0.1

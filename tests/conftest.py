@@ -111,6 +111,12 @@ def clipx_in_process(*args, check: bool = False) -> subprocess.CompletedProcess:
     return result
 
 
+def train_in_process(config_overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
+    """`clipx train --config configs/demo-digits.yaml OVERRIDES EXTRA` through ``clipx_in_process``;
+    it must succeed. ``run_training`` is the same in a fresh process, for runs that must be one."""
+    return clipx_in_process("train", "--config", DEMO, *config_overrides, *extra, check=True)
+
+
 def run_training(config_overrides: list[str], *extra: str, check: bool = True,
                  timeout: float = 600) -> subprocess.CompletedProcess:
     """`clipx train --config configs/demo-digits.yaml OVERRIDES EXTRA` in a fresh process."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from clipx.config import load_config
 from clipx.errors import ClipxError
-from tests.conftest import clipx_in_process, run_training, tiny_overrides
+from tests.conftest import clipx_in_process, tiny_overrides, train_in_process
 
 LOW = [0, 1, 2, 3, 4]
 
@@ -72,7 +72,7 @@ def test_the_head_starts_as_the_zero_shot_classifier_of_the_task(digits_dir, tin
 def test_a_fine_tuning_run_trains_the_image_tower_and_head_and_leaves_the_rest(digits_dir, tiny_model_json, tmp_path):
     clip = write_clip_checkpoint(tmp_path / "clip", tiny_model_json)
     out = tmp_path / "run"
-    run_training(tiny_overrides(digits_dir, tiny_model_json, out, **{
+    train_in_process(tiny_overrides(digits_dir, tiny_model_json, out, **{
         "loss.name": "classify", "model.pretrained": str(clip), "eval.classes": str(LOW),
         "data.max_skip_fraction": "null", "train.lr": 1e-3}))
     start = load_file(str(clip / "model.safetensors"))
@@ -214,7 +214,7 @@ def test_a_lora_fine_tuned_classifier_trains_adapters_and_head_and_exports_merge
 
     clip = write_clip_checkpoint(tmp_path / "clip", tiny_model_json)
     out = tmp_path / "run"
-    run_training(tiny_overrides(digits_dir, tiny_model_json, out, **{
+    train_in_process(tiny_overrides(digits_dir, tiny_model_json, out, **{
         "loss.name": "classify", "model.pretrained": str(clip), "eval.classes": str(LOW), "model.lora_rank": 4,
         "data.max_skip_fraction": "null", "train.lr": 1e-2}))
     start = load_file(str(clip / "model.safetensors"))

@@ -14,7 +14,7 @@ from clipx.errors import ClipxError
 from clipx.losses import ClipLoss, NTXentLoss
 from clipx.methods import build_model, method_of
 from clipx.methods.slip import SlipObjective
-from tests.conftest import REPO, clipx_in_process, run_training, tiny_overrides
+from tests.conftest import REPO, clipx_in_process, tiny_overrides, train_in_process
 
 SLIP = REPO / "configs" / "slip-digits.yaml"
 
@@ -92,7 +92,7 @@ def test_bad_settings_give_one_line_errors(override, message):
 
 def test_slip_trains_and_its_checkpoint_serves_zero_shot_and_knn(digits_dir, tiny_model_json, tmp_path):
     out = tmp_path / "run"
-    run_training(["loss.name=slip", "ssl.views.crop_scale_min=0.3", "ssl.head_hidden=32", "ssl.head_out=16",
+    train_in_process(["loss.name=slip", "ssl.views.crop_scale_min=0.3", "ssl.head_hidden=32", "ssl.head_out=16",
                   *tiny_overrides(digits_dir, tiny_model_json, out, **{"train.steps": 3})])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "clip_loss" in r]

@@ -16,7 +16,7 @@ from clipx.config import dump_config, load_config
 from clipx.errors import ClipxError
 from clipx.methods import build_model
 from clipx.run_layout import as_checkpoint
-from tests.conftest import run_training, tiny_overrides, write_tiny_teacher
+from tests.conftest import tiny_overrides, train_in_process, write_tiny_teacher
 
 TASK = (0, 1, 2, 3, 4)
 
@@ -36,7 +36,7 @@ def write_random_checkpoint(out: Path, overrides: list[str], seed: int = 7) -> P
 def ends(tmp_path_factory, digits_dir):
     root = tmp_path_factory.mktemp("wise-ft")
     zero_shot = write_tiny_teacher(root / "A")
-    run_training(tiny_overrides(digits_dir, zero_shot / "arch.json", root / "B", **{
+    train_in_process(tiny_overrides(digits_dir, zero_shot / "arch.json", root / "B", **{
         "loss.name": "classify", "model.pretrained": str(zero_shot), "eval.classes": "[0,1,2,3,4]",
         "data.max_skip_fraction": "null", "train.steps": 3, "eval.zero_shot": "false"}))
     return zero_shot, root / "B"
@@ -187,7 +187,7 @@ def test_a_lora_fine_tuned_model_is_interpolated_merged(tmp_path, digits_dir):
     import clipx
 
     zero_shot = write_tiny_teacher(tmp_path / "A")
-    run_training(tiny_overrides(digits_dir, zero_shot / "arch.json", tmp_path / "B", **{
+    train_in_process(tiny_overrides(digits_dir, zero_shot / "arch.json", tmp_path / "B", **{
         "loss.name": "classify", "model.pretrained": str(zero_shot), "eval.classes": "[0,1,2,3,4]",
         "model.lora_rank": 4, "train.lr": 1e-2, "data.max_skip_fraction": "null", "train.steps": 2,
         "eval.zero_shot": "false"}))

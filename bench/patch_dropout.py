@@ -4,7 +4,8 @@
 
 Speed: clipx on `make bench`'s work (configs/bench-small.yaml, its shards, batch 128, 20 steps,
 first 5 dropped), with and without `model.patch_dropout`, runs alternating, medians; both also with
-token batches at full context (`data.trim_padding=false`).
+token batches at full context (`data.trim_padding=false`), and compiled (`train.compile=true`, what
+`train.compile: auto` picks for long bf16 runs; its compilation falls in the dropped steps).
 Learning: the digits demo's training (configs/demo-digits.yaml, 600 steps, the demo's precision
 choice) without patch dropout, with it, and with it plus FLIP's unmasked tuning over the last 10%
 of the steps; zero-shot top-1 on the held-out digits at equal steps, and each run's wall time.
@@ -31,10 +32,12 @@ def speed(work: Path, rate: float, precision: str, alternations: int, batch: int
     length), and both again with the batches at full context (data.trim_padding=false): how much of
     the step the text tower takes decides what dropping image tokens can buy."""
     shards = write_bench_shards(work, 64, batch * steps * 2)
-    untrimmed = "data.trim_padding=false"
+    untrimmed, compiled = "data.trim_padding=false", "train.compile=true"
     variants = {"none": [], f"patch_dropout={rate}": [f"model.patch_dropout={rate}"],
                 f"none, {untrimmed}": [untrimmed],
-                f"patch_dropout={rate}, {untrimmed}": [f"model.patch_dropout={rate}", untrimmed]}
+                f"patch_dropout={rate}, {untrimmed}": [f"model.patch_dropout={rate}", untrimmed],
+                f"none, {compiled}": [compiled],
+                f"patch_dropout={rate}, {compiled}": [f"model.patch_dropout={rate}", compiled]}
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for index in range(alternations):
         for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
@@ -46,6 +49,9 @@ def speed(work: Path, rate: float, precision: str, alternations: int, batch: int
     return {"precision": precision, "runs": rates, "medians": medians,
             "ratio": medians[f"patch_dropout={rate}"] / medians["none"],
             "ratio_untrimmed": medians[f"patch_dropout={rate}, {untrimmed}"] / medians[f"none, {untrimmed}"],
+            # Steady state after compilation (the first 5 steps, compilation among them, are dropped):
+            # what train.compile=auto runs for bf16 runs of >= 2,000 steps.
+            "ratio_compiled": medians[f"patch_dropout={rate}, {compiled}"] / medians[f"none, {compiled}"],
             "compute_only": compute_only(shards, rate, precision, batch)}
 
 
@@ -99,7 +105,9 @@ def markdown(results: dict) -> str:
              "", "| patch dropout | samples/s (median) | runs |", "|---|---:|---|"]
     lines += [f"| {name} | {s['medians'][name]:.1f} | {', '.join(f'{r:.1f}' for r in runs)} |"
               for name, runs in s["runs"].items()]
-    lines += ["", f"**Speed-up: {s['ratio']:.2f}x** ({s['ratio_untrimmed']:.2f}x with token batches at full context)", ""]
+    lines += ["", f"**Speed-up: {s['ratio']:.2f}x eager** ({s['ratio_untrimmed']:.2f}x with token batches at full "
+              "context)" + (f"; **{s['ratio_compiled']:.2f}x compiled** (train.compile=true, steady state)"
+                            if "ratio_compiled" in s else ""), ""]
     c = s["compute_only"]
     lines += [f"Compute only (no loader; random inputs; {c['text_length']} text tokens, or the full context), "
               "median ms per step: " + ", ".join(f"{name} {value:.0f}" for name, value in c["ms_per_step"].items()) +

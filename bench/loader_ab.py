@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/loader_ab.py --baseline REV [--workers 1 2] [--alternations 5]
 
-The baseline is checked out with `git worktree` into the work folder; each measurement is a fresh
+The baseline is checked out with `git worktree` into the work folder for the run and removed after
+it (an existing checkout of that commit is reused and left); each measurement is a fresh
 process whose PYTHONPATH puts one checkout first, running bench/perf.py's loader_throughput (decode,
 augment, tokenize and collate of batches of 128, no model) on the same shards. The two checkouts
 alternate, and the table gives medians. Prints a Markdown table; writes runs/bench/loader_ab.json.
@@ -11,12 +12,14 @@ alternate, and the table gives medians. Prints a Markdown table; writes runs/ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -28,14 +31,21 @@ PROBE = ("import json, sys; from pathlib import Path; from bench.perf import loa
          "print(json.dumps(loader_throughput(Path(sys.argv[1]), Path(sys.argv[2]), 128, int(sys.argv[3]))))")
 
 
-def checkout(work: Path, rev: str) -> Path:
-    """A worktree of ``rev`` under ``work`` (reused when it is already at that commit)."""
+@contextlib.contextmanager
+def checkout(work: Path, rev: str) -> Iterator[Path]:
+    """A worktree of ``rev`` under ``work`` for the block: added, then removed, so the repository
+    keeps no stray worktree; one that already exists is reused and left as it was."""
     commit = subprocess.run(["git", "rev-parse", rev], cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
     tree = work / f"baseline-{commit[:10]}"
-    if not tree.exists():
+    added = not tree.exists()
+    if added:
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True,
                        capture_output=True)
-    return tree
+    try:
+        yield tree
+    finally:
+        if added:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
 
 
 def loader_rate(tree: Path, shards: Path, workers: int) -> float:
@@ -48,13 +58,15 @@ def loader_rate(tree: Path, shards: Path, workers: int) -> float:
 
 def measure(args) -> dict:
     shards = write_bench_shards(args.work / "perf", 64, 128 * 40)
-    trees = {"baseline": checkout(args.work, args.baseline), "this checkout": REPO}
-    rates: dict[str, dict[str, list[float]]] = {str(w): {name: [] for name in trees} for w in args.workers}
-    for index in range(args.alternations):
-        for workers in args.workers:
-            for name in (list(trees) if index % 2 == 0 else list(trees)[::-1]):
-                rates[str(workers)][name].append(loader_rate(trees[name], shards, workers))
-                print(f"  {workers} worker(s), {name}: {rates[str(workers)][name][-1]:.0f} samples/s", file=sys.stderr)
+    with checkout(args.work, args.baseline) as baseline:
+        trees = {"baseline": baseline, "this checkout": REPO}
+        rates: dict[str, dict[str, list[float]]] = {str(w): {name: [] for name in trees} for w in args.workers}
+        for index in range(args.alternations):
+            for workers in args.workers:
+                for name in (list(trees) if index % 2 == 0 else list(trees)[::-1]):
+                    rates[str(workers)][name].append(loader_rate(trees[name], shards, workers))
+                    print(f"  {workers} worker(s), {name}: {rates[str(workers)][name][-1]:.0f} samples/s",
+                          file=sys.stderr)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     return {"baseline": args.baseline, "head": commit.strip(), "runs": rates}
 

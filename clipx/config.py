@@ -205,8 +205,9 @@ class TrainConfig:
     compile: Union[bool, Literal["auto"]] = "auto"
     # The scaled-dot-product attention kernel. auto: time the run's own attention calls under each
     # kernel at the first step and keep the fastest (clipx/models/attention.py); default: PyTorch's
-    # rules; or one kernel by name.
-    attention: Literal["auto", "default", "math", "flash", "efficient", "cudnn"] = "auto"
+    # rules; or one kernel by name: SDPA's, or explicit (scores, softmax, weighted sum as plain ops;
+    # clipx's own towers only, others keep PyTorch's pick).
+    attention: Literal["auto", "default", "math", "flash", "efficient", "cudnn", "explicit"] = "auto"
     # ddp: every rank holds the whole model. fsdp: FSDP2 (torch's fully_shard) shards parameters,
     # gradients and optimizer state over the ranks, per transformer block and tower.
     sharding: Literal["ddp", "fsdp"] = "ddp"

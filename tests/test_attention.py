@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from clipx.models import attention
-from clipx.models.attention import AttentionCall, AttentionKernel, cached_choice, choose_kernel, record_attention_calls
+from clipx.models.attention import (
+    AttentionCall,
+    AttentionKernel,
+    attend,
+    cached_choice,
+    choose_kernel,
+    explicit_attention,
+    record_attention_calls,
+)
 from tests.conftest import TINY_ARCH, tiny_overrides
 
 BATCH = 4
@@ -42,6 +50,35 @@ def test_the_recorded_calls_are_the_towers_attention_in_the_precision_of_the_run
     assert [c.mask is not None for c in calls] == [False] * vision["layers"] + [True] * text["layers"], \
         "the text tower's causal mask must be recorded: kernels differ in the masks they serve"
     assert {c.chosen_by_torch for c in calls} == {"flash"}  # PyTorch's pick on the CPU
+    assert all(c.explicit_exact for c in calls), "open_clip towers attend through clipx's attend"
+
+
+def test_only_calls_through_attend_that_leave_every_row_a_key_are_exact_for_the_explicit_kernel():
+    q = torch.randn(2, 2, 5, 8)
+    causal = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    blocks_a_row = causal.clone()
+    blocks_a_row[2] = float("-inf")
+    per_sample = causal.expand(2, 2, 5, 5)
+    calls = record_attention_calls(lambda: [
+        attend(q, q, q), attend(q, q, q, attn_mask=causal), attend(q, q, q, is_causal=True),
+        attend(q, q, q, attn_mask=blocks_a_row), attend(q, q, q, attn_mask=per_sample),
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)])  # another tower's own call
+    assert [c.explicit_exact for c in calls] == [True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("masking", ["none", "causal", "additive", "per-sample"])
+def test_the_explicit_kernel_is_sdpa_in_value_and_gradients(masking):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 16, requires_grad=True) for _ in range(3))
+    mask = {"none": None, "causal": None, "additive": torch.randn(7, 7),
+            "per-sample": torch.randn(3, 1, 7, 7)}[masking]
+    causal = masking == "causal"
+    outputs = [f(q, k, v, attn_mask=mask, is_causal=causal)
+               for f in (torch.nn.functional.scaled_dot_product_attention, explicit_attention)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in outputs]
+    for ours, reference in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_a_restricted_scope_takes_the_fused_kernel_away(tiny_clip):
@@ -71,6 +108,18 @@ def test_the_fastest_kernel_wins_only_by_a_clear_margin(monkeypatch):
     assert choose_kernel([CALL], backward=True)[0] == "default"
 
 
+EXACT = AttentionCall((8, 2, 17, 32), (8, 2, 17, 32), (8, 2, 17, 32), "float32", "cpu", explicit_exact=True)
+
+
+def test_the_explicit_kernel_is_a_candidate_only_when_it_computes_every_call_exactly(monkeypatch):
+    table = {(call, kernel): 1.0 for call in (CALL, EXACT) for kernel in ("math", "flash")}
+    _fake_timings(monkeypatch, {**table, (EXACT, "explicit"): 0.4, (CALL, "explicit"): 0.4})
+    assert choose_kernel([EXACT, EXACT], backward=True) == ("explicit", {"math": 2.0, "flash": 2.0,
+                                                                         "explicit": 0.8, "default": 2.0})
+    kernel, seconds = choose_kernel([EXACT, CALL], backward=True)
+    assert kernel == "default" and "explicit" not in seconds
+
+
 def test_a_kernel_that_cannot_run_every_call_is_never_chosen(monkeypatch):
     _fake_timings(monkeypatch, {(CALL, "flash"): 1.0, (CALL, "math"): 0.1, (MASKED, "flash"): 1.0,
                                 (MASKED, "math"): float("inf")})
@@ -81,6 +130,9 @@ def test_real_timings_choose_a_kernel_that_runs_the_calls():
     kernel, seconds = choose_kernel([CALL, MASKED], backward=True)
     assert set(seconds) == {"math", "flash", "default"} and all(0 < s < float("inf") for s in seconds.values())
     assert kernel in ("default", "math", "flash")
+    kernel, seconds = choose_kernel([EXACT], backward=True)
+    assert set(seconds) == {"math", "flash", "explicit", "default"}
+    assert all(0 < s < float("inf") for s in seconds.values()) and kernel in seconds
 
 
 def test_a_choice_is_measured_once_per_machine_and_calls(monkeypatch, tmp_path):
@@ -98,7 +150,7 @@ def test_settling_leaves_the_random_stream_as_it_was(tiny_clip):
     before = torch.get_rng_state()
     kernel = AttentionKernel("auto")
     chosen = kernel.settle(lambda: tiny_clip(images, tokens), backward=True)
-    assert chosen in ("default", "math", "flash") and kernel.settled
+    assert chosen in ("default", "math", "flash", "explicit") and kernel.settled
     assert torch.equal(torch.get_rng_state(), before)
     assert kernel.describe().startswith(f"attention kernel: {chosen} (measured: ")
 
@@ -109,7 +161,7 @@ def test_a_run_reports_its_kernel_and_a_fixed_one_is_used_as_set(digits_dir, tin
 
     auto = train(load_config(None, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "auto", **{
         "train.steps": 2, "train.precision": "bf16"})))
-    assert auto["attention_kernel"] in ("default", "math", "flash")
-    fixed = train(load_config(None, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "math", **{
-        "train.steps": 2, "train.attention": "math"})))
-    assert fixed["attention_kernel"] == "math"
+    assert auto["attention_kernel"] in ("default", "math", "flash", "explicit")
+    fixed = train(load_config(None, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "explicit", **{
+        "train.steps": 2, "train.attention": "explicit"})))
+    assert fixed["attention_kernel"] == "explicit"

@@ -12,6 +12,14 @@ sequence lengths, so a run measures instead of guessing:
    kernel the device has, and keeps PyTorch's own pick unless another is clearly faster;
 3. ``AttentionKernel.scope()`` restricts SDPA to the chosen kernel around the run's forward passes.
 
+Besides SDPA's kernels there is ``explicit``: attention as the three plain ops it is (scores,
+softmax, weighted sum), for the calls clipx's own towers make (``attend``, which
+``FusedSelfAttention`` calls). On this CPU in bf16 it runs the bench model's image attention 2.2x
+faster than SDPA's math path, which copies q and k to scale them and scans every row of the scores
+for being fully masked (``aten::all`` over (B, H, L, S)) before its softmax. It is a candidate only
+when every recorded call came through ``attend`` with a mask that leaves each row a key to attend
+to (without the scan, a fully masked row would give NaN instead of zeros).
+
 Choices are cached on disk, keyed by the calls, device, precision, thread count and torch version,
 so runs of one machine agree (a resumed run continues with its kernel, and two runs with the same
 seed stay bitwise equal) and a process pays for the measurement once.
@@ -41,8 +49,9 @@ from clipx.fileio import write_json_atomic
 
 KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+EXPLICIT = "explicit"  # scores, softmax and weighted sum as plain ops (explicit_attention)
 # The settings of train.attention: "auto" measures; "default" leaves the choice to PyTorch.
-SETTINGS = ("auto", "default", *KERNELS)
+SETTINGS = ("auto", "default", *KERNELS, EXPLICIT)
 # Another kernel replaces PyTorch's pick only when it is this much faster: small differences are
 # noise, and staying with the default keeps numerics unchanged where nothing is gained.
 MARGIN = 0.05
@@ -62,6 +71,58 @@ class AttentionCall:
     causal: bool = False
     dropout: float = 0.0
     chosen_by_torch: str = "flash"  # the kernel PyTorch's rules picked for this call
+    # Made through ``attend`` with no mask or an additive (L, S) one that leaves every row a key:
+    # explicit_attention computes exactly what SDPA does.
+    explicit_exact: bool = False
+
+
+class _Route:
+    """Module state ``attend`` reads: whether the explicit kernel's scope is open, and whether a call
+    of ``attend`` is on its way to SDPA (so the recorder can tell clipx's calls from other towers')."""
+
+    explicit = False
+    in_attend = False
+
+
+def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                       is_causal: bool = False) -> torch.Tensor:
+    """SDPA's function as three plain ops: softmax(q k^T / sqrt(D) + mask) v, (B, H, L, D) -> (B, H, L, D).
+    ``attn_mask``: additive, broadcastable to (B, H, L, S). Under autocast the softmax runs in fp32,
+    as autocast runs every softmax."""
+    scores = (query * query.shape[-1] ** -0.5) @ key.transpose(-2, -1)
+    if is_causal:
+        length, keys = scores.shape[-2:]
+        blocked = torch.ones(length, keys, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(blocked, float("-inf"))
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = scores.softmax(-1)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return weights.to(value.dtype) @ value
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+           dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    """The attention of clipx's own towers: SDPA under the run's kernel, or explicit_attention inside
+    the explicit kernel's scope. ``attn_mask``: additive (a float tensor) or None."""
+    if _Route.explicit:
+        return explicit_attention(query, key, value, attn_mask, dropout_p, is_causal)
+    _Route.in_attend = True
+    try:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal)
+    finally:
+        _Route.in_attend = False
+
+
+def _explicit_exact(mask: Any) -> bool:
+    """Whether explicit_attention computes a call made through ``attend`` with ``mask`` exactly."""
+    if mask is None:
+        return True
+    return (torch.is_tensor(mask) and mask.is_floating_point() and mask.dim() == 2
+            and not bool(torch.isneginf(mask).all(-1).any()))
 
 
 def _kernel_of(op_name: str) -> str:
@@ -89,7 +150,8 @@ class _Recorder(TorchDispatchMode):
                 tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype).removeprefix("torch."), q.device.type,
                 tuple(mask.shape) if torch.is_tensor(mask) else None,
                 str(mask.dtype).removeprefix("torch.") if torch.is_tensor(mask) else None,
-                bool(named.get("is_causal", False)), float(named.get("dropout_p", 0.0)), _kernel_of(func.__name__)))
+                bool(named.get("is_causal", False)), float(named.get("dropout_p", 0.0)), _kernel_of(func.__name__),
+                _Route.in_attend and _explicit_exact(mask)))
         return func(*args, **kwargs)
 
 
@@ -120,7 +182,7 @@ def time_call(call: AttentionCall, kernel: str, backward: bool, repeats: int = 5
     def once() -> float:
         started = time.perf_counter()
         with _restricted_to(kernel):
-            out = F.scaled_dot_product_attention(**inputs, dropout_p=call.dropout, is_causal=call.causal)
+            out = attend(**inputs, dropout_p=call.dropout, is_causal=call.causal)
         if backward:
             out.backward(torch.ones_like(out))
         if device.type == "cuda":
@@ -135,13 +197,27 @@ def time_call(call: AttentionCall, kernel: str, backward: bool, repeats: int = 5
 
 
 def _restricted_to(kernel: Optional[str]):
-    """SDPA limited to ``kernel``; PyTorch's own choice for "default" or None."""
+    """SDPA limited to ``kernel`` (``attend`` computing explicitly for "explicit"); PyTorch's own
+    choice for "default" or None."""
+    if kernel == EXPLICIT:
+        return _explicit_scope()
     return sdpa_kernel([KERNELS[kernel]]) if kernel in KERNELS else contextlib.nullcontext()
 
 
-def candidates(device: torch.device) -> list[str]:
-    """The kernels worth timing on ``device`` (the CPU has the math and flash kernels only)."""
-    return ["math", "flash"] if device.type == "cpu" else list(KERNELS)
+@contextlib.contextmanager
+def _explicit_scope():
+    before, _Route.explicit = _Route.explicit, True
+    try:
+        yield
+    finally:
+        _Route.explicit = before
+
+
+def candidates(calls: list[AttentionCall]) -> list[str]:
+    """The kernels worth timing for ``calls`` (the CPU has SDPA's math and flash kernels only);
+    explicit where it computes every call exactly."""
+    sdpa = ["math", "flash"] if calls[0].device == "cpu" else list(KERNELS)
+    return sdpa + [EXPLICIT] if all(call.explicit_exact for call in calls) else sdpa
 
 
 def choose_kernel(calls: list[AttentionCall], backward: bool) -> tuple[str, dict[str, float]]:
@@ -152,10 +228,9 @@ def choose_kernel(calls: list[AttentionCall], backward: bool) -> tuple[str, dict
     if not calls:
         return "default", {}
     counts = Counter(calls)
-    device = torch.device(calls[0].device)
-    seconds = {(call, kernel): time_call(call, kernel, backward)
-               for call in counts for kernel in candidates(device)}
-    totals = {kernel: sum(n * seconds[call, kernel] for call, n in counts.items()) for kernel in candidates(device)}
+    kernels = candidates(calls)
+    seconds = {(call, kernel): time_call(call, kernel, backward) for call in counts for kernel in kernels}
+    totals = {kernel: sum(n * seconds[call, kernel] for call, n in counts.items()) for kernel in kernels}
     # PyTorch's own picks, per call, from the same timings (so that noise cannot tell a kernel from itself).
     for call in counts:
         if (call, call.chosen_by_torch) not in seconds:  # a pick outside the candidates: timed as is
@@ -244,7 +319,8 @@ class AttentionKernel:
         return self.kernel
 
     def scope(self):
-        """SDPA restricted to the chosen kernel (PyTorch's choice while unsettled or "default")."""
+        """SDPA restricted to the chosen kernel, or clipx's attention computing explicitly (PyTorch's
+        choice while unsettled or "default")."""
         return _restricted_to(self.kernel)
 
     def describe(self) -> str:

@@ -9,7 +9,8 @@ matmuls around them, that bookkeeping was about a tenth of the benchmark model's
 
 ``FusedSelfAttention`` computes the same function from the same ``in_proj_weight``,
 ``in_proj_bias`` and ``out_proj``: one projection, q/k/v as strided views of it in (B, H, L, D)
-layout (no copy; SDPA takes strided inputs), one SDPA call and the output projection. Calls it does
+layout (no copy; SDPA takes strided inputs), one attention call (``attention.attend``: SDPA, or
+the explicit kernel where a run measured it faster) and the output projection. Calls it does
 not cover (cross-attention, key padding masks, returned attention weights) go to the parent's
 forward unchanged. ``fuse_self_attention_`` swaps it into a built tower; the state dict, and so
 every checkpoint, pretrained load and export, stays exactly open_clip's.
@@ -22,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from clipx.models.attention import attend
 
 
 class FusedSelfAttention(nn.MultiheadAttention):
@@ -39,9 +42,8 @@ class FusedSelfAttention(nn.MultiheadAttention):
         heads = self.num_heads
         qkv = self.in_projection(query)  # (B, L, 3E)
         q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(attn_mask, batch, heads, q.dtype),
-                                             dropout_p=self.dropout if self.training else 0.0,
-                                             is_causal=is_causal and attn_mask is None)
+        out = attend(q, k, v, attn_mask=sdpa_mask(attn_mask, batch, heads, q.dtype),
+                     dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal and attn_mask is None)
         out = out.transpose(1, 2).reshape(batch, length, width)
         return self.out_proj(out), None  # through its forward, so a LoRA adapter on it applies (models/lora.py)
 

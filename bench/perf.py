@@ -214,23 +214,32 @@ TRAINERS = {"clipx": run_clipx, "open_clip": run_open_clip}
 
 
 def side_by_side(work: Path, shards: Path, model: Path, batch: int, steps: int, workers: int, threads: int,
-                 alternations: int, precision: str) -> dict:
-    """Alternating runs of both trainers; medians and the ratio."""
+                 alternations: int, precisions: list[str]) -> dict:
+    """Alternating runs of both trainers in every precision; per precision, medians and the ratio.
+
+    One alternation runs each (precision, trainer) pair once, the order reversed every other time,
+    so the comparisons across precisions (clipx bf16 against clipx fp32) are as close in time as
+    those across trainers: this machine's speed drifts by more than the effects measured."""
+    pairs = [(precision, name) for precision in precisions for name in TRAINERS]
     runs = []
     for index in range(alternations):
-        order = ("clipx", "open_clip") if index % 2 == 0 else ("open_clip", "clipx")
-        for name in order:
-            result = TRAINERS[name](work / "runs" / f"{name}-{index}", shards, model, batch, steps, workers, threads,
-                                    precision)
-            runs.append({"trainer": name, "alternation": index, **result})
-            print(f"  {name:9s} run {index}: {result['samples_per_second']:.1f} samples/s, "
+        for precision, name in (pairs if index % 2 == 0 else pairs[::-1]):
+            result = TRAINERS[name](work / "runs" / f"{name}-{precision}-{index}", shards, model, batch, steps,
+                                    workers, threads, precision)
+            runs.append({"trainer": name, "precision": precision, "alternation": index, **result})
+            print(f"  {name:9s} {precision} run {index}: {result['samples_per_second']:.1f} samples/s, "
                   f"peak {result['peak_rss_mb']:.0f} MB", file=sys.stderr)
-    medians = {name: statistics.median(r["samples_per_second"] for r in runs if r["trainer"] == name)
-               for name in TRAINERS}
-    peaks = {name: max(r["peak_rss_mb"] for r in runs if r["trainer"] == name) for name in TRAINERS}
-    return {"clipx_samples_per_second": medians["clipx"], "open_clip_samples_per_second": medians["open_clip"],
-            "ratio": medians["clipx"] / medians["open_clip"], "clipx_peak_rss_mb": peaks["clipx"],
-            "open_clip_peak_rss_mb": peaks["open_clip"], "runs": runs}
+    out = {}
+    for precision in precisions:
+        mine = [r for r in runs if r["precision"] == precision]
+        medians = {name: statistics.median(r["samples_per_second"] for r in mine if r["trainer"] == name)
+                   for name in TRAINERS}
+        peaks = {name: max(r["peak_rss_mb"] for r in mine if r["trainer"] == name) for name in TRAINERS}
+        out[precision] = {"clipx_samples_per_second": medians["clipx"],
+                          "open_clip_samples_per_second": medians["open_clip"],
+                          "ratio": medians["clipx"] / medians["open_clip"], "clipx_peak_rss_mb": peaks["clipx"],
+                          "open_clip_peak_rss_mb": peaks["open_clip"], "runs": mine}
+    return out
 
 
 # ------------------------------------------------------------------------------------ loader and FLOPs
@@ -373,10 +382,10 @@ def main() -> None:
     text_length = clipx_text_length(shards, args.model, args.batch)
     clipx_flops = flops_per_sample(args.model, text_length=text_length)
     by_precision = {}
-    for precision in precisions:
-        print(f"side by side, {precision}", file=sys.stderr)
-        train = side_by_side(args.work, shards, args.model, args.batch, args.steps, args.workers, args.threads,
-                             args.alternations, precision)
+    print(f"side by side, {', '.join(precisions)}", file=sys.stderr)
+    trains = side_by_side(args.work, shards, args.model, args.batch, args.steps, args.workers, args.threads,
+                          args.alternations, precisions)
+    for precision, train in trains.items():
         peak = matmul_flops_per_second(args.threads, precision)
         breakdown = phase_seconds(args.model, args.batch, args.threads, precision, text_length=text_length)
         by_precision[precision] = {
@@ -397,7 +406,8 @@ def main() -> None:
         "command": "make bench",
         "settings": {"model": display_path(args.model), "image_size": size, "batch": args.batch, "steps": args.steps,
                      "warmup_steps_dropped": WARMUP_STEPS, "workers": args.workers, "threads": args.threads,
-                     "precision": args.precision, "precisions": precisions, "alternations": args.alternations},
+                     "precision": args.precision, "precisions": precisions, "alternations": args.alternations,
+                     "interleaved": True},
         "by_precision": by_precision,
         "train": headline["train"],
         "flops": headline["flops"],
@@ -430,6 +440,7 @@ def main() -> None:
 # measurement behind leaving fp32 eager.
 ABLATIONS = {
     "PyTorch's attention kernel (train.attention=default)": (["train.attention=default"], None),
+    "SDPA's math path, not the explicit kernel (train.attention=math)": (["train.attention=math"], None),
     "without host-memory retention (train.retain_host_memory=false)": (["train.retain_host_memory=false"], None),
     "token batches at the full context (data.trim_padding=false)": (["data.trim_padding=false"], None),
     COMPILED: (["train.compile=true"], "bf16"),

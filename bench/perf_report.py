@@ -13,7 +13,8 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}. "
         f"Settings: `{s['model']}` at {s['image_size']} px, batch {s['batch']}, {s['steps']} steps per run "
         f"(first {s['warmup_steps_dropped']} dropped), {s['workers']} loader workers, {s['threads']} torch threads, "
-        f"{s['alternations']} alternations per precision.",
+        f"{s['alternations']} alternations" + (", each running both trainers in every precision (order reversed every other time)."
+                                               if s.get("interleaved") else " per precision."),
         "",
         "| precision | trainer | samples/s (median) | runs | peak RSS, MB (process tree) | MFU (this precision's matmul rate) |",
         "|---|---|---:|---|---:|---:|",

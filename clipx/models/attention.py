@@ -14,9 +14,9 @@ sequence lengths, so a run measures instead of guessing:
 
 Besides SDPA's kernels there is ``explicit``: attention as the three plain ops it is (scores,
 softmax, weighted sum), for the calls clipx's own towers make (``attend``, which
-``FusedSelfAttention`` calls). On this CPU in bf16 it runs the bench model's image attention 2.2x
-faster than SDPA's math path, which copies q and k to scale them and scans every row of the scores
-for being fully masked (``aten::all`` over (B, H, L, S)) before its softmax. It is a candidate only
+``FusedSelfAttention`` calls). On this project's CPU it runs the bench model's attention faster
+than SDPA's math path (BENCHMARKS.md), which copies q and k to scale them and scans every row of
+the scores for being fully masked (``aten::all`` over (B, H, L, S)) before its softmax. It is a candidate only
 when every recorded call came through ``attend`` with a mask that leaves each row a key to attend
 to (without the scan, a fully masked row would give NaN instead of zeros).
 

@@ -118,6 +118,9 @@ def test_the_explicit_kernel_is_a_candidate_only_when_it_computes_every_call_exa
                                                                          "explicit": 0.8, "default": 2.0})
     kernel, seconds = choose_kernel([EXACT, CALL], backward=True)
     assert kernel == "default" and "explicit" not in seconds
+    # Inference: each process chooses alone, so no kernel whose forward timing is close to SDPA's.
+    kernel, seconds = choose_kernel([EXACT, EXACT], backward=False)
+    assert kernel == "default" and "explicit" not in seconds
 
 
 def test_a_kernel_that_cannot_run_every_call_is_never_chosen(monkeypatch):

@@ -40,8 +40,10 @@ def test_fused_towers_equal_open_clips_in_output_and_gradients(tower, kernel):
     for output in outputs:
         output.square().sum().backward()
     for (name, a), (_, b) in zip(reference.named_parameters(), fused.named_parameters()):
-        # Another order of fp32 sums errs relative to the gradient's scale, not to each element's.
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6 * float(a.grad.abs().max()), msg=name)
+        # The explicit kernel sums in another fp32 order, whose error scales with the gradient, not
+        # with each element; SDPA's path keeps the flat bound it always had.
+        atol = 1e-6 if kernel == "default" else 1e-6 * float(a.grad.abs().max())
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("mask", ["none", "bool", "float-per-head", "causal-flag"])

@@ -72,7 +72,8 @@ class AttentionCall:
     dropout: float = 0.0
     chosen_by_torch: str = "flash"  # the kernel PyTorch's rules picked for this call
     # Made through ``attend`` with no mask or an additive (L, S) one that leaves every row a key:
-    # explicit_attention computes exactly what SDPA does.
+    # explicit_attention computes exactly what SDPA does (with attention dropout, the same
+    # distribution from other random draws).
     explicit_exact: bool = False
 
 
@@ -213,11 +214,14 @@ def _explicit_scope():
         _Route.explicit = before
 
 
-def candidates(calls: list[AttentionCall]) -> list[str]:
+def candidates(calls: list[AttentionCall], backward: bool) -> list[str]:
     """The kernels worth timing for ``calls`` (the CPU has SDPA's math and flash kernels only);
-    explicit where it computes every call exactly."""
+    explicit for training where it computes every call exactly. Inference keeps SDPA's kernels:
+    there each process chooses alone (InferenceEncoder), and forward-only timings of explicit and
+    SDPA are close enough that two processes chose differently, so a sharded evaluation's
+    features no longer matched a single process's to the last bit."""
     sdpa = ["math", "flash"] if calls[0].device == "cpu" else list(KERNELS)
-    return sdpa + [EXPLICIT] if all(call.explicit_exact for call in calls) else sdpa
+    return sdpa + [EXPLICIT] if backward and all(call.explicit_exact for call in calls) else sdpa
 
 
 def choose_kernel(calls: list[AttentionCall], backward: bool) -> tuple[str, dict[str, float]]:
@@ -228,7 +232,7 @@ def choose_kernel(calls: list[AttentionCall], backward: bool) -> tuple[str, dict
     if not calls:
         return "default", {}
     counts = Counter(calls)
-    kernels = candidates(calls)
+    kernels = candidates(calls, backward)
     seconds = {(call, kernel): time_call(call, kernel, backward) for call in counts for kernel in kernels}
     totals = {kernel: sum(n * seconds[call, kernel] for call, n in counts.items()) for kernel in kernels}
     # PyTorch's own picks, per call, from the same timings (so that noise cannot tell a kernel from itself).

@@ -269,3 +269,17 @@ def test_moco_keys_are_gathered_for_the_loss_and_the_queue(tmp_path):
     # Both ranks hold the same queue: the global batch twice into 12 rows, wrapped at the end.
     assert torch.equal(ranks[0]["queue"], ranks[1]["queue"]) and ranks[0]["pointer"] == ranks[1]["pointer"] == 4
     assert torch.equal(ranks[0]["queue"], torch.cat([keys[4:8], keys[4:8], keys[:4]]))
+
+
+def test_the_guards_decide_alike_on_every_rank_one_step_late_without_waiting(tmp_path):
+    """A stop signal on rank 1 alone is agreed by both ranks at the next call; a NaN loss on rank 1
+    alone refuses the step on both; two refusals in a row stop both ranks at the same step, naming
+    the step the limit was reached at (counters are read a step late, so no step waits on them)."""
+    ranks = run_two_processes("guards", tmp_path)
+    for rank in ranks:
+        assert rank["agreed"] == [False, False, True, True]
+        assert rank["verdicts"] == [True, False, True, False, False, False]
+        step, message = rank["stopped_at"]
+        assert step == 6 and message.startswith("step 5: the loss or gradient norm was not finite on some rank; "
+                                                "2 consecutive steps applied no update")
+        assert rank["state"]["nonfinite"] == 4 and rank["state"]["accepted"] == 2

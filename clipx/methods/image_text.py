@@ -56,6 +56,8 @@ class ContrastiveObjective(Objective):
             metrics["logit_bias"] = features["logit_bias"].detach().clone()
         return {"loss": loss, "metrics": metrics}
 
+    after_step_runs_after_refused_steps = True  # clamping an unchanged temperature changes nothing
+
     def after_step(self, step: int, total_steps: int) -> None:
         unwrap(self.model).clamp_logit_scale_()
 

@@ -20,6 +20,11 @@ import torch
 class Objective:
     """Model + loss. Subclasses implement ``features`` and ``loss_from_features``."""
 
+    # True when ``after_step`` only restores an invariant of the parameters (clamping the
+    # temperature): after a refused step, which left them as they were, it changes nothing, so it
+    # runs after every step and the loop never has to read the verdict on the host (a device sync).
+    after_step_runs_after_refused_steps = False
+
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         """batch -> named tensors: per-sample ones with a leading batch dim, and 0-dim scalars."""
         raise NotImplementedError
@@ -50,10 +55,11 @@ class Objective:
         """Forget what was staged (at the end of every step, and after a forward pass that is not a step)."""
         self.__dict__.pop("_staged", None)
 
-    def end_step(self, step: int, total_steps: int, accepted: bool) -> None:
-        """Called by the loop once per optimizer step, after the update decision."""
+    def end_step(self, step: int, total_steps: int, accepted) -> None:
+        """Called by the loop once per optimizer step, after the update decision: ``accepted`` is a
+        bool or the guard's Verdict (whose truth value is a host read of a device flag)."""
         try:
-            if accepted:
+            if self.after_step_runs_after_refused_steps or accepted:
                 self.after_step(step, total_steps)
         finally:
             self.drop_staged()

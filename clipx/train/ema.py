@@ -46,10 +46,14 @@ class ModelEma:
             self.averages = [param.detach().float().clone() for param in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Fold in the parameters as they are now; call only after an applied optimizer step."""
+    def update(self, applied: torch.Tensor | None = None) -> None:
+        """Fold in the parameters as they are now, after an optimizer step; with ``applied`` (the
+        guard's 0-dim bool), only if it is true, decided on the device (no host read)."""
+        weight: float | torch.Tensor = 1.0 - self.decay
+        if applied is not None:
+            weight = applied.to(torch.float32) * weight  # 0 after a refused step: the average stays bitwise
         torch._foreach_lerp_([local_part(a) for a in self.averages],
-                             [local_part(p).detach().float() for p in self.params], 1.0 - self.decay)
+                             [local_part(p).detach().float() for p in self.params], weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Name -> average (DTensors when sharded)."""

@@ -20,13 +20,6 @@ from clipx.errors import ClipxError
 EXIT_PREEMPTED = 75
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True when ``flag`` is true on at least one rank (no collective at world size 1)."""
-    if not dist.is_distributed():
-        return flag
-    return bool(dist.all_reduce_max_(torch.tensor([float(flag)], device=device)).item())
-
-
 class StopRequest:
     """SIGTERM or SIGINT set a flag that the loop reads at step boundaries.
 
@@ -41,6 +34,7 @@ class StopRequest:
         self.grace_s = grace_s
         self.received: str | None = None
         self._previous = {}
+        self._lagged: LaggedRead | None = None  # the ranks' flags of the previous call, when distributed
         if threading.current_thread() is threading.main_thread():  # handlers can only live there
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -55,13 +49,50 @@ class StopRequest:
             watchdog.start()
 
     def agreed(self, device) -> bool:
-        """Whether any rank has received a stop signal."""
-        return any_rank(self.received is not None, device)
+        """Whether any rank had received a stop signal by the previous call.
+
+        Across ranks the answer is one call late: each call all-reduces this rank's flag and reads
+        the previous call's result, which the device has finished long ago, so no step waits for
+        the collective on a GPU, and every rank still stops at the same step. Alone, at once."""
+        if not dist.is_distributed():
+            return self.received is not None
+        if self._lagged is None:
+            self._lagged = LaggedRead(torch.device(device))
+            earlier = False
+        else:
+            earlier = bool(self._lagged.read()[0])
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        self._lagged.post(dist.all_reduce_max_(flag))
+        return earlier
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class Verdict:
+    """Whether one step's update may be applied, as a 0-dim bool tensor on the device.
+
+    Everything the loop does with a verdict (the optimizer step, the EMA, putting BatchNorm
+    statistics back, the objective's end of step) can take ``applied`` as a tensor, so on a GPU the
+    step never waits for the device to say whether the step was good. ``bool(verdict)`` reads it on
+    the host: a device sync, for the few consumers that must branch in Python.
+    """
+
+    def __init__(self, applied: torch.Tensor, known: bool | None = None):
+        self.applied = applied
+        self._known = known
+
+    def __bool__(self) -> bool:
+        if self._known is None:
+            self._known = bool(self.applied.item())
+        return self._known
+
+
+def _counter(name: str) -> property:
+    """A read-only property: UpdateGuard's counter ``name`` read on the host."""
+    return property(lambda guard: int(guard.counts[guard.COUNTERS.index(name)]))
 
 
 class UpdateGuard:
@@ -74,6 +105,11 @@ class UpdateGuard:
     step. The running mean is the same on every rank (it follows the rank-averaged loss) and
     travels in checkpoints, so a resumed run makes the same decisions.
 
+    The decision and every counter live on the device and are never read inside a step: ``judge``
+    returns a ``Verdict`` tensor. Whether the run must stop is read one step late (``check``): by
+    the time step N+1 has been queued, step N's counters are on the host without stalling the
+    device, and every rank reads the same step's counters, so all stop at the same step.
+
     Under fp16 a finite loss with non-finite gradients while the loss scale is at least 1 is an
     *overflow*: the loss scaler's business (it halves the scale and the step is retried on the next
     batch), routine in the first steps at scale 65536. Overflows are refused and counted apart; they
@@ -81,64 +117,120 @@ class UpdateGuard:
     """
 
     EMA_DECAY = 0.98  # a running mean over roughly the last 50 accepted steps
+    COUNTERS = ("streak", "nonfinite", "spikes", "overflows", "accepted", "limit_step", "limit_cause")
+    CAUSES = {1: "the loss or gradient norm was not finite on some rank",
+              2: "the loss spiked above {factor} x its running mean {mean:.4g} (train.loss_spike_factor)"}
 
     def __init__(self, limit: int, spike_factor: float | None = None, spike_warmup: int = 100):
         self.limit, self.spike_factor, self.spike_warmup = limit, spike_factor, spike_warmup
-        self.streak = 0
-        self.nonfinite = 0  # refused steps, by cause
-        self.spikes = 0
-        self.overflows = 0
-        self.accepted = 0
-        self.loss_mean = 0.0  # EMA of accepted rank-averaged losses (bias-corrected when read)
+        # COUNTERS; limit_step: the step at which ``limit`` refusals in a row were reached (0: not
+        # yet), limit_cause: that step's refusal (a key of CAUSES).
+        self.counts = torch.zeros(len(self.COUNTERS), dtype=torch.int64)
+        self.loss_mean = torch.zeros((), dtype=torch.float32)  # EMA of accepted rank-averaged losses
+        self.posted: LaggedRead | None = None
 
-    def allows_update(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
-                      loss_scale: float | None = None) -> bool:
-        """Whether step ``step`` may apply its update; ``loss_scale`` is the fp16 scaler's scale, if any."""
+    def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int,
+              loss_scale: float | None = None) -> Verdict:
+        """Step ``step``'s verdict; ``loss_scale`` is the fp16 scaler's scale, if any."""
+        device = loss.device
+        if self.counts.device != device:
+            self.counts, self.loss_mean = self.counts.to(device), self.loss_mean.to(device)
         loss = loss.detach().float().reshape(())
         bad_loss = (~torch.isfinite(loss)).float()
         bad_grad = (~torch.isfinite(grad_norm.detach()).all()).float()
-        # One all-reduce and one host read per step: [ranks with a bad loss, with bad gradients, loss sum].
-        summed = dist.all_reduce_sum_(torch.stack([bad_loss, bad_grad, loss]))
-        bad_losses, bad_grads, loss_sum = summed.tolist()
-        if bad_losses == 0 and bad_grads > 0 and loss_scale is not None and loss_scale >= 1.0:
-            self.overflows += 1
-            return False
-        if bad_losses > 0 or bad_grads > 0:
-            self.nonfinite += 1
-            return self._refuse(step, "the loss or gradient norm was not finite on some rank")
+        # One all-reduce per step: [ranks with a bad loss, with bad gradients, loss sum].
+        bad_losses, bad_grads, loss_sum = dist.all_reduce_sum_(torch.stack([bad_loss, bad_grad, loss])).unbind()
+        finite = (bad_losses == 0) & (bad_grads == 0)
+        overflow = (bad_losses == 0) & (bad_grads > 0) & (loss_scale is not None and loss_scale >= 1.0)
+        nonfinite = ~finite & ~overflow
         mean_loss = loss_sum / dist.world_size()
-        if self._is_spike(mean_loss):
-            self.spikes += 1
-            return self._refuse(step, f"the loss spiked above {self.spike_factor} x its running mean "
-                                      f"{self.running_mean():.4g} (train.loss_spike_factor)")
-        self.streak = 0
-        self.accepted += 1
-        self.loss_mean = self.EMA_DECAY * self.loss_mean + (1 - self.EMA_DECAY) * mean_loss
-        return True
+        spike = finite & self._is_spike(mean_loss)
+        applied = finite & ~spike
+        streak, _, _, _, accepted, limit_step, limit_cause = self.counts.unbind()
+        refused = nonfinite | spike  # overflows neither count towards the limit nor end a streak
+        streak = torch.where(applied, 0, streak + refused.long())
+        reached = (limit_step == 0) & (streak >= self.limit)
+        self.counts = torch.stack([
+            streak, self.counts[1] + nonfinite.long(), self.counts[2] + spike.long(),
+            self.counts[3] + overflow.long(), accepted + applied.long(),
+            torch.where(reached, step, limit_step), torch.where(reached, 1 + spike.long(), limit_cause)])
+        decay = self.EMA_DECAY
+        self.loss_mean = torch.where(applied, decay * self.loss_mean + (1 - decay) * mean_loss, self.loss_mean)
+        # Under fp16 the scaler has synced already (its scale was read): knowing the verdict costs nothing.
+        return Verdict(applied, known=bool(applied.item()) if loss_scale is not None else None)
 
-    def running_mean(self) -> float:
-        return self.loss_mean / (1 - self.EMA_DECAY ** self.accepted) if self.accepted else float("nan")
+    def post(self) -> None:
+        """Start copying this step's counters to the host, for ``check`` at the next step."""
+        if self.posted is None:
+            self.posted = LaggedRead(self.counts.device)
+        self.posted.post(self.counts)
 
-    def _is_spike(self, loss: float) -> bool:
-        return (self.spike_factor is not None and self.accepted >= self.spike_warmup
-                and loss > self.spike_factor * self.running_mean())
-
-    def _refuse(self, step: int, why: str) -> bool:
-        self.streak += 1
-        if self.streak >= self.limit:
-            raise ClipxError(f"step {step}: {why}; {self.streak} consecutive steps applied no update "
+    def check(self, current: bool = False) -> None:
+        """Stop the run (ClipxError) if the counters last posted show ``limit`` refusals in a row;
+        with ``current``, post and read the latest counters now (before a checkpoint is written, so
+        none holds a run that had to stop)."""
+        if current:
+            self.post()
+        if self.posted is None:
+            return
+        counts = dict(zip(self.COUNTERS, self.posted.read()))
+        if counts["limit_step"]:
+            why = self.CAUSES[counts["limit_cause"]].format(factor=self.spike_factor, mean=self.running_mean())
+            raise ClipxError(f"step {counts['limit_step']}: {why}; {self.limit} consecutive steps applied no update "
                              "(train.max_nonfinite_steps), so the run stops. Lower train.lr, set "
                              "train.grad_clip_norm, or look for broken samples")
-        return False
+
+    def _is_spike(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.spike_factor is None:
+            return torch.zeros((), dtype=torch.bool, device=loss.device)
+        accepted = self.counts[4]
+        mean = self.loss_mean / (1 - self.EMA_DECAY ** accepted.float()).clamp_min(1e-12)
+        return (accepted >= self.spike_warmup) & (loss > self.spike_factor * mean)
+
+    def running_mean(self) -> float:
+        """The bias-corrected running mean of accepted losses (a host read)."""
+        accepted = self.accepted
+        return float(self.loss_mean) / (1 - self.EMA_DECAY ** accepted) if accepted else float("nan")
+
+    # The counters, each a host read (a device sync): for logs, summaries and tests, not for steps.
+    nonfinite = _counter("nonfinite")
+    spikes = _counter("spikes")
+    overflows = _counter("overflows")
+    accepted = _counter("accepted")
 
     @property
     def refused(self) -> int:
         return self.nonfinite + self.spikes + self.overflows
 
     def state_dict(self) -> dict:
-        return {"streak": self.streak, "nonfinite": self.nonfinite, "spikes": self.spikes,
-                "overflows": self.overflows, "accepted": self.accepted, "loss_mean": self.loss_mean}
+        return {**dict(zip(self.COUNTERS, self.counts.tolist())), "loss_mean": float(self.loss_mean)}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
+        device = self.counts.device
+        self.counts = torch.tensor([int(state.get(name, 0)) for name in self.COUNTERS], dtype=torch.int64,
+                                   device=device)
+        self.loss_mean = torch.tensor(float(state["loss_mean"]), dtype=torch.float32, device=device)
+
+
+class LaggedRead:
+    """A device tensor read on the host one step after it was written, without stalling the device.
+
+    ``post`` starts an asynchronous copy into pinned host memory and records an event; ``read``
+    (at the next step, when the device has usually finished that copy long ago) waits for that
+    event only. On the CPU the copy is immediate."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.host, self.done = device, None, None
+
+    def post(self, value: torch.Tensor) -> None:
+        if self.host is None:
+            self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.device.type == "cuda")
+        self.host.copy_(value.detach(), non_blocking=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def read(self) -> list:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist() if self.host is not None else []

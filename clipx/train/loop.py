@@ -1,7 +1,7 @@
 """The training loop: fetch -> step (forward, backward, guard, update) -> log -> checkpoint -> evaluate.
 
 The loop is method-agnostic: it calls ``objective(batch)``, backpropagates ``out["loss"]``, lets the
-update guard decide, steps if allowed, and calls ``objective.end_step(step, total_steps, accepted)``.
+update guard decide, steps if allowed, and calls ``objective.end_step(step, total_steps, verdict)``.
 Everything it works with is built once by clipx.train.build.
 """
 
@@ -31,6 +31,7 @@ from clipx.train.checkpoint import (
 )
 from clipx.train.guards import StopRequest
 from clipx.train.host_memory import release_host_memory, retain_freed_host_memory
+from clipx.train.optim import step_optimizer
 from clipx.train.step import BufferSnapshot, micro_batch_gradients
 from clipx.train.throughput import Throughput
 
@@ -121,6 +122,7 @@ def run_loop(trainer: Trainer, state: TrainerState, stop: StopRequest) -> dict:
             if trainer.patch_dropout is not None:
                 trainer.patch_dropout.before_step(state.step + 1, trainer.total_steps)
             out = train_step(trainer, micro_batches, state.step + 1)
+            trainer.guard.check()  # the previous step's counters: by now on the host without a stall
             state.step, state.batches, state.epoch = state.step + 1, state.batches + len(micro_batches), epoch
             bar.update(1)
             finished = state.step == trainer.total_steps
@@ -182,17 +184,17 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
     grad_norm = dist.full_tensor(accelerator.clip_grad_norm_(trainer.model.parameters(),
                                                              trainer.config.train.grad_clip_norm or float("inf")))
     grad_norm = grad_norm.to(out["loss"].device)
-    accepted = trainer.guard.allows_update(out["loss"], grad_norm, step,  # the same verdict on every rank
-                                           scaler.get_scale() if scaler is not None else None)
-    if accepted:
-        trainer.optimizer.step()  # under fp16 Accelerate's wrapper also calls scaler.update()
-        if trainer.ema is not None:
-            trainer.ema.update()
-    else:
-        buffers.restore()
-        if scaler is not None:
-            scaler.update()  # the refused step's overflow check still backs the scale off
-    trainer.objective.end_step(step, trainer.total_steps, accepted)
+    # The same verdict on every rank, as a device tensor: nothing below waits for it on a GPU
+    # (except under fp16, whose scaler reads its scale anyway, and objectives that branch on it).
+    verdict = trainer.guard.judge(out["loss"], grad_norm, step, scaler.get_scale() if scaler is not None else None)
+    step_optimizer(trainer.optimizer, verdict, scaler)  # under fp16 this also calls scaler.update()
+    if trainer.ema is not None:
+        trainer.ema.update(verdict.applied)
+    buffers.restore_unless(verdict.applied)
+    if scaler is not None and not verdict:
+        scaler.update()  # the refused step's overflow check still backs the scale off
+    trainer.objective.end_step(step, trainer.total_steps, verdict)
+    trainer.guard.post()
     with warnings.catch_warnings():
         # The schedule advances on refused steps too (by design); torch warns when the very first
         # optimizer step was refused, as if the order of the two calls were wrong.
@@ -230,6 +232,7 @@ def log_train_step(trainer: Trainer, state: TrainerState, out: dict, clock: Thro
 
 def save(trainer: Trainer, state: TrainerState) -> Path:
     """A checkpoint of this step, with the guard's and the skip ledger's state (every rank calls it)."""
+    trainer.guard.check(current=True)  # a run that had to stop saves no checkpoint of that state
     state.guard, state.skips_by_epoch = trainer.guard.state_dict(), dict(trainer.stream.ledger.epochs)
     if trainer.keys_log is not None:
         trainer.keys_log.flush()  # the keys of every saved step are on disk with the checkpoint

@@ -72,3 +72,22 @@ def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
     except RuntimeError:  # no fused kernel for this device or dtype in this torch build
         return torch.optim.AdamW(param_groups(model, train_cfg.weight_decay, train_cfg.layer_decay, train_cfg.lr),
                                  **settings)
+
+
+def step_optimizer(optimizer, verdict, scaler) -> None:
+    """Apply the optimizer's update if the guard's ``verdict`` allows it.
+
+    A fused AdamW takes the verdict as a device flag: the ``found_inf`` input it has for GradScaler
+    makes its kernel skip the whole update (moments, step count, weight decay), so the host never
+    waits for the device to know whether the step was good. Other optimizers, and fp16 (whose
+    scaler passes its own flag), branch on the verdict on the host.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+    if scaler is None and inner.defaults.get("fused"):
+        inner.grad_scale, inner.found_inf = None, (~verdict.applied).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            inner.found_inf = None
+    elif verdict:
+        optimizer.step()

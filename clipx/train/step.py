@@ -106,6 +106,12 @@ class BufferSnapshot:
         for buffer, saved in zip(self.buffers, self.saved):
             buffer.copy_(saved)
 
+    @torch.no_grad()
+    def restore_unless(self, applied: torch.Tensor) -> None:
+        """``restore`` when the 0-dim bool ``applied`` is false, decided on the device (no host read)."""
+        for buffer, saved in zip(self.buffers, self.saved):
+            buffer.copy_(torch.where(applied, buffer, saved))
+
 
 def _rng_state():
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)

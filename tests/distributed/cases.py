@@ -226,7 +226,37 @@ def case_moco(out_dir: Path) -> dict:
             "shuffled": shuffled, "unshuffled": per_sample(keys[rows]).detach()}
 
 
-CASES = {"clip_gather": case_clip_gather, "ntxent": case_ntxent, "supcon": case_supcon, "sinkhorn": case_sinkhorn, "moco": case_moco, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
+def case_guards(out_dir: Path) -> dict:
+    """The guards' decisions across ranks: a stop signal that only rank 1 received at its second
+    call, and a loss that is NaN on rank 1 only at step 2 (and NaN everywhere from step 4 on)."""
+    from clipx.train.guards import StopRequest, UpdateGuard
+    from clipx.train.runtime import make_accelerator
+
+    accelerator = make_accelerator()
+    rank = accelerator.process_index
+    stop = StopRequest(grace_s=60.0)
+    stop.close()  # the flag is set by hand below, not by a signal
+    agreed = []
+    for call in range(1, 5):
+        if rank == 1 and call == 2:
+            stop.received = "SIGTERM"
+        agreed.append(stop.agreed("cpu"))
+    guard = UpdateGuard(limit=2)
+    verdicts, stopped_at = [], None
+    for step in range(1, 7):
+        nan = (step == 2 and rank == 1) or step >= 4
+        loss = torch.tensor(float("nan") if nan else 1.0 + rank)
+        verdicts.append(bool(guard.judge(loss, torch.tensor(1.0), step)))
+        try:
+            guard.check()  # the previous step's counters, as the loop reads them
+        except Exception as error:  # ClipxError: what every rank must raise at the same step
+            stopped_at = (step, str(error))
+            break
+        guard.post()
+    return {"agreed": agreed, "verdicts": verdicts, "stopped_at": stopped_at, "state": guard.state_dict()}
+
+
+CASES = {"guards": case_guards, "clip_gather": case_clip_gather, "ntxent": case_ntxent, "supcon": case_supcon, "sinkhorn": case_sinkhorn, "moco": case_moco, "accum_features": case_accum_features, "siglip": case_siglip, "evaluate": case_evaluate,
          "timeout": case_timeout}
 
 

@@ -124,3 +124,20 @@ def test_a_refused_step_is_skipped_on_the_device_without_a_read(tmp_path, digits
         assert all(float(optimizer.state[p]["step"]) == 2 for p in trainer.model.parameters() if p.requires_grad)
     finally:
         trainer.log.close()
+
+
+def test_a_lagged_read_gives_the_post_before_the_latest_and_the_latest_on_request():
+    """What the guard's stop check and the ranks' preemption flag rely on: a step reads the previous
+    step's values (already on the host), never the ones it has just queued, unless it asks to wait."""
+    from clipx.train.guards import LaggedRead
+
+    lagged = LaggedRead(torch.device("cpu"))
+    assert lagged.read() is None and lagged.read(latest=True) is None
+    value = torch.tensor([1, 0])
+    lagged.post(value)
+    assert lagged.read() is None and lagged.read(latest=True) == [1, 0]
+    value += 1  # the device tensor moves on: the posted copy must not
+    lagged.post(value)
+    assert lagged.read() == [1, 0] and lagged.read(latest=True) == [2, 1]
+    lagged.post(torch.tensor([7, 7]))
+    assert lagged.read() == [2, 1] and lagged.read(latest=True) == [7, 7]

@@ -57,13 +57,10 @@ class StopRequest:
         if not dist.is_distributed():
             return self.received is not None
         if self._lagged is None:
-            self._lagged = LaggedRead(torch.device(device))
-            earlier = False
-        else:
-            earlier = bool(self._lagged.read()[0])
-        flag = torch.tensor([float(self.received is not None)], device=device)
-        self._lagged.post(dist.all_reduce_max_(flag))
-        return earlier
+            self._lagged = LaggedRead(device)
+        self._lagged.post(dist.all_reduce_max_(torch.tensor([float(self.received is not None)], device=device)))
+        earlier = self._lagged.read()
+        return earlier is not None and earlier[0] > 0
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
@@ -166,14 +163,15 @@ class UpdateGuard:
         self.posted.post(self.counts)
 
     def check(self, current: bool = False) -> None:
-        """Stop the run (ClipxError) if the counters last posted show ``limit`` refusals in a row;
+        """Stop the run (ClipxError) if the counters posted one step ago show ``limit`` refusals in a row;
         with ``current``, post and read the latest counters now (before a checkpoint is written, so
         none holds a run that had to stop)."""
         if current:
             self.post()
-        if self.posted is None:
+        read = self.posted.read(latest=current) if self.posted is not None else None
+        if read is None:
             return
-        counts = dict(zip(self.COUNTERS, self.posted.read()))
+        counts = dict(zip(self.COUNTERS, read))
         if counts["limit_step"]:
             why = self.CAUSES[counts["limit_cause"]].format(factor=self.spike_factor, mean=self.running_mean())
             raise ClipxError(f"step {counts['limit_step']}: {why}; {self.limit} consecutive steps applied no update "
@@ -213,24 +211,35 @@ class UpdateGuard:
 
 
 class LaggedRead:
-    """A device tensor read on the host one step after it was written, without stalling the device.
+    """A device tensor posted at every step and read on the host one step later, without stalling.
 
     ``post`` starts an asynchronous copy into pinned host memory and records an event; ``read``
-    (at the next step, when the device has usually finished that copy long ago) waits for that
-    event only. On the CPU the copy is immediate."""
+    gives the post before the latest one, whose event the device passed long ago while the latest
+    step was being queued behind it, so waiting for it costs nothing. Two host buffers take turns.
+    On the CPU every copy is immediate.
+    """
 
     def __init__(self, device: torch.device):
-        self.device, self.host, self.done = device, None, None
+        self.device = torch.device(device)
+        self.slots: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []  # the last two posts, oldest first
 
     def post(self, value: torch.Tensor) -> None:
-        if self.host is None:
-            self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=self.device.type == "cuda")
-        self.host.copy_(value.detach(), non_blocking=self.device.type == "cuda")
-        if self.device.type == "cuda":
-            self.done = torch.cuda.Event()
-            self.done.record()
+        cuda = self.device.type == "cuda"
+        host = (self.slots.pop(0)[0] if len(self.slots) == 2
+                else torch.empty(value.shape, dtype=value.dtype, pin_memory=cuda))
+        host.copy_(value.detach(), non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self.slots.append((host, done))
 
-    def read(self) -> list:
-        if self.done is not None:
-            self.done.synchronize()
-        return self.host.tolist() if self.host is not None else []
+    def read(self, latest: bool = False) -> list | None:
+        """The values of the post before the latest one (None before the second post); with
+        ``latest``, of the latest post, waiting for the device to finish it."""
+        if len(self.slots) < (1 if latest else 2):
+            return None
+        host, done = self.slots[-1 if latest else -2]
+        if done is not None:
+            done.synchronize()
+        return host.tolist()

@@ -247,12 +247,12 @@ def case_guards(out_dir: Path) -> dict:
         nan = (step == 2 and rank == 1) or step >= 4
         loss = torch.tensor(float("nan") if nan else 1.0 + rank)
         verdicts.append(bool(guard.judge(loss, torch.tensor(1.0), step)))
+        guard.post()
         try:
             guard.check()  # the previous step's counters, as the loop reads them
         except Exception as error:  # ClipxError: what every rank must raise at the same step
             stopped_at = (step, str(error))
             break
-        guard.post()
     return {"agreed": agreed, "verdicts": verdicts, "stopped_at": stopped_at, "state": guard.state_dict()}
 
 

@@ -50,7 +50,7 @@ def speed(work: Path, rate: float, precision: str, alternations: int, batch: int
             "ratio": medians[f"patch_dropout={rate}"] / medians["none"],
             "ratio_untrimmed": medians[f"patch_dropout={rate}, {untrimmed}"] / medians[f"none, {untrimmed}"],
             # Steady state after compilation (the first 5 steps, compilation among them, are dropped):
-            # what train.compile=auto runs for bf16 runs of >= 2,000 steps.
+            # what train.compile=true runs.
             "ratio_compiled": medians[f"patch_dropout={rate}, {compiled}"] / medians[f"none, {compiled}"],
             "compute_only": compute_only(shards, rate, precision, batch)}
 

@@ -30,11 +30,11 @@ def markdown(results: dict) -> str:
         lines.append(f"- **{precision}: clipx / open_clip = {row['train']['ratio']:.3f}**")
     if "clipx_bf16_over_fp32" in results:
         lines.append(f"- **clipx bf16 / clipx fp32 = {results['clipx_bf16_over_fp32']:.3f}** (end to end, loader included; "
-                     "these 20-step runs, which train.compile=auto leaves eager)")
+                     "eager, as train.compile=auto leaves every run)")
     if "clipx_bf16_long_run_over_fp32" in results:
         lines.append(f"- **clipx bf16 compiled / clipx fp32 = {results['clipx_bf16_long_run_over_fp32']:.3f}** "
-                     "(end to end; what train.compile=auto runs for bf16 runs of >= 2,000 steps, against fp32, "
-                     "which it leaves eager; steady state, compile time in the variants table)")
+                     "(end to end; bf16 with train.compile=true against fp32 eager; steady state, compile time in "
+                     "the variants table)")
     f = next(iter(by_precision.values()))["flops"]
     rates = ", ".join(f"{p} {row['flops']['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s" for p, row in by_precision.items())
     per_sample = f"{f['model_flops_per_sample'] / 1e9:.3f} GFLOP"

@@ -200,8 +200,7 @@ class TrainConfig:
     # (bf16) faster CPU steps here (BENCHMARKS.md). See clipx/train/host_memory.py.
     retain_host_memory: bool = True
     # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
-    # auto: compile bf16 runs of at least COMPILE_AUTO_MIN_STEPS steps (clipx/train/build.py), where
-    # fusing autocast's casts into the elementwise work was measured to repay the compile time.
+    # auto: eager, as compiling was measured not to pay (clipx/train/build.py:compile_choice).
     compile: Union[bool, Literal["auto"]] = "auto"
     # The scaled-dot-product attention kernel. auto: time the run's own attention calls under each
     # kernel at the first step and keep the fastest (clipx/models/attention.py); default: PyTorch's

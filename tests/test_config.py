@@ -57,20 +57,18 @@ def test_a_key_of_two_types_takes_either(value, expected):
     assert load_config(DEMO, [f"train.compile={value}"]).train.compile == expected
 
 
-@pytest.mark.parametrize("overrides, steps, expected", [
-    ({}, 5000, False),  # the default is auto, and auto leaves fp32 eager
-    ({"train.precision": "bf16"}, 5000, True),
-    ({"train.precision": "bf16"}, 1999, False),  # too short to repay compilation
-    ({"train.precision": "bf16", "train.sharding": "fsdp"}, 5000, False),
-    ({"train.precision": "fp16"}, 5000, False),
-    ({"train.compile": True}, 3, True),  # asked for: always
-    ({"train.compile": False, "train.precision": "bf16"}, 5000, False),
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, False),  # the default is auto, and auto leaves runs eager
+    ({"train.precision": "bf16"}, False),  # compiling was measured not to pay in bf16 either
+    ({"train.compile": True}, True),  # asked for: always
+    ({"train.compile": True, "train.precision": "bf16"}, True),
+    ({"train.compile": False, "train.precision": "bf16"}, False),
 ])
-def test_compile_auto_compiles_long_bf16_runs_only(overrides, steps, expected):
+def test_compile_auto_leaves_runs_eager_and_true_compiles(overrides, expected):
     from clipx.train.build import compile_choice
 
     config = load_config(DEMO, [f"{key}={value}" for key, value in overrides.items()])
-    compiled, why = compile_choice(config.train, steps)
+    compiled, why = compile_choice(config.train)
     assert compiled is expected and why
 
 

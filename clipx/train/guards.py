@@ -143,14 +143,14 @@ class UpdateGuard:
         mean_loss = loss_sum / dist.world_size()
         spike = finite & self._is_spike(mean_loss)
         applied = finite & ~spike
-        streak, _, _, _, accepted, limit_step, limit_cause = self.counts.unbind()
+        streak, nonfinites, spikes, overflows, accepted, limit_step, limit_cause = self.counts.unbind()
         refused = nonfinite | spike  # overflows neither count towards the limit nor end a streak
         streak = torch.where(applied, 0, streak + refused.long())
         reached = (limit_step == 0) & (streak >= self.limit)
-        self.counts = torch.stack([
-            streak, self.counts[1] + nonfinite.long(), self.counts[2] + spike.long(),
-            self.counts[3] + overflow.long(), accepted + applied.long(),
-            torch.where(reached, step, limit_step), torch.where(reached, 1 + spike.long(), limit_cause)])
+        self.counts = torch.stack([  # in the order of COUNTERS
+            streak, nonfinites + nonfinite.long(), spikes + spike.long(), overflows + overflow.long(),
+            accepted + applied.long(), torch.where(reached, step, limit_step),
+            torch.where(reached, 1 + spike.long(), limit_cause)])
         decay = self.EMA_DECAY
         self.loss_mean = torch.where(applied, decay * self.loss_mean + (1 - decay) * mean_loss, self.loss_mean)
         # Under fp16 the scaler has synced already (its scale was read): knowing the verdict costs nothing.
@@ -181,7 +181,7 @@ class UpdateGuard:
     def _is_spike(self, loss: torch.Tensor) -> torch.Tensor:
         if self.spike_factor is None:
             return torch.zeros((), dtype=torch.bool, device=loss.device)
-        accepted = self.counts[4]
+        accepted = self.counts[self.COUNTERS.index("accepted")]
         mean = self.loss_mean / (1 - self.EMA_DECAY ** accepted.float()).clamp_min(1e-12)
         return (accepted >= self.spike_warmup) & (loss > self.spike_factor * mean)
 

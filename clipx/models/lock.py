@@ -8,7 +8,8 @@ always trains (it starts random).
 
 Locked means unchanged, BatchNorm statistics included: a BatchNorm layer whose parameters are all
 locked stays in eval mode (it normalises with its pretrained running statistics and never updates
-them), as open_clip's own locking does for ResNet towers.
+them), as open_clip's own locking does for ResNet towers. With LoRA (model.lora_rank) the towers'
+base weights are locked too (``freeze_base_``), their adapters train.
 
 The same groups are the levels of layer-wise learning-rate decay (``train.layer_decay``,
 clipx.train.optim), through ``layer_groups``.
@@ -20,7 +21,10 @@ import re
 
 import torch
 
+from clipx.compat.torch import is_batchnorm
 from clipx.errors import ClipxError
+from clipx.models.lora import is_adapter_key
+from clipx.models.rebuild import batchnorm_as, replace_modules_
 
 _BLOCK = re.compile(r"(?:transformer\.resblocks|encoder\.layer|encoder\.layers)\.(\d+)\.")
 
@@ -59,29 +63,48 @@ def lock_tower(tower: torch.nn.Module, unlocked: int, keep_trainable: tuple[str,
     return frozen
 
 
-class _FrozenBatchNorm:
+class FrozenBatchNorm:
     """Mixin: a BatchNorm that ignores ``train()`` and stays in eval mode. Its state dict is the
     plain BatchNorm's, so checkpoints and exports do not change."""
 
     def train(self, mode: bool = True):
-        return super().train(False)
+        return super().train(False)  # type: ignore[misc]
 
 
 _FROZEN_CLASSES: dict[type, type] = {}
 
 
-def freeze_locked_batchnorm_(module: torch.nn.Module) -> None:
-    """Every BatchNorm in ``module`` whose parameters are all locked keeps its running statistics."""
-    for bn in module.modules():
-        if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) or isinstance(bn, _FrozenBatchNorm):
-            continue
-        if any(p.requires_grad for p in bn.parameters(recurse=False)):
-            continue
-        cls = type(bn)
-        if cls not in _FROZEN_CLASSES:
-            _FROZEN_CLASSES[cls] = type(f"Frozen{cls.__name__}", (_FrozenBatchNorm, cls), {})
-        bn.__class__ = _FROZEN_CLASSES[cls]
-        bn.eval()
+def _frozen(bn: torch.nn.Module) -> torch.nn.Module:
+    """A frozen subclass of ``bn``'s class (one per class: plain, split, synchronised, timm's) holding
+    its parameters, statistics and settings, in eval mode."""
+    cls = type(bn)
+    if cls not in _FROZEN_CLASSES:
+        _FROZEN_CLASSES[cls] = type(f"Frozen{cls.__name__}", (FrozenBatchNorm, cls), {})
+    return batchnorm_as(_FROZEN_CLASSES[cls], bn).eval()
+
+
+def freeze_locked_batchnorm_(module: torch.nn.Module) -> torch.nn.Module:
+    """Put a frozen BatchNorm (eval mode for good) in place of every BatchNorm in ``module`` whose
+    parameters are all locked, so it keeps its running statistics. Returns ``module`` (or its
+    replacement, if ``module`` is itself such a BatchNorm)."""
+    def freeze(bn: torch.nn.Module, _: str):
+        locked = not any(p.requires_grad for p in bn.parameters(recurse=False))
+        return _frozen(bn) if is_batchnorm(bn) and not isinstance(bn, FrozenBatchNorm) and locked else None
+
+    return replace_modules_(module, freeze)
+
+
+def freeze_base_(tower: torch.nn.Module, keep_trainable: tuple[str, ...] = ()) -> int:
+    """Freeze every parameter of ``tower`` but its LoRA adapters and those named in ``keep_trainable``;
+    returns how many parameters were frozen. BatchNorm layers left without trainable parameters keep
+    their running statistics (as locked towers do)."""
+    frozen = 0
+    for name, param in tower.named_parameters():
+        if not is_adapter_key(name) and not name.startswith(keep_trainable):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    freeze_locked_batchnorm_(tower)
+    return frozen
 
 
 def lock_towers(model: torch.nn.Module, cfg) -> None:
@@ -92,8 +115,6 @@ def lock_towers(model: torch.nn.Module, cfg) -> None:
     if (cfg.lock_image or cfg.lock_text) and not hasattr(model, "text"):
         raise ClipxError("model.lock_image and model.lock_text apply to image-text models (loss.name clip or siglip)")
     if cfg.lora_rank:
-        from clipx.models.lora import freeze_base_
-
         freeze_base_(model.visual)
         freeze_base_(model.text, ("proj",) if cfg.text_tower == "hf" else ())
     if cfg.lock_image:

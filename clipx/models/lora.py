@@ -15,12 +15,16 @@ timm's ``blocks.N``):
 - ``mlp``: every other ``nn.Linear`` of the blocks (open_clip's ``mlp.c_fc`` / ``mlp.c_proj``,
   BERT's ``intermediate.dense`` / ``output.dense``).
 
-Adapted modules keep their class's behaviour and their parameters, so base weight names do not
+Adapted modules are rebuilt as subclasses of their class holding the same parameters
+(clipx/models/rebuild.py), so they keep their class's behaviour and base weight names do not
 change (pretrained loading, open_clip / transformers key layouts, exports); the adapter of a
 ``nn.Linear`` at path P is ``P.lora_A`` / ``P.lora_B`` (PEFT's names), that of an attention's packed
 projection ``P.in_proj_lora_A`` / ``P.in_proj_lora_B``, so an adapter's base weight is its key with
 ``lora_A.weight`` replaced by ``weight`` in both cases. Adapters live inside the blocks, so FSDP's
 per-block units shard them with their base weights.
+
+Freezing the base weights is locking's business (clipx/models/lock.py:freeze_base_, which
+imports this module; this module imports nothing of locking).
 
 ``merged_state_dict`` folds adapters into their base weights (what every export writes);
 ``peft_state`` names them as PEFT's adapter files do (``clipx export --format lora``,
@@ -35,10 +39,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from clipx.config_rules import LORA_TARGETS as TARGETS  # noqa: F401 (re-exported)
+from clipx.config_schema import LORA_TARGETS as TARGETS  # noqa: F401 (re-exported)
 from clipx.errors import ClipxError
 from clipx.models.fused_attention import FusedSelfAttention
-from clipx.models.lock import freeze_locked_batchnorm_
+from clipx.models.rebuild import META, adopt, replace_modules_
 
 _IN_BLOCK = re.compile(r"(?:^|\.)\d+(?:\.|$)")
 _ADAPTER_KEY = re.compile(r"(?:^|\.|_)lora_[AB]\.weight$")
@@ -107,6 +111,22 @@ def _lora_linear_class(cls: type) -> type:
     return _LINEAR_CLASSES[cls]
 
 
+def _adapted_linear(linear: nn.Linear, rank: int, alpha: float, dropout: float) -> nn.Module:
+    """A LoRA subclass of ``linear``'s class holding its weight and bias, with a fresh adapter."""
+    new = adopt(_lora_linear_class(type(linear))(linear.in_features, linear.out_features,
+                                                 bias=linear.bias is not None, device=META), linear)
+    _attach(new, "", linear.in_features, linear.out_features, rank, alpha, dropout, linear.weight)
+    return new
+
+
+def _adapted_attention(attention: FusedSelfAttention, rank: int, alpha: float, dropout: float) -> nn.Module:
+    """A ``LoRASelfAttention`` holding ``attention``'s parameters, with a fresh adapter on its packed projection."""
+    new = LoRASelfAttention.from_attention(attention)
+    _attach(new, "in_proj_", attention.embed_dim, 3 * attention.embed_dim, rank, alpha, dropout,
+            attention.in_proj_weight)
+    return new
+
+
 def _is_attention(path: str) -> bool:
     return any("attn" in part or "attention" in part for part in path.split("."))
 
@@ -115,28 +135,29 @@ def add_lora_(tower: nn.Module, rank: int, alpha: float, dropout: float, targets
               what: str = "tower") -> int:
     """Adapt ``tower``'s attention and/or MLP layers (``targets``) in place; returns how many layers
     were adapted. Refuses a tower in which the targets name nothing (e.g. a ModifiedResNet, no blocks)."""
-    adapted = 0
-    for name, module in list(tower.named_modules()):
+    adapted = []
+
+    def adapt(module: nn.Module, name: str) -> Optional[nn.Module]:
         if not _IN_BLOCK.search(name) or isinstance(module, (LoRALinear, LoRASelfAttention)):
-            continue
+            return None
         if isinstance(module, nn.MultiheadAttention):
             if "attn" not in targets:
-                continue
+                return None
             if type(module) is not FusedSelfAttention:
                 raise ClipxError(f"model.lora_targets: the {what}'s attention {name} is not a packed self-attention "
                                  "that LoRA can adapt; leave attn out of model.lora_targets")
-            _attach(module, "in_proj_", module.embed_dim, 3 * module.embed_dim, rank, alpha, dropout,
-                    module.in_proj_weight)
-            module.__class__ = LoRASelfAttention
-            adapted += 1
-        elif isinstance(module, nn.Linear) and ("attn" if _is_attention(name) else "mlp") in targets:
-            _attach(module, "", module.in_features, module.out_features, rank, alpha, dropout, module.weight)
-            module.__class__ = _lora_linear_class(type(module))
-            adapted += 1
+            adapted.append(name)
+            return _adapted_attention(module, rank, alpha, dropout)
+        if isinstance(module, nn.Linear) and ("attn" if _is_attention(name) else "mlp") in targets:
+            adapted.append(name)
+            return _adapted_linear(module, rank, alpha, dropout)
+        return None
+
+    replace_modules_(tower, adapt)  # a block's paths are never "", so the tower itself stays
     if not adapted:
         raise ClipxError(f"model.lora_targets {list(targets)} found no layers to adapt in the {what} "
                          f"({type(tower).__name__}: LoRA adapts transformer blocks); set model.lora_rank=0")
-    return adapted
+    return len(adapted)
 
 
 def add_model_lora_(model: nn.Module, cfg) -> nn.Module:
@@ -146,19 +167,6 @@ def add_model_lora_(model: nn.Module, cfg) -> nn.Module:
             add_lora_(getattr(model, what), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                       tuple(cfg.lora_targets), f"{what} tower")
     return model
-
-
-def freeze_base_(tower: nn.Module, keep_trainable: tuple[str, ...] = ()) -> int:
-    """Freeze every parameter of ``tower`` but its adapters and those named in ``keep_trainable``;
-    returns how many parameters were frozen. BatchNorm layers left without trainable parameters keep
-    their running statistics (as locked towers do)."""
-    frozen = 0
-    for name, param in tower.named_parameters():
-        if not is_adapter_key(name) and not name.startswith(keep_trainable):
-            param.requires_grad_(False)
-            frozen += param.numel()
-    freeze_locked_batchnorm_(tower)
-    return frozen
 
 
 def _adapted(model: nn.Module):

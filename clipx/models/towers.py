@@ -11,6 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
+from clipx.compat.open_clip import build_text_tower, build_vision_tower
 from clipx.errors import ClipxError
 from clipx.models.fused_attention import fuse_self_attention_
 
@@ -21,11 +22,10 @@ def build_open_clip_vision(arch: dict, patch_dropout: float = 0.0) -> nn.Module:
     Its self-attention runs through ``FusedSelfAttention`` (same parameters, fewer copies).
     ``patch_dropout`` (model.patch_dropout): the fraction of patches a ViT drops in training, through
     open_clip's own PatchDropout; the architecture dict (and so an export) is left without it."""
-    from open_clip.model import _build_vision_tower
     from open_clip.transformer import VisionTransformer
 
     vision_cfg = {**arch["vision_cfg"], "patch_dropout": patch_dropout} if patch_dropout else arch["vision_cfg"]
-    tower = _build_vision_tower(arch["embed_dim"], vision_cfg, quick_gelu=arch.get("quick_gelu", False))
+    tower = build_vision_tower(arch["embed_dim"], vision_cfg, quick_gelu=arch.get("quick_gelu", False))
     if patch_dropout and not isinstance(tower, VisionTransformer):
         raise ClipxError(f"model.patch_dropout drops ViT patches; this image tower is a {type(tower).__name__}")
     return fuse_self_attention_(tower)
@@ -33,14 +33,12 @@ def build_open_clip_vision(arch: dict, patch_dropout: float = 0.0) -> nn.Module:
 
 def build_open_clip_text(arch: dict) -> nn.Module:
     """open_clip's text transformer for an architecture dict, with ``FusedSelfAttention``. tokens (B, L) -> (B, E)."""
-    from open_clip.model import _build_text_tower
-
     if arch["text_cfg"].get("hf_model_name"):
         raise ClipxError(
             "this open_clip architecture uses a Hugging Face text model; set model.text_tower=hf and "
             "model.hf_text_path to a local copy of it"
         )
-    tower = _build_text_tower(arch["embed_dim"], arch["text_cfg"], quick_gelu=arch.get("quick_gelu", False))
+    tower = build_text_tower(arch["embed_dim"], arch["text_cfg"], quick_gelu=arch.get("quick_gelu", False))
     # Token batches may end before the context length (data.trim_padding). open_clip slices its
     # positional embedding to the batch's length, but hands its blocks the causal mask at full
     # context size unless it also builds a padding mask.
@@ -85,7 +83,7 @@ class HFTextTower(nn.Module):
             # reaches, which DDP rejects at the first step; drop it rather than make every DDP run
             # search for unused parameters. Checkpoints that still hold it load (see below).
             self.transformer.pooler = None
-            self._register_load_state_dict_pre_hook(_drop_pooler_weights)
+            self.register_load_state_dict_pre_hook(_drop_pooler_weights)
         self.pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         self.pooling = pooling
         self.proj = nn.Linear(self.config.hidden_size, embed_dim, bias=False)
@@ -101,7 +99,7 @@ class HFTextTower(nn.Module):
         return self.proj(pooled)
 
 
-def _drop_pooler_weights(state_dict, prefix, *args) -> None:
+def _drop_pooler_weights(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Load-time hook: ignore the pooler weights of checkpoints written while the pooler was kept."""
     for key in [k for k in state_dict if k.startswith(prefix + "transformer.pooler.")]:
         del state_dict[key]

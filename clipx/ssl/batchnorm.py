@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipx import dist
+from clipx.models.rebuild import batchnorm_as, replace_modules_
 
 
 class _SplitBatchNorm:
@@ -52,14 +53,19 @@ class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):
 
 
 def split_batchnorm_(module: nn.Module, splits: int) -> nn.Module:
-    """Turn every BatchNorm1d/2d of ``module`` (in place) into its split version; returns ``module``."""
+    """Put a split BatchNorm holding the same parameters and statistics in place of every plain
+    BatchNorm1d/2d of ``module``; returns ``module`` (the new layer if ``module`` is itself one)."""
     if splits == 1:
         return module
-    for bn in module.modules():
-        if type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            bn.__class__ = SplitBatchNorm1d if isinstance(bn, nn.BatchNorm1d) else SplitBatchNorm2d
-            bn.splits = splits
-    return module
+
+    def split(bn: nn.Module, _: str):
+        if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d):
+            return None
+        new = batchnorm_as(SplitBatchNorm1d if type(bn) is nn.BatchNorm1d else SplitBatchNorm2d, bn)
+        new.splits = splits
+        return new
+
+    return replace_modules_(module, split)
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from clipx.compat.torch import fused_step_skipped_where
 from clipx.errors import ClipxError
 from clipx.models.lock import layer_groups
 
@@ -84,10 +85,7 @@ def step_optimizer(optimizer, verdict, scaler) -> None:
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
     if scaler is None and inner.defaults.get("fused"):
-        inner.grad_scale, inner.found_inf = None, (~verdict.applied).to(torch.float32)
-        try:
+        with fused_step_skipped_where(inner, (~verdict.applied).to(torch.float32)):
             optimizer.step()
-        finally:
-            inner.found_inf = None
     elif verdict:
         optimizer.step()

@@ -12,7 +12,7 @@ Compiling pays after
 
     (compiled first step - eager first step) / (eager seconds per step - compiled seconds per step)
 
-steps, the figure `train.compile: auto`'s threshold (clipx/train/build.py) is set from.
+steps, the figure behind `train.compile`'s default, false (clipx/config_schema.py).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
 Speed: clipx on `make bench`'s work (configs/bench-small.yaml, its shards, batch 128, 20 steps,
 first 5 dropped), with and without `model.patch_dropout`, runs alternating, medians; both also with
-token batches at full context (`data.trim_padding=false`), and compiled (`train.compile=true`, what
-`train.compile: auto` picks for long bf16 runs; its compilation falls in the dropped steps).
+token batches at full context (`data.trim_padding=false`), and compiled (`train.compile=true`; its
+compilation falls in the dropped steps).
 Learning: the digits demo's training (configs/demo-digits.yaml, 600 steps, the demo's precision
 choice) without patch dropout, with it, and with it plus FLIP's unmasked tuning over the last 10%
 of the steps; zero-shot top-1 on the held-out digits at equal steps, and each run's wall time.

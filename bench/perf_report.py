@@ -30,7 +30,7 @@ def markdown(results: dict) -> str:
         lines.append(f"- **{precision}: clipx / open_clip = {row['train']['ratio']:.3f}**")
     if "clipx_bf16_over_fp32" in results:
         lines.append(f"- **clipx bf16 / clipx fp32 = {results['clipx_bf16_over_fp32']:.3f}** (end to end, loader included; "
-                     "eager, as train.compile=auto leaves every run)")
+                     "eager, as the default train.compile=false leaves every run)")
     if "clipx_bf16_long_run_over_fp32" in results:
         lines.append(f"- **clipx bf16 compiled / clipx fp32 = {results['clipx_bf16_long_run_over_fp32']:.3f}** "
                      "(end to end; bf16 with train.compile=true against fp32 eager; steady state, compile time in "

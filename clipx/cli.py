@@ -1,4 +1,4 @@
-"""`clipx prep|train|eval|demo`: parse arguments, call the library, turn ClipxError into one line."""
+"""`clipx prep|train|eval|demo|...`: parse arguments, call the library, turn ClipxError into one line."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from clipx.apps.checkpoint_cli import add_checkpoint_commands, add_precision, add_weights
 from clipx.apps.prep_cli import add_prep
 from clipx.apps.text_eval import add_text_eval
 from clipx.errors import ClipxError
@@ -40,9 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_demo(commands)
     _add_plan(commands)
-    _add_export(commands)
-    _add_consolidate(commands)
-    _add_encode(commands)
+    _add_config(commands)
+    add_checkpoint_commands(commands)
     _add_report(commands)
     _add_wise_ft(commands)
     table = commands.add_parser("table", help="Markdown table of demo results.json files")
@@ -66,12 +66,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
+    from clipx.apps.run_hooks import run_hooks
     from clipx.config import load_config
     from clipx.train.guards import EXIT_PREEMPTED
     from clipx.train.loop import train
 
     config = load_config(args.config, args.overrides)
-    summary = train(config, resume=args.resume)
+    summary = train(config, resume=args.resume, hooks=run_hooks())  # evaluation during training, plots
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     if summary["preempted"]:
         print(f"stopped by a signal at step {summary['steps']} after saving {summary['checkpoint']}; continue with "
@@ -94,8 +95,8 @@ def _add_eval(commands) -> None:
         sub.add_argument("--label-key", default="label", help="field of the .json holding the class index")
         sub.add_argument("--batch-size", type=int, default=256)
         sub.add_argument("--workers", type=int, default=2)
-        _add_precision(sub)
-        _add_weights(sub)
+        add_precision(sub)
+        add_weights(sub)
         if task == "knn":
             sub.add_argument("--k", type=int, default=20)
             sub.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
@@ -108,8 +109,8 @@ def _add_eval(commands) -> None:
         sub.add_argument("--out", required=True, help="JSON file to write")
         sub.add_argument("--batch-size", type=int, default=256)
         sub.add_argument("--workers", type=int, default=2)
-        _add_precision(sub)
-        _add_weights(sub)
+        add_precision(sub)
+        add_weights(sub)
         if task == "zero-shot":
             sub.add_argument("--templates", default=None,
                              help="shipped name (digits, imagenet) or YAML path; default: the checkpoint's eval.templates")
@@ -118,19 +119,8 @@ def _add_eval(commands) -> None:
                              "images are left out); default: the checkpoint's eval.classes, else every class")
         sub.set_defaults(func=_eval)
     for sub in add_text_eval(tasks):
-        _add_precision(sub)
-        _add_weights(sub)
-
-
-def _add_weights(parser) -> None:
-    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
-                        help="the trained weights (raw) or their moving average (ema, train.ema_decay); "
-                        "auto: ema when the checkpoint has it")
-
-
-def _add_precision(parser) -> None:
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="the towers' arithmetic (bf16: autocast; features and metrics stay fp32)")
+        add_precision(sub)
+        add_weights(sub)
 
 
 def _eval(args) -> int:
@@ -162,8 +152,6 @@ def _eval(args) -> int:
     return 0
 
 
-# ---- demo -------------------------------------------------------------------------------------
-
 def _eval_probe(args) -> int:
     from clipx.api import choose_weights, load_model
     from eval.image_probes import knn_eval, labelled_features, linear_probe_eval
@@ -182,6 +170,8 @@ def _eval_probe(args) -> int:
     print(json.dumps(results, indent=2))
     return 0
 
+
+# ---- demo -------------------------------------------------------------------------------------
 
 def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="digits end to end: prep, train, evaluate, results.json")
@@ -211,90 +201,6 @@ def _demo(args) -> int:
                        shuffle_captions=args.shuffle_captions)
     print_table(results)
     print(f"wrote {Path(args.out) / 'results.json'}")
-    return 0
-
-
-def _add_export(commands) -> None:
-    export = commands.add_parser("export", help="write a checkpoint in another tool's format")
-    export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
-    export.add_argument("--format", required=True, choices=["open_clip", "hf", "lora", "sentence-transformers"],
-                        help="open_clip: a local-dir:DIR folder (open_clip_config.json + safetensors); "
-                        "hf: a transformers CLIPModel folder with its tokenizer and image processor "
-                        "(both with LoRA adapters merged in); lora: a LoRA run's adapters alone, in PEFT's layout; "
-                        "sentence-transformers: a transformers text tower with its pooling and projection")
-    export.add_argument("--out", required=True, help="directory to write")
-    _add_weights(export)
-    export.set_defaults(func=_export)
-
-
-def _export(args) -> int:
-    from clipx.api import choose_weights
-
-    weights = choose_weights(args.checkpoint, args.weights)
-    if args.format == "lora":
-        from clipx.apps.export_lora import export_lora
-
-        out = export_lora(args.checkpoint, args.out, weights)
-        print(f"wrote {out} ({weights} weights): LoRA adapters in PEFT's layout (peft.PeftModel.from_pretrained)")
-        return 0
-    if args.format == "sentence-transformers":
-        from clipx.apps.export_sentence import export_sentence_transformers
-
-        out = export_sentence_transformers(args.checkpoint, args.out, weights)
-        print(f"wrote {out} ({weights} weights): transformers.AutoModel.from_pretrained('{out}') plus its pooling "
-              f"and projection, or sentence_transformers.SentenceTransformer('{out}')")
-        return 0
-    if args.format == "hf":
-        from clipx.apps.export_hf import export_hf
-
-        out = export_hf(args.checkpoint, args.out, weights)
-        print(f"wrote {out} ({weights} weights): load it with transformers.CLIPModel.from_pretrained('{out}')")
-        return 0
-    from clipx.apps.export import export_open_clip
-
-    out = export_open_clip(args.checkpoint, args.out, weights)
-    print(f"wrote {out} ({weights} weights): load it with open_clip.create_model_and_transforms('local-dir:{out}')")
-    return 0
-
-
-def _add_consolidate(commands) -> None:
-    consolidate = commands.add_parser("consolidate", help="join a sharded (FSDP) checkpoint's model into one file")
-    consolidate.add_argument("checkpoint", help="checkpoint directory (or a run directory: its latest)")
-    consolidate.add_argument("--out", default=None, help="file to write (default CHECKPOINT/model.safetensors; "
-                             "an EMA model goes beside it, as model_ema.safetensors or OUT's stem + _ema)")
-    consolidate.set_defaults(func=_consolidate)
-
-
-def _consolidate(args) -> int:
-    from clipx.api import consolidate
-    from clipx.run_layout import as_checkpoint, model_shards
-
-    print(f"wrote {consolidate(args.checkpoint, args.out)}")
-    if model_shards(as_checkpoint(args.checkpoint), "ema"):  # train.ema_decay: the EMA model too, beside it
-        ema_out = None if args.out is None else Path(args.out).with_name(Path(args.out).stem + "_ema.safetensors")
-        print(f"wrote {consolidate(args.checkpoint, ema_out, 'ema')}")
-    return 0
-
-
-def _add_encode(commands) -> None:
-    encode = commands.add_parser("encode", help="embed images and/or texts into .npy or .parquet")
-    encode.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory: its latest)")
-    encode.add_argument("--images", help="a glob of image files (quote it), or shards: a .tar pattern or folder")
-    encode.add_argument("--texts", help="a text file, one text per line")
-    encode.add_argument("--out", required=True, help="FILE.npy (plus FILE.npy.ids.json) or FILE.parquet")
-    encode.add_argument("--batch-size", type=int, default=256)
-    encode.add_argument("--workers", type=int, default=2)
-    _add_precision(encode)
-    _add_weights(encode)
-    encode.set_defaults(func=_encode)
-
-
-def _encode(args) -> int:
-    from clipx.apps.encode import encode
-
-    summary = encode(args.checkpoint, args.out, images=args.images, texts=args.texts, batch_size=args.batch_size,
-                     workers=args.workers, precision=args.precision, weights=args.weights)
-    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -331,8 +237,8 @@ def _add_wise_ft(commands) -> None:
                       "fine-tuned run's eval.templates)")
     wise.add_argument("--batch-size", type=int, default=256)
     wise.add_argument("--workers", type=int, default=2)
-    _add_precision(wise)
-    _add_weights(wise)
+    add_precision(wise)
+    add_weights(wise)
     wise.set_defaults(func=_wise_ft)
 
 
@@ -392,6 +298,23 @@ def _plan(args) -> int:
         raise ClipxError("--world-size must be >= 1 and --global-batch at least the world size")
     config = load_config(args.config, args.overrides)
     print(plan_memory(config, args.world_size, args.global_batch).table())
+    return 0
+
+
+def _add_config(commands) -> None:
+    config = commands.add_parser("config", help="the reference of every config key (docs/CONFIG.md)")
+    config.add_argument("--reference", action="store_true", required=True,
+                        help="write the Markdown reference: each key's type, allowed values, default and meaning")
+    config.add_argument("--out", default=None, help="file to write, e.g. docs/CONFIG.md (default: stdout)")
+    config.set_defaults(func=_config)
+
+
+def _config(args) -> int:
+    from clipx.apps.config_reference import all_keys, write_reference
+
+    write_reference(args.out)
+    if args.out is not None:
+        print(f"wrote {args.out} ({len(all_keys())} keys)")
     return 0
 
 

@@ -1,17 +1,17 @@
 """Typed, immutable run configuration: YAML file + dotted ``key=value`` overrides.
 
 ``load_config`` validates everything before any model, data loader or process group exists, so
-a typo in a key or a value of the wrong type costs a one-line error, not a crashed job.
+a typo in a key or a value of the wrong type costs a one-line error, not a crashed job. The
+sections themselves live in clipx/config_schema.py (importable from here too); this module reads,
+upgrades (the keys and values of older configs), validates, resolves and writes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any
 
 import yaml
 
@@ -25,308 +25,31 @@ from clipx.config_io import (
     suggest,
 )
 from clipx.config_rules import validate
+from clipx.config_schema import (
+    ATTENTION_SETTINGS,
+    BATCHNORM_MODES,
+    GATHER_MODES,
+    LORA_TARGETS,
+    Config,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    GatherMode,
+    LossConfig,
+    MixMode,
+    MoCoConfig,
+    ModelConfig,
+    SSLConfig,
+    SwAVConfig,
+    TrainConfig,
+    ViewsConfig,
+)
 from clipx.errors import ClipxError
 
-# loss.gather: none, each rank sees only its own negatives; global, full (N, N) logits on every rank;
-# local, this rank's rows against all gathered columns, (B, N) logits per rank.
-GatherMode = Literal["none", "global", "local"]
-GATHER_MODES: tuple[str, ...] = typing.get_args(GatherMode)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    # An open_clip architecture name ("ViT-B-32", "RN50", ...) or a path to an open_clip-style model
-    # JSON (embed_dim, vision_cfg, text_cfg). Relative paths resolve against the YAML file's folder.
-    name: str = "ViT-B-32"
-    # The resolved architecture, filled in by load_config so that a checkpoint's config.yaml alone
-    # rebuilds the model, wherever the original JSON lived.
-    arch: Optional[dict] = None
-    # "open_clip": the text tower described by arch["text_cfg"];
-    # "hf": a transformers model from a local directory (hf_text_path) plus a linear projection.
-    text_tower: Literal["open_clip", "hf"] = "open_clip"
-    hf_text_path: Optional[str] = None
-    hf_pooling: Literal["mean", "cls"] = "mean"
-    hf_context_length: int = 64
-    init_temperature: float = 0.07  # CLIP: 0.07 (scale 1/0.07); SigLIP: 0.1 (scale 10)
-    max_logit_scale: float = 100.0
-    init_logit_bias: Optional[float] = None  # SigLIP's learnable bias, -10 in the paper; None: no bias
-    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
-    # Initial weights from local disk, for training only: a clipx run or checkpoint directory, an
-    # open_clip folder (open_clip_config.json + safetensors, e.g. from `clipx export`), a Hugging Face
-    # CLIPModel folder, or a .safetensors file in open_clip or clipx names. The architecture must match.
-    pretrained: Optional[str] = None
-    # Locked (frozen) towers, as in LiT: all of a tower's weights except its last N layer groups
-    # (vision: stem, each block, head; text: embeddings, each block, final norm + projection; a
-    # transformers text tower: embeddings, each layer; clipx's projection of it stays trainable).
-    lock_image: bool = False
-    lock_image_unlocked_groups: int = 0
-    lock_text: bool = False
-    lock_text_unlocked_layers: int = 0
-    # FLIP (Li et al. 2023): every training forward drops this fraction of the image patches at
-    # random (the class token stays), so the image tower runs on fewer tokens; evaluation sees them
-    # all. 0 disables. open_clip ViT image towers only.
-    patch_dropout: float = 0.0
-    # FLIP's unmasked tuning: the last N optimizer steps of the run train on every patch, closing
-    # the gap between masked training and unmasked evaluation.
-    patch_dropout_unmasked_steps: int = 0
-    # LoRA (Hu et al. 2021; clipx/models/lora.py): low-rank adapters of this rank on both towers'
-    # blocks, whose base weights are then frozen (the logit scale, a transformers tower's projection
-    # and heads outside the towers still train); exports merge them in. 0: off.
-    lora_rank: int = 0
-    # Adapter outputs are scaled by alpha / rank. Hu et al. fix alpha at the first rank tried and do
-    # not tune it, so a new rank needs no new learning rate; 8 is PEFT's default (with its r = 8).
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0  # dropout on the adapters' input (Hu et al. used 0.1 on GPT-2; PEFT's default 0)
-    # Which layers of each tower's blocks get adapters: attn (q/k/v and output projections), mlp.
-    # Hu et al. adapt attention only; both is the common choice for vision towers (more capacity, same rank).
-    lora_targets: tuple = ("attn", "mlp")
-    # Dropout on the residual stream after each block of an open_clip text transformer of a text-only
-    # model, in training only: SimCSE's one augmentation. None: the method's default (SimCSE: 0.1,
-    # BERT's own rate that Gao et al. 2021 kept). A transformers tower keeps its own config's dropout.
-    text_dropout: Optional[float] = None
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train: str = ""  # shard pattern with brace expansion, e.g. "data/train/shard-{000000..000099}.tar"
-    val: Optional[str] = None  # validation shards for evaluation during training
-    # Samples per epoch; None reads sizes.json beside the shards.
-    train_num_samples: Optional[int] = None
-    resampled: bool = False  # sample shards with replacement (seeded) instead of splitting them
-    workers: int = 2  # data-loader worker processes per rank
-    shuffle_buffer: int = 2000  # samples held in the shuffle buffer of each worker
-    crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 disables the crop
-    # RandAugment (Cubuk et al. 2020; torchvision's): "N,M", N random ops at magnitude M (0..30) on
-    # every training image after its crop, the SSL views and CLIP's image alike. Its draws come from
-    # the per-sample seeded generator (clipx/data/pipeline.py:sample_rng). None: off.
-    randaugment: Optional[str] = None
-    # Several captions per sample (clipx/data/captions.py): {source: weight}, a source being "txt"
-    # (the .txt member's lines) or a .json field; each sample draws one caption per epoch. None: the
-    # first line of the .txt.
-    caption_keys: Optional[dict] = None
-    # Hard negatives (NegCLIP): each sample's negative caption, from its .neg.txt member ("neg.txt")
-    # or a .json field, joins the text columns of the image-to-text loss. None: off.
-    hard_negative_key: Optional[str] = None
-    # Text pairs (loss.name simcse): a sample's second text, its supervised positive, from its
-    # .pos.txt member ("pos.txt") or a .json field; a sample without one is paired with itself.
-    positive_key: str = "pos.txt"
-    # Training token batches end after their longest text (rounded up to 16) instead of at the
-    # context length, where the text tower cannot see padding (clipx/data/tokenizer.py).
-    trim_padding: bool = True
-    # Stop the run when more than this share of an epoch's inputs is skipped (corrupt, undecodable,
-    # captionless...): a mostly broken data set should not quietly train on what is left. None: never.
-    max_skip_fraction: Optional[float] = 0.1
-    # Shard URLs "pipe:CMD" run a shell command per shard; refused unless set.
-    allow_pipe_urls: bool = False
-    # Remote shards (credentials from the environment, never here). endpoint_url: an S3-compatible
-    # store (None: AWS or AWS_ENDPOINT_URL); then seconds to connect and per read, attempts per
-    # request, the first retry's delay (doubling), bytes per ranged read; and a local shard cache
-    # with its byte budget (None: unbounded), least recently used evicted first.
-    endpoint_url: Optional[str] = None
-    io_timeout: float = 60.0
-    io_retries: int = 5
-    io_backoff: float = 0.5
-    io_block_bytes: int = 8 << 20
-    cache_dir: Optional[str] = None
-    cache_bytes: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    name: str = "clip"
-    # none: each rank sees only its own negatives; global: full (N, N) logits on every rank;
-    # local: this rank's rows against all gathered columns, (B, N) logits per rank.
-    gather: GatherMode = "local"
-    # slip: the weight of the image tower's SimCLR term (NT-Xent on two views, at ssl.temperature)
-    # added to the CLIP loss; SLIP used 1.0.
-    ssl_weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Knowledge distillation from a frozen teacher CLIP (clipx/methods/distill.py), on any
-    image-text method: weight x KL(teacher || student) of the similarity softmaxes, both directions.
-
-    The teacher runs online (``teacher``: a clipx run or checkpoint, an open_clip folder or a
-    transformers CLIPModel folder) or was run once by ``clipx prep embed-teacher``, whose shards
-    carry each sample's teacher embeddings in a ``teacher.npy`` member (``embedded: true``).
-    """
-
-    teacher: Optional[str] = None
-    embedded: bool = False
-    weight: float = 1.0  # added to the method's own loss (open_clip's DistillClipLoss sums them too)
-    # The teacher's logit scale (exp'd) for its logits; None: the online teacher's own, or the one
-    # embed-teacher recorded in teacher.json beside the shards.
-    teacher_logit_scale: Optional[float] = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.teacher is not None or self.embedded
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 256  # per device; per micro-batch when accum_steps > 1
-    steps: Optional[int] = None  # total optimizer steps; wins over epochs
-    epochs: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    grad_clip_norm: Optional[float] = None
-    # Keep an fp32 moving average of the trainable weights, ema <- d * ema + (1 - d) * w after each
-    # applied step; evaluation during training and consumers (--weights auto) then use it. None: off.
-    ema_decay: Optional[float] = None
-    # Layer-wise learning-rate decay (BEiT) for fine-tuning pretrained towers: a tower's group k
-    # levels below its head (final norm, projection) trains at lr * layer_decay**k. None or 1: off.
-    layer_decay: Optional[float] = None
-    # K micro-batches per optimizer step. features (GradCache): the loss sees all K x B samples as one
-    # batch, at micro-batch memory, for one extra forward pass; naive: K separate losses of B
-    # samples each (fewer negatives: not the same objective), gradients summed.
-    accum_steps: int = 1
-    accum_mode: Literal["features", "naive"] = "features"
-    precision: Literal["no", "bf16", "fp16"] = "no"
-    # fp16: the loss scaler's first scale. Overflowing steps halve it (they apply no update and are
-    # counted as overflow_steps); 2000 clean steps double it.
-    fp16_init_scale: float = 65536.0
-    seed: int = 0
-    threads: Optional[int] = None  # torch intra-op threads per process; None keeps torch's default
-    # Recompute tower activations in backward instead of storing them: less memory, ~30% more compute.
-    grad_checkpointing: bool = False
-    # Keep freed host memory in the process during the run (glibc malloc tuning): 11% (fp32) and 14%
-    # (bf16) faster CPU steps here (BENCHMARKS.md). See clipx/train/host_memory.py.
-    retain_host_memory: bool = True
-    # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
-    # auto: eager, as compiling was measured not to pay (clipx/train/build.py:compile_choice).
-    compile: Union[bool, Literal["auto"]] = "auto"
-    # The scaled-dot-product attention kernel. auto: time the run's own attention calls under each
-    # kernel at the first step and keep the fastest (clipx/models/attention.py); default: PyTorch's
-    # rules; or one kernel by name: SDPA's, or explicit (scores, softmax, weighted sum as plain ops;
-    # clipx's own towers only, others keep PyTorch's pick).
-    attention: Literal["auto", "default", "math", "flash", "efficient", "cudnn", "explicit"] = "auto"
-    # ddp: every rank holds the whole model. fsdp: FSDP2 (torch's fully_shard) shards parameters,
-    # gradients and optimizer state over the ranks, per transformer block and tower.
-    sharding: Literal["ddp", "fsdp"] = "ddp"
-    fsdp_reshard_after_forward: bool = True  # free gathered blocks after forward (less memory, one more gather)
-    fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in host memory
-    output_dir: str = "runs/train"
-    checkpoint_every: int = 1000  # steps; the final step is always saved
-    keep_checkpoints: Optional[int] = None  # newest N kept (pruned after a new one is complete); None: all
-    # On SIGTERM/SIGINT every rank saves at the same step and the run exits with status 75; if the
-    # save takes longer than this, the process exits anyway (the previous checkpoint stays complete).
-    preempt_grace_s: float = 120.0
-    # Steps whose loss or gradient norm is not finite apply no update; this many in a row stop the run.
-    max_nonfinite_steps: int = 5
-    # A step whose loss exceeds this multiple of the running mean loss (EMA of accepted steps) is a
-    # spike: like a non-finite step it applies no update and counts towards max_nonfinite_steps.
-    # Judged after loss_spike_warmup steps. None: off.
-    loss_spike_factor: Optional[float] = None
-    loss_spike_warmup: int = 100
-    # Write every step's sample keys to sample_keys.rank{N}.jsonl (an audit trail of what was trained on).
-    log_sample_keys: bool = False
-    log_every: int = 10
-    # Draw the run's PNG plots (RUN_DIR/plots, for `clipx report`) when it ends. Drawing takes seconds;
-    # many seconds-long runs (the combination matrix) leave it off.
-    plots: bool = True
-    # Also log to Weights & Biases under this project (needs `pip install wandb`; offline unless
-    # WANDB_MODE says otherwise). None: TensorBoard and metrics.jsonl only.
-    wandb_project: Optional[str] = None
-    # A collective (all-gather, all-reduce) that waits longer than this fails with an error naming
-    # the rank, instead of hanging the job.
-    collective_timeout_s: int = 1800
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    every: int = 0  # steps between evaluations during training; 0 evaluates only after the last step
-    zero_shot: bool = True
-    retrieval: bool = True
-    # Class names and prompt templates: a name shipped in clipx/templates ("digits", "imagenet")
-    # or a path to a YAML file with `classnames` and `templates`.
-    templates: str = "digits"
-    label_key: str = "label"  # field of each sample's .json (or a .cls member) holding the class index (also SupCon's)
-    # The task's classes, as label indices into the class names: zero-shot evaluation leaves the
-    # other samples out and chooses among these classes only; a classifier (loss.name: classify)
-    # has one output per class, in this order; class prompts (data.caption_keys: class_prompt) are
-    # made for these. None: every class of eval.templates.
-    classes: Optional[tuple] = None
-    batch_size: int = 256
-
-
-@dataclass(frozen=True)
-class ViewsConfig:
-    """ssl.views: the augmented views an image-only method trains on."""
-
-    recipe: Literal["simclr", "mocov2"] = "simclr"  # colour jitter strengths and blur of the views
-    count: int = 2  # global views
-    # The global views' crop lower scale bound (SimCLR: 0.08); None: data.crop_scale_min. SLIP sets
-    # it apart from data.crop_scale_min, which is then the captioned image's own, milder crop.
-    crop_scale_min: Optional[float] = None
-    flip_prob: float = 0.5  # 0 for data where mirroring changes meaning (digits, text)
-    jitter_strength: float = 1.0
-    jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    small_crops: int = 0  # multi-crop: extra low-resolution views (SwAV)
-    small_crop_size: int = 96  # px; a multiple of the ViT patch size for open_clip encoders
-    small_crop_scale: tuple = (0.05, 0.14)
-
-
-# ssl.mix: i-Mix / MixCo input mixing for the contrastive losses (clipx/ssl/mixing.py).
-MixMode = Literal["none", "mixup", "cutmix"]
-
-
-@dataclass(frozen=True)
-class MoCoConfig:
-    """ssl.moco (loss.name: moco)."""
-
-    version: Literal[2, 3] = 2  # 2: queue of negatives; 3: no queue, symmetric loss, prediction head
-    momentum: float = 0.99  # key encoder EMA: k <- m k + (1 - m) q
-    momentum_cosine: bool = True  # raise m to 1 along a half cosine over the run (BYOL, MoCo v3)
-    predictor_hidden: int = 512  # v3's prediction head
-    queue_size: int = 4096  # v2's negatives: global, a multiple of the global batch
-
-
-@dataclass(frozen=True)
-class SwAVConfig:
-    """ssl.swav (loss.name: swav)."""
-
-    prototypes: int = 3000
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iters: int = 3
-    freeze_prototypes_steps: int = 0  # prototypes get zero gradient for the first steps (SwAV paper)
-    # Stored embeddings per global view and rank, used in the Sinkhorn assignment once full; 0 = no queue.
-    queue_size: int = 4096
-    queue_start_step: int = 0  # the queue joins the assignment from this step (once full)
-
-
-@dataclass(frozen=True)
-class SSLConfig:
-    """Image-only training on views (loss.name: ntxent | moco | swav | supcon)."""
-
-    # "open_clip": the vision tower described by model.name; or a torchvision ResNet ("resnet18", ...).
-    encoder: str = "open_clip"
-    head_hidden: int = 512
-    head_out: int = 128
-    temperature: float = 0.1  # NT-Xent, SupCon, MoCo's InfoNCE, SwAV's swapped prediction
-    # BatchNorm across the batch: local (per device), sync (over all ranks; GPU only), or shuffle
-    # (MoCo: the key encoder sees a random share of the global batch, so BN cannot leak the pair).
-    batchnorm: Literal["local", "sync", "shuffle"] = "local"
-    bn_splits: int = 1  # normalise this many interleaved groups of a device's batch apart (emulates devices)
-    views: ViewsConfig = field(default_factory=ViewsConfig)
-    # i-Mix (Lee et al. 2021): mix each micro-batch's anchor images with a permutation of themselves
-    # (mixup, or cutmix's pasted box), lambda ~ Beta(mix_alpha, mix_alpha) folded to >= 0.5, and train
-    # towards the lambda-weighted pair of their sources' positives (ntxent, moco, clip). mix_prob: the
-    # share of micro-batches mixed.
-    mix: MixMode = "none"
-    mix_alpha: float = 1.0
-    mix_prob: float = 1.0
-    moco: MoCoConfig = field(default_factory=MoCoConfig)
-    swav: SwAVConfig = field(default_factory=SwAVConfig)
-
+__all__ = ["ATTENTION_SETTINGS", "BATCHNORM_MODES", "GATHER_MODES", "LORA_TARGETS", "Config", "DataConfig",
+           "DistillConfig", "EvalConfig", "GatherMode", "LossConfig", "MixMode", "ModelConfig", "MoCoConfig",
+           "SSLConfig", "SwAVConfig", "TrainConfig", "ViewsConfig", "FLAT_SSL_KEYS", "LEGACY_VALUES", "load_config",
+           "config_from_dict", "config_to_dict", "dump_config"]
 
 # The flat ssl keys of earlier versions (still in older checkpoints' config.yaml), and where each lives now.
 # ssl.queue_size served MoCo and SwAV alike, so it sets both.
@@ -343,6 +66,10 @@ FLAT_SSL_KEYS = {
     "queue_start_step": ("swav.queue_start_step",),
 }
 
+# Values of earlier versions that mean another value now: {key: {old value: value read}}.
+# train.compile: auto was a constant that meant eager (compiling was measured not to pay).
+LEGACY_VALUES: dict[str, dict[str, Any]] = {"train.compile": {"auto": False}}
+
 
 def _current_keys(key: str, value: Any) -> tuple[str, ...]:
     """The dotted keys a (possibly flat, older) key sets: ``ssl.moco_version`` -> ``ssl.moco.version``.
@@ -353,31 +80,13 @@ def _current_keys(key: str, value: Any) -> tuple[str, ...]:
     return tuple(f"ssl.{new}" for new in FLAT_SSL_KEYS[name])
 
 
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    ssl: SSLConfig = field(default_factory=SSLConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-
-
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply ``section.key=value`` overrides, validate, resolve the model arch."""
     raw: dict = {}
     base_dir = Path.cwd()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ClipxError(f"config file {path} does not exist")
-        try:
-            raw = read_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ClipxError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ClipxError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        raw = _read_config_file(path)
         base_dir = path.resolve().parent
     raw = _nest_flat_ssl_keys(raw)
     for item in overrides:
@@ -386,10 +95,22 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             set_dotted(raw, current, value)
         if key == "model.name" and isinstance(raw["model"], dict):
             raw["model"].pop("arch", None)  # a new architecture replaces one inlined in a saved config
-    config = config_from_dict(raw)
+    config = config_from_dict(_read_legacy_values(raw))
     config = _resolve_model_arch(config, base_dir)
     validate(config)
     return config
+
+
+def _read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ClipxError(f"config file {path} does not exist")
+    try:
+        raw = read_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ClipxError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ClipxError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def _nest_flat_ssl_keys(raw: dict) -> dict:
@@ -402,6 +123,16 @@ def _nest_flat_ssl_keys(raw: dict) -> dict:
         for current in _current_keys(f"ssl.{name}", value):
             set_dotted(nested, current, value)
     return {**raw, "ssl": nested["ssl"]}
+
+
+def _read_legacy_values(raw: dict) -> dict:
+    """``raw`` with the LEGACY_VALUES of older configs replaced by what they mean now."""
+    for key, table in LEGACY_VALUES.items():
+        section, _, name = key.partition(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(name), str) and node[name] in table:
+            raw = {**raw, section: {**node, name: table[node[name]]}}
+    return raw
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -63,7 +63,7 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
-        for option in options[:-1]:  # several types (e.g. bool or "auto"): the first that takes the value
+        for option in options[:-1]:  # several types (e.g. bool or a Literal): the first that takes the value
             try:
                 return coerce(key, value, option)
             except ClipxError:
@@ -83,8 +83,8 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
+    if (hint is tuple or origin is tuple) and isinstance(value, (list, tuple)):
+        return tuple(value)  # the elements of a tuple[Literal[...], ...] are checked by config_rules
     if hint in (int, str, bool, dict) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     expected = getattr(hint, "__name__", str(hint))

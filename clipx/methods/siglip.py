@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from clipx.errors import ClipxError
 from clipx.losses import SigLipLoss
+from clipx.losses.siglip import SIGLIP_GATHER_MODES
 from clipx.methods.image_text import ContrastiveObjective, ImageTextMethod
 
 
 class SigLIP(ImageTextMethod):
     # Texts travel around a ring of ranks (local); a dense all-gather of the (N, N) logits buys nothing.
-    gather_modes = ("none", "local")
+    gather_modes = SIGLIP_GATHER_MODES
     variants = {"": {"model.init_logit_bias": -10.0, "model.init_temperature": 0.1}}
 
     def validate(self, config) -> None:

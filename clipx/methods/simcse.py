@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from clipx.config import GATHER_MODES
 from clipx.data.batch import NEGATIVE_MASK, NEGATIVE_TEXT, POSITIVE_TEXT, TEXT, TextPairBatch
 from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer
@@ -58,15 +59,16 @@ class SimCSEObjective(Objective):
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         negatives = ({"negatives": features["negative"], "negative_mask": features["negative_mask"]}
                      if "negative" in features else {})
-        scale = self.logit_scale.to(features["anchor"].device)
-        loss = self.loss(features["anchor"], features["positive"], scale, **negatives)
+        if self.logit_scale.device != features["anchor"].device:  # moved once: a copy per step would wait
+            self.logit_scale = self.logit_scale.to(features["anchor"].device)
+        loss = self.loss(features["anchor"], features["positive"], self.logit_scale, **negatives)
         # How close the two passes of a pair are: near 1 when dropout alone separates them.
         agreement = (features["anchor"] * features["positive"]).sum(-1).mean().detach()
         return {"loss": loss, "metrics": {"positive_cosine": agreement}}
 
 
 class SimCSE(Method):
-    gather_modes = ("none", "global", "local")
+    gather_modes = GATHER_MODES
     hard_negatives = True
     text_only = True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from clipx.config import GATHER_MODES
 from clipx.config_rules import parse_randaugment
 from clipx.data.batch import IMAGE, VIEWS, ImageTextViewsBatch
 from clipx.data.captions import caption_chooser
@@ -58,7 +59,7 @@ class ImageAndViews:
 
 
 class SLIP(ImageTextMethod):
-    gather_modes = ("none", "global", "local")  # CLIP's and NT-Xent's negatives gathered alike
+    gather_modes = GATHER_MODES  # CLIP's and NT-Xent's negatives gathered alike
     hard_negatives = True
     evaluators = ("zero_shot", "retrieval", "knn", "linear_probe")
     # The head's BatchNorm: per device, or synchronised across GPUs, as for the image-only methods.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from clipx.config import GATHER_MODES
 from clipx.data.batch import LABEL, LabelledViewsBatch
 from clipx.data.labels import LabelReader
 from clipx.losses.supcon import UNLABELLED, SupConLoss
@@ -32,7 +33,7 @@ class SupConObjective(SimCLRObjective):
 
 
 class SupCon(ViewsMethod):
-    gather_modes = ("none", "global", "local")
+    gather_modes = GATHER_MODES
 
     def collate(self, config):
         return LabelledViewsBatch(LabelReader(config.eval.label_key, classes=None, unlabelled=UNLABELLED))

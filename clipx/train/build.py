@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from clipx.compat.torch import set_lr_lambdas
 from clipx.config import Config, config_to_dict
 from clipx.data.remote import RemoteOptions
 from clipx.data.shards import expand_shards
@@ -53,7 +54,7 @@ class Trainer:
     # False when the caller formed the process group before the run (a script training several
     # runs in one torchrun): then the run must leave the group alive for the caller.
     owns_process_group: bool = True
-    compiled: bool = False  # torch.compile wraps the model (train.compile, or auto's choice)
+    compiled: bool = False  # torch.compile wraps the model (train.compile)
     patch_dropout: PatchDropoutSchedule | None = None  # FLIP's unmasked tuning at the end of the run
     ema: ModelEma | None = None  # train.ema_decay: the moving average of the trainable weights
 
@@ -70,19 +71,6 @@ def total_steps(train_cfg, batches_per_epoch: int) -> int:
     return max(1, train_cfg.epochs * batches_per_epoch // train_cfg.accum_steps)
 
 
-def compile_choice(train_cfg) -> tuple[bool, str]:
-    """Whether to torch.compile the model, and why (train.compile true, false or auto).
-
-    auto leaves every run eager. It used to compile long bf16 runs, when compiling fused autocast's
-    casts into the elementwise work around SDPA's attention. With clipx's explicit attention kernel
-    it no longer pays on the benchmark model: compiled bf16 steps ran at 0.89x eager's rate after
-    70 s of compilation (bench/compile_ab.py, BENCHMARKS.md), and fp32 never gained. auto is the
-    place to compile again where a measurement says it pays (a GPU, say)."""
-    if train_cfg.compile is not True and train_cfg.compile is not False:  # "auto"
-        return False, "auto: eager (compiling was not measured to pay; bench/compile_ab.py)"
-    return bool(train_cfg.compile), f"train.compile={str(train_cfg.compile).lower()}"
-
-
 def retime_epoch_run(trainer: "Trainer", batches_done: int) -> None:
     """The total steps of a resumed epoch-counted run (``train.steps`` unset): the micro-batches
     done, plus the rest of the current epoch and the remaining epochs at this run's size. Unchanged
@@ -97,7 +85,7 @@ def retime_epoch_run(trainer: "Trainer", batches_done: int) -> None:
     trainer.total_steps = max(1, (batches_done + rest) // tcfg.accum_steps)
     schedule = functools.partial(cosine_with_warmup, total_steps=trainer.total_steps, warmup_steps=tcfg.warmup_steps)
     # LambdaLR keeps one multiplier per parameter group (weight decay, layer decay): all follow the new total.
-    trainer.scheduler.lr_lambdas[:] = [schedule] * len(trainer.scheduler.lr_lambdas)
+    set_lr_lambdas(trainer.scheduler, schedule)
 
 
 def check_inputs(config: Config) -> Method:
@@ -161,7 +149,7 @@ def build_trainer(config: Config) -> Trainer:
             autocast_forward(model, accelerator)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    compiled, why = compile_choice(tcfg)
+    compiled = tcfg.compile
     if compiled:
         # Compile the DDP-wrapped model: torch.compile then splits graphs at DDP's gradient buckets so
         # communication still overlaps backward. The first step includes compilation. dynamic=False:
@@ -169,8 +157,6 @@ def build_trainer(config: Config) -> Trainer:
         # default turns a shape dynamic when a second one appears, so which graph served a length
         # would depend on the order lengths came in, and a resumed run would not repeat it bitwise.
         model = torch.compile(model, dynamic=False)
-    if tcfg.compile == "auto" and accelerator.is_main_process:
-        print(f"torch.compile: {'on' if compiled else 'off'} ({why})")
     objective = method.objective(model, config)
     log = MetricsLog(tcfg.output_dir, enabled=accelerator.is_main_process, wandb_project=tcfg.wandb_project,
                      config=config_to_dict(config))

@@ -42,7 +42,7 @@ SHARDING = {"ddp": {}, "fsdp": {"train.sharding": "fsdp"}}
 # shapes may keep PyTorch's fused kernel; "math" forces the unfused path that bf16 runs pick on
 # the bench model, for every flavour in bf16 on one and on two processes.
 ATTENTION = {"auto": {}, "math": {"train.attention": "math"}}
-# torch.compile: train.compile=auto leaves runs eager; "compiled" (train.compile=true) runs one
+# torch.compile: runs are eager by default (train.compile=false); "compiled" (train.compile=true) runs one
 # image-text and one image-only flavour in bf16 on one and on two processes.
 COMPILE = {"eager": {}, "compiled": {"train.compile": True}}
 # Training recipes that are options rather than objectives, each run with every flavour on one

@@ -29,8 +29,8 @@ from clipx.data.skips import SkipCounter
 from clipx.data.tar_reader import shard_samples
 from clipx.errors import ClipxError
 from clipx.fileio import write_json_atomic
+from clipx.methods import load_teacher
 from clipx.methods.distill import TEACHER_INFO, TEACHER_MEMBER
-from clipx.models.teacher import load_teacher
 from data_prep.writer import SIZES_FILE, add_member, make_dir
 
 

@@ -111,6 +111,16 @@ def clipx_in_process(*args, check: bool = False) -> subprocess.CompletedProcess:
     return result
 
 
+def train_evaluated(config, resume: str | None = None) -> dict:
+    """``clipx.train.loop.train`` with the hooks `clipx train` hands it (clipx/apps/run_hooks.py):
+    data.val evaluated during training and the run's plots drawn, which a bare ``train(config)``
+    (training imports no evaluator) leaves out."""
+    from clipx.apps.run_hooks import run_hooks
+    from clipx.train.loop import train
+
+    return train(config, resume=resume, hooks=run_hooks())
+
+
 def train_in_process(config_overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
     """`clipx train --config configs/demo-digits.yaml OVERRIDES EXTRA` through ``clipx_in_process``;
     it must succeed. ``run_training`` is the same in a fresh process, for runs that must be one."""

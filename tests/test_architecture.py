@@ -1,10 +1,15 @@
-"""The structure docs/ARCHITECTURE.md describes: no import cycles, dependencies that point one way,
-an import that changes nothing, and a method that is one module plus one registry line."""
+"""The structure docs/ARCHITECTURE.md describes: no import cycles, dependencies that point one way
+(the document's layer table, read from the document itself), an import that changes nothing, and a
+method that is one module plus one registry line.
+
+Every import counts, wherever it stands: one inside a function runs when the function does, and a
+cycle or an upward reach through it is as real as at the top of the file."""
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +18,8 @@ import pytest
 
 from tests.conftest import REPO
 
-LIBRARY = REPO / "clipx"
-# Applications and evaluators: the library's core (train, models, losses, methods) never imports
-# them at module level; training reaches evaluation through a function-level call at evaluation time.
-APPLICATIONS = ("eval", "data_prep", "clipx.apps", "clipx.cli")
-CORE = ("clipx.train", "clipx.models", "clipx.losses", "clipx.methods", "clipx.data", "clipx.ssl", "clipx.templates")
+PACKAGES = ("clipx", "eval", "data_prep")
+ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
 
 
 def module_name(path: Path) -> str:
@@ -25,32 +27,59 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def module_level_imports(path: Path, known: set[str]) -> set[str]:
-    """Modules of clipx (and application packages) that ``path`` imports when it is imported: the
-    import statements at the top level of the file, not those inside functions."""
-    found = set()
-    for node in ast.parse(path.read_text()).body:
+def module_files() -> dict[str, Path]:
+    return {module_name(f): f for package in PACKAGES for f in sorted((REPO / package).rglob("*.py"))}
+
+
+def imported_modules(source: str, me: str, is_package: bool, known: set[str]) -> dict[str, int]:
+    """{module of ``known``: line} for every import in module ``me`` (its ``source``): top level, in
+    functions, relative or not; only those under ``if TYPE_CHECKING:``, which never run, are not counted.
+
+    ``from a.b import c`` imports a.b.c when that is a module, else a.b; an imported name that is no
+    module of ``known`` stands for the nearest package of it that is. Parent packages, which any
+    import of a submodule runs first, are left out: a package and its modules would otherwise all
+    form cycles."""
+    package = me if is_package else me.rpartition(".")[0]
+    found: dict[str, int] = {}
+    for node in run_nodes(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from clipx.x import y` imports clipx.x, and clipx.x.y when y is a module
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from this package, or level - 1 packages above it
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
         else:
             continue
         for name in names:
-            if name in known or name.split(".")[0] in ("eval", "data_prep"):
-                found.add(name)
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != me:
+                found.setdefault(name, node.lineno)
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    files = sorted(LIBRARY.rglob("*.py"))
-    known = {module_name(f) for f in files}
-    return {module_name(f): module_level_imports(f, known) for f in files}
+def run_nodes(tree: ast.AST):
+    """Every node of ``tree`` (as ast.walk) but the bodies of ``if TYPE_CHECKING:``, type checkers' only."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
 
 
-def test_the_library_has_no_import_cycle():
-    graph = import_graph()
+def import_graph() -> dict[str, dict[str, int]]:
+    files = module_files()
+    return {module: imported_modules(path.read_text(), module, path.name == "__init__.py", set(files))
+            for module, path in files.items()}
+
+
+def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One cycle per back edge of a depth-first walk (none: the graph is acyclic)."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []
 
@@ -68,27 +97,118 @@ def test_the_library_has_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+    return cycles
+
+
+def layer_table(text: str) -> list[tuple[str, list[str]]]:
+    """(layer, path entries) of each row of the "## Layers" table, top row first. An entry is a path
+    from the repository root in backquotes: a folder (ending in /) or a .py file, with {a,b} choices."""
+    section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")][2:]  # after the header and its rule
+    table = []
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        entries = []
+        for entry in re.findall(r"`([^`]+)`", cells[1]):
+            choices = re.fullmatch(r"(.*)\{([^}]*)\}(.*)", entry)
+            entries += ([choices[1] + c + choices[3] for c in choices[2].split(",")] if choices else [entry])
+        table.append((cells[0], entries))
+    return table
+
+
+def layer_of(path: str, table: list[tuple[str, list[str]]]) -> list[int]:
+    """Rows (0 = top) of the most specific entries naming ``path``: a file over its folder, a folder
+    over the folders around it. One row: the module's layer; none or two: the table is wrong."""
+    matches = [(len(entry), row) for row, (_, entries) in enumerate(table) for entry in entries
+               if path == entry or (entry.endswith("/") and path.startswith(entry))]
+    longest = max((length for length, _ in matches), default=0)
+    return sorted({row for length, row in matches if length == longest})
+
+
+def layers() -> tuple[dict[str, int], list[str]]:
+    """({module: its row in the table, 0 = top}, problems: modules in no row or in two)."""
+    table, rows, problems = layer_table(ARCHITECTURE.read_text()), {}, []
+    for module, path in module_files().items():
+        found = layer_of(path.relative_to(REPO).as_posix(), table)
+        if len(found) != 1:
+            problems.append(f"{module} is in {'no row' if not found else 'rows ' + str(found)} of the layer table")
+        else:
+            rows[module] = found[0]
+    return rows, problems
+
+
+def upward_imports(graph: dict[str, dict[str, int]], rows: dict[str, int], table) -> list[str]:
+    """Each import of a module in a higher row (a smaller row number) than the importer's own."""
+    return [f"{module} ({table[rows[module]][0]}) imports {target} ({table[rows[target]][0]}) at line {line}"
+            for module, imports in sorted(graph.items()) for target, line in sorted(imports.items())
+            if module in rows and target in rows and rows[target] < rows[module]]
+
+
+def test_no_import_cycle_counting_imports_inside_functions():
+    cycles = find_cycles(import_graph())
     assert cycles == [], " ; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_module_is_in_one_row_of_the_documented_layer_table():
+    _, problems = layers()
+    table = layer_table(ARCHITECTURE.read_text())
+    named = [entry for _, entries in table for entry in entries]
+    stale = [entry for entry in named if not (REPO / entry).exists()]
+    assert problems == [] and stale == [], "; ".join(problems + [f"{e} names nothing" for e in stale])
+
+
+def test_imports_point_down_the_documented_layers():
+    """A module imports only modules of its own row of the table or of rows below it (docs/ARCHITECTURE.md)."""
+    rows, _ = layers()
+    violations = upward_imports(import_graph(), rows, layer_table(ARCHITECTURE.read_text()))
+    assert violations == [], "\n".join(violations)
 
 
 def _within(name: str, packages: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in packages)
 
 
-def test_the_core_imports_no_application_or_evaluator_at_module_level():
-    """(``python -m clipx.train``'s ``__main__`` is the command line's entry point, an application.)"""
-    offending = {module: sorted(i for i in imports if _within(i, APPLICATIONS))
-                 for module, imports in import_graph().items()
-                 if _within(module, CORE) and not module.endswith(".__main__")}
+def test_the_core_reaches_no_evaluator_shard_writer_or_application():
+    """Training, models and losses import no evaluator (eval), shard writer (data_prep) or command
+    (clipx.apps, clipx.cli), lazily or not: the application that starts a run hands training its
+    evaluator and plots. ``python -m clipx.train``'s ``__main__`` is that command line, reached by
+    name, and still imports no evaluator itself."""
+    offending = {}
+    for module, imports in import_graph().items():
+        if _within(module, ("clipx.train", "clipx.models", "clipx.losses")):
+            above = ("eval", "data_prep") if module == "clipx.train.__main__" else (
+                "eval", "data_prep", "clipx.apps", "clipx.cli")
+            offending[module] = sorted(i for i in imports if _within(i, above))
     assert {m: i for m, i in offending.items() if i} == {}
+
+
+def test_the_checks_see_what_they_are_for():
+    """The checker on made-up modules: an import inside a function, a relative one, a cycle through
+    them, and an import of a higher row are all found."""
+    known = {"pkg", "pkg.low", "pkg.high", "pkg.sub", "pkg.sub.leaf"}
+    low = ("def f():\n    from pkg.high import thing\n    from .sub import leaf\n"
+           "if TYPE_CHECKING:\n    import pkg.sub\n")
+    assert imported_modules(low, "pkg.low", False, known) == {"pkg.high": 2, "pkg.sub.leaf": 3}
+    assert imported_modules("def g():\n    from .. import low\n", "pkg.sub.leaf", False, known) == {"pkg.low": 2}
+    graph = {"pkg.low": {"pkg.high": 2}, "pkg.high": {"pkg.low": 1}}
+    assert find_cycles(graph) == [["pkg.high", "pkg.low", "pkg.high"]]
+    table = layer_table("# t\n\n## Layers\n\n| layer | modules | what |\n|---|---|---|\n"
+                        "| top | `pkg/high.py`, `pkg/sub/{leaf,x}.py` | |\n| bottom | `pkg/` | |\n\n## Next\n")
+    assert table == [("top", ["pkg/high.py", "pkg/sub/leaf.py", "pkg/sub/x.py"]), ("bottom", ["pkg/"])]
+    assert layer_of("pkg/sub/leaf.py", table) == [0] and layer_of("pkg/low.py", table) == [1]
+    assert layer_of("other/x.py", table) == []
+    rows = {"pkg.low": 1, "pkg.high": 0}
+    assert upward_imports(graph, rows, table) == ["pkg.low (bottom) imports pkg.high (top) at line 2"]
 
 
 def test_config_is_the_bottom_layer():
     """config (and its file reading, config_io, and its rules, config_rules) imports nothing of clipx
     but its errors."""
-    assert import_graph()["clipx.config"] <= {"clipx.errors", "clipx.config_io", "clipx.config_rules"}
-    assert import_graph()["clipx.config_rules"] <= {"clipx.errors", "clipx.config_io"}
-    assert import_graph()["clipx.config_io"] <= {"clipx.errors"}
+    graph = import_graph()
+    assert set(graph["clipx.config"]) <= {"clipx.errors", "clipx.config_io", "clipx.config_rules", "clipx.config_schema"}
+    assert set(graph["clipx.config_rules"]) <= {"clipx.errors", "clipx.config_io", "clipx.config_schema"}
+    assert set(graph["clipx.config_io"]) <= {"clipx.errors"}
+    assert set(graph["clipx.config_schema"]) <= {"clipx.errors"}
 
 
 def test_importing_clipx_changes_nothing_in_the_process():

@@ -112,7 +112,7 @@ def test_a_clipx_teacher_exported_to_open_clip_and_transformers_embeds_alike(dig
     from clipx.data.pipeline import decode_or_reason
     from clipx.data.skips import SkipCounter
     from clipx.data.tar_reader import shard_samples
-    from clipx.models.teacher import load_teacher
+    from clipx.methods import load_teacher
 
     teacher = digits_dir / "teacher"
     layouts = {"clipx": teacher, "open_clip": export_open_clip(teacher, tmp_path / "open_clip"),

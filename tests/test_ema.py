@@ -97,6 +97,7 @@ def test_refused_steps_leave_the_average_alone_and_applied_steps_fold_the_weight
 
 def test_evaluation_during_training_scores_the_average_and_puts_the_trained_weights_back(ema_trainer, monkeypatch):
     import eval.run
+    from clipx.apps.run_hooks import evaluate_during_training
     from clipx.train.loop import evaluate_now, fetch, train_step
 
     trainer, real_evaluate, seen = ema_trainer, eval.run.evaluate, {}
@@ -110,7 +111,7 @@ def test_evaluation_during_training_scores_the_average_and_puts_the_trained_weig
     for step in (1, 2):
         train_step(trainer, fetch(trainer, batches, step)[1], step)
     trained = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    results = evaluate_now(trainer, 2)
+    results = evaluate_now(trainer, 2, evaluate_during_training)
     assert results["weights"] == "ema" and "top1" in results["zero_shot"]
     averaged = trainer.ema.model_state(trained)
     assert seen.keys() == averaged.keys() and all(torch.equal(v, averaged[k]) for k, v in seen.items())
@@ -125,6 +126,7 @@ def test_evaluating_the_average_of_a_sharded_model_leaves_its_training_unchanged
     then swapped back) trains on exactly as its twin that does not. Blocks stay gathered after a
     forward pass here (fsdp_reshard_after_forward=false), so a gathered copy of the averages would
     outlive the evaluation unless the swap frees it."""
+    from clipx.apps.run_hooks import evaluate_during_training
     from clipx.dist import full_tensor
     from clipx.train.build import build_trainer
     from clipx.train.loop import evaluate_now, fetch, train_step
@@ -139,7 +141,7 @@ def test_evaluating_the_average_of_a_sharded_model_leaves_its_training_unchanged
         for step in (1, 2, 3):
             train_step(trainer, fetch(trainer, batches, step)[1], step)
             if step == 2 and name == "evaluated":
-                assert evaluate_now(trainer, step)["weights"] == "ema"
+                assert evaluate_now(trainer, step, evaluate_during_training)["weights"] == "ema"
         twins.append({k: full_tensor(v).clone() for k, v in trainer.model.state_dict().items()})
         trainer.log.close()
     assert all(torch.equal(v, twins[1][k]) for k, v in twins[0].items())

@@ -18,11 +18,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, digits_dir, tiny_model_json):
-    from clipx.train.loop import train
+    from tests.conftest import train_evaluated
 
     out = tmp_path_factory.mktemp("report-run")
     overrides = tiny_overrides(digits_dir, tiny_model_json, out, **{"train.steps": 6, "eval.every": 3, "train.plots": True})
-    train(load_config(DEMO, overrides))
+    train_evaluated(load_config(DEMO, overrides))  # evaluated during training and plotted, as `clipx train` does
     return out
 
 

@@ -37,6 +37,7 @@ def precision_overrides() -> list[str]:
 def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shuffle_captions: bool = False) -> dict:
     """Prep -> train -> zero-shot + retrieval on the held-out digits; returns and writes results.json."""
     from clipx.api import load_model
+    from clipx.apps.run_hooks import run_hooks
     from clipx.config import load_config
     from clipx.data.tokenizer import Tokenizer
     from clipx.train.loop import train
@@ -56,7 +57,7 @@ def run_demo(out: Path, config_path: str | Path | None = None, overrides=(), shu
         f"data.train={train_dir}", f"data.val={data / 'test'}", f"train.output_dir={out / 'run'}",
         *precision_overrides(), *overrides,
     ])
-    summary = train(config)
+    summary = train(config, hooks=run_hooks())
     final = summary["eval"]  # training evaluates the final step on data.val, the held-out digits
     if final is None or "zero_shot" not in final or "retrieval" not in final:
         device = default_device()

@@ -35,6 +35,7 @@ def run_ssl_demo(mode: str, out: Path, config_path: str | Path | None = None, ov
     import torch
 
     from clipx.api import load_model
+    from clipx.apps.run_hooks import run_hooks
     from clipx.config import load_config
     from clipx.methods import build_model
     from clipx.train.loop import train
@@ -49,7 +50,7 @@ def run_ssl_demo(mode: str, out: Path, config_path: str | Path | None = None, ov
     prep_digits(data, image_size=32, workers=min(2, os.cpu_count() or 1))
     config = load_config(config_path, [f"data.train={data / 'train'}", "data.val=null",
                                        f"train.output_dir={out / 'run'}", *precision_overrides(), *overrides])
-    summary = train(config)
+    summary = train(config, hooks=run_hooks())  # the run's plots (data.val is null: probed below)
     device = default_device()
     trained, _ = load_model(summary["checkpoint"], device)
     torch.manual_seed(config.train.seed)  # the baseline is the same architecture, freshly initialised

@@ -3,10 +3,22 @@
 A method owns everything that differs between methods (clipx.methods.objective.Method): its model,
 train-time transform, batch fields, model preparation, config checks, per-step state and which
 evaluators apply. Adding one is a new module plus a line below (docs/ARCHITECTURE.md).
+
+Loading a checkpoint builds its model by the method its config names, so it lives here, beside the
+registry: ``load_model`` and ``load`` (which clipx.api hands consumers), and ``load_teacher``
+(distillation's teacher, which ``method_of`` hands the ``Distilled`` wrapper, so that no method
+module reaches back up to the registry).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
+from clipx.config import load_config
+from clipx.data.tokenizer import Tokenizer
+from clipx.data.transforms import image_transform
 from clipx.errors import ClipxError
 from clipx.methods.classify import Classify
 from clipx.methods.clip import CLIP
@@ -20,7 +32,11 @@ from clipx.methods.simcse import SimCSE
 from clipx.methods.slip import SLIP
 from clipx.methods.supcon import SupCon
 from clipx.methods.swav import SwAV
+from clipx.models import image_size
+from clipx.models.teacher import Teacher, library_teacher, teacher_of
 from clipx.registry import Registry
+from clipx.run_layout import as_checkpoint
+from clipx.weights import choose_weights, read_weights
 
 METHODS: Registry[Method] = Registry("loss")
 METHODS.register("clip")(CLIP())
@@ -61,7 +77,7 @@ def method_of(config) -> Method:
         if not isinstance(method, ImageTextMethod):
             raise ClipxError(f"distill (a teacher CLIP's similarities as targets) applies to image-text methods, "
                              f"not loss.name={name}")
-        method = Distilled(method)
+        method = Distilled(method, load_teacher)
     method.validate(config)
     return method
 
@@ -86,4 +102,56 @@ def build_objective(model, config) -> Objective:
     return method_of(config).objective(model, config)
 
 
-__all__ = ["METHODS", "Method", "Objective", "build_model", "build_objective", "method_of"]
+def load_model(path: str | Path, device: str | torch.device = "cpu", weights: str = "auto"):
+    """(model in eval mode, config) from a checkpoint directory, built from its own config.yaml alone.
+
+    ``weights``: ``raw`` (the trained weights), ``ema`` (their moving average, train.ema_decay) or
+    ``auto`` (ema when the checkpoint has it). A sharded (FSDP) checkpoint is consolidated on the fly
+    from its ranks' model shards."""
+    path = as_checkpoint(path)
+    chosen = choose_weights(path, weights)
+    config = load_config(path / "config.yaml")
+    model = build_model(config)
+    state = read_weights(path, model.state_dict(), chosen)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise ClipxError(f"{path} weights do not match its config.yaml: {detail}") from None
+    return model.to(device).eval(), config
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "auto"):
+    """(model in eval mode, preprocess: PIL image -> (3, H, W) tensor, tokenizer: list[str] -> (N, L) ids).
+
+    ``path`` is a checkpoint directory or a run directory (its newest checkpoint). The model is
+    built from the checkpoint's own config.yaml; ``model.encode_image`` and ``model.encode_text``
+    return unit-norm embeddings. Image-only (self-supervised) checkpoints have no text tower (the
+    tokenizer is None), text-only (SimCSE) ones no image tower (no ``encode_image``).
+    ``weights``: ``auto`` (the EMA weights when the run kept them, train.ema_decay), ``ema`` or ``raw``.
+    """
+    model, config = load_model(path, device, weights)
+    m = config.model
+    preprocess = image_transform(image_size(m), m.image_mean, m.image_std, train=False)
+    return model, preprocess, Tokenizer(m) if hasattr(model, "encode_text") else None
+
+
+def load_teacher(path: str | Path) -> Teacher:
+    """The teacher CLIP in folder ``path``, on the CPU: a clipx run or checkpoint (built by its method,
+    its EMA weights when it kept them, as ``load``), an open_clip folder or a transformers CLIPModel folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ClipxError(f"distill.teacher {path} is not a directory (a clipx run or checkpoint, an open_clip "
+                         "folder or a transformers CLIPModel folder)")
+    teacher = library_teacher(path)
+    if teacher is not None:
+        return teacher
+    model, preprocess, tokenizer = load(path)
+    if tokenizer is None or not hasattr(model, "encode_image"):
+        raise ClipxError(f"distill.teacher {path} is an {'image' if tokenizer is None else 'text'}-only model; "
+                         "a teacher needs both towers")
+    return teacher_of(model, preprocess, tokenizer, f"clipx:{path}")
+
+
+__all__ = ["METHODS", "Method", "Objective", "build_model", "build_objective", "load", "load_model", "load_teacher",
+           "method_of"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from clipx.dist import unwrap
 from clipx.errors import ClipxError
 from clipx.losses.distill import DistillLoss
 from clipx.methods.objective import Method, Objective
-from clipx.models.teacher import Teacher, load_teacher
+from clipx.models.teacher import Teacher
 from clipx.precision import upcast
 
 TEACHER_MEMBER = "teacher.npy"  # per sample: the teacher's (image, caption) embeddings, (2, Dt) float32
@@ -34,19 +35,20 @@ TEACHER_INFO = "teacher.json"  # beside the shards: {"teacher", "logit_scale", "
 
 
 @functools.lru_cache(maxsize=2)
-def cached_teacher(path: str) -> Teacher:
-    """One load per process, shared by the transform, the collation and the objective."""
-    return load_teacher(path)
+def cached_teacher(path: str, load: Callable[[str], Teacher]) -> Teacher:
+    """One load per process (``load``: clipx.methods.load_teacher), shared by the transform, the
+    collation and the objective."""
+    return load(path)
 
 
-def teacher_logit_scale(config) -> float:
-    """The teacher's exp()'d logit scale: the config's, else the online teacher's own, else what
-    embed-teacher recorded beside the training shards."""
+def teacher_logit_scale(config, load: Callable[[str], Teacher]) -> float:
+    """The teacher's exp()'d logit scale: the config's, else the online teacher's own (``load`` reads
+    it), else what embed-teacher recorded beside the training shards."""
     d = config.distill
     if d.teacher_logit_scale is not None:
         return d.teacher_logit_scale
     if d.teacher is not None:
-        return cached_teacher(d.teacher).logit_scale
+        return cached_teacher(d.teacher, load).logit_scale
     from clipx.data.remote import RemoteOptions
     from clipx.data.shards import read_beside
 
@@ -149,10 +151,13 @@ class DistilledObjective(Objective):
 
 
 class Distilled(Method):
-    """``method`` (an image-text one) with a teacher's similarities as extra soft targets."""
+    """``method`` (an image-text one) with a teacher's similarities as extra soft targets.
 
-    def __init__(self, method: Method):
-        self.method = method
+    ``load_teacher`` (path -> Teacher) is ``clipx.methods.load_teacher``: a clipx teacher checkpoint
+    is built by its own method, from the registry above this module, which hands the loader down."""
+
+    def __init__(self, method: Method, load_teacher: Callable[[str], Teacher]):
+        self.method, self.load_teacher = method, load_teacher
         for name in ("evaluators", "gather_modes", "variants", "batchnorm_modes", "multi_crop", "hard_negatives"):
             setattr(self, name, getattr(method, name))
 
@@ -172,19 +177,20 @@ class Distilled(Method):
     def prepare(self, model, accelerator, config):
         return self.method.prepare(model, accelerator, config)
 
+    def teacher(self, config) -> Teacher | None:
+        """The online teacher (distill.teacher), loaded once per process; None for an embedded one."""
+        return cached_teacher(config.distill.teacher, self.load_teacher) if config.distill.teacher is not None else None
+
     def train_transform(self, config):
-        student = self.method.train_transform(config)
-        if config.distill.teacher is None:
-            return student
-        return WithTeacherImage(student, cached_teacher(config.distill.teacher).transform)
+        student, teacher = self.method.train_transform(config), self.teacher(config)
+        return student if teacher is None else WithTeacherImage(student, teacher.transform)
 
     def collate(self, config):
-        teacher = cached_teacher(config.distill.teacher) if config.distill.teacher is not None else None
-        return DistillBatch(self.method.collate(config), teacher)
+        return DistillBatch(self.method.collate(config), self.teacher(config))
 
     def objective(self, model, config) -> Objective:
-        teacher = None
-        if config.distill.teacher is not None:
-            teacher = cached_teacher(config.distill.teacher).to(next(unwrap(model).parameters()).device)
+        teacher = self.teacher(config)
+        if teacher is not None:
+            teacher = teacher.to(next(unwrap(model).parameters()).device)
         return DistilledObjective(self.method.objective(model, config), DistillLoss(config.loss.gather),
-                                  config.distill.weight, teacher, teacher_logit_scale(config))
+                                  config.distill.weight, teacher, teacher_logit_scale(config, self.load_teacher))

@@ -15,15 +15,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipx import dist
+from clipx.config import BATCHNORM_MODES
 from clipx.data.batch import VIEWS
 from clipx.dist import unwrap
 from clipx.errors import ClipxError
+from clipx.losses.mixed import mixed_batch_infonce, mixed_queue_infonce
 from clipx.losses.moco import batch_infonce, queue_infonce
+from clipx.methods.mixing import mix_features, mixer_of
 from clipx.methods.objective import Objective
 from clipx.methods.views import ViewsMethod
 from clipx.precision import upcast
 from clipx.ssl.batchnorm import shuffled_forward
 from clipx.ssl.encoder import ImageEncoder, projection_head
+from clipx.ssl.mixing import Mixer
 from clipx.ssl.momentum import momentum_at, update_momentum_
 from clipx.ssl.queue import FeatureQueue
 
@@ -120,9 +124,44 @@ class MoCoObjective(Objective):
             self.queue.load_state_dict(state, "moco_queue")
 
 
+class MixedMoCoObjective(MoCoObjective):
+    """MoCo with mixed queries and clean keys (ssl.mix, clipx/methods/mixing.py): v2 (MixCo's own and
+    partner key against the queue) mixes view 1; v3 mixes both views' queries, each with its own draw."""
+
+    def __init__(self, model: torch.nn.Module, ssl_cfg, global_batch: int, mixer: Mixer):
+        super().__init__(model, ssl_cfg, global_batch)
+        self.mixer = mixer
+
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        first, second = batch[VIEWS][:2]
+        if self.version == 2:
+            mix = self.mixer(first)
+            return {"query": upcast(self.model(mix.images)), "key": self._keys(second), **mix_features(mix)}
+        mix1, mix2 = self.mixer(first), self.mixer(second)
+        queries = upcast(self.model(torch.cat([mix1.images, mix2.images])))  # (2B, P)
+        keys = self._keys(torch.cat([first, second]))  # (2B, P), of the clean views
+        b = len(first)
+        return {"query1": queries[:b], "query2": queries[b:], "key1": keys[:b], "key2": keys[b:],
+                **mix_features(mix1, "1"), **mix_features(mix2, "2")}
+
+    def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
+        t = self.cfg.temperature
+        if self.version == 2:
+            key = features["key"].detach()
+            loss = mixed_queue_infonce(features["query"], key, self.queue.features, features["mix_lam"],
+                                       features["mix_shift"], t)
+            self.stage("keys", F.normalize(key, dim=1))  # enqueued only if the step is applied
+        else:
+            loss = (mixed_batch_infonce(features["query1"], features["key2"].detach(), features["mix_lam1"],
+                                        features["mix_shift1"], t)
+                    + mixed_batch_infonce(features["query2"], features["key1"].detach(), features["mix_lam2"],
+                                          features["mix_shift2"], t))
+        return {"loss": loss, "metrics": {}}
+
+
 class MoCo(ViewsMethod):
     variants = {"v2": {"ssl.moco.version": 2, "ssl.batchnorm": "shuffle"}, "v3": {"ssl.moco.version": 3}}
-    batchnorm_modes = ("local", "sync", "shuffle")
+    batchnorm_modes = BATCHNORM_MODES
     updated_outside_optimizer = ("momentum_encoder.",)  # k <- m k + (1 - m) q after each step
     mixing = True
 
@@ -144,7 +183,5 @@ class MoCo(ViewsMethod):
         t = config.train
         global_batch = t.batch_size * t.accum_steps * dist.world_size()
         if config.ssl.mix != "none":
-            from clipx.methods.mixing import MixedMoCoObjective, mixer_of  # it builds on this module
-
             return MixedMoCoObjective(model, config.ssl, global_batch, mixer_of(config.ssl))
         return MoCoObjective(model, config.ssl, global_batch)

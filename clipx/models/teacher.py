@@ -1,9 +1,11 @@
-"""A frozen teacher CLIP from local disk, with its own image transform and tokenizer.
+"""A frozen teacher CLIP, with its own image transform and tokenizer.
 
-Three layouts are read, each with the library that wrote it: a clipx run or checkpoint
-(``clipx.api.load``), an open_clip folder (``open_clip_config.json`` + weights, through open_clip's
-``local-dir:`` loader) and a transformers ``CLIPModel`` folder (``config.json`` of model_type clip,
-with its tokenizer and image-processor files). Nothing is downloaded.
+``teacher_of`` wraps an image-text model that is already loaded. ``library_teacher`` reads the two
+layouts other libraries write, each with that library: an open_clip folder (``open_clip_config.json``
++ weights, through open_clip's ``local-dir:`` loader) and a transformers ``CLIPModel`` folder
+(``config.json`` of model_type clip, with its tokenizer and image-processor files). A clipx run or
+checkpoint needs the method registry to be built, which sits above the models:
+``clipx.methods.load_teacher`` reads all three. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from clipx.errors import ClipxError
 
 
 class Teacher:
@@ -43,37 +43,30 @@ class Teacher:
                 F.normalize(self._encode_text(tokens).float(), dim=-1))
 
 
-def load_teacher(path: str | Path) -> Teacher:
-    """The teacher at ``path`` (a clipx run/checkpoint, an open_clip folder or a CLIPModel folder), on the CPU."""
+def teacher_of(model: torch.nn.Module, transform: Callable, tokenize: Callable, source: str) -> Teacher:
+    """A Teacher around an already loaded image-text model (``encode_image``, ``encode_text``,
+    ``logit_scale`` as a log), with its evaluation transform and tokenizer."""
+    return Teacher(model.encode_image, model.encode_text, transform, tokenize,
+                   float(model.logit_scale.detach().exp()), model, source)
+
+
+def library_teacher(path: str | Path) -> Teacher | None:
+    """The teacher in folder ``path`` when another library wrote it (open_clip, transformers), on the
+    CPU; None for anything else (a clipx run or checkpoint: ``clipx.methods.load_teacher`` reads it)."""
     path = Path(path)
-    if not path.is_dir():
-        raise ClipxError(f"distill.teacher {path} is not a directory (a clipx run or checkpoint, an open_clip "
-                         "folder or a transformers CLIPModel folder)")
     if (path / "open_clip_config.json").is_file():
         return _open_clip_teacher(path)
     config = path / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "clip":
         return _hf_teacher(path)
-    return _clipx_teacher(path)
-
-
-def _clipx_teacher(path: Path) -> Teacher:
-    from clipx.api import load
-
-    model, preprocess, tokenizer = load(path)
-    if tokenizer is None:
-        raise ClipxError(f"distill.teacher {path} is an image-only model; a teacher needs both towers")
-    return Teacher(model.encode_image, model.encode_text, preprocess, tokenizer,
-                   float(model.logit_scale.detach().exp()), model, f"clipx:{path}")
+    return None
 
 
 def _open_clip_teacher(path: Path) -> Teacher:
     import open_clip
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-    return Teacher(model.encode_image, model.encode_text, preprocess, tokenizer,
-                   float(model.logit_scale.detach().exp()), model, f"open_clip:{path}")
+    return teacher_of(model, preprocess, open_clip.get_tokenizer(f"local-dir:{path}"), f"open_clip:{path}")
 
 
 def _hf_teacher(path: Path) -> Teacher:

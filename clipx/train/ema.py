@@ -27,8 +27,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from clipx.run_layout import EMA_SHARD, EMA_WEIGHTS, has_weights
-from clipx.train.sharding import local_part, read_model_state
+from clipx.train.sharding import local_part
 from clipx.train.state_io import fsync_file, save_tree
+from clipx.weights import read_model_state
 
 
 class ModelEma:

@@ -2,7 +2,9 @@
 
 The loop is method-agnostic: it calls ``objective(batch)``, backpropagates ``out["loss"]``, lets the
 update guard decide, steps if allowed, and calls ``objective.end_step(step, total_steps, verdict)``.
-Everything it works with is built once by clipx.train.build.
+Everything it works with is built once by clipx.train.build. Evaluation during training and the
+run's plots are the application's: whoever starts the run hands them over as ``RunHooks`` (the
+command line's come from clipx/apps/run_hooks.py); training imports no evaluator or report.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -32,20 +35,46 @@ from clipx.train.checkpoint import (
 from clipx.train.guards import StopRequest
 from clipx.train.host_memory import release_host_memory, retain_freed_host_memory
 from clipx.train.optim import step_optimizer
+from clipx.train.runtime import threads_restored
 from clipx.train.step import BufferSnapshot, micro_batch_gradients
 from clipx.train.throughput import Throughput
 
-__all__ = ["train", "fit", "build_trainer", "Trainer"]
+__all__ = ["train", "fit", "build_trainer", "Trainer", "RunHooks", "Evaluation"]
 
 
-def train(config: Config, resume: str | None = None) -> dict:
-    """Train as ``config`` says; returns (and writes to summary.json) the run's summary."""
-    return fit(build_trainer(config), resume)
+class Evaluation(NamedTuple):
+    """What an in-training evaluator returns: ``results`` as the summary's "eval" holds them, and the
+    same as flat ``metrics`` (``zero_shot.top1``...) for metrics.jsonl."""
+
+    results: dict
+    metrics: dict[str, float]
 
 
-def fit(trainer: Trainer, resume: str | None = None) -> dict:
+@dataclass(frozen=True)
+class RunHooks:
+    """What the application that starts a run hands the loop (clipx/apps/run_hooks.py builds the
+    command line's). ``evaluate(model, trainer)``: data.val scored with ``model`` (the trained
+    weights, or their EMA), called on every rank when ``evaluates_during_training``; ``plots(run_dir)``:
+    the run's plots, drawn by the main process at the end when train.plots is set. Without them a
+    run neither evaluates during training nor draws plots, and says so."""
+
+    evaluate: Callable[[torch.nn.Module, Trainer], Evaluation] | None = None
+    plots: Callable[[Path], object] | None = None
+
+
+def train(config: Config, resume: str | None = None, hooks: RunHooks | None = None) -> dict:
+    """Train as ``config`` says; returns (and writes to summary.json) the run's summary. torch's thread
+    count, which building the run sets, is put back when it ends (``fit`` undoes its malloc tuning)."""
+    with threads_restored():
+        return fit(build_trainer(config), resume, hooks)
+
+
+def fit(trainer: Trainer, resume: str | None = None, hooks: RunHooks | None = None) -> dict:
     """Run a built trainer to its last step (resuming from ``resume``: a checkpoint path or "latest")."""
-    config, accelerator = trainer.config, trainer.accelerator
+    config, accelerator, hooks = trainer.config, trainer.accelerator, hooks or RunHooks()
+    if hooks.evaluate is None and evaluates_during_training(trainer.method, config):
+        accelerator.print("data.val is not evaluated during training: this run was started without an evaluator "
+                          "(clipx.train.loop.train(config, hooks=...); `clipx train` passes one)")
     stop = StopRequest(config.train.preempt_grace_s)
     # Before the loader workers fork (they inherit it); undone when the run ends.
     retains_host_memory = config.train.retain_host_memory and retain_freed_host_memory()
@@ -56,11 +85,11 @@ def fit(trainer: Trainer, resume: str | None = None) -> dict:
         if accelerator.is_main_process:
             dump_config(config, Path(config.train.output_dir) / "config.yaml")
         with dist.collective_timeout_guard(config.train.collective_timeout_s):
-            summary = run_loop(trainer, state, stop)
+            summary = run_loop(trainer, state, stop, hooks.evaluate)
         if accelerator.is_main_process:
             (Path(config.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
             if config.train.plots:
-                write_run_plots(config.train.output_dir)
+                write_run_plots(config.train.output_dir, hooks.plots)
     finally:
         stop.close()
         trainer.log.close()
@@ -90,6 +119,7 @@ def restore(trainer: Trainer, resume: str | None) -> TrainerState:
     retime_epoch_run(trainer, state.batches)
     trainer.guard.load_state_dict(state.guard)
     trainer.stream.ledger.epochs = dict(state.skips_by_epoch)
+    trainer.attention.resume_with(state.attention_kernel)
     accelerator.print(f"resumed from {path} at step {state.step}")
     return state
 
@@ -106,8 +136,9 @@ class LoopRecord:
     preempted: bool = False  # stopped early by SIGTERM/SIGINT, after saving
 
 
-def run_loop(trainer: Trainer, state: TrainerState, stop: StopRequest) -> dict:
-    """Step until ``train.steps`` (or a stop request, which every rank honours at the same step)."""
+def run_loop(trainer: Trainer, state: TrainerState, stop: StopRequest, evaluate=None) -> dict:
+    """Step until ``train.steps`` (or a stop request, which every rank honours at the same step);
+    ``evaluate``: the run's evaluator (``RunHooks.evaluate``), if it has one."""
     train_cfg, eval_every = trainer.config.train, trainer.config.eval.every
     device = trainer.accelerator.device
     clock = Throughput(train_cfg.batch_size * trainer.accelerator.num_processes * train_cfg.accum_steps, state.step)
@@ -136,7 +167,7 @@ def run_loop(trainer: Trainer, state: TrainerState, stop: StopRequest) -> dict:
                 if state.step % train_cfg.checkpoint_every == 0 or finished or record.preempted:
                     record.checkpoint = save(trainer, state)
                 if (eval_every and state.step % eval_every == 0 and not record.preempted) or finished:
-                    record.evaluation = evaluate_now(trainer, state.step)
+                    record.evaluation = evaluate_now(trainer, state.step, evaluate)
             if state.step == record.first_step + 1:
                 # Worker start-up, first decode and (with train.compile) compilation: reported apart.
                 record.first_step_seconds = time.perf_counter() - started
@@ -183,7 +214,8 @@ def train_step(trainer: Trainer, micro_batches: list[dict], step: int) -> dict:
     # host memory when FSDP offloads them there).
     grad_norm = dist.full_tensor(accelerator.clip_grad_norm_(trainer.model.parameters(),
                                                              trainer.config.train.grad_clip_norm or float("inf")))
-    grad_norm = grad_norm.to(out["loss"].device)
+    # non_blocking: a norm FSDP computed in host memory (CPU offload) goes to the device without waiting.
+    grad_norm = grad_norm.to(out["loss"].device, non_blocking=True)
     # The same verdict on every rank, as a device tensor: nothing below waits for it on a GPU
     # (except under fp16, whose scaler reads its scale anyway, and objectives that branch on it).
     verdict = trainer.guard.judge(out["loss"], grad_norm, step, scaler.get_scale() if scaler is not None else None)
@@ -234,6 +266,7 @@ def save(trainer: Trainer, state: TrainerState) -> Path:
     """A checkpoint of this step, with the guard's and the skip ledger's state (every rank calls it)."""
     trainer.guard.check(current=True)  # a run that had to stop saves no checkpoint of that state
     state.guard, state.skips_by_epoch = trainer.guard.state_dict(), dict(trainer.stream.ledger.epochs)
+    state.attention_kernel = trainer.attention.kernel
     if trainer.keys_log is not None:
         trainer.keys_log.flush()  # the keys of every saved step are on disk with the checkpoint
     train_cfg = trainer.config.train
@@ -241,29 +274,16 @@ def save(trainer: Trainer, state: TrainerState) -> Path:
                            keep=train_cfg.keep_checkpoints)
 
 
-def evaluate_now(trainer: Trainer, step: int) -> dict | None:
-    """Zero-shot and retrieval on data.val, sharded across all ranks (each embeds its share), of the
-    EMA weights when the run keeps them (train.ema_decay), else of the trained ones; ``weights`` says which.
-
-    The evaluators are applications above the library's core: reached here, at evaluation time only.
-    """
-    method, config = trainer.method, trainer.config
-    if not evaluates_during_training(method, config):
+def evaluate_now(trainer: Trainer, step: int, evaluate) -> dict | None:
+    """``evaluate`` (``RunHooks.evaluate``) run on every rank, of the EMA weights when the run keeps
+    them (train.ema_decay), else of the trained ones; the results' ``weights`` says which. None when
+    the run has no evaluator or its method and data.val call for none."""
+    if evaluate is None or not evaluates_during_training(trainer.method, trainer.config):
         return None
-    from clipx.data.opener import ShardOpener
-    from clipx.data.tokenizer import Tokenizer
-    from eval.run import evaluate, flatten_metrics
-
-    e = config.eval
     with trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext():
-        results = evaluate(unwrap(trainer.model), Tokenizer(config.model), config.model, config.data.val,
-                           trainer.accelerator.device, e.zero_shot and "zero_shot" in method.evaluators,
-                           e.retrieval and "retrieval" in method.evaluators, e.templates, e.label_key, e.batch_size,
-                           config.data.workers, ShardOpener.from_config(config.data),
-                           # bf16 training evaluates in bf16 too; fp32 and fp16 runs evaluate in fp32.
-                           precision="bf16" if config.train.precision == "bf16" else "fp32", classes=e.classes)
-    results["weights"] = "ema" if trainer.ema is not None else "raw"
-    trainer.log.log(step, "eval", {"weights": results["weights"], **flatten_metrics(results)})
+        evaluation = evaluate(unwrap(trainer.model), trainer)
+    results = {**evaluation.results, "weights": "ema" if trainer.ema is not None else "raw"}
+    trainer.log.log(step, "eval", {"weights": results["weights"], **evaluation.metrics})
     return results
 
 
@@ -293,12 +313,14 @@ def run_summary(trainer: Trainer, state: TrainerState, clock: Throughput, record
     }
 
 
-def write_run_plots(run_dir) -> None:
-    """PNG plots beside the metrics log. A plotting failure is reported, never fatal: the weights
-    and metrics are already saved."""
-    from clipx.apps.report.plots import write_plots
-
+def write_run_plots(run_dir, draw) -> None:
+    """``draw(run_dir)`` (``RunHooks.plots``): PNG plots beside the metrics log. A plotting failure is
+    reported, never fatal: the weights and metrics are already saved."""
+    if draw is None:
+        print("train.plots: this run was started without a plot writer (clipx.train.loop.train(config, hooks=...); "
+              "`clipx train` passes one): no plots drawn")
+        return
     try:
-        write_plots(run_dir)
+        draw(run_dir)
     except Exception as error:  # matplotlib or a font problem must not fail a finished run
         print(f"warning: could not draw the run's plots: {str(error).splitlines()[0] if str(error) else error}")

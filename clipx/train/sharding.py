@@ -29,7 +29,6 @@ import functools
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,9 +41,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from clipx import dist
+from clipx.compat.accelerate import set_grad_scaler
+from clipx.compat.torch import is_batchnorm, scaler_overflow_flags
 from clipx.errors import ClipxError
-from clipx.run_layout import MODEL_SHARD, WEIGHT_FILES, model_shards
+from clipx.run_layout import MODEL_SHARD
 from clipx.train.state_io import load_tree, merge_shards, save_tree
+from clipx.weights import read_sharded_model
 
 # train.precision -> the dtype parameters are gathered in for compute; gradients are reduced in fp32.
 PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,7 +60,7 @@ def check_sharding(train_cfg, device_type: str) -> None:
     if train_cfg.fsdp_cpu_offload and device_type == "cpu":
         raise ClipxError("train.fsdp_cpu_offload keeps shards in host memory between uses on GPUs; on CPU "
                          "processes they are there already: drop it")
-    if train_cfg.sharding == "fsdp" and train_cfg.compile is True:  # "auto" leaves sharded runs uncompiled
+    if train_cfg.sharding == "fsdp" and train_cfg.compile is True:  # the default (false) leaves sharded runs uncompiled
         raise ClipxError("train.compile is not supported with train.sharding=fsdp yet; drop one of them")
 
 
@@ -78,7 +80,7 @@ def shard_model(model: nn.Module, train_cfg, device_type: str, world_size: int) 
                "mp_policy": MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[train_cfg.precision],
                                                  reduce_dtype=torch.float32),
                "offload_policy": CPUOffloadPolicy() if train_cfg.fsdp_cpu_offload else OffloadPolicy()}
-    for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+    for norm in (m for m in model.modules() if is_batchnorm(m)):
         # BatchNorm's kernels want its weights in the dtype of its fp32 running statistics.
         fully_shard(norm, **{**options, "mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32)})
     for unit in sharding_units(model):
@@ -128,7 +130,7 @@ def use_sharded_scaler(accelerator, init_scale: float) -> None:
     """fp16 with sharded gradients: each rank unscales only its shards, so an overflow seen by one
     rank must skip the step (and back the scale off) on all of them. Replaces Accelerate's scaler
     before the optimizer is prepared (the prepared optimizer keeps the scaler it was given)."""
-    accelerator.scaler = SyncedGradScaler(accelerator.device.type, init_scale=init_scale)
+    set_grad_scaler(accelerator, SyncedGradScaler(accelerator.device.type, init_scale=init_scale))
 
 
 class SyncedGradScaler(torch.amp.GradScaler):
@@ -140,7 +142,7 @@ class SyncedGradScaler(torch.amp.GradScaler):
 
     def unscale_(self, optimizer) -> None:
         super().unscale_(optimizer)
-        for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        for found_inf in scaler_overflow_flags(self, optimizer):
             dist.all_reduce_max_(found_inf)
 
 
@@ -181,21 +183,6 @@ def load_shards(folder: Path, world_size: int, model: nn.Module, optimizer) -> N
     set_model_state_dict(model, read_sharded_model(folder, world_size), options=whole)
     optimizer_state = merge_shards([load_tree(folder / OPTIMIZER_SHARD.format(rank=r)) for r in range(world_size)])
     set_optimizer_state_dict(model, _bare(optimizer), optimizer_state, options=whole)
-
-
-def read_sharded_model(folder: Path, world_size: int, stem: str = MODEL_SHARD) -> dict[str, torch.Tensor]:
-    """The whole model state dict from the model shards of ``world_size`` ranks (no process group needed)."""
-    return merge_shards([load_tree(folder / stem.format(rank=r)) for r in range(world_size)])
-
-
-def read_model_state(checkpoint: Path, weights: str = "raw") -> dict[str, torch.Tensor]:
-    """The whole state dict of ``checkpoint``'s raw or EMA model (``weights``), on the host: its
-    whole file (a DDP run's, or consolidated), or else its ranks' shards joined."""
-    whole, stem = WEIGHT_FILES[weights]
-    shards = model_shards(checkpoint, weights)
-    if (checkpoint / whole).is_file() or not shards:
-        return load_file(str(checkpoint / whole), device="cpu")
-    return read_sharded_model(checkpoint, shards, stem)
 
 
 def _bare(optimizer):

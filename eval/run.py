@@ -40,6 +40,9 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
                                opener=opener)
     was_training = model.training
     model = InferenceEncoder(model, device, precision)
+    # One attention kernel per tower on every rank: rank 0's, chosen on inputs of a full batch's
+    # shapes (a rank may own no sample, so its own first batch cannot be the example).
+    model.settle(_kernel_examples(model_cfg, tokenizer if zero_shot or retrieval else None, batch_size, device))
     local = embed_dataset(model, loader, tokenizer, device, model_cfg.arch["embed_dim"], with_texts=retrieval)
     embeddings = merge_embeddings(dist.gather_objects(local))
     results: dict = {"num_images": int(embeddings.image_features.shape[0])}
@@ -61,6 +64,16 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
     results["skipped"]["duplicate_key"] = embeddings.duplicates
     model.train(was_training)
     return results
+
+
+def _kernel_examples(model_cfg, tokenizer, rows: int, device) -> dict[str, torch.Tensor]:
+    """Inputs shaped as an evaluation batch ({"image": (rows, 3, S, S), "text": (rows, L)} without
+    "text" when no tokenizer is given), for InferenceEncoder.settle."""
+    size = image_size(model_cfg)
+    examples = {"image": torch.zeros(rows, 3, size, size, device=device)}
+    if tokenizer is not None:
+        examples["text"] = tokenizer(["a photo"] * rows).to(device)
+    return examples
 
 
 # Every rank reads every shard and only then keeps its own samples: failures found before that

@@ -95,12 +95,20 @@ def odd_shards(tmp_path_factory, digits_dir):
     return out
 
 
-def test_sharded_evaluation_equals_single_process(odd_shards, tmp_path):
+def test_sharded_evaluation_equals_single_process(odd_shards, tmp_path, monkeypatch):
     from clipx.data.tokenizer import Tokenizer
+    from clipx.models import attention
     from eval.run import evaluate
-    from tests.distributed.cases import tiny_model_and_config
+    from tests.distributed.cases import fake_kernel_timings, tiny_model_and_config
 
     ranks = run_two_processes("evaluate", tmp_path, str(odd_shards))
+    # Each rank's own timings chose differently (case_evaluate): all must use rank 0's kernels.
+    assert [rank["kernels"] for rank in ranks] == [[{"image": "math", "text": "math"}]] * 2
+    # The single process measures as rank 0 did (not left to this process's own timings, which
+    # could choose another kernel and so other features).
+    monkeypatch.setenv("CLIPX_CACHE_DIR", "off")
+    monkeypatch.setattr(attention, "time_call", attention.time_call)  # put back after the fake below
+    fake_kernel_timings("math")
     model, config = tiny_model_and_config()
     expected = evaluate(model, Tokenizer(config.model), config.model, str(odd_shards), torch.device("cpu"), workers=1)
     assert expected["num_images"] == 101

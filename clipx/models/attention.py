@@ -20,9 +20,13 @@ the scores for being fully masked (``aten::all`` over (B, H, L, S)) before its s
 when every recorded call came through ``attend`` with a mask that leaves each row a key to attend
 to (without the scan, a fully masked row would give NaN instead of zeros).
 
-Choices are cached on disk, keyed by the calls, device, precision, thread count and torch version,
-so runs of one machine agree (a resumed run continues with its kernel, and two runs with the same
-seed stay bitwise equal) and a process pays for the measurement once.
+Choices are cached on disk (``$CLIPX_CACHE_DIR``, else ``~/.cache/clipx``; ``CLIPX_CACHE_DIR=off``
+measures in every process and writes nothing), keyed by the calls, device, precision, thread count
+and torch version, so runs of one machine agree (two runs with the same seed stay bitwise equal)
+and a process pays for the measurement once. The cache is not what keeps a run on its kernel: a
+training checkpoint records the kernel (``AttentionKernel.resume_with``), so a resume on another
+machine or thread count continues with it, and ranks never decide apart: rank 0 measures and
+broadcasts its choice, in training and in a sharded evaluation (``InferenceEncoder.settle``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipx import dist
+from clipx.config import ATTENTION_SETTINGS
 from clipx.errors import ClipxError
 from clipx.fileio import write_json_atomic
 
@@ -51,7 +56,7 @@ KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 EXPLICIT = "explicit"  # scores, softmax and weighted sum as plain ops (explicit_attention)
 # The settings of train.attention: "auto" measures; "default" leaves the choice to PyTorch.
-SETTINGS = ("auto", "default", *KERNELS, EXPLICIT)
+SETTINGS = ATTENTION_SETTINGS  # train.attention's Literal: auto, default, KERNELS, EXPLICIT
 # Another kernel replaces PyTorch's pick only when it is this much faster: small differences are
 # noise, and staying with the default keeps numerics unchanged where nothing is gained.
 MARGIN = 0.05
@@ -217,9 +222,9 @@ def _explicit_scope():
 def candidates(calls: list[AttentionCall], backward: bool) -> list[str]:
     """The kernels worth timing for ``calls`` (the CPU has SDPA's math and flash kernels only);
     explicit for training where it computes every call exactly. Inference keeps SDPA's kernels:
-    there each process chooses alone (InferenceEncoder), and forward-only timings of explicit and
-    SDPA are close enough that two processes chose differently, so a sharded evaluation's
-    features no longer matched a single process's to the last bit."""
+    forward-only timings of explicit and SDPA are close, so two processes of one machine (a
+    single-process evaluation and a sharded one, each measuring) chose differently and their
+    features no longer matched to the last bit."""
     sdpa = ["math", "flash"] if calls[0].device == "cpu" else list(KERNELS)
     return sdpa + [EXPLICIT] if backward and all(call.explicit_exact for call in calls) else sdpa
 
@@ -246,8 +251,13 @@ def choose_kernel(calls: list[AttentionCall], backward: bool) -> tuple[str, dict
     return "default", totals
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CLIPX_CACHE_DIR") or Path.home() / ".cache" / "clipx")
+def cache_dir() -> Optional[Path]:
+    """Where measured choices are kept: ``$CLIPX_CACHE_DIR``, else ``~/.cache/clipx``; None with
+    ``CLIPX_CACHE_DIR=off`` (each process measures, nothing is written)."""
+    setting = os.environ.get("CLIPX_CACHE_DIR", "")
+    if setting.lower() == "off":
+        return None
+    return Path(setting or Path.home() / ".cache" / "clipx")
 
 
 def _machine(device_type: str) -> str:
@@ -273,6 +283,8 @@ def cached_choice(calls: list[AttentionCall], backward: bool) -> tuple[str, dict
     """choose_kernel, remembered on disk: (kernel, seconds per kernel, whether it came from the cache)."""
     if not calls:
         return "default", {}, False
+    if cache_dir() is None:
+        return (*choose_kernel(calls, backward), False)
     path = cache_dir() / "attention-kernels.json"
     key = _cache_key(calls, backward)
     try:
@@ -289,8 +301,15 @@ def cached_choice(calls: list[AttentionCall], backward: bool) -> tuple[str, dict
     return kernel, seconds, False
 
 
+def runs_here(kernel: str, calls: list[AttentionCall], backward: bool) -> bool:
+    """Whether ``kernel`` serves ``calls`` on their device ("default": PyTorch's picks always do).
+    A checkpoint written on a GPU may name a kernel the CPU lacks (efficient, cudnn)."""
+    return kernel == "default" or (bool(calls) and kernel in candidates(calls, backward))
+
+
 class AttentionKernel:
-    """A run's attention kernel: fixed by ``setting``, or (``auto``) measured once on the first batch."""
+    """A run's attention kernel: fixed by ``setting``, or (``auto``) measured once on the first batch,
+    unless a resumed checkpoint recorded the kernel the run trained with (``resume_with``)."""
 
     def __init__(self, setting: str = "auto"):
         if setting not in SETTINGS:
@@ -298,29 +317,47 @@ class AttentionKernel:
         self.setting = setting
         self.kernel: Optional[str] = None if setting == "auto" else setting
         self.seconds: dict[str, float] = {}
+        self.saved: Optional[str] = None  # a resumed checkpoint's kernel, which ``auto`` settles on
+        self.origin = "setting"  # or measured, cache, checkpoint: how ``kernel`` was decided
 
     @property
     def settled(self) -> bool:
         return self.kernel is not None
 
+    def resume_with(self, kernel: Optional[str]) -> None:
+        """``auto`` continues with ``kernel``, the one the resumed checkpoint trained with, instead
+        of measuring: another machine, thread count or cache could measure another kernel, and a
+        resumed run would no longer compute as the run it continues. None (a checkpoint from before
+        kernels were saved) measures as before; so does a kernel this device lacks (see settle).
+        A fixed setting keeps its kernel."""
+        if self.setting == "auto" and self.kernel is None:
+            self.saved = kernel
+
     def settle(self, forward: Callable[[], Any], backward: bool, share: bool = True) -> str:
         """Measure (once) with the calls ``forward()`` makes. With ``share``, every rank must call
-        this and adopts rank 0's choice (training: ranks must compute alike); without, each process
-        decides alone (inference, where a rank may have nothing to embed). The caller restores any
-        state the forward pass touches (BatchNorm statistics, staged queue entries); random number
-        streams are restored here, so that measuring leaves a run's random sequence as it was."""
+        this (the forward pass may hold collectives) and adopts rank 0's choice, so that ranks
+        compute alike; without, the process decides alone. The caller restores any state the
+        forward pass touches (BatchNorm statistics, staged queue entries); random number streams
+        are restored here, so that measuring leaves a run's random sequence as it was."""
         if self.kernel is None:
             rng = torch.random.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
             try:
                 calls = record_attention_calls(forward)
-                choice = cached_choice(calls, backward)[:2] if dist.rank() == 0 or not share else None
+                choice = self._decide(calls, backward) if dist.rank() == 0 or not share else None
             finally:
                 torch.random.set_rng_state(rng)
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state_all(cuda_rng)
-            self.kernel, self.seconds = dist.broadcast_object(choice) if share else choice
+            self.kernel, self.seconds, self.origin = dist.broadcast_object(choice) if share else choice
         return self.kernel
+
+    def _decide(self, calls: list[AttentionCall], backward: bool) -> tuple[str, dict[str, float], str]:
+        """(kernel, seconds per kernel, origin): the saved kernel where it runs here, else measured."""
+        if self.saved is not None and runs_here(self.saved, calls, backward):
+            return self.saved, {}, "checkpoint"
+        kernel, seconds, cached = cached_choice(calls, backward)
+        return kernel, seconds, "cache" if cached else "measured"
 
     def scope(self):
         """SDPA restricted to the chosen kernel, or clipx's attention computing explicitly (PyTorch's
@@ -329,5 +366,8 @@ class AttentionKernel:
 
     def describe(self) -> str:
         measured = ", ".join(f"{k} {1e3 * s:.2f} ms" for k, s in sorted(self.seconds.items(), key=lambda i: i[1]))
-        how = f"measured: {measured}" if measured else f"train.attention={self.setting}"
+        if self.origin == "checkpoint":
+            how = "the kernel of the checkpoint this run resumed from"
+        else:
+            how = f"measured: {measured}" if measured else f"train.attention={self.setting}"
         return f"attention kernel: {self.kernel} ({how})"

@@ -13,8 +13,9 @@ class InferenceEncoder:
     """``encode_image`` / ``encode_text`` of ``model`` under ``precision`` (fp32 or bf16), returning
     fp32 features; every other attribute (eval, train, feature_dim, ...) is the model's own.
 
-    The attention kernel is chosen per tower at its first call (forward only: there is no backward
-    here), by each process alone, since an evaluation rank may have nothing to embed.
+    The attention kernel is chosen per tower (forward only: there is no backward here). A sharded
+    evaluation calls ``settle`` on every rank first, so that all ranks use rank 0's choice; a tower
+    still unsettled at its first call (a single process) chooses there, alone.
     """
 
     def __init__(self, model: torch.nn.Module, device, precision: str = "fp32", attention: str = "auto"):
@@ -32,6 +33,18 @@ class InferenceEncoder:
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, E) fp32."""
         return self._encode("text", self.model.encode_text, tokens)
+
+    def settle(self, examples: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Choose each tower's kernel with the calls of encoding ``examples`` ({"image": (B, 3, H, W),
+        "text": (B, L)}, inputs of the shapes the run will encode): every rank must call this, with
+        inputs of the same shapes; rank 0 measures and every rank adopts its choice. Ranks that
+        measured alone once chose differently (close forward timings), and a sharded evaluation's
+        features then differed from a single process's. Returns {tower: kernel}."""
+        with torch.no_grad(), inference_autocast(self.device, self.precision):
+            for tower, inputs in examples.items():
+                encode = getattr(self.model, f"encode_{tower}")
+                self.kernels[tower].settle(lambda: encode(inputs), backward=False, share=True)
+        return {tower: self.kernels[tower].kernel for tower in examples}
 
     def _encode(self, tower: str, encode, inputs: torch.Tensor) -> torch.Tensor:
         kernel = self.kernels[tower]

@@ -10,7 +10,7 @@ Layout of ``<output_dir>/checkpoints/step-000000100/``:
   rank<r>.safetensors/.json  rank r's RNG states, its objective's state (MoCo/SwAV queues) and its
                              loader workers' data positions
   config.yaml                the resolved config: rebuilds the model with no other file
-  trainer_state.json         step, epoch, batches consumed, world size
+  trainer_state.json         step, epoch, batches consumed, world size, attention kernel
   manifest.json              written last: the SHA-256 of every other file
 
 A checkpoint is written into ``checkpoints/.tmp-step-.../``, every file fsynced, then renamed into
@@ -49,6 +49,9 @@ class TrainerState:
     world_size: int = 1  # processes that wrote the checkpoint: the sample order depends on it
     guard: dict = field(default_factory=dict)  # UpdateGuard's counters and running loss mean
     skips_by_epoch: dict = field(default_factory=dict)  # finished epochs' skipped inputs, summed over ranks
+    # The attention kernel the run settled on: a resume continues with it rather than measuring
+    # anew (AttentionKernel.resume_with). None in checkpoints from before it was saved.
+    attention_kernel: str | None = None
 
 
 @dataclass

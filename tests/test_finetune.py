@@ -160,15 +160,38 @@ def test_classify_settings_it_cannot_train_are_refused_in_one_line(extra, messag
         method_of(load_config(None, ["loss.name=classify", *extra]))
 
 
-def test_eval_cli_chooses_among_the_classes_given(digits_dir, tiny_model_json, tmp_path):
+def test_eval_cli_chooses_among_the_classes_given(digits_dir, tiny_model_json, tmp_path, monkeypatch):
+    """`--classes 5-9`: exactly the test images labelled 5-9 are classified, each among those 5 classes
+    only. Ignoring the option would classify all 10 classes' images among 10 classes, which every
+    assertion below refuses: the count, the width of the scores, and top-5 accuracy (certain only
+    when there are 5 classes to choose among; the seeded random model is far from it among 10)."""
+    from clipx.data.eval_loader import build_eval_loader
+    from eval import zero_shot
 
+    high_classes = {5, 6, 7, 8, 9}
+    loader = build_eval_loader(str(digits_dir / "test"), lambda image: torch.zeros(1), "label", 128, 0)
+    labels = torch.cat([batch["label"] for batch in loader])
+    in_high = int(sum(int(label) in high_classes for label in labels))
+    assert 0 < in_high < len(labels)  # the shards hold other classes too, which must be left out
+    scored = []  # what zero-shot classification scored: (logits (N, C), targets (N,))
+    metrics = zero_shot.classification_metrics
+
+    def watched_metrics(logits, targets, *rest):
+        scored.append((logits, targets))
+        return metrics(logits, targets, *rest)
+
+    monkeypatch.setattr(zero_shot, "classification_metrics", watched_metrics)
     clip = write_clip_checkpoint(tmp_path / "clip", tiny_model_json)
     out = tmp_path / "high.json"
     result = clipx_in_process("eval", "zero-shot", "--checkpoint", clip, "--data", digits_dir / "test", "--out", out,
                               "--classes", "5-9", "--workers", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     high = json.loads(out.read_text())
-    assert high["num_images"] > 0 and 0.0 <= high["zero_shot"]["top1"] <= 1.0
+    assert high["num_images"] == len(labels)  # every image is embedded; the classes choose which are scored
+    [(logits, targets)] = scored
+    assert logits.shape == (in_high, len(high_classes)), "only the images of 5-9, each scored against 5-9 only"
+    assert set(targets.tolist()) == set(range(len(high_classes)))  # columns 0-4 stand for labels 5-9
+    assert high["zero_shot"]["top5"] == 1.0  # among 5 classes every label is in the top 5
     bad = clipx_in_process("eval", "zero-shot", "--checkpoint", clip, "--data", digits_dir / "test", "--out", out,
                            "--classes", "5-x")
     assert bad.returncode != 0 and "give class indices as" in bad.stderr and json.loads(out.read_text()) == high

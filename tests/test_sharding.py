@@ -79,6 +79,18 @@ def tiny_vit(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_an_overflow_in_one_ranks_shard_skips_the_step_on_every_rank(world, launches):
+    """fp16 with sharded gradients (clipx.train.sharding.SyncedGradScaler): only rank 0's shard
+    overflows. Every rank must skip the step and halve the scale; a rank that judged its own shard
+    alone would apply the step and keep its scale, and the ranks' weights would part for good.
+    Computed by the same 2- and 4-process launches as the cases above (tests/matrix/sharded.py,
+    ``overflow_on_one_rank``), at no launch of its own."""
+    found = launches[world]["cases"]["scaler"]
+    assert found["scales"].tolist() == [512.0] * world, "every rank backs off from 1024"
+    assert found["moved"].tolist() == [0.0] * world, "no rank applies the step"
+
+
 def test_sharded_state_reshards_two_to_four_to_two_bitwise(launches):
     """Model and optimizer state written by 2 processes, loaded by 4 and written again, then loaded by
     2 and written again: once gathered, all three equal each other bitwise."""

@@ -40,7 +40,7 @@ def view_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: 
     else:
         anchors, rows = local, first + torch.arange(2 * batch, device=local.device)
     logits = anchors @ everyone.T / temperature
-    logits = logits.index_put((torch.arange(len(rows), device=rows.device), rows), logits.new_tensor(float("-inf")))
+    logits = logits.index_put((torch.arange(len(rows), device=rows.device), rows), logits.new_full((), float("-inf")))
     return ViewLogits(logits, rows, first)
 
 

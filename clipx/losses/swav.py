@@ -21,7 +21,9 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     logits = logits - dist.all_reduce_max_(logits.max().clone())  # the exponent stays finite
     q = torch.exp(logits).T  # (K, N)
     k = q.shape[0]
-    n_global = dist.all_reduce_sum_(torch.tensor(float(q.shape[1]), device=q.device))
+    # Filled on the device (new_full), not copied there from a Python number (torch.tensor(...,
+    # device=...)), which on a GPU is a blocking host-to-device copy at every step.
+    n_global = dist.all_reduce_sum_(q.new_full((), float(q.shape[1])))
     q /= dist.all_reduce_sum_(q.sum())
     for _ in range(iterations):
         q /= dist.all_reduce_sum_(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K

@@ -58,7 +58,10 @@ class StopRequest:
             return self.received is not None
         if self._lagged is None:
             self._lagged = LaggedRead(device)
-        self._lagged.post(dist.all_reduce_max_(torch.tensor([float(self.received is not None)], device=device)))
+        # torch.full fills on the device; torch.tensor(..., device=...) would copy from the host and, on
+        # a GPU, wait for the queued step at every call.
+        flag = torch.full((1,), float(self.received is not None), device=device)
+        self._lagged.post(dist.all_reduce_max_(flag))
         earlier = self._lagged.read()
         return earlier is not None and earlier[0] > 0
 

@@ -57,8 +57,11 @@ def start_wandb(project: str, run_dir: str | Path, config: dict | None):
 
         raise ClipxError("train.wandb_project is set but wandb is not installed: pip install wandb, or unset "
                          "train.wandb_project (TensorBoard logs are always written)") from None
-    os.environ.setdefault("WANDB_MODE", "offline")  # clipx never reaches the network on its own
-    return wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config or {})
+    # clipx never reaches the network on its own: offline unless the user's WANDB_MODE (which wandb
+    # reads itself) says otherwise. Passed to init rather than set in os.environ, which the process
+    # would keep after the run.
+    mode = {} if os.environ.get("WANDB_MODE") else {"mode": "offline"}
+    return wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config or {}, **mode)
 
 
 def drop_torn_tail(path: Path) -> None:

@@ -1,15 +1,18 @@
-"""The Accelerator every clipx process runs under, and the check that the launcher formed a real group."""
+"""The Accelerator every clipx process runs under, the check that the launcher formed a real group, and
+the scope that puts torch's thread count back when a run ends."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs
 
+from clipx.compat.accelerate import enable_native_autocast, reset_accelerator_state, set_grad_scaler
 from clipx.errors import ClipxError
 
 
@@ -23,7 +26,7 @@ def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800,
     """
     # Accelerate keeps its settings in a process-wide singleton: forget them (not the process group),
     # so that each run in a process (tests, sweeps, notebooks) gets the precision it asks for.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    reset_accelerator_state()
     try:
         # Accumulation is done by clipx.train.step (it needs feature caching), not by Accelerate.
         accelerator = Accelerator(
@@ -58,5 +61,22 @@ def enable_cpu_fp16(accelerator: Accelerator, init_scale: float) -> None:
     is tested on the CPU too, with torch's CPU GradScaler in place of the CUDA one. Must run before
     ``accelerator.prepare``, which reads both settings.
     """
-    accelerator.native_amp = True
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    enable_native_autocast(accelerator)
+    set_grad_scaler(accelerator, torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+@contextlib.contextmanager
+def threads_restored() -> Iterator[None]:
+    """Put torch's intra-op thread count back as it was when the block exits, normally or by an error.
+
+    A run sets it (train.threads in ``build_trainer``; Accelerate too, for a CPU process group formed
+    without OMP_NUM_THREADS), and a process that trains and then goes on (a notebook, a sweep, the
+    tests) should get its own count back. Inter-op threads are not touched: torch lets them be set
+    only once, before any parallel work, and clipx never sets them.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ reaches ~1e-6 of the gradients' scale on the larger objectives.
 
 Models run in eval mode: BatchNorm then normalises with running statistics, so no layer couples
 the samples of a batch. In train mode the SSL heads' BatchNorm makes a "union batch" undefined for
-both multi-process and micro-batched runs (each normalises its own rows), as the README says.
+both multi-process and micro-batched runs (each normalises its own rows), as docs/scaling-out.md says.
 
 torchrun entry: ``python -m torch.distributed.run --nproc_per_node W -m tests.matrix.exactness OUT``.
 """

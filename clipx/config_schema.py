@@ -202,7 +202,8 @@ class TrainConfig:
     # counted as overflow_steps); 2000 clean steps double it.
     fp16_init_scale: float = 65536.0
     seed: int = 0  # seeds the model's initialisation, the data order and every augmentation draw
-    threads: Optional[int] = None  # torch intra-op threads per process; None: [run time] torch's default
+    # torch intra-op threads per process while the run lasts, put back when it ends;
+    threads: Optional[int] = None  # None: [run time] torch's default
     # Recompute tower activations in backward instead of storing them: less memory, ~30% more compute.
     grad_checkpointing: bool = False
     # Keep freed host memory in the process during the run (glibc malloc tuning): 11% (fp32) and 14%

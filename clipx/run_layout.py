@@ -17,6 +17,7 @@ EMA_WEIGHTS = "model_ema.safetensors"  # the model with its EMA weights (train.e
 EMA_SHARD = "model_ema-shard{rank}"  # rank r's shards of the EMA model (train.sharding=fsdp)
 # Which weights of a checkpoint: its whole file and its per-rank shard stem.
 WEIGHT_FILES = {"raw": (MODEL_WEIGHTS, MODEL_SHARD), "ema": (EMA_WEIGHTS, EMA_SHARD)}
+WEIGHT_CHOICES = ("auto", "ema", "raw")  # what --weights and load(weights=...) take; auto: ema when saved
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 

@@ -12,10 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from clipx.errors import ClipxError
-from clipx.run_layout import MODEL_SHARD, WEIGHT_FILES, as_checkpoint, has_weights, model_shards
+from clipx.run_layout import MODEL_SHARD, WEIGHT_CHOICES, WEIGHT_FILES, as_checkpoint, has_weights, model_shards
 from clipx.train.state_io import load_tree, merge_shards
-
-WEIGHT_CHOICES = ("auto", "ema", "raw")  # auto: the EMA weights when the checkpoint has them
 
 
 def choose_weights(path: str | Path, weights: str = "auto") -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipx.run_layout import WEIGHT_CHOICES  # a light module: the parser is built before torch is imported
+
 
 def add_checkpoint_commands(commands) -> None:
     """`clipx export`, `clipx consolidate` and `clipx encode`, added to the CLI's ``commands``."""
@@ -18,7 +20,7 @@ def add_checkpoint_commands(commands) -> None:
 
 def add_weights(parser) -> None:
     """--weights: a checkpoint's raw or EMA weights."""
-    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
                         help="the trained weights (raw) or their moving average (ema, train.ema_decay); "
                         "auto: ema when the checkpoint has it")
 

@@ -40,9 +40,11 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
                                opener=opener)
     was_training = model.training
     model = InferenceEncoder(model, device, precision)
-    # One attention kernel per tower on every rank: rank 0's, chosen on inputs of a full batch's
-    # shapes (a rank may own no sample, so its own first batch cannot be the example).
-    model.settle(_kernel_examples(model_cfg, tokenizer if zero_shot or retrieval else None, batch_size, device))
+    if dist.is_distributed():
+        # One attention kernel per tower on every rank: rank 0's, chosen on inputs of a full batch's
+        # shapes (a rank may own no sample, so its own first batch cannot be the example). A single
+        # process chooses at its first batch instead, without this extra forward pass.
+        model.settle(_kernel_examples(model_cfg, tokenizer if zero_shot or retrieval else None, batch_size, device))
     local = embed_dataset(model, loader, tokenizer, device, model_cfg.arch["embed_dim"], with_texts=retrieval)
     embeddings = merge_embeddings(dist.gather_objects(local))
     results: dict = {"num_images": int(embeddings.image_features.shape[0])}

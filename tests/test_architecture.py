@@ -281,3 +281,19 @@ def test_the_malloc_tuning_ends_with_the_run(toy_method_run):
     probes = {k: toy_method_run[k] for k in ("returned_mb_while_tuned", "returned_mb_after_run")}
     assert min(toy_method_run["returned_mb_while_tuned"]) < 4, probes  # the probe sees the tuning when it is there
     assert max(toy_method_run["returned_mb_after_run"]) > 16, probes
+
+
+def test_a_run_without_hooks_says_it_skips_evaluation_and_plots(tmp_path, digits_dir, tiny_model_json, capsys):
+    """Training imports no evaluator or report: a run started from Python without RunHooks evaluates
+    nothing and draws nothing, and says so, rather than silently dropping what `clipx train` does."""
+    from clipx.config import load_config
+    from clipx.train.loop import train
+    from tests.conftest import tiny_overrides
+
+    summary = train(load_config(None, tiny_overrides(digits_dir, tiny_model_json, tmp_path / "run", **{
+        "train.steps": 1, "data.workers": 0, "train.batch_size": 16, "train.plots": True,
+        "train.attention": "default"})))
+    printed = capsys.readouterr().out
+    assert summary["steps"] == 1 and summary["eval"] is None
+    assert "data.val is not evaluated during training" in printed and "no plots drawn" in printed
+    assert not (tmp_path / "run" / "plots").exists()

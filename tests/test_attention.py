@@ -257,3 +257,22 @@ def test_inference_ranks_use_rank_0s_kernel(monkeypatch, tiny_clip):
     alone = InferenceEncoder(tiny_clip, torch.device("cpu"))
     alone.encode_image(images)
     assert alone.kernels["image"].kernel == "default"
+
+
+def test_settling_an_inference_kernel_leaves_a_training_models_batchnorm_alone(tiny_clip):
+    """Evaluation during training hands a model in train mode to InferenceEncoder.settle: its example
+    passes must run in eval mode (a training-mode pass on zero images moved the running statistics)."""
+    from clipx.models.inference import InferenceEncoder
+
+    probe = torch.nn.BatchNorm1d(TINY_ARCH["embed_dim"])
+    probe.running_mean.fill_(5.0)
+    model = torch.nn.Module()
+    model.clip, model.probe = tiny_clip, probe
+    model.encode_image = lambda images: probe(tiny_clip.encode_image(images))
+    model.encode_text = tiny_clip.encode_text
+    model.train()
+    images, tokens = _inputs()
+    InferenceEncoder(model, torch.device("cpu")).settle({"image": images, "text": tokens})
+    assert torch.equal(probe.running_mean, torch.full_like(probe.running_mean, 5.0))
+    assert int(probe.num_batches_tracked) == 0
+    assert model.training and probe.training  # the caller's mode is given back

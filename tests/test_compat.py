@@ -239,10 +239,11 @@ def test_split_batchnorm_is_rebuilt_with_the_same_tensors_and_keys():
     from clipx.ssl.batchnorm import SplitBatchNorm1d, SplitBatchNorm2d, split_batchnorm_
 
     model = _convnet()
-    tensors = model.state_dict(keep_vars=True)
+    tensors, original = model.state_dict(keep_vars=True), model[1]
+    original.eps = 1e-3  # a setting the rebuilt layer must carry over, not take from its constructor
     split = split_batchnorm_(model, 2)
     assert isinstance(split[1], SplitBatchNorm2d) and isinstance(split[2][1], SplitBatchNorm1d)
-    assert split[1].splits == 2 and split[1].eps == model[1].eps
+    assert split[1] is not original and split[1].splits == 2 and split[1].eps == 1e-3
     after = split.state_dict(keep_vars=True)
     assert list(after) == list(tensors) and all(after[k] is tensors[k] for k in tensors)
     alone = split_batchnorm_(nn.BatchNorm1d(3), 2)  # a layer that is itself the root comes back rebuilt

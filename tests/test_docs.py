@@ -30,7 +30,7 @@ README = REPO / "README.md"
 NOT_GUIDES = {"ARCHITECTURE.md", "CONFIG.md"}
 GUIDES = sorted(p for p in (REPO / "docs").glob("*.md") if p.name not in NOT_GUIDES)
 PAGES = [README, *GUIDES]
-README_MAX_LINES = 300
+README_MAX_LINES = 200  # issue 32's bar is ~300; the cut to 180 is held here
 
 NOT_RUN = re.compile(r"<!--\s*not run\b[^:]*:\s*(?P<reason>.+?)\s*-->")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")

@@ -39,11 +39,19 @@ class InferenceEncoder:
         "text": (B, L)}, inputs of the shapes the run will encode): every rank must call this, with
         inputs of the same shapes; rank 0 measures and every rank adopts its choice. Ranks that
         measured alone once chose differently (close forward timings), and a sharded evaluation's
-        features then differed from a single process's. Returns {tower: kernel}."""
-        with torch.no_grad(), inference_autocast(self.device, self.precision):
-            for tower, inputs in examples.items():
-                encode = getattr(self.model, f"encode_{tower}")
-                self.kernels[tower].settle(lambda: encode(inputs), backward=False, share=True)
+        features then differed from a single process's. Returns {tower: kernel}.
+
+        The example passes run in eval mode whatever mode the model is in (evaluation during training
+        hands over a training model): they must not move BatchNorm statistics, nor drop patches."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), inference_autocast(self.device, self.precision):
+                for tower, inputs in examples.items():
+                    encode = getattr(self.model, f"encode_{tower}")
+                    self.kernels[tower].settle(lambda: encode(inputs), backward=False, share=True)
+        finally:
+            self.model.train(was_training)
         return {tower: self.kernels[tower].kernel for tower in examples}
 
     def _encode(self, tower: str, encode, inputs: torch.Tensor) -> torch.Tensor:

@@ -186,28 +186,23 @@ def test_no_module_of_clipx_assigns_a_class_to_an_object():
     assert swaps == []
 
 
-def _all_clipx_imports(path) -> set[str]:
-    """Every clipx module ``path`` imports, at module level or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in found if name.split(".")[0] == "clipx"}
-
-
 def test_compat_modules_import_nothing_of_clipx_but_its_errors():
-    for path in sorted((REPO / "clipx" / "compat").glob("*.py")):
-        assert _all_clipx_imports(path) <= {"clipx.errors"}, path.name
+    """(Every import, inside functions too: the architecture test's graph.)"""
+    from tests.test_architecture import import_graph
+
+    compat = {module: set(imports) for module, imports in import_graph().items()
+              if module.startswith("clipx.compat")}
+    assert compat and all(imports <= {"clipx.errors"} for imports in compat.values()), compat
 
 
 def test_locking_and_lora_import_each_other_one_way_only():
     """lock.py (freezing base weights is locking) imports lora.py; lora.py imports nothing of
     locking, not even inside a function."""
-    lora = _all_clipx_imports(REPO / "clipx" / "models" / "lora.py")
-    assert not any(name.startswith("clipx.models.lock") for name in lora)
-    assert "clipx.models.lora" in _all_clipx_imports(REPO / "clipx" / "models" / "lock.py")
+    from tests.test_architecture import import_graph
+
+    graph = import_graph()
+    assert "clipx.models.lock" not in graph["clipx.models.lora"]
+    assert "clipx.models.lora" in graph["clipx.models.lock"]
 
 
 def _convnet():

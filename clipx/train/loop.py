@@ -70,7 +70,9 @@ def train(config: Config, resume: str | None = None, hooks: RunHooks | None = No
 
 
 def fit(trainer: Trainer, resume: str | None = None, hooks: RunHooks | None = None) -> dict:
-    """Run a built trainer to its last step (resuming from ``resume``: a checkpoint path or "latest")."""
+    """Run a built trainer to its last step (resuming from ``resume``: a checkpoint path or "latest").
+    Building the trainer set torch's thread count (train.threads); ``train`` puts it back, a caller of
+    ``build_trainer`` and ``fit`` does so itself (``runtime.threads_restored``)."""
     config, accelerator, hooks = trainer.config, trainer.accelerator, hooks or RunHooks()
     if hooks.evaluate is None and evaluates_during_training(trainer.method, config):
         accelerator.print("data.val is not evaluated during training: this run was started without an evaluator "

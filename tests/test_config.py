@@ -52,6 +52,19 @@ def test_bad_values_give_one_line_errors(override, message):
     assert "\n" not in str(info.value)
 
 
+# No key of the schema has two types since train.compile became a plain bool, but the coercion of
+# one (bool or a Literal, say) stays for the next: it is checked on the mechanism itself.
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("auto", "auto")])
+def test_a_key_of_two_types_takes_either(value, expected):
+    from typing import Literal, Union
+
+    from clipx.config_io import coerce
+
+    assert coerce("train.x", value, Union[bool, Literal["auto"]]) == expected
+    with pytest.raises(ClipxError, match="expects bool or auto"):
+        coerce("train.x", "sometimes", Union[bool, Literal["auto"]])
+
+
 @pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("auto", False)])
 def test_train_compile_is_a_bool_and_older_configs_auto_means_false(value, expected, tmp_path):
     """train.compile: auto was a constant that meant eager; older configs that say so still load, as false."""

@@ -10,15 +10,23 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Optional, Sequence
+from typing import Any, BinaryIO, Iterable, Optional, Protocol, Sequence
 
 from torch import nn
 
 from clipx.errors import ClipxError
 from clipx.fileio import replace_atomically, write_json_atomic
 
-if TYPE_CHECKING:  # wise_ft imports this module's names; a runtime import back would be a cycle
-    from clipx.apps.wise_ft import Endpoints
+
+class Endpoints(Protocol):
+    """What the curve reads of clipx.apps.wise_ft's ``Endpoints`` (named here, not imported: wise_ft
+    imports this module, so an import back would be a cycle)."""
+
+    config: Any
+    model: nn.Module
+    sources: dict
+
+    def at(self, alpha: float) -> nn.Module: ...
 
 CURVE_JSON = "wise_ft.json"
 CURVE_PNG = "wise_ft.png"

@@ -286,18 +286,27 @@ def _add_plan(commands) -> None:
     plan.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs)")
     plan.add_argument("--global-batch", type=int, default=None,
                       help="samples per optimizer step over all ranks (default: train.batch_size x world size)")
+    plan.add_argument("--loader-target", type=float, default=None, metavar="SAMPLES_PER_S",
+                      help="also time the loader on one core on data.train and say how many cores this "
+                           "training rate (over all ranks) needs")
+    plan.add_argument("--loader-samples", type=int, default=512, help="samples to time for --loader-target")
     plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.gather=global")
     plan.set_defaults(func=_plan)
 
 
 def _plan(args) -> int:
-    from clipx.apps.plan import plan_memory
+    from clipx.apps.plan import PLANNED_LOSSES, plan_loader, plan_memory
     from clipx.config import load_config
 
     if args.world_size < 1 or (args.global_batch is not None and args.global_batch < args.world_size):
         raise ClipxError("--world-size must be >= 1 and --global-batch at least the world size")
+    if args.loader_target is not None and (args.loader_target <= 0 or args.loader_samples < 1):
+        raise ClipxError("--loader-target must be > 0 samples/s and --loader-samples at least 1")
     config = load_config(args.config, args.overrides)
-    print(plan_memory(config, args.world_size, args.global_batch).table())
+    if args.loader_target is None or config.loss.name in PLANNED_LOSSES:
+        print(plan_memory(config, args.world_size, args.global_batch).table())
+    if args.loader_target is not None:
+        print(plan_loader(config, args.loader_target, args.world_size, args.loader_samples).table())
     return 0
 
 

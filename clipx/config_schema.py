@@ -103,6 +103,11 @@ class DataConfig:
     workers: int = 2  # data-loader worker processes per rank
     shuffle_buffer: int = 2000  # samples held in the shuffle buffer of each worker
     crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 disables the crop
+    # Where the training images of image-text methods are decoded: "loader" (in the loader workers, a
+    # JPEG at the reduced scale its crop allows) or "device" (the loader draws the crop and keeps the
+    # JPEG encoded; the training device decodes the batch at once: nvJPEG on a GPU). Both hand the
+    # device uint8 pixels, normalised there (clipx/data/crops.py).
+    decode: Literal["loader", "device"] = "loader"
     # RandAugment (Cubuk et al. 2020; torchvision's): "N,M", N random ops at magnitude M (0..30) on
     # every training image after its crop, the SSL views and CLIP's image alike. Its draws come from
     # the per-sample seeded generator (clipx/data/pipeline.py:sample_rng). None: off.

@@ -2,12 +2,13 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
 from clipx.apps.plan import logit_bytes, plan_memory
 from clipx.config import load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_overrides
 
 # Measured in a fresh process: a training run earlier in the test session leaves malloc tuned to
 # keep freed memory (clipx.train.host_memory), and reused memory does not show as resident growth.
@@ -64,3 +65,41 @@ def test_plan_for_the_laion_recipe_and_the_cli(tiny_model_json):
     assert out.returncode == 0, out.stderr
     assert "global batch 1024" in out.stdout and "logit matrices" in out.stdout and "fsdp" in out.stdout
     assert "16.0 MiB" in out.stdout  # 4 copies x 1024 x 1024 x 4 bytes, on every rank
+
+
+def test_loader_plan_measures_the_loader_on_the_configs_shards(digits_dir, tiny_model_json, tmp_path, monkeypatch):
+    from clipx.apps import plan as planner
+    from clipx.methods.image_text import ImageTextMethod
+
+    config = load_config(REPO / "configs" / "demo-digits.yaml", tiny_overrides(digits_dir, tiny_model_json, tmp_path))
+    fast = planner.plan_loader(config, target=4000, world_size=8, samples=128)
+    assert fast.per_core > 0 and fast.measured == 128
+    assert fast.cores == -(-4000 // fast.per_core) and fast.workers_per_rank == -(-500 // fast.per_core)
+    assert "data.workers=" in fast.table()
+    # Measured, not assumed: a transform that takes 5 ms a sample caps the rate at 200 samples/s.
+    transform = ImageTextMethod.train_transform
+
+    def slow(self, config):
+        crop = transform(self, config)
+
+        def slowed(data):
+            time.sleep(0.005)
+            return crop(data)
+        slowed.takes_bytes = True
+        return slowed
+    monkeypatch.setattr(ImageTextMethod, "train_transform", slow)
+    slow_plan = planner.plan_loader(config, target=4000, world_size=8, samples=128)
+    assert slow_plan.per_core < 200 < fast.per_core
+    assert slow_plan.cores > fast.cores
+
+
+def test_loader_plan_from_the_command_line(digits_dir, tiny_model_json, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "clipx.cli", "plan", "--config", str(REPO / "configs" / "demo-digits.yaml"),
+                          "--world-size", "8", "--loader-target", "3651", "--loader-samples", "128",
+                          *tiny_overrides(digits_dir, tiny_model_json, tmp_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "per-rank memory" in out.stdout and "samples/s per core" in out.stdout and "loader core(s)" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "clipx.cli", "plan", "--config", str(REPO / "configs" / "demo-digits.yaml"),
+                          "--loader-target", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--loader-target must be > 0" in bad.stderr and "Traceback" not in bad.stderr

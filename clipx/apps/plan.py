@@ -1,4 +1,6 @@
-"""`clipx plan`: per-rank memory estimates, so batches are sized before a job is launched.
+"""`clipx plan`: per-rank memory estimates, so batches are sized before a job is launched, and
+(``--loader-target``) the loader cores a training rate needs, from the loader's rate measured on one
+core (``plan_loader``).
 
 Estimates, per rank, for one training step:
   logits       the contrastive logit matrices: (B, B) for gather none, (N, N) for global, both times
@@ -18,6 +20,8 @@ Estimates, per rank, for one training step:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +34,7 @@ LOGIT_COPIES = 4
 # The chunked local loss holds a block's similarities, probabilities and gradient at once.
 LOCAL_BLOCK_COPIES = 3
 LOCAL_CHUNK = 1024  # ClipLoss's default chunk_size
+PLANNED_LOSSES = ("clip", "siglip")  # the losses whose memory plan_memory estimates
 
 
 @dataclass
@@ -90,8 +95,9 @@ def plan_memory(config: Config, world_size: int, global_batch: int | None = None
     from clipx.errors import ClipxError
     from clipx.models import create_model
 
-    if config.loss.name not in ("clip", "siglip"):
-        raise ClipxError(f"clipx plan covers the image-text losses (clip, siglip), not loss.name={config.loss.name}")
+    if config.loss.name not in PLANNED_LOSSES:
+        raise ClipxError(f"clipx plan's memory estimate covers loss.name={', '.join(PLANNED_LOSSES)}, not "
+                         f"{config.loss.name} (--loader-target works for every method)")
     t = config.train
     accum = t.accum_steps
     micro = global_batch // (world_size * accum) if global_batch else t.batch_size
@@ -158,3 +164,61 @@ def _human(size: int) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
         size /= 1024
     return f"{size:.1f} GiB"
+
+
+@dataclass
+class LoaderPlan:
+    """How many loader cores a training rate needs, from the loader's rate on one core, measured on
+    the config's own shards with its own transform, decode setting and collation."""
+
+    per_core: float  # samples/s that one core decodes, augments, tokenizes and collates
+    target: float  # samples/s over all ranks
+    world_size: int
+    measured: int  # samples timed
+    decode: str  # data.decode
+
+    @property
+    def cores(self) -> int:
+        return math.ceil(self.target / self.per_core)
+
+    @property
+    def workers_per_rank(self) -> int:
+        return math.ceil(self.target / self.world_size / self.per_core)
+
+    def table(self) -> str:
+        shared = ("; the device decodes the JPEGs, which this rate leaves out" if self.decode == "device" else "")
+        return "\n".join([
+            f"loader: {self.per_core:.0f} samples/s per core, measured on data.train ({self.measured} samples, "
+            f"data.decode={self.decode}{shared})",
+            f"  a target of {self.target:.0f} samples/s over {self.world_size} rank(s) needs {self.cores} loader "
+            f"core(s): data.workers={self.workers_per_rank} per rank, each on a core of its own "
+            f"(besides the cores the training processes use)"])
+
+
+def plan_loader(config: Config, target: float, world_size: int, samples: int = 512) -> LoaderPlan:
+    """Time the training loader of ``config`` (its method's transform and collation, on its shards)
+    in this process on one thread for ``samples`` samples after a first batch, and size it for
+    ``target`` samples/s over ``world_size`` ranks."""
+    import time
+
+    from clipx.data.pipeline import SharedEpoch, build_train_loader
+    from clipx.data.skips import SkipCounter
+    from clipx.methods import method_of
+
+    batch = min(config.train.batch_size, samples)
+    data = dataclasses.replace(config.data, workers=0, train_num_samples=batch * (samples // batch + 2))
+    method = method_of(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, as one loader worker has
+    try:
+        loader, _ = build_train_loader(data, batch, method.train_transform(config), method.collate(config),
+                                       config.train.seed, 0, 1, SharedEpoch(), SkipCounter())
+        batches = iter(loader)
+        next(batches)  # opens the first shard and fills the shuffle buffer's first draw
+        started = time.perf_counter()
+        for _ in range(samples // batch):
+            next(batches)
+        per_core = (samples // batch) * batch / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return LoaderPlan(per_core, target, world_size, (samples // batch) * batch, config.data.decode)

@@ -7,11 +7,13 @@ what it is given.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from clipx.data.captions import CaptionChooser
 
-IMAGE = "image"  # (B, 3, H, W) float, normalised
+IMAGE = "image"  # (B, 3, H, W): float, normalised; uint8 from the loader until clipx.data.crops.DeviceImages
 TEXT = "text"  # (B, L) int64 token ids
 VIEWS = "views"  # list of (B, 3, H, W) augmented views of the same images (self-supervised modes)
 KEY = "key"  # list of B sample keys, for de-duplication and debugging
@@ -23,6 +25,29 @@ POSITIVE_TEXT = "positive_text"  # (B, L) token ids of each sample's paired text
 TEACHER_IMAGE = "teacher_image"  # (B, 3, H', W') the image through the teacher's transform
 TEACHER_TEXT = "teacher_text"  # (B, L') the caption through the teacher's tokenizer
 TEACHER_EMBEDDING = "teacher_embedding"  # (B, 2, Dt) float: the teacher's image and text embeddings
+# data.decode: device: the batch's JPEGs still encoded, {"data": [n bytes], "boxes": [n crop boxes
+# (left, top, right, bottom)], "rows": [n batch rows]}; IMAGE then holds the other B - n rows, and
+# clipx.data.crops.DeviceImages decodes these on the training device.
+ENCODED = "encoded_images"
+
+
+class EncodedImage(NamedTuple):
+    """A training image left for the device to decode: its JPEG bytes and crop box in source pixels."""
+
+    data: bytes
+    box: tuple[int, int, int, int]
+
+
+def collate_images(images: list) -> dict:
+    """Samples' images -> {"image": (B, 3, H, W)}, or, when some are ``EncodedImage``,
+    {"image": the other rows stacked, "encoded_images": those, with their rows}."""
+    encoded = [(row, image) for row, image in enumerate(images) if isinstance(image, EncodedImage)]
+    if not encoded:
+        return {IMAGE: torch.stack(images)}
+    decoded = [image for image in images if not isinstance(image, EncodedImage)]
+    pixels = torch.stack(decoded) if decoded else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return {IMAGE: pixels, ENCODED: {"data": [e.data for _, e in encoded], "boxes": [e.box for _, e in encoded],
+                                     "rows": [row for row, _ in encoded]}}
 
 
 class ImageTextBatch:
@@ -40,7 +65,7 @@ class ImageTextBatch:
         self.hard_negatives = choose_caption.negative_key is not None
 
     def __call__(self, samples: list[dict]) -> dict:
-        return {KEY: [s["key"] for s in samples], IMAGE: torch.stack([s["image"] for s in samples]),
+        return {KEY: [s["key"] for s in samples], **collate_images([s["image"] for s in samples]),
                 **self.captions(samples)}
 
     def captions(self, samples: list[dict], **more_texts: list[str]) -> dict:

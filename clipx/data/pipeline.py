@@ -167,7 +167,8 @@ def decode_or_reason(sample: dict, transform):
     if data is None:
         return None, "missing_image"
     try:
-        return transform(decode_image(data)), None
+        # A transform that takes the bytes decodes them itself, only as far as its crop needs.
+        return (transform(data) if getattr(transform, "takes_bytes", False) else transform(decode_image(data))), None
     except ImageTooLarge:
         return None, "oversized_image"
     except Exception:  # any other decoder failure (garbage, HTML, truncated file) spoils this one sample

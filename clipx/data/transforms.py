@@ -19,9 +19,10 @@ class ImageTooLarge(ValueError):
     """The image header declares more pixels than MAX_IMAGE_PIXELS (a decompression bomb, or just huge)."""
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """JPEG/PNG/... bytes -> RGB PIL image. Raises ImageTooLarge for an oversized header (read before
-    any pixel is decoded) and other exceptions for undecodable input."""
+def open_image(data: bytes) -> Image.Image:
+    """JPEG/PNG/... bytes -> a PIL image whose header is read and whose pixels are not decoded yet
+    (so a JPEG can still be asked for a reduced decode, ``Image.draft``). Raises ImageTooLarge for
+    an oversized header and other exceptions for input that is no image."""
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as error:  # PIL's own, higher cap, checked inside open()
@@ -29,7 +30,13 @@ def decode_image(data: bytes) -> Image.Image:
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS} pixel cap")
-    return image.convert("RGB")
+    return image
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """JPEG/PNG/... bytes -> RGB PIL image. Raises ImageTooLarge for an oversized header (read before
+    any pixel is decoded) and other exceptions for undecodable input."""
+    return open_image(data).convert("RGB")
 
 
 class RandomResizedCrop:

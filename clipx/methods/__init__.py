@@ -73,6 +73,8 @@ def method_of(config) -> Method:
                          f"(loss.name=simcse), not loss.name={name}")
     if config.ssl.mix != "none":
         _check_mixing(config, method)
+    if config.data.decode == "device":
+        _check_device_decoding(config, method)
     if config.distill.enabled:
         if not isinstance(method, ImageTextMethod):
             raise ClipxError(f"distill (a teacher CLIP's similarities as targets) applies to image-text methods, "
@@ -80,6 +82,19 @@ def method_of(config) -> Method:
         method = Distilled(method, load_teacher)
     method.validate(config)
     return method
+
+
+def _check_device_decoding(config, method: Method) -> None:
+    name, takers = config.loss.name, ", ".join(m for m in METHODS.list() if METHODS.get(m).decodes_on_device)
+    if not method.decodes_on_device:
+        raise ClipxError(f"data.decode=device decodes one crop per image on the device, for loss.name={takers}, "
+                         f"not {name}; set data.decode=loader")
+    if config.data.randaugment is not None:
+        raise ClipxError("data.randaugment runs on decoded images in the loader; with data.decode=device drop it "
+                         "or set data.decode=loader")
+    if config.distill.enabled and not config.distill.embedded:
+        raise ClipxError("distill with an online teacher decodes each image for the teacher in the loader; use "
+                         "data.decode=loader, or embed the teacher first (clipx prep embed-teacher, distill.embedded)")
 
 
 def _check_mixing(config, method: Method) -> None:

@@ -8,8 +8,9 @@ import torch
 from clipx.config_rules import parse_randaugment
 from clipx.data.batch import IMAGE, NEGATIVE_MASK, NEGATIVE_TEXT, TEXT, ImageTextBatch
 from clipx.data.captions import caption_chooser
+from clipx.data.crops import TrainImage
 from clipx.data.tokenizer import Tokenizer
-from clipx.data.transforms import image_transform
+from clipx.data.transforms import rand_augment
 from clipx.dist import unwrap
 from clipx.methods.objective import Method, Objective
 from clipx.models import create_model, image_size
@@ -74,15 +75,16 @@ class ImageTextMethod(Method):
 
     evaluators = ("zero_shot", "retrieval")
     has_text_tower = True
+    decodes_on_device = True
 
     def build_model(self, config) -> torch.nn.Module:
         return create_model(config.model)
 
     def train_transform(self, config):
         m = config.model
-        return image_transform(image_size(m), m.image_mean, m.image_std, train=True,
-                               crop_scale_min=config.data.crop_scale_min,
-                               randaugment=parse_randaugment(config.data.randaugment))
+        # uint8 crops, normalised on the device (clipx.data.crops); data.decode: device leaves JPEGs encoded.
+        return TrainImage(image_size(m), config.data.crop_scale_min, rand_augment(parse_randaugment(config.data.randaugment)),
+                          defer=config.data.decode == "device")
 
     def collate(self, config):
         return ImageTextBatch(Tokenizer(config.model, config.data.trim_padding), caption_chooser(config.data, config.eval))

@@ -115,6 +115,9 @@ class Method:
     mixing: bool = False
     # Whether its model is a text tower alone (SimCSE): it reads captions, never images.
     text_only: bool = False
+    # Whether its training images can be decoded on the device (data.decode: device): one crop of
+    # each image, made by clipx.data.crops.TrainImage and collated by clipx.data.batch.collate_images.
+    decodes_on_device: bool = False
 
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""

@@ -62,6 +62,7 @@ class SLIP(ImageTextMethod):
     gather_modes = GATHER_MODES  # CLIP's and NT-Xent's negatives gathered alike
     hard_negatives = True
     evaluators = ("zero_shot", "retrieval", "knn", "linear_probe")
+    decodes_on_device = False  # its SSL views are made from the decoded image in the loader
     # The head's BatchNorm: per device, or synchronised across GPUs, as for the image-only methods.
     check_processes = ViewsMethod.check_processes
     prepare = ViewsMethod.prepare

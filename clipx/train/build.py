@@ -13,11 +13,13 @@ from accelerate.utils import set_seed
 
 from clipx.compat.torch import set_lr_lambdas
 from clipx.config import Config, config_to_dict
+from clipx.data.crops import DeviceImages
 from clipx.data.remote import RemoteOptions
 from clipx.data.shards import expand_shards
 from clipx.dist import unwrap
 from clipx.errors import ClipxError
 from clipx.methods import Method, Objective, method_of
+from clipx.models import image_size
 from clipx.models.attention import AttentionKernel
 from clipx.models.lock import lock_towers
 from clipx.models.patch_dropout import PatchDropoutSchedule
@@ -57,6 +59,12 @@ class Trainer:
     compiled: bool = False  # torch.compile wraps the model (train.compile)
     patch_dropout: PatchDropoutSchedule | None = None  # FLIP's unmasked tuning at the end of the run
     ema: ModelEma | None = None  # train.ema_decay: the moving average of the trainable weights
+
+    @functools.cached_property
+    def device_images(self) -> DeviceImages:
+        """What finishes each batch on the device: decodes, crops and normalises its images."""
+        m = self.config.model
+        return DeviceImages(m.image_mean, m.image_std, image_size(m))
 
     def stateful(self) -> Stateful:
         """What checkpoints save and restore besides the counters."""

@@ -183,7 +183,8 @@ def fetch(trainer: Trainer, batches, step: int) -> tuple[int, list[dict]]:
         epoch, batch = next(batches)
         if trainer.keys_log is not None:
             trainer.keys_log.write(step, batch["key"])
-        micro_batches.append(to_device(batch, trainer.accelerator.device))
+        # The images leave the loader as uint8 (or still encoded): normalised (decoded) on the device.
+        micro_batches.append(trainer.device_images(to_device(batch, trainer.accelerator.device), trainer.accelerator.device))
     return epoch, micro_batches
 
 

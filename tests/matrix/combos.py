@@ -13,7 +13,7 @@ combination measures its attention kernel (train.attention=auto), and every flav
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
 options (RECIPES: patch dropout, several captions, hard negatives, EMA weights, layer-wise
-learning-rate decay, distillation, LoRA, RandAugment, i-Mix, text pairs) run with every flavour they
+learning-rate decay, distillation, LoRA, RandAugment, i-Mix, text pairs, JPEGs decoded on the device) run with every flavour they
 apply to on one process and with an image-text, an image-only and a text-only flavour (each where it
 applies) on two; EMA also runs sharded with those flavours on one and on two processes, and LoRA
 sharded with the image-text one. Text-only methods (SimCSE) train the default tower's text
@@ -72,7 +72,8 @@ RECIPES = {"plain": {},
            "randaugment": {"data.randaugment": "2,9"},
            "imix": {"ssl.mix": "mixup", "ssl.mix_prob": 0.5},
            "icutmix": {"ssl.mix": "cutmix"},
-           "text_pairs": {"data.positive_key": "classname"}}
+           "text_pairs": {"data.positive_key": "classname"},
+           "device_decode": {"data.decode": "device"}}
 # Recipes about an image and its caption: image-text only; about captions alone: text-only methods
 # too. Recipes about the towers' blocks: models with a text tower. About images: not text-only ones.
 IMAGE_TEXT_RECIPES = {"distill", "flyp"}
@@ -82,6 +83,9 @@ IMAGE_RECIPES = {"patch_dropout", "randaugment"}
 MIX_RECIPES = {"imix", "icutmix"}
 # Text pairs (SimCSE's supervised positives): the digits' .json class name as each caption's pair.
 PAIR_RECIPES = {"text_pairs"}
+# JPEGs decoded on the training device (METHODS' ``decodes_on_device``), here the CPU's decoder: the
+# crop boxes drawn in the loader must replay and resume like the decoded ones.
+DEVICE_DECODE_RECIPES = {"device_decode"}
 
 # A context of 32 tokens, twice the digits' longest caption: training batches are trimmed to 16
 # (data.trim_padding), so every run also checks trimmed batches against resume and the gathers.
@@ -207,6 +211,8 @@ def recipe_applies(recipe: str, objective: str) -> bool:
         return has_text_tower(objective)
     if recipe in PAIR_RECIPES:
         return method.text_only
+    if recipe in DEVICE_DECODE_RECIPES:
+        return method.decodes_on_device and not method.text_only
     if recipe in IMAGE_RECIPES:
         return not method.text_only
     if recipe in CAPTION_RECIPES:

@@ -3,16 +3,20 @@
     .venv/bin/python bench/fsdp_memory.py                  # writes runs/bench/fsdp_memory.json
     .venv/bin/python bench/fsdp_memory.py --markdown runs/bench/fsdp_memory.json
 
-Each configuration is one torchrun launch of this script (``--worker``): every rank builds the
-trainer a run would build (``build_trainer``) for an image-text model of about 100 M parameters
-(configs/models/bench-100m.json, at 32 px so that activations stay small next to the state), takes
-2 optimizer steps on a synthetic batch, then a third backward, and counts the bytes it holds:
+Each configuration is one torchrun launch of this script (``--worker``): every rank tunes glibc's
+malloc as a run does (``host_memory.tune_host_memory``: freed memory retained under DDP, returned
+under FSDP), builds the trainer a run would build (``build_trainer``) for an image-text model of
+about 100 M parameters (configs/models/bench-100m.json, at 32 px so that activations stay small next
+to the state), takes 2 optimizer steps on a synthetic batch, then a third backward, and counts the
+bytes it holds:
   - state: its parameters, their gradients and AdamW's moments, as local tensors (a sharded
     parameter counts its shard only), measured after the third backward;
   - resident growth: the process's resident memory after the third backward minus before the
-    trainer was built (each after malloc_trim, so that freed memory glibc kept does not count), which also holds what the state count does not see (DDP's gradient buckets,
-    FSDP's gathered blocks, activations); and the peak resident memory (ru_maxrss), which includes
-    the libraries and the moment each rank builds the whole model before sharding it.
+    trainer was built (each after malloc_trim, so that freed memory glibc kept does not count),
+    which also holds what the state count does not see (DDP's gradient buckets, FSDP's gathered
+    blocks, activations); and the peak resident memory (ru_maxrss), which includes the libraries,
+    rank 0's one eager build of the whole model (train/sharded_init.py; under FSDP the other ranks
+    materialise only their rows) and the transient buffers of each step.
 `clipx plan`'s per-rank state figure for the same world size is printed beside the measurement.
 """
 
@@ -49,12 +53,15 @@ def worker(args) -> None:
     from clipx.config import load_config
     from clipx.dist import unwrap
     from clipx.train.build import build_trainer
+    from clipx.train.host_memory import tune_host_memory
     from clipx.train.loop import train_step
     from clipx.train.sharding import local_part
     from clipx.train.step import micro_batch_gradients
 
+    config = load_config(None, overrides(args.sharding, args.data, args.work / "run"))
+    tune_host_memory(config.train)  # glibc tuned as a run is (clipx.train.loop.fit): retained, or for FSDP returned
     before = resident_bytes()
-    trainer = build_trainer(load_config(None, overrides(args.sharding, args.data, args.work / "run")))
+    trainer = build_trainer(config)
     generator = torch.Generator().manual_seed(dist.rank())
     batch = {"image": torch.randn(BATCH, 3, 32, 32, generator=generator),
              "text": torch.randint(1, 400, (BATCH, 16), generator=generator)}

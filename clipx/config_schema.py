@@ -212,8 +212,10 @@ class TrainConfig:
     # Recompute tower activations in backward instead of storing them: less memory, ~30% more compute.
     grad_checkpointing: bool = False
     # Keep freed host memory in the process during the run (glibc malloc tuning): 11% (fp32) and 14%
-    # (bf16) faster CPU steps here (BENCHMARKS.md). See clipx/train/host_memory.py.
-    retain_host_memory: bool = True
+    # (bf16) faster CPU steps here (BENCHMARKS.md); false: freed blocks over 4 MiB go back to the system
+    # at once. None: [run time] true, but false with train.sharding=fsdp, whose per-rank peak would not
+    # fall with the ranks otherwise. See clipx/train/host_memory.py.
+    retain_host_memory: Optional[bool] = None
     # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
     # Off by default: with clipx's attention kernels it was measured not to pay on the benchmark model
     # (bf16 steps at 0.89x eager's rate after 70 s of compiling, fp32 no gain; bench/compile_ab.py).
@@ -232,8 +234,9 @@ class TrainConfig:
     output_dir: str = "runs/train"  # the run directory: checkpoints, metrics.jsonl, TensorBoard, plots
     checkpoint_every: int = 1000  # steps; the final step is always saved
     keep_checkpoints: Optional[int] = None  # newest N kept (pruned after a new one is complete); None: all
-    # On SIGTERM/SIGINT every rank saves at the same step and the run exits with status 75; if the
-    # save takes longer than this, the process exits anyway (the previous checkpoint stays complete).
+    # On SIGTERM/SIGINT, or SIGUSR1 (SLURM's --signal=USR1@120 before the time limit), every rank saves
+    # at the same step and the run exits with status 75; if the save takes longer than this, the
+    # process exits anyway (the previous checkpoint stays complete).
     preempt_grace_s: float = 120.0
     # Steps whose loss or gradient norm is not finite apply no update; this many in a row stop the run.
     max_nonfinite_steps: int = 5

@@ -62,6 +62,8 @@ class Classify(Method):
     def build_model(self, config) -> torch.nn.Module:
         return create_model(config.model, classes=task_classes(config)[2])
 
+    prepare_reads_weights = True  # the head is the zero-shot classifier of the pretrained towers
+
     def prepare(self, model, accelerator, config):
         """The head starts as the zero-shot classifier of the pretrained weights; the text tower and the
         temperature stay as they are (frozen)."""

@@ -158,7 +158,8 @@ class Distilled(Method):
 
     def __init__(self, method: Method, load_teacher: Callable[[str], Teacher]):
         self.method, self.load_teacher = method, load_teacher
-        for name in ("evaluators", "gather_modes", "variants", "batchnorm_modes", "multi_crop", "hard_negatives"):
+        for name in ("evaluators", "gather_modes", "variants", "batchnorm_modes", "multi_crop", "hard_negatives",
+                     "decodes_on_device", "prepare_reads_weights"):
             setattr(self, name, getattr(method, name))
 
     def validate(self, config) -> None:

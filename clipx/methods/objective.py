@@ -118,6 +118,9 @@ class Method:
     # Whether its training images can be decoded on the device (data.decode: device): one crop of
     # each image, made by clipx.data.crops.TrainImage and collated by clipx.data.batch.collate_images.
     decodes_on_device: bool = False
+    # Whether ``prepare`` reads the weights' values (classification's zero-shot head): such a method
+    # cannot be prepared on the meta device, so a sharded run builds its whole model on every rank.
+    prepare_reads_weights: bool = False
 
     def validate(self, config) -> None:
         """Refuse, with one line, a config this method cannot train (before any process starts)."""

@@ -32,6 +32,7 @@ from clipx.train.metrics_log import MetricsLog, SampleKeysLog
 from clipx.train.optim import build_optimizer
 from clipx.train.runtime import launched_processes, make_accelerator
 from clipx.train.schedule import cosine_with_warmup
+from clipx.train.sharded_init import build_sharded_model
 from clipx.train.sharding import autocast_forward, check_sharding, shard_model, use_sharded_scaler
 from clipx.train.stream import TrainStream
 
@@ -122,6 +123,20 @@ def evaluates_during_training(method: Method, config: Config) -> bool:
                                       or (e.retrieval and "retrieval" in method.evaluators))
 
 
+def build_model_eagerly(method: Method, config: Config, accelerator: Accelerator,
+                        pretrained: bool = True, device: torch.device | str | None = None) -> torch.nn.Module:
+    """The whole model on ``device`` (default: this process's): built, initialised from
+    ``model.pretrained`` (if ``pretrained``), locked, prepared by the method."""
+    model = method.build_model(config)
+    if pretrained and config.model.pretrained:
+        init_from_pretrained(model, config.model.pretrained, config.model.text_tower)
+    lock_towers(model, config.model)
+    model = method.prepare(model, accelerator, config).to(device or accelerator.device)
+    if config.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
 def build_trainer(config: Config) -> Trainer:
     """Check the config and its inputs, then form the processes and build everything a run needs."""
     tcfg = config.train
@@ -131,15 +146,16 @@ def build_trainer(config: Config) -> Trainer:
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     set_seed(tcfg.seed)
-    model = method.build_model(config)
-    if config.model.pretrained:
-        init_from_pretrained(model, config.model.pretrained, config.model.text_tower)
-    lock_towers(model, config.model)
-    model = method.prepare(model, accelerator, config).to(accelerator.device)
-    if tcfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if tcfg.sharding == "fsdp":  # before the optimizer exists: sharding replaces the parameters
-        model = shard_model(model, tcfg, accelerator.device.type, accelerator.num_processes)
+    eager = functools.partial(build_model_eagerly, method, config, accelerator)
+    if tcfg.sharding == "fsdp" and not method.prepare_reads_weights:
+        # Only each rank's rows are materialised (train/sharded_init.py), before the optimizer exists
+        # (sharding replaces the parameters). The reference rank 0 streams them from stays in host
+        # memory: a model sharded because it does not fit one device must not be built whole on one.
+        model = build_sharded_model(method, config, accelerator, functools.partial(eager, pretrained=False, device="cpu"))
+    else:
+        model = eager()
+        if tcfg.sharding == "fsdp":
+            model = shard_model(model, tcfg, accelerator.device.type, accelerator.num_processes)
     optimizer = build_optimizer(model, tcfg)
     ema = ModelEma(unwrap(model), tcfg.ema_decay) if tcfg.ema_decay is not None else None  # the initial weights
     stream = TrainStream(config.data, method.train_transform(config), tcfg.batch_size, tcfg.seed,

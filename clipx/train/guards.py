@@ -15,20 +15,23 @@ import torch
 from clipx import dist
 from clipx.errors import ClipxError
 
-# Exit status of a run that saved a checkpoint because it was asked to stop (SIGTERM/SIGINT);
+# Exit status of a run that saved a checkpoint because it was asked to stop (SIGTERM/SIGINT/SIGUSR1);
 # EX_TEMPFAIL: "try again later", which is what `--resume latest` does.
 EXIT_PREEMPTED = 75
 
 
 class StopRequest:
-    """SIGTERM or SIGINT set a flag that the loop reads at step boundaries.
+    """SIGTERM, SIGINT or SIGUSR1 set a flag that the loop reads at step boundaries.
+
+    SIGUSR1 is what SLURM sends ahead of a job's time limit when asked to (``--signal=USR1@120``):
+    the run saves and exits with EXIT_PREEMPTED as on SIGTERM, and the job script requeues it.
 
     After the signal the process has ``grace_s`` seconds: if saving takes longer, a watchdog exits
     with EXIT_PREEMPTED anyway (the previous complete checkpoint is still there), so the job never
     outstays a scheduler's kill deadline. A second Ctrl-C interrupts at once.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s

@@ -7,7 +7,11 @@ step time of the benchmark model (BENCHMARKS.md). Raising the mmap threshold to 
 disabling trimming keeps those buffers in the heap for reuse. The cost is that the resident size
 stays at its peak instead of shrinking between steps, which a training process reaches anyway.
 
-The setting is scoped to a run: ``clipx.train.loop.fit`` applies it when the run starts and
+A sharded run (train.sharding: fsdp) does the opposite by default, ``return_freed_host_memory``: its
+point is a per-rank footprint that falls with the number of ranks, which retained transient buffers
+defeat on CPU processes.
+
+The setting is scoped to a run: ``clipx.train.loop.fit`` applies it (``tune_host_memory``) when the run starts and
 ``release_host_memory`` puts glibc's default thresholds back and returns the retained memory when
 the run ends, so a notebook that trains once does not keep a tuned allocator. (glibc cannot turn
 its dynamic mmap threshold back on once it was set; the default value stays fixed instead.)
@@ -24,6 +28,7 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit systems
 NEVER_TRIM = 2**31 - 1
 GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # both thresholds' defaults (DEFAULT_MMAP_THRESHOLD_MIN, DEFAULT_TRIM_THRESHOLD)
+RETURN_THRESHOLD = 4 * 1024 * 1024  # return_freed_host_memory: blocks above it are mapped, and unmapped when freed
 
 
 def _mallopt():
@@ -44,6 +49,31 @@ def retain_freed_host_memory() -> bool:
     # Order matters: setting the trim threshold alone also freezes the mmap threshold at its 128 KiB
     # default, which makes every large tensor an mmap (much slower than doing nothing).
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def return_freed_host_memory() -> bool:
+    """Tune glibc's malloc so that freed blocks above ``RETURN_THRESHOLD`` go back to the kernel at once
+    (a sharded run's policy); False where unavailable.
+
+    glibc's default threshold is dynamic: once a large mapped block is freed, blocks up to its size
+    come from the heap and stay resident after they are freed. FSDP on CPU processes allocates and
+    frees each unit's gathered weights and full-size gradients in turn, so with either the default
+    or ``retain_freed_host_memory`` a rank keeps every unit's transient buffers resident and its peak
+    does not fall with the number of ranks. A fixed threshold keeps the small allocations in the
+    heap and maps the large ones, paying their page faults again at each use."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, RETURN_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD))
+
+
+def tune_host_memory(train_cfg) -> bool:
+    """Apply the run's policy (train.retain_host_memory; unset: retain, but return with
+    train.sharding=fsdp); True when glibc was tuned and ``release_host_memory`` should undo it."""
+    retain = train_cfg.retain_host_memory
+    if retain is None:
+        retain = train_cfg.sharding != "fsdp"
+    return retain_freed_host_memory() if retain else return_freed_host_memory()
 
 
 def release_host_memory() -> None:

@@ -33,7 +33,7 @@ from clipx.train.checkpoint import (
     save_checkpoint,
 )
 from clipx.train.guards import StopRequest
-from clipx.train.host_memory import release_host_memory, retain_freed_host_memory
+from clipx.train.host_memory import release_host_memory, tune_host_memory
 from clipx.train.optim import step_optimizer
 from clipx.train.runtime import threads_restored
 from clipx.train.step import BufferSnapshot, micro_batch_gradients
@@ -79,7 +79,7 @@ def fit(trainer: Trainer, resume: str | None = None, hooks: RunHooks | None = No
                           "(clipx.train.loop.train(config, hooks=...); `clipx train` passes one)")
     stop = StopRequest(config.train.preempt_grace_s)
     # Before the loader workers fork (they inherit it); undone when the run ends.
-    retains_host_memory = config.train.retain_host_memory and retain_freed_host_memory()
+    tuned_host_memory = tune_host_memory(config.train)
     try:
         state = restore(trainer, resume)
         if trainer.keys_log is not None:
@@ -99,7 +99,7 @@ def fit(trainer: Trainer, resume: str | None = None, hooks: RunHooks | None = No
             trainer.keys_log.close()
         if trainer.owns_process_group:
             accelerator.end_training()  # destroys the process group this run formed
-        if retains_host_memory:
+        if tuned_host_memory:
             release_host_memory()
     return summary
 

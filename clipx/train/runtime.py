@@ -1,5 +1,6 @@
-"""The Accelerator every clipx process runs under, the check that the launcher formed a real group, and
-the scope that puts torch's thread count back when a run ends."""
+"""The Accelerator every clipx process runs under (in a group that torchrun, `accelerate launch`, srun
+or an MPI launcher started), the check that the launcher formed a real group, and the scope that puts
+torch's thread count back when a run ends."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs
 
+from clipx.cluster_env import launched_world_size, torch_variables
 from clipx.compat.accelerate import enable_native_autocast, reset_accelerator_state, set_grad_scaler
 from clipx.errors import ClipxError
 
@@ -22,8 +24,10 @@ def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800,
 
     Without ``cpu=True`` Accelerate treats torchrun-launched CPU processes as independent
     single-process runs (DistributedType.NO): each would train alone on its shard split. A launcher
-    that started more processes than Accelerate sees is refused rather than run wrong.
+    that started more processes than Accelerate sees is refused rather than run wrong. Processes that
+    srun or an MPI launcher started get torch's variables first (``adopt_launcher_variables``).
     """
+    adopt_launcher_variables()
     # Accelerate keeps its settings in a process-wide singleton: forget them (not the process group),
     # so that each run in a process (tests, sweeps, notebooks) gets the precision it asks for.
     reset_accelerator_state()
@@ -40,17 +44,24 @@ def make_accelerator(precision: str = "no", collective_timeout_s: int = 1800,
     launched = launched_processes()
     if launched != accelerator.num_processes:
         raise ClipxError(f"the launcher started {launched} processes but Accelerate formed a group of "
-                         f"{accelerator.num_processes}; start them with torchrun or accelerate launch")
+                         f"{accelerator.num_processes}; start them with srun, torchrun or accelerate launch")
     return accelerator
+
+
+def adopt_launcher_variables() -> None:
+    """Name this process's rank, local rank, world size and rendezvous in the variables torch and
+    Accelerate read (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), when srun (one task per
+    GPU) or an MPI launcher started it with only its own (``clipx.cluster_env.torch_variables``);
+    nothing when torchrun or `accelerate launch` did. Must run before the process group forms. They
+    stay set: a process that such a launcher started is the run's, and a second run in it finds the
+    group described the same way."""
+    os.environ.update(torch_variables(os.environ))
 
 
 def launched_processes() -> int:
     """How many processes the launcher says it started: torchrun/Accelerate's WORLD_SIZE, else the
     task count of an `srun` step or an MPI launcher (which start processes without WORLD_SIZE)."""
-    for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 1
+    return launched_world_size(os.environ)
 
 
 def enable_cpu_fp16(accelerator: Accelerator, init_scale: float) -> None:

@@ -7,8 +7,10 @@ The pixels come from the two photographs scikit-learn ships (``china.jpg``, ``fl
 640 each): every sample is a random crop of one of them, scaled so that its short side is drawn
 uniformly from 256 to 640 px, at an aspect ratio drawn from 1:1 to 16:9 (landscape or portrait),
 re-encoded at JPEG quality 90 as img2dataset's ``--resize_mode keep_ratio`` leaves them. The images
-then have a photograph's frequency content and file sizes (tens of KB), not the flat colours of
-synthetic ones, which decode several times faster than real data. Deterministic for a seed.
+then have a photograph's content and file sizes (tens of KB), not the flat colours of synthetic ones,
+which decode several times faster than real data; but most are enlarged from the 427 x 640 sources,
+so they hold less fine detail than camera photographs of their size (which favours a reduced JPEG
+decode a little: tests/test_crops.py measures its effect on these). Deterministic for a seed.
 """
 
 from __future__ import annotations

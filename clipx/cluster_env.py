@@ -44,7 +44,8 @@ LAUNCHERS = (
              ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
     Launcher("MVAPICH", ("MV2_COMM_WORLD_RANK",), ("MV2_COMM_WORLD_LOCAL_RANK",), ("MV2_COMM_WORLD_SIZE",),
              ("MV2_COMM_WORLD_LOCAL_SIZE",)),
-    Launcher("PMI (MPICH, Intel MPI)", ("PMI_RANK",), ("MPI_LOCALRANKID", "SLURM_LOCALID"), ("PMI_SIZE",),
+    # Not SLURM_LOCALID: under mpiexec in a batch script every process inherits the batch step's 0.
+    Launcher("PMI (MPICH, Intel MPI)", ("PMI_RANK",), ("MPI_LOCALRANKID",), ("PMI_SIZE",),
              ("MPI_LOCALNRANKS",)),
     # SLURM_STEP_NUM_TASKS counts this srun step's tasks, and only srun sets it: the batch script itself
     # also has SLURM_PROCID=0 and the job's SLURM_NTASKS, and a `clipx train` typed there without srun
@@ -132,7 +133,9 @@ def master_addr(env: Mapping[str, str], where: Placement) -> str:
     loopback address when every process is on this host."""
     if env.get("MASTER_ADDR"):
         return env["MASTER_ADDR"]
-    for name in NODELISTS:
+    # An MPI launcher's processes on other nodes run inside steps of their own (mpirun starts its
+    # daemons with srun), whose step host lists differ: only the job's list is the same everywhere.
+    for name in NODELISTS if where.launcher == "srun" else NODELISTS[1:]:
         if env.get(name):
             return first_host(env[name], name)
     if where.local_world_size == where.world_size:

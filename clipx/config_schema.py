@@ -105,8 +105,8 @@ class DataConfig:
     crop_scale_min: float = 0.9  # RandomResizedCrop lower scale bound; 1.0 disables the crop
     # Where the training images of image-text methods are decoded: "loader" (in the loader workers, a
     # JPEG at the reduced scale its crop allows) or "device" (the loader draws the crop and keeps the
-    # JPEG encoded; the training device decodes the batch at once: nvJPEG on a GPU). Both hand the
-    # device uint8 pixels, normalised there (clipx/data/crops.py).
+    # JPEG encoded; the training device decodes the batch at once: nvJPEG on a GPU). Either way the
+    # float conversion and normalisation happen on the device (clipx/data/crops.py).
     decode: Literal["loader", "device"] = "loader"
     # RandAugment (Cubuk et al. 2020; torchvision's): "N,M", N random ops at magnitude M (0..30) on
     # every training image after its crop, the SSL views and CLIP's image alike. Its draws come from
@@ -213,8 +213,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     # Keep freed host memory in the process during the run (glibc malloc tuning): 11% (fp32) and 14%
     # (bf16) faster CPU steps here (BENCHMARKS.md); false: freed blocks over 4 MiB go back to the system
-    # at once. None: [run time] true, but false with train.sharding=fsdp, whose per-rank peak would not
-    # fall with the ranks otherwise. See clipx/train/host_memory.py.
+    # at once. None: [run time] true, but false for train.sharding=fsdp on CPU processes, whose
+    # per-rank peak would not fall with the ranks otherwise (at 0.66x the speed here). See
+    # clipx/train/host_memory.py.
     retain_host_memory: Optional[bool] = None
     # torch.compile the model (first steps are slower while it compiles; summary.json reports it).
     # Off by default: with clipx's attention kernels it was measured not to pay on the benchmark model

@@ -135,3 +135,13 @@ def run_training(config_overrides: list[str], *extra: str, check: bool = True,
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def on_device(batch: dict, config, device="cpu") -> dict:
+    """A collated training batch as the loop hands it to the objective (``loop.fetch``): its images
+    decoded (data.decode=device) and normalised on the device by the run's ``DeviceImages``."""
+    from clipx.data.crops import DeviceImages
+    from clipx.models import image_size
+
+    m = config.model
+    return DeviceImages(m.image_mean, m.image_std, image_size(m))(batch, device)

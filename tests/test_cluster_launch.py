@@ -133,6 +133,11 @@ def test_a_torch_launcher_one_task_or_no_launcher_is_left_alone():
     ({"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "16",
       "OMPI_COMM_WORLD_LOCAL_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "g[07-08]",
       "SLURM_JOB_ID": "77"}, ("9", "1", "16", "8", "g07", str(PORT_BASE + 77))),
+    # ... on the second node, a child of the daemon mpirun started there with srun: that step's host
+    # list names its own node only; the job's list, the same on every node, names the rendezvous
+    ({"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "16",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "8", "SLURM_STEP_NODELIST": "g08", "SLURM_JOB_NODELIST": "g[07-08]",
+      "SLURM_JOB_ID": "77"}, ("9", "1", "16", "8", "g07", str(PORT_BASE + 77))),
 ])
 def test_mpi_launchers_map_to_torchs_variables(env, expected):
     variables = torch_variables(env)
@@ -162,9 +167,12 @@ def test_bad_launcher_variables_are_one_line(change, named):
 
 
 def test_a_launcher_that_names_no_local_rank_across_hosts_is_refused():
-    env = {"PMI_RANK": "1", "PMI_SIZE": "4"}  # no MPI_LOCALRANKID, SLURM_LOCALID or LOCAL_RANK
+    env = {"PMI_RANK": "1", "PMI_SIZE": "4"}  # no MPI_LOCALRANKID or LOCAL_RANK
     with pytest.raises(ClipxError, match="export LOCAL_RANK"):
         placement(env)
+    # mpiexec in a batch script: the batch step's SLURM_LOCALID (0) is every process's, not its GPU
+    with pytest.raises(ClipxError, match="export LOCAL_RANK"):
+        placement({**env, "SLURM_LOCALID": "0"})
     assert placement({**env, "LOCAL_RANK": "0"}).local_rank == 0
 
 

@@ -16,7 +16,7 @@ import torch
 from clipx.config import load_config
 from clipx.errors import ClipxError
 from clipx.losses.distill import DistillLoss
-from tests.conftest import DEMO, clipx_in_process, tiny_overrides
+from tests.conftest import DEMO, clipx_in_process, on_device, tiny_overrides
 
 
 def _reference(images, texts, scale, teacher_images, teacher_texts, teacher_scale) -> float:
@@ -90,9 +90,10 @@ def test_online_and_embedded_teachers_give_the_same_loss_on_the_same_batch(digit
     torch.manual_seed(0)
     samples = [{"image": decode_or_reason(s, transform)[0], "text": s["txt"].decode(), "key": s["__key__"]}
                for s in raw]
-    online_batch = collate(samples)
-    embedded_batch = method_of(embedded).collate(embedded)(
-        [{**sample, "image": sample["image"][0], TEACHER_MEMBER: s[TEACHER_MEMBER]} for sample, s in zip(samples, raw)])
+    online_batch = on_device(collate(samples), online)
+    embedded_batch = on_device(method_of(embedded).collate(embedded)(
+        [{**sample, "image": sample["image"][0], TEACHER_MEMBER: s[TEACHER_MEMBER]} for sample, s in zip(samples, raw)]),
+        embedded)
     assert torch.equal(online_batch["image"], embedded_batch["image"])
 
     torch.manual_seed(0)
@@ -195,7 +196,8 @@ def test_feature_cached_accumulation_runs_an_online_teacher_once_per_micro_batch
     torch.manual_seed(0)
     samples = [{"image": decode_or_reason(s, transform)[0], "text": s["txt"].decode(), "key": s["__key__"]}
                for s in raw]
-    micro_batches, union = [collate(samples[:8]), collate(samples[8:])], collate(samples)
+    micro_batches = [on_device(collate(samples[:8]), config), on_device(collate(samples[8:]), config)]
+    union = on_device(collate(samples), config)
 
     class OneProcess:  # what micro_batch_gradients asks of an Accelerator
         scaler = None

@@ -5,7 +5,8 @@ One 2-process launch (``python -m torch.distributed.run --nproc_per_node 2 -m te
 DATA``) builds three sharded trainers with ``build_trainer`` and checks each rank's parameters and
 buffers against an eager build of the same seed in the same process: CLIP with an EMA and a locked,
 LoRA-adapted text tower; CLIP initialised from an open_clip safetensors file (its reads recorded: a rank
-may read only its own rows of a sharded tensor); SimCLR, whose projection head holds BatchNorm units.
+may read only its own rows of a sharded tensor); SimCLR, whose projection head holds BatchNorm units;
+and a ResNet-tower CLIP from a pretrained file (BatchNorm's buffers, 0-dim counters included).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from pathlib import Path
 
 import torch
 
-from tests.matrix.combos import TINY_VIT
+from tests.matrix.combos import TINY_RESNET, TINY_VIT
 
 CASES = {
     "clip-ema-lora-lock": {"loss.name": "clip", "train.ema_decay": 0.9, "model.lora_rank": 4, "model.lock_text": True},
     "clip-pretrained": {"loss.name": "clip", "model.pretrained": "{out}/pretrained.safetensors"},
     "simclr-batchnorm": {"loss.name": "ntxent", "ssl.head_hidden": 32, "ssl.head_out": 16},
+    # A ResNet image tower's BatchNorm buffers, 0-dim counters included, from a pretrained file.
+    "resnet-pretrained": {"loss.name": "clip", "model.name": "{out}/arch-resnet.json",
+                          "model.pretrained": "{out}/pretrained-resnet.safetensors"},
 }
 
 
@@ -91,10 +95,11 @@ def write_inputs(out: Path) -> None:
     from clipx.config import load_config
     from clipx.methods import build_model
 
-    (out / "arch.json").write_text(json.dumps(TINY_VIT))
-    torch.manual_seed(123)
-    model = build_model(load_config(None, [f"model.name={out / 'arch.json'}", "data.train=unused"]))
-    save_file({k: v.contiguous() for k, v in model.clip_state_dict().items()}, str(out / "pretrained.safetensors"))
+    for arch, name in ((TINY_VIT, ""), (TINY_RESNET, "-resnet")):
+        (out / f"arch{name}.json").write_text(json.dumps(arch))
+        torch.manual_seed(123)
+        model = build_model(load_config(None, [f"model.name={out / f'arch{name}.json'}", "data.train=unused"]))
+        save_file({k: v.contiguous() for k, v in model.clip_state_dict().items()}, str(out / f"pretrained{name}.safetensors"))
 
 
 def test_sharded_initial_weights_equal_the_eager_build_and_pretrained_loads_shard_by_shard(digits_dir, tmp_path):

@@ -191,8 +191,9 @@ class LoaderPlan:
             f"loader: {self.per_core:.0f} samples/s per core, measured on data.train ({self.measured} samples, "
             f"data.decode={self.decode}{shared})",
             f"  a target of {self.target:.0f} samples/s over {self.world_size} rank(s) needs {self.cores} loader "
-            f"core(s): data.workers={self.workers_per_rank} per rank, each on a core of its own "
-            f"(besides the cores the training processes use)"])
+            f"core(s) in all; spread over the ranks: data.workers={self.workers_per_rank} per rank "
+            f"({self.workers_per_rank * self.world_size} in all), each on a core of its own besides the "
+            f"cores the training processes use"])
 
 
 def plan_loader(config: Config, target: float, world_size: int, samples: int = 512) -> LoaderPlan:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -37,9 +38,10 @@ from clipx.data.transforms import ImageTooLarge, RandomResizedCrop, open_image
 
 # A reduced JPEG decode (libjpeg's scaled IDCT) is a little softer than a full decode resized by the
 # antialiased bicubic: at a crop just above the target size, 2.5% less mean neighbour contrast on
-# photographs. The decoder is asked for a reduction only while the reduced crop keeps this margin
+# bench/photo_shards.py's photographs. The decoder is asked for a reduction only while the reduced crop keeps this margin
 # over the target, which keeps the difference to 0.5% and most of the saving (tests/test_crops.py).
 DRAFT_MARGIN = 1.25
+JPEG_FORMATS = ("JPEG", "MPO")  # Pillow opens a JPEG with a multi-picture segment (phones write them) as MPO
 
 
 class TrainImage:
@@ -68,7 +70,7 @@ class TrainImage:
         encoded = isinstance(source, (bytes, bytearray))  # else a decoded image, handed on by a wrapper
         image = open_image(source) if encoded else source
         box = self.box(*image.size)
-        if encoded and image.format == "JPEG":
+        if encoded and image.format in JPEG_FORMATS:
             if self.defer and not self.augment and is_complete_jpeg(source):
                 return EncodedImage(bytes(source), box)
             if self.draft:
@@ -160,7 +162,11 @@ class DeviceImages:
         images = decode_jpegs(data, device)
         crops: list[torch.Tensor] = []
         for pixels, (left, top, right, bottom) in zip(images, boxes):
-            if pixels is None:  # undecodable on the device: a zero image, counted
+            if pixels is None:  # undecodable on the device: a zero image, counted (summary.json) and warned of
+                if not self.failed:
+                    warnings.warn("data.decode=device: a JPEG that neither the device's decoder nor Pillow can read "
+                                  "is trained on as a zero image (summary.json counts them); data.decode=loader "
+                                  "skips such files instead", stacklevel=2)
                 self.failed += 1
                 crops.append(torch.zeros(1, 3, self.size, self.size, device=device))
                 continue

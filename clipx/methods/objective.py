@@ -138,7 +138,9 @@ class Method:
         return model
 
     def train_transform(self, config):
-        """PIL image -> what a training sample holds (one tensor, or a list of augmented views)."""
+        """An image -> what a training sample holds (one tensor, or a list of augmented views). The
+        image is a decoded PIL image, or the sample's encoded bytes when the transform says
+        ``takes_bytes`` (clipx.data.crops.TrainImage, which decodes only what its crop needs)."""
         raise NotImplementedError
 
     def collate(self, config):

@@ -7,9 +7,9 @@ step time of the benchmark model (BENCHMARKS.md). Raising the mmap threshold to 
 disabling trimming keeps those buffers in the heap for reuse. The cost is that the resident size
 stays at its peak instead of shrinking between steps, which a training process reaches anyway.
 
-A sharded run (train.sharding: fsdp) does the opposite by default, ``return_freed_host_memory``: its
-point is a per-rank footprint that falls with the number of ranks, which retained transient buffers
-defeat on CPU processes.
+A sharded run on CPU processes (train.sharding: fsdp) does the opposite by default,
+``return_freed_host_memory``: its point is a per-rank footprint that falls with the number of ranks,
+which retained transient buffers defeat there.
 
 The setting is scoped to a run: ``clipx.train.loop.fit`` applies it (``tune_host_memory``) when the run starts and
 ``release_host_memory`` puts glibc's default thresholds back and returns the retained memory when
@@ -67,17 +67,19 @@ def return_freed_host_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, RETURN_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD))
 
 
-def tune_host_memory(train_cfg) -> bool:
-    """Apply the run's policy (train.retain_host_memory; unset: retain, but return with
-    train.sharding=fsdp); True when glibc was tuned and ``release_host_memory`` should undo it."""
+def tune_host_memory(train_cfg, device_type: str) -> bool:
+    """Apply the run's policy (train.retain_host_memory; unset: retain, but return for
+    train.sharding=fsdp on CPU processes, ``device_type`` "cpu": on GPUs FSDP's transient buffers
+    are device memory); True when glibc was tuned and ``release_host_memory`` should undo it."""
     retain = train_cfg.retain_host_memory
     if retain is None:
-        retain = train_cfg.sharding != "fsdp"
+        retain = not (train_cfg.sharding == "fsdp" and device_type == "cpu")
     return retain_freed_host_memory() if retain else return_freed_host_memory()
 
 
 def release_host_memory() -> None:
-    """Undo ``retain_freed_host_memory``: glibc's default thresholds, and the retained memory handed back."""
+    """Undo ``retain_freed_host_memory`` or ``return_freed_host_memory``: glibc's default thresholds
+    (fixed), and the retained memory handed back."""
     mallopt = _mallopt()
     if mallopt is None:
         return

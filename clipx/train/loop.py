@@ -79,7 +79,7 @@ def fit(trainer: Trainer, resume: str | None = None, hooks: RunHooks | None = No
                           "(clipx.train.loop.train(config, hooks=...); `clipx train` passes one)")
     stop = StopRequest(config.train.preempt_grace_s)
     # Before the loader workers fork (they inherit it); undone when the run ends.
-    tuned_host_memory = tune_host_memory(config.train)
+    tuned_host_memory = tune_host_memory(config.train, accelerator.device.type)
     try:
         state = restore(trainer, resume)
         if trainer.keys_log is not None:
@@ -305,6 +305,9 @@ def run_summary(trainer: Trainer, state: TrainerState, clock: Throughput, record
         # (the last one possibly in progress).
         "skipped_by_epoch": trainer.stream.ledger.epochs,
         "skipped": trainer.stream.skipped_overall(trainer.accelerator.device),
+        # data.decode=device: JPEGs the device decoder could not read, trained on as zero images.
+        "zero_images_from_device_decoding": int(dist.all_reduce_sum_(torch.tensor(
+            float(trainer.device_images.failed), device=trainer.accelerator.device)).item()),
         "world_size": trainer.accelerator.num_processes,
         "first_step_seconds": record.first_step_seconds,
         "attention_kernel": trainer.attention.kernel,

@@ -49,20 +49,21 @@ def build_sharded_model(method, config, accelerator, eager: Callable[[], nn.Modu
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model = shard_model(model, tcfg, accelerator.device.type, accelerator.num_processes)
-    model.to_empty(device=accelerator.device)
+    # With CPU offload FSDP keeps the shards in host memory and wants them materialised there.
+    model.to_empty(device="cpu" if tcfg.fsdp_cpu_offload else accelerator.device)
     torch.set_rng_state(rng)
-    materialise_from_rank0(model, eager if dist.rank() == 0 else None)
+    materialise_from_rank0(model, eager if dist.rank() == 0 else None, accelerator.device)
     if config.model.pretrained:
         load_pretrained_shards(model, config.model.pretrained, config.model.text_tower)
     return model
 
 
-def materialise_from_rank0(model: nn.Module, eager: Callable[[], nn.Module] | None) -> None:
+def materialise_from_rank0(model: nn.Module, eager: Callable[[], nn.Module] | None, device: torch.device) -> None:
     """Fill ``model`` (sharded, storage allocated) with the weights and buffers of rank 0's
     ``eager()`` model, one tensor at a time: each rank keeps its rows of a parameter, a buffer whole.
-    Every rank then continues with rank 0's random stream after its build."""
+    Every rank then continues with rank 0's random stream after its build. The tensors travel on
+    ``device``, the process group's (NCCL has no CPU tensors), whatever device the shards live on."""
     reference = _reference_tensors(eager()) if eager is not None else None
-    device = next(model.parameters()).device
     for name, target in _tensors(model):
         full = reference.pop(name).to(device) if reference is not None else \
             torch.empty(target.shape, dtype=target.dtype, device=device)
@@ -70,8 +71,8 @@ def materialise_from_rank0(model: nn.Module, eager: Callable[[], nn.Module] | No
         with torch.no_grad():
             local = _local(target)
             local.copy_(full[own_rows(full.shape[0], target)] if isinstance(target, DTensor) else full)
-    state = torch.get_rng_state()
-    torch.set_rng_state(dist.broadcast_(state, src=0))
+    state = dist.broadcast_(torch.get_rng_state().to(device), src=0)
+    torch.set_rng_state(state.cpu())
 
 
 def _reference_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,6 +112,9 @@ def load_pretrained_shards(model: nn.Module, path, text_tower: str) -> None:
     with torch.no_grad():
         for name, source in sources.items():
             target = expected[name]
+            if target.ndim == 0:  # a 0-dim buffer (BatchNorm's num_batches_tracked): whole on every rank
+                _local(target).copy_(source.rows(0, 1).reshape(()))
+                continue
             rows = own_rows(target.shape[0], target)
             # A stored 0-dim scalar is sharding's 1-element vector here (on one rank; empty on the others).
             part = source.rows(rows.start, rows.stop) if source.shape else source.rows(0, 1).reshape(1)[rows]

@@ -20,6 +20,7 @@ from clipx.errors import ClipxError
 # task of the job derives the same one, unprivileged and below Linux's ephemeral range (32768-60999),
 # from which the kernel picks the ports of outgoing connections.
 PORT_BASE, PORT_SPAN = 20000, 10000
+STEP_STRIDE = 997  # a step's port is this far from the previous step's (a prime: steps cycle through the span)
 DEFAULT_PORT = 29500  # torch's own default, for an MPI launch outside SLURM: a constant every rank agrees on
 LOOPBACK = "127.0.0.1"
 # Where rank 0 runs: the step's first host (srun places task 0 there), else the job's.
@@ -145,21 +146,23 @@ def master_addr(env: Mapping[str, str], where: Placement) -> str:
 
 
 def master_port(env: Mapping[str, str]) -> str:
-    """MASTER_PORT if set; else one derived from SLURM_JOB_ID (every task of the job derives the same);
-    else torch's default."""
+    """MASTER_PORT if set; else one derived from SLURM_JOB_ID and SLURM_STEP_ID (every task of a step
+    derives the same, and two steps of one job running at once differ); else torch's default."""
     if env.get("MASTER_PORT"):
         return env["MASTER_PORT"]
     if env.get("SLURM_JOB_ID"):
-        return str(port_of_job(env["SLURM_JOB_ID"]))
+        return str(port_of_job(env["SLURM_JOB_ID"], env.get("SLURM_STEP_ID", "0")))
     return str(DEFAULT_PORT)
 
 
-def port_of_job(job_id: str) -> int:
-    """A SLURM job's rendezvous port: PORT_BASE + its id mod PORT_SPAN (a stable hash of an id that
-    is not a number)."""
-    job = job_id.strip()
-    number = int(job) if job.isdigit() else zlib.crc32(job.encode())
-    return PORT_BASE + number % PORT_SPAN
+def port_of_job(job_id: str, step_id: str = "0") -> int:
+    """A SLURM step's rendezvous port: PORT_BASE + (job id + STEP_STRIDE x step id) mod PORT_SPAN
+    (a stable hash of an id that is not a number); step 0 takes the job's own port."""
+    def number(text: str) -> int:
+        text = text.strip()
+        return int(text) if text.isdigit() else zlib.crc32(text.encode())
+
+    return PORT_BASE + (number(job_id) + STEP_STRIDE * number(step_id)) % PORT_SPAN
 
 
 # Slurm's compressed host lists: hosts separated by commas, each a name in which bracketed lists of

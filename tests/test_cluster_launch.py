@@ -104,7 +104,10 @@ def test_master_addr_and_port_from_the_environment_win():
 def test_the_port_is_the_same_for_every_task_of_a_job_and_unprivileged():
     ports = {port_of_job(job) for job in ("1", "4242", "99999999", "123456_7", "abc")}
     assert all(PORT_BASE <= port < PORT_BASE + PORT_SPAN < 32768 for port in ports) and len(ports) == 5
-    assert port_of_job("4242") == port_of_job(" 4242") == PORT_BASE + 4242
+    assert port_of_job("4242") == port_of_job(" 4242") == port_of_job("4242", "0") == PORT_BASE + 4242
+    # two srun steps of one job at once (a training step and an evaluation step, say) do not collide
+    assert len({port_of_job("4242", str(step)) for step in range(8)}) == 8
+    assert torch_variables({**SRUN, "SLURM_STEP_ID": "1"})["MASTER_PORT"] == str(port_of_job(SRUN["SLURM_JOB_ID"], "1"))
     tasks = [torch_variables({**SRUN, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 4),
                               "SLURM_NODEID": str(r // 4)}) for r in range(8)]
     assert {(t["MASTER_ADDR"], t["MASTER_PORT"], t["WORLD_SIZE"]) for t in tasks} == {

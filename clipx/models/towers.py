@@ -77,7 +77,12 @@ class HFTextTower(nn.Module):
             self.config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except ValueError as error:  # e.g. a config that needs its own Python code (auto_map)
             raise ClipxError(f"model.hf_text_path {path}: {str(error).splitlines()[0]}") from None
-        self.transformer = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        if torch.get_default_device().type == "meta":
+            # A sharded build (clipx/train/sharded_init.py) takes only the shapes here; the weights
+            # come from rank 0's eager build, which loads them below.
+            self.transformer = AutoModel.from_config(self.config, trust_remote_code=False)
+        else:
+            self.transformer = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         if getattr(self.transformer, "pooler", None) is not None:
             # clipx pools the hidden states itself. BERT's pooler would hold parameters that no loss
             # reaches, which DDP rejects at the first step; drop it rather than make every DDP run

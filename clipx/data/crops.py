@@ -38,8 +38,9 @@ from clipx.data.transforms import ImageTooLarge, RandomResizedCrop, open_image
 
 # A reduced JPEG decode (libjpeg's scaled IDCT) is a little softer than a full decode resized by the
 # antialiased bicubic: at a crop just above the target size, 2.5% less mean neighbour contrast on
-# bench/photo_shards.py's photographs. The decoder is asked for a reduction only while the reduced crop keeps this margin
-# over the target, which keeps the difference to 0.5% and most of the saving (tests/test_crops.py).
+# bench/photo_shards.py's photographs. The decoder is asked for a reduction only while the reduced
+# crop keeps this margin over the target, which keeps the difference under 1% and most of the saving
+# (tests/test_crops.py).
 DRAFT_MARGIN = 1.25
 JPEG_FORMATS = ("JPEG", "MPO")  # Pillow opens a JPEG with a multi-picture segment (phones write them) as MPO
 

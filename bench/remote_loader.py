@@ -34,11 +34,11 @@ SOURCES = ("local", "s3", "http")
 def samples_per_second(pattern: str, workers: int, args, endpoint: str | None) -> float:
     from clipx.config import DataConfig
     from clipx.data.batch import ImageTextBatch
-    from clipx.data.transforms import image_transform
+    from clipx.data.crops import TrainImage
     from clipx.train.stream import TrainStream
 
     data = DataConfig(train=pattern, workers=workers, endpoint_url=endpoint)
-    transform = image_transform(args.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=True)
+    transform = TrainImage(args.image_size, data.crop_scale_min)  # the image-text methods' training crop
     stream = TrainStream(data, transform, args.batch, 0, ImageTextBatch(lambda texts: texts), 0, 1)
     batches = stream.batches()
     for _ in range(args.warmup):

@@ -76,11 +76,11 @@ def write_shards(folder: Path, samples: int, per_shard: int, size: int) -> str:
 def make_stream(pattern: str, args):
     from clipx.config import DataConfig
     from clipx.data.batch import ImageTextBatch
-    from clipx.data.transforms import image_transform
+    from clipx.data.crops import TrainImage
     from clipx.train.stream import TrainStream
 
     data = DataConfig(train=pattern, workers=args.workers, shuffle_buffer=args.shuffle_buffer)
-    transform = image_transform(args.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=True)
+    transform = TrainImage(args.image_size, data.crop_scale_min)  # the image-text methods' training crop
     return TrainStream(data, transform, args.batch, 0, ImageTextBatch(lambda texts: texts), 0, 1)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from clipx.data.eval_loader import build_eval_loader
 from clipx.data.skips import SkipCounter
-from clipx.data.transforms import image_transform
+from clipx.data.transforms import eval_transform
 from clipx.errors import ClipxError
 from clipx.models import image_size
 from clipx.models.inference import InferenceEncoder
@@ -19,7 +19,7 @@ def labelled_features(model, model_cfg, shards: str, device, label_key: str = "l
                       workers: int = 2, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm image features (N, F) and labels (N,) of every labelled sample, in key order."""
     model = InferenceEncoder(model, device, precision)
-    transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=False)
+    transform = eval_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std)
     loader = build_eval_loader(shards, transform, label_key, batch_size, workers, SkipCounter())
     dim = getattr(model, "feature_dim", None) or model_cfg.arch["embed_dim"]
     embeddings = merge_embeddings([embed_dataset(model, loader, None, device, dim, with_texts=False)])

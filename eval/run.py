@@ -9,7 +9,7 @@ import torch
 from clipx import dist
 from clipx.data.eval_loader import build_eval_loader
 from clipx.data.skips import SkipCounter
-from clipx.data.transforms import image_transform
+from clipx.data.transforms import eval_transform
 from clipx.models import image_size
 from clipx.models.inference import InferenceEncoder
 from clipx.templates import chosen_classes, load_templates
@@ -33,7 +33,7 @@ def evaluate(model, tokenizer, model_cfg, shards: str, device, zero_shot: bool =
     one its data config describes. ``precision``: fp32, or bf16 for the towers (features and
     metrics stay fp32).
     """
-    transform = image_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std, train=False)
+    transform = eval_transform(image_size(model_cfg), model_cfg.image_mean, model_cfg.image_std)
     counter = SkipCounter()
     rank, world = dist.rank(), dist.world_size()
     loader = build_eval_loader(shards, transform, label_key, batch_size, workers, counter, rank=rank, world=world,

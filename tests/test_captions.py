@@ -59,13 +59,13 @@ class Captions:
 
 def _two_epochs(digits_dir, **data) -> list[dict]:
     from clipx.data.captions import caption_chooser
+    from clipx.data.crops import TrainImage
     from clipx.data.pipeline import SharedEpoch, build_train_loader
     from clipx.data.skips import SkipCounter
-    from clipx.data.transforms import image_transform
 
     config = load_config(REPO / "configs" / "demo-digits.yaml", [
         f"data.train={digits_dir / 'train'}", "data.workers=0", *(f"data.{k}={v}" for k, v in data.items())])
-    transform = image_transform(32, config.model.image_mean, config.model.image_std, True, 0.8)
+    transform = TrainImage(32, 0.8)  # what the image-text methods train with
     epoch = SharedEpoch()
     collate = Captions()
     collate.choose_caption = caption_chooser(config.data, config.eval)

@@ -181,12 +181,13 @@ def test_the_mixer_is_reproducible_from_the_generator_and_mix_prob_zero_is_the_i
 def test_randaugment_draws_are_reproducible_per_sample_seed():
     from clipx.config import ViewsConfig
     from clipx.config_rules import parse_randaugment
+    from clipx.data.crops import TrainImage
     from clipx.data.pipeline import sample_rng
-    from clipx.data.transforms import image_transform
+    from clipx.data.transforms import rand_augment
     from clipx.ssl.views import ssl_views
 
     image = Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy())
-    for transform in (image_transform(32, (0.5,) * 3, (0.5,) * 3, True, 0.5, parse_randaugment("3,9")),
+    for transform in (TrainImage(32, 0.5, rand_augment(parse_randaugment("3,9"))),  # CLIP's training crop
                       ssl_views(ViewsConfig(), 32, (0.5,) * 3, (0.5,) * 3, 0.5, parse_randaugment("3,9"))):
         def at(index):
             with sample_rng(0, 0, 0, 0, index):
@@ -195,8 +196,13 @@ def test_randaugment_draws_are_reproducible_per_sample_seed():
 
         assert torch.equal(at(7), at(7))
         assert not torch.equal(at(7), at(8))
-    assert any(type(t).__name__ == "RandAugment" for t in image_transform(32, (0.5,) * 3, (0.5,) * 3, True, 0.5,
-                                                                            (2, 9)).transforms)
+    # data.randaugment reaches the image-text methods' training crop
+    from clipx.config import load_config
+    from clipx.methods import method_of
+    from tests.conftest import DEMO
+
+    config = load_config(DEMO, ["data.randaugment=2,9"])
+    assert any(type(t).__name__ == "RandAugment" for t in method_of(config).train_transform(config).augment)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -12,7 +12,7 @@ from clipx.data.pipeline import POSITION_KEY, SharedEpoch, build_train_loader, s
 from clipx.data.shards import count_samples, expand_shards
 from clipx.data.skips import SkipCounter
 from clipx.data.tokenizer import Tokenizer
-from clipx.data.transforms import image_transform
+from clipx.data.transforms import eval_transform
 from clipx.errors import ClipxError
 from tests.conftest import REPO
 
@@ -26,7 +26,7 @@ def config(tiny_model_json, digits_dir):
 def make_loader(config, pattern=None, workers=0, batch=64, seed=0, counter=None, epoch=None):
     data = config.data.__class__(**{**config.data.__dict__, "workers": workers,
                                     **({"train": pattern} if pattern else {})})
-    transform = image_transform(32, config.model.image_mean, config.model.image_std, train=False)
+    transform = eval_transform(32, config.model.image_mean, config.model.image_std)
     return build_train_loader(data, batch, transform, ImageTextBatch(Tokenizer(config.model)), seed, 0, 1,
                               epoch or SharedEpoch(), counter or SkipCounter())
 
@@ -109,14 +109,14 @@ def test_fewer_shards_than_workers_is_refused_unless_resampled(config, digits_di
         make_loader(config, pattern=one, workers=2)
     data = config.data.__class__(**{**config.data.__dict__, "train": one, "workers": 2, "resampled": True,
                                     "train_num_samples": 256})
-    transform = image_transform(32, config.model.image_mean, config.model.image_std, train=False)
+    transform = eval_transform(32, config.model.image_mean, config.model.image_std)
     loader, _ = build_train_loader(data, 32, transform, ImageTextBatch(Tokenizer(config.model)), 0, 0, 1, SharedEpoch(),
                                    SkipCounter())
     assert len(keys_of(loader, 4)) == 4
 
 
 def test_eval_loader_reads_every_sample_once_with_labels_and_captions(config, digits_dir):
-    transform = image_transform(32, config.model.image_mean, config.model.image_std, train=False)
+    transform = eval_transform(32, config.model.image_mean, config.model.image_std)
     loader = build_eval_loader(str(digits_dir / "test"), transform, "label", 100, workers=2)
     keys, labels, captions = [], [], []
     for batch in loader:

@@ -96,25 +96,19 @@ def rand_augment(ops_magnitude: tuple[int, int] | None) -> list:
 
     torchvision's RandAugment draws its ops and signs with ``torch.randint`` from the global
     generator, which the pipeline seeds per sample (``sample_rng``): the same image gets the same ops
-    in a resumed run, with or without loader workers. PIL -> PIL."""
+    in a resumed run, with or without loader workers. PIL -> PIL, or uint8 (3, H, W) -> uint8
+    (clipx.data.crops.TrainImage applies it to its crop)."""
     if ops_magnitude is None:
         return []
     return [T.RandAugment(num_ops=ops_magnitude[0], magnitude=ops_magnitude[1])]
 
 
-def image_transform(size: int, mean, std, train: bool, crop_scale_min: float = 1.0,
-                    randaugment: tuple[int, int] | None = None):
-    """PIL image -> normalised float tensor (3, size, size).
-
-    Training uses a mild RandomResizedCrop (open_clip's default scale is (0.9, 1.0)), then
-    RandAugment's (N, M) if given; evaluation resizes the shorter side and centre-crops, with
-    torchvision's own transforms (the same images as open_clip's and CLIP_benchmark's preprocessing).
-    """
-    augment = rand_augment(randaugment) if train else []
-    if train and crop_scale_min < 1.0:
-        return T.Compose([RandomResizedCrop(size, scale=(crop_scale_min, 1.0)), *augment, ToNormalizedTensor(mean, std)])
+def eval_transform(size: int, mean, std):
+    """PIL image -> normalised float tensor (3, size, size): the shorter side resized, then the centre
+    crop, with torchvision's own transforms (the same images as open_clip's and CLIP_benchmark's
+    preprocessing). Training crops are clipx.data.crops.TrainImage."""
     geometry = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
-    return T.Compose([*geometry, *augment, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
 
 
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from clipx.config import load_config
 from clipx.data.tokenizer import Tokenizer
-from clipx.data.transforms import image_transform
+from clipx.data.transforms import eval_transform
 from clipx.errors import ClipxError
 from clipx.methods.classify import Classify
 from clipx.methods.clip import CLIP
@@ -147,7 +147,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "a
     """
     model, config = load_model(path, device, weights)
     m = config.model
-    preprocess = image_transform(image_size(m), m.image_mean, m.image_std, train=False)
+    preprocess = eval_transform(image_size(m), m.image_mean, m.image_std)
     return model, preprocess, Tokenizer(m) if hasattr(model, "encode_text") else None
 
 

@@ -44,18 +44,27 @@ def _safetensors_in(folder: Path) -> Path:
 
 def read_pretrained(path: str | Path) -> dict[str, torch.Tensor]:
     """The weights at ``path`` in clipx names."""
+    file, hf_config = _weights_file(path)
+    state = load_file(str(file))
+    return from_hf_clip(state, hf_config) if hf_config is not None else from_open_clip(state)
+
+
+def _weights_file(path: str | Path) -> tuple[Path, dict | None]:
+    """The safetensors file holding ``path``'s weights, and its config.json when it is a transformers
+    CLIPModel folder (whose names differ), else None."""
     path = Path(path)
     if not path.exists():
         raise ClipxError(f"model.pretrained {path} does not exist")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ClipxError(f"model.pretrained {path}: only .safetensors files are read (no pickle)")
-        return from_open_clip(load_file(str(path)))
+        return path, None
     if (path / "open_clip_config.json").is_file():
-        return from_open_clip(load_file(str(_safetensors_in(path))))
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "clip":
-        return from_hf_clip(load_file(str(_safetensors_in(path))), json.loads((path / "config.json").read_text()))
-    return load_file(str(as_checkpoint(path) / "model.safetensors"))
+        return _safetensors_in(path), None
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if config.get("model_type") == "clip":
+        return _safetensors_in(path), config
+    return as_checkpoint(path) / "model.safetensors", None
 
 
 def from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,18 +166,10 @@ class CatRows:
 
 def pretrained_rows(path: str | Path) -> dict:
     """``read_pretrained``'s names, each a ``RowSource`` (or ``CatRows``) reading rows on demand."""
-    path = Path(path)
-    if not path.exists():
-        raise ClipxError(f"model.pretrained {path} does not exist")
-    if path.is_file() and path.suffix != ".safetensors":
-        raise ClipxError(f"model.pretrained {path}: only .safetensors files are read (no pickle)")
-    hf = (path.is_dir() and not (path / "open_clip_config.json").is_file() and (path / "config.json").is_file()
-          and json.loads((path / "config.json").read_text()).get("model_type") == "clip")
-    file = path if path.is_file() else _safetensors_in(path) if hf or (path / "open_clip_config.json").is_file() \
-        else as_checkpoint(path) / "model.safetensors"
+    file, hf_config = _weights_file(path)
     handle = safe_open(str(file), "pt")
-    if hf:
-        return _hf_rows(handle, json.loads((path / "config.json").read_text()))
+    if hf_config is not None:
+        return _hf_rows(handle, hf_config)
     return from_open_clip({k: RowSource(handle, k) for k in handle.keys()})
 
 

@@ -147,7 +147,7 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
     from clipx.api import load_model
     from clipx.data.eval_loader import build_eval_loader
     from clipx.data.tokenizer import Tokenizer
-    from clipx.data.transforms import image_transform
+    from clipx.data.transforms import eval_transform
     from clipx.models import image_size
     from clipx.templates import load_templates
     from eval.embed import embed_dataset
@@ -157,7 +157,7 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
     if not hasattr(model, "encode_text"):
         return _section("Evaluation", "<p>Image-only model: see its kNN and linear-probe results.</p>")
     tokenizer = Tokenizer(config.model)
-    preprocess = image_transform(image_size(config.model), config.model.image_mean, config.model.image_std, train=False)
+    preprocess = eval_transform(image_size(config.model), config.model.image_mean, config.model.image_std)
     captions: list[str] = []  # the texts behind embeddings.text_features, in the order embed_dataset meets them
 
     def recording_captions(loader):

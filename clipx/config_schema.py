@@ -99,6 +99,9 @@ class DataConfig:
     train: str = ""  # shard pattern with brace expansion, e.g. "data/train/shard-{000000..000099}.tar"
     val: Optional[str] = None  # validation shards for evaluation during training
     train_num_samples: Optional[int] = None  # samples per epoch; None: [run time] sizes.json beside the shards
+    # A keep-list written by `clipx curate apply` (keep.parquet, or the curation folder holding it; local
+    # or remote): training reads only the samples it names, and resumes stay exact. None: every sample.
+    keep: Optional[str] = None
     resampled: bool = False  # sample shards with replacement (seeded) instead of splitting them
     workers: int = 2  # data-loader worker processes per rank
     shuffle_buffer: int = 2000  # samples held in the shuffle buffer of each worker

@@ -33,7 +33,8 @@ def attention_kernel_cache(tmp_path_factory):
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn digits as shards: <dir>/train (6 shards of <=256) and <dir>/test (2 shards), and
     <dir>/teacher, a seeded untrained tiny CLIP checkpoint that distillation runs use as their teacher,
-    and <dir>/train-teacher, the training shards with its embeddings (for distill.embedded)."""
+    <dir>/train-teacher, the training shards with its embeddings (for distill.embedded), and
+    <dir>/keep.parquet, a keep-list of three training samples in four (for data.keep)."""
     from data_prep import prep_digits
     from data_prep.embed_teacher import embed_teacher
 
@@ -41,6 +42,28 @@ def digits_dir(tmp_path_factory) -> Path:
     prep_digits(out, image_size=32, shard_size=256, workers=0)
     write_tiny_teacher(out / "teacher")
     embed_teacher(out / "teacher", str(out / "train"), out / "train-teacher")
+    write_keep_list(out / "train", out / "keep.parquet")
+    return out
+
+
+def write_keep_list(shards: Path, out: Path) -> Path:
+    """A keep-list (``clipx curate apply``'s format) of every sample of ``shards`` but each fourth."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipx.data.opener import ShardOpener
+    from clipx.data.skips import SkipCounter
+    from clipx.data.tar_reader import shard_samples
+
+    rows: dict[str, list] = {"shard": [], "index": [], "key": []}
+    for path in sorted(shards.glob("*.tar")):
+        with ShardOpener().open(str(path)) as stream:
+            for index, sample in shard_samples(stream, SkipCounter()):
+                if index % 4 != 3:
+                    rows["shard"].append(path.name)
+                    rows["index"].append(index)
+                    rows["key"].append(sample["__key__"])
+    pq.write_table(pa.table({**rows, "index": pa.array(rows["index"], pa.int32())}), out)
     return out
 
 

@@ -5,11 +5,12 @@ fails, counts as an unreadable shard."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import IO, Iterable, Iterator
+from typing import IO, Iterable, Iterator, cast
 
 import webdataset as wds
 
 from clipx.data.cache import ShardCache
+from clipx.data.keep import KeepList
 from clipx.data.position import Piece
 from clipx.data.remote import RemoteOptions, RemoteShard, is_remote, local_path
 from clipx.data.shards import PIPE_PREFIX
@@ -47,7 +48,7 @@ class ShardOpener:
             cache = self.cache()
             if cache is not None:
                 return cache.open(url)
-            return RemoteShard(url, self.options)
+            return cast(IO[bytes], RemoteShard(url, self.options))
         return open(local_path(url), "rb")
 
     def prefetch(self, url: str) -> None:
@@ -99,18 +100,30 @@ def tar_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
             yield sample
 
 
-def read_shard(opener: ShardOpener, piece: Piece, counter: SkipCounter, first: int = 0) -> Iterator[tuple[int, dict]]:
+def read_shard(opener: ShardOpener, piece: Piece, counter: SkipCounter, first: int = 0,
+               keep: KeepList | None = None) -> Iterator[tuple[int, dict]]:
     """(index, sample) of a piece of a shard: its samples from index ``first`` on, up to its stop; or
-    only the ``wanted`` ones, uncounted (whatever lies between them was counted by an earlier run)."""
-    quiet = piece.wanted is not None
+    only the ``wanted`` ones, uncounted (whatever lies between them was counted by an earlier run).
+
+    With ``keep`` (data.keep), indices, the piece's bounds and ``first`` are numbers in the shard's
+    view, its kept samples renumbered 0..n-1 (clipx.data.keep); a shard it keeps nothing of yields
+    nothing and is not opened.
+    """
+    view = keep.of(piece.url) if keep is not None else None
+    wanted = {i for i in piece.wanted if i >= first} if piece.wanted is not None else None
+    start = max(first, piece.start)
+    # Nothing left: an unbroken read returned right after the piece's last sample, counting nothing more.
+    if wanted == set() or (keep is not None and view is None) or (piece.stop is not None and start >= piece.stop):
+        return
+    quiet = wanted is not None
     stream = _open_counted(opener, piece.url, None if quiet else counter)
     if stream is None:
         return
-    wanted = {i for i in piece.wanted if i >= first} if piece.wanted is not None else None
     try:
-        if wanted == set():
+        if view is not None:
+            yield from view.samples(stream, counter, piece.url, start, piece.stop, wanted)
             return
-        for index, sample in shard_samples(stream, counter, first=max(first, piece.start), wanted=wanted):
+        for index, sample in shard_samples(stream, counter, first=start, wanted=wanted):
             if piece.stop is not None and index >= piece.stop:
                 return
             yield index, sample

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipx.data.captions import CaptionChooser
+from clipx.data.keep import KeepList, load_keep
 from clipx.data.opener import ShardOpener, read_shard
 from clipx.data.position import Piece, Position, ShardPlan, ShuffleBuffer, replay_shuffle
 from clipx.data.remote import RemoteOptions
@@ -84,7 +85,7 @@ class PassGuard:
 
 
 def read_passes(pieces_of: Callable[[int], list[Piece]], position: Position, opener: ShardOpener,
-                counter: SkipCounter) -> Iterator[dict]:
+                counter: SkipCounter, keep: KeepList | None = None) -> Iterator[dict]:
     """This worker's samples, pass after pass, each pass followed by END_OF_PASS, from ``position``
     on (a fresh position starts at its pass's first shard).
 
@@ -93,7 +94,8 @@ def read_passes(pieces_of: Callable[[int], list[Piece]], position: Position, ope
     with replacement from its own seeded generator. The stream never ends on its own; the loader
     decides how many batches make an epoch. ``pieces_of(pass_index)``: what the pass reads, whole
     shards (``ShardPlan.pieces``) or, after a resume on another number of processes, parts of them.
-    ``position`` is kept current as samples are read.
+    ``position`` is kept current as samples are read; with ``keep`` (data.keep) it counts in the
+    shards' views (clipx.data.keep), as the pieces do.
     """
     if position.draining:  # the pass was read to its end before the resume point
         position.start_pass(position.pass_index + 1)
@@ -104,7 +106,7 @@ def read_passes(pieces_of: Callable[[int], list[Piece]], position: Position, ope
         while position.shard < len(pieces):
             if position.shard + 1 < len(pieces):
                 opener.prefetch(pieces[position.shard + 1].url)
-            for index, sample in read_shard(opener, pieces[position.shard], counter, first=first):
+            for index, sample in read_shard(opener, pieces[position.shard], counter, first, keep):
                 position.in_shard, position.taken = index + 1, position.taken + 1
                 guard.count()
                 yield sample
@@ -116,7 +118,7 @@ def read_passes(pieces_of: Callable[[int], list[Piece]], position: Position, ope
 
 
 def restore_shuffle_buffer(pieces: list[Piece], position: Position, buffer: ShuffleBuffer, opener: ShardOpener,
-                           counter: SkipCounter) -> ShuffleBuffer:
+                           counter: SkipCounter, keep: KeepList | None = None) -> ShuffleBuffer:
     """The worker's shuffle buffer as it was at ``position`` (``buffer``: a fresh one with the pass's
     generator): its draws replayed on sample numbers, then the samples it held read back from their
     shards (only those, by index)."""
@@ -127,7 +129,8 @@ def restore_shuffle_buffer(pieces: list[Piece], position: Position, buffer: Shuf
         wanted.setdefault(piece, {})[pieces[piece].index_of(k)] = number
     samples: dict[int, dict] = {}
     for piece, numbers in wanted.items():
-        for index, sample in read_shard(opener, Piece(pieces[piece].url, wanted=tuple(sorted(numbers))), counter):
+        held = Piece(pieces[piece].url, wanted=tuple(sorted(numbers)))
+        for index, sample in read_shard(opener, held, counter, keep=keep):
             samples[numbers[index]] = sample
     buffer.items = [samples.get(n, LOST) for n in buffer.items]
     buffer.drained = collections.deque(samples.get(n, LOST) for n in buffer.drained)
@@ -282,14 +285,15 @@ class TrainPipeline(IterableDataset):
     the start of the epoch or, once after a resume, from the worker's saved position."""
 
     def __init__(self, plan: ShardPlan, data_cfg, batch_size: int, transform, collate, epoch: SharedEpoch,
-                 counter: SkipCounter, per_worker: int):
+                 counter: SkipCounter, per_worker: int, keep: KeepList | None = None):
         self.plan, self.batch_size, self.transform, self.collate = plan, batch_size, transform, collate
+        self.keep = keep  # data.keep's KeepList: pieces and positions count in its shard views
         self.shuffle_buffer, self.epoch, self.counter, self.per_worker = data_cfg.shuffle_buffer, epoch, counter, per_worker
         self.opener = ShardOpener.from_config(data_cfg)
         # The collation says what a sample must provide beyond its image: its caption (and how to
         # choose it), raw members, its label.
         self.choose_caption = getattr(collate, "choose_caption", CaptionChooser())
-        self.resume_epoch, self.resume_positions = -1, {}
+        self.resume_epoch, self.resume_positions = -1, dict[int, dict]()
         self.remainder: dict | None = None
 
     def resume_at(self, epoch: int, positions: dict[int, dict]) -> None:
@@ -316,8 +320,8 @@ class TrainPipeline(IterableDataset):
             pieces_of, per_worker, tag = (lambda pass_index: mine), self.remainder["batches"], "-remainder"
         new_buffer = lambda p: ShuffleBuffer(self.shuffle_buffer, self.plan.shuffle_rng(epoch, p, worker, tag))  # noqa: E731
         buffer = (restore_shuffle_buffer(pieces_of(position.pass_index), position, new_buffer(position.pass_index),
-                                         self.opener, self.counter) if saved else None)
-        samples = read_passes(pieces_of, position, self.opener, self.counter)
+                                         self.opener, self.counter, self.keep) if saved else None)
+        samples = read_passes(pieces_of, position, self.opener, self.counter, self.keep)
         samples = shuffle_samples(samples, buffer, new_buffer, position)
         samples = decode_train_samples(samples, self.transform, self.counter, self.plan.seed, position,
                                        self.plan.rank, self.collate.needs_caption, self.choose_caption,
@@ -327,26 +331,32 @@ class TrainPipeline(IterableDataset):
 
 
 def build_train_loader(data_cfg, batch_size: int, transform, collate, seed: int, rank: int, world: int,
-                       epoch: SharedEpoch, counter: SkipCounter, num_samples: int | None = None):
+                       epoch: SharedEpoch, counter: SkipCounter, num_samples: int | None = None,
+                       keep: KeepList | None = None):
     """The training loader for this rank and the number of batches it yields per epoch.
 
     ``transform`` (PIL image -> what a sample holds) and ``collate`` (samples -> batch, with its
     ``needs_caption``) come from the training method. ``num_samples``: the epoch's sample count when
     the caller already knows it (rank 0 reads it and broadcasts it); otherwise from the config or the
-    shards' sizes.json. The loader's dataset is a ``TrainPipeline`` (``loader.dataset.resume_at``).
+    shards' sizes.json. ``keep``: data.keep's keep-list when the caller read it (else read here); the
+    plan then deals only the shards it keeps samples of, and an epoch is its kept samples.
+    The loader's dataset is a ``TrainPipeline`` (``loader.dataset.resume_at``).
     """
     options = RemoteOptions.from_config(data_cfg)
+    keep = keep if keep is not None else load_keep(data_cfg)
     urls = expand_shards(data_cfg.train, "data.train", allow_pipe=data_cfg.allow_pipe_urls, options=options)
+    urls = keep.shards(urls) if keep is not None else urls
     workers = data_cfg.workers
     if not data_cfg.resampled and len(urls) < world * max(workers, 1):
         raise ClipxError(
-            f"data.train has {len(urls)} shards but {world} rank(s) x {max(workers, 1)} worker(s) need at least "
-            f"{world * max(workers, 1)}; write more, smaller shards, lower data.workers, or set data.resampled=true"
-        )
-    num_samples = num_samples or data_cfg.train_num_samples or count_samples(urls, options)
+            f"data.train has {len(urls)} shards{' with kept samples' if keep else ''} but {world} rank(s) x "
+            f"{max(workers, 1)} worker(s) need at least {world * max(workers, 1)}; write more, smaller shards, "
+            "lower data.workers, or set data.resampled=true")
+    num_samples = num_samples or data_cfg.train_num_samples or (
+        keep.total(urls) if keep is not None else count_samples(urls, options))
     batches, per_worker = steps_per_epoch(num_samples, batch_size * world, workers)
     plan = ShardPlan(tuple(urls), seed, rank, world, data_cfg.resampled)
-    pipeline = TrainPipeline(plan, data_cfg, batch_size, transform, collate, epoch, counter, per_worker)
+    pipeline = TrainPipeline(plan, data_cfg, batch_size, transform, collate, epoch, counter, per_worker, keep)
     # Persistent workers: re-entering the loader each epoch would otherwise fork and re-import every
     # worker (seconds per epoch on small data). Workers read the epoch from shared memory when the
     # next epoch's iteration starts, after TrainStream has set it. The loader draws its workers' base

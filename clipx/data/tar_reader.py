@@ -4,7 +4,8 @@ Members are grouped into samples the way webdataset does it (the key is the memb
 first dot of its basename, the extension lower-cased; metadata members such as ``__info__`` are
 ignored). Each sample of a shard has an index, counting the samples in shard order after dropping
 a key already seen in the shard (the first wins). A reader may start at sample ``first`` or take
-only the samples in ``wanted``: the bodies of the others are never decoded. On a local file
+only the samples in ``wanted`` (or those a keep-list keeps, ``keep``: clipx.data.keep): the bodies
+of the others are never decoded. On a local file
 tarfile seeks past them, so skipping costs header reads; on a remote object the seek fetches the
 ranged blocks that hold the headers (clipx.data.remote), and a ``pipe:`` stream reads and
 discards the bodies.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import re
 import tarfile
-from typing import IO, Iterator
+from typing import IO, Collection, Iterator
 
 from clipx.data.remote import ShardUnreadable
 from clipx.data.skips import SkipCounter
@@ -79,7 +80,7 @@ _NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (1
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     for info in tar:
-        tar.members = []  # streaming: do not keep every header of a shard in memory
+        tar.members = []  # type: ignore[attr-defined]  # streaming: do not keep every header of a shard in memory
         if info.isreg():
             yield info
 
@@ -92,22 +93,27 @@ def _ends_cleanly(tar: tarfile.TarFile) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
-def shard_samples(stream: IO[bytes], counter: SkipCounter, first: int = 0,
-                  wanted: set[int] | None = None) -> Iterator[tuple[int, dict]]:
+def shard_samples(stream: IO[bytes], counter: SkipCounter, first: int = 0, wanted: set[int] | None = None,
+                  keep: Collection[int] | None = None) -> Iterator[tuple[int, dict]]:
     """(index, {"__key__": key, suffix: bytes, ...}) for the samples of an opened shard.
 
-    Samples before ``first``, and with ``wanted`` those not in it, are skipped without reading their
-    bodies. A truncated or garbled shard counts one ``corrupt_tar`` and ends (the samples before the
-    damage still count; a sample whose member was cut is dropped); a network failure that outlived
-    its retries counts one ``unreadable_shard`` instead. With ``wanted`` (restoring a shuffle buffer
-    after a resume) nothing is counted: it was all counted before.
+    Samples before ``first``, with ``wanted`` those not in it, and with ``keep`` (a keep-list's
+    shard indices) those not in it, are skipped without reading their bodies. Unlike ``wanted``,
+    ``keep`` reads and counts as a full read from ``first`` does; the samples it leaves out are not
+    data (clipx.data.keep), so a member repeated inside one is not counted. A truncated or garbled
+    shard counts one ``corrupt_tar`` and ends (the samples before the damage still count; a sample
+    whose member was cut is dropped); a network failure that outlived its retries counts one
+    ``unreadable_shard`` instead. With ``wanted`` (restoring a shuffle buffer after a resume)
+    nothing is counted: it was all counted before.
     """
     counting = wanted is None and first == 0
+    kept = None if keep is None else keep if isinstance(keep, (set, frozenset)) else {int(i) for i in keep}
     last_wanted = max(wanted, default=-1) if wanted is not None else None
     seekable = getattr(stream, "seekable", lambda: False)()  # webdataset's Pipe has no seekable()
     seen: set[str] = set()
     index = -1
-    key, sample, take = None, None, False
+    key, take = None, False
+    sample: dict[str, str | bytes] | None = None
     in_body = False  # a failure while reading a member's body spoils the sample being read
     try:
         mode = "r:*" if seekable else "r|*"
@@ -129,7 +135,7 @@ def shard_samples(stream: IO[bytes], counter: SkipCounter, first: int = 0,
                     continue
                 seen.add(key)
                 index += 1
-                take = index >= first and (wanted is None or index in wanted)
+                take = index >= first and (wanted is None or index in wanted) and (kept is None or index in kept)
                 sample = {"__key__": key}
             if sample is None or not take:
                 continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 
+from clipx.data.keep import KeepList
 from clipx.data.pipeline import steps_per_epoch
 from clipx.data.position import Piece, Position, ShardPlan, ShuffleBuffer, replay_shuffle
 from clipx.data.remote import RemoteOptions
@@ -38,7 +39,7 @@ def continue_epoch(stream, old_states: list[dict]) -> tuple[tuple[int, int], dic
     counts = summed_skips(old_states)
     if stream.data_cfg.resampled:  # shards drawn with replacement: no "rest of the epoch" to finish
         return (epoch + 1, 0), None, {}
-    urls, sizes = stream_shard_sizes(stream.data_cfg)
+    urls, sizes = stream_shard_sizes(stream.data_cfg, stream.keep)
     pieces = []
     for old_rank, state in enumerate(old_states):
         plan = ShardPlan(tuple(urls), stream.seed, old_rank, len(old_states), False)
@@ -64,12 +65,17 @@ def _old_epoch_length(stream, first: dict) -> int:
     return steps_per_epoch(stream.num_samples, first.get("batch_size", stream.batch_size) * world, first["workers"])[0]
 
 
-def stream_shard_sizes(data_cfg) -> tuple[list[str], dict[str, int]]:
+def stream_shard_sizes(data_cfg, keep: KeepList | None = None) -> tuple[list[str], dict[str, int]]:
     """The shard list and each shard's sample count, read by rank 0 and broadcast (every rank
-    deals the same pieces, and a failure is the same one-line error on every rank)."""
+    deals the same pieces, and a failure is the same one-line error on every rank). With ``keep``
+    (data.keep): the shards it keeps samples of, as the loader's plan deals them, and their kept
+    counts, the sizes of the views that pieces number samples in."""
     def read():
         options = RemoteOptions.from_config(data_cfg)
         urls = expand_shards(data_cfg.train, "data.train", data_cfg.allow_pipe_urls, options)
+        if keep is not None:
+            urls = keep.shards(urls)
+            return urls, keep.sizes(urls)
         return urls, shard_sizes(urls, options)
 
     return on_rank0(read)

@@ -7,6 +7,7 @@ import collections
 from typing import Iterator
 
 from clipx import dist
+from clipx.data.keep import KeepList, load_keep
 from clipx.data.pipeline import POSITION_KEY, SharedEpoch, build_train_loader, worker_error_message
 from clipx.data.remote import RemoteOptions
 from clipx.data.shards import count_samples, expand_shards
@@ -37,10 +38,12 @@ class TrainStream:
         # The epoch in progress's skips before an elastic resume (rank 0 holds them, counted once):
         # {"epoch": e, "counts": {...}}, saved in checkpoints until that epoch ends.
         self.carried: dict | None = None
-        self.num_samples = epoch_samples(data_cfg)
+        # data.keep: every rank reads it whole, since a later pass may deal any shard to any rank.
+        self.keep = load_keep(data_cfg)
+        self.num_samples = epoch_samples(data_cfg, self.keep)
         self.loader, self.batches_per_epoch = build_train_loader(
             data_cfg, batch_size, transform, collate, seed, rank, world, self.epoch, self.skipped,
-            num_samples=self.num_samples)
+            num_samples=self.num_samples, keep=self.keep)
 
     def layout(self) -> dict:
         """What the saved positions depend on besides the world size: another value needs the
@@ -118,7 +121,7 @@ class TrainStream:
                 for index, batch in enumerate(source):
                     if held is not None:
                         yield from self._hand_over(epoch, held)
-                    held = batch if saved or index >= skip else self._drop(epoch, batch)
+                    held = batch if saved or index >= skip else self._drop(epoch, batch)  # type: ignore[func-returns-value]
             except ClipxError as error:  # raised in a worker: keep the user's one line, drop the traceback
                 raise ClipxError(worker_error_message(error)) from None
             # The loader is exhausted, so the epoch's counts are final. Record them before handing
@@ -164,15 +167,16 @@ class TrainStream:
         return {name: finished.get(name, 0) + value for name, value in running.items()}
 
 
-def epoch_samples(data_cfg) -> int:
-    """Samples per epoch: the config's, or counted from sizes.json by rank 0 and broadcast (one
-    read of a remote store, not one per rank)."""
+def epoch_samples(data_cfg, keep: KeepList | None = None) -> int:
+    """Samples per epoch: the config's, the samples ``keep`` (data.keep) keeps, or counted from
+    sizes.json by rank 0 and broadcast (one read of a remote store, not one per rank)."""
     if data_cfg.train_num_samples:
         return data_cfg.train_num_samples
 
     def count() -> int:
         options = RemoteOptions.from_config(data_cfg)
-        return count_samples(expand_shards(data_cfg.train, "data.train", data_cfg.allow_pipe_urls, options), options)
+        urls = expand_shards(data_cfg.train, "data.train", data_cfg.allow_pipe_urls, options)
+        return keep.total(keep.shards(urls)) if keep is not None else count_samples(urls, options)
 
     return int(dist.on_rank0(count))
 

@@ -13,7 +13,8 @@ combination measures its attention kernel (train.attention=auto), and every flav
 bf16 with the unfused kernel forced, on one and on two processes. One image-text and one image-only
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
 options (RECIPES: patch dropout, several captions, hard negatives, EMA weights, layer-wise
-learning-rate decay, distillation, LoRA, RandAugment, i-Mix, text pairs, JPEGs decoded on the device) run with every flavour they
+learning-rate decay, distillation, LoRA, RandAugment, i-Mix, text pairs, JPEGs decoded on the device, a
+curated keep-list) run with every flavour they
 apply to on one process and with an image-text, an image-only and a text-only flavour (each where it
 applies) on two; EMA also runs sharded with those flavours on one and on two processes, and LoRA
 sharded with the image-text one. Text-only methods (SimCSE) train the default tower's text
@@ -73,7 +74,8 @@ RECIPES = {"plain": {},
            "imix": {"ssl.mix": "mixup", "ssl.mix_prob": 0.5},
            "icutmix": {"ssl.mix": "cutmix"},
            "text_pairs": {"data.positive_key": "classname"},
-           "device_decode": {"data.decode": "device"}}
+           "device_decode": {"data.decode": "device"},
+           "keep_list": {"data.keep": "{data_dir}/keep.parquet"}}
 # Recipes about an image and its caption: image-text only; about captions alone: text-only methods
 # too. Recipes about the towers' blocks: models with a text tower. About images: not text-only ones.
 IMAGE_TEXT_RECIPES = {"distill", "flyp"}
@@ -86,6 +88,9 @@ PAIR_RECIPES = {"text_pairs"}
 # JPEGs decoded on the training device (METHODS' ``decodes_on_device``), here the CPU's decoder: the
 # crop boxes drawn in the loader must replay and resume like the decoded ones.
 DEVICE_DECODE_RECIPES = {"device_decode"}
+# About which samples are read (a curated keep-list, `clipx curate apply`), not how a method uses
+# them: one flavour of each kind (image-text, image-only, text-only) covers it.
+DATA_RECIPES = {"keep_list"}
 
 # A context of 32 tokens, twice the digits' longest caption: training batches are trimmed to 16
 # (data.trim_padding), so every run also checks trimmed batches against resume and the gathers.
@@ -203,6 +208,8 @@ def compiled_cover() -> list[tuple[str, str, dict]]:
 def recipe_applies(recipe: str, objective: str) -> bool:
     """Whether a flavour of ``objective`` can train with ``recipe`` (the others refuse it)."""
     method = METHODS.get(objective)
+    if recipe in DATA_RECIPES:
+        return objective in {flavour[1] for flavour in compiled_cover()}
     if recipe == "hard_negatives":
         return method.hard_negatives
     if recipe in MIX_RECIPES:

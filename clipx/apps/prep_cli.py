@@ -1,4 +1,4 @@
-"""`clipx prep digits|folder|csv|labelled|hf|embed-teacher|sentences`: the shard writers' command line.
+"""`clipx prep digits|photos|folder|csv|labelled|hf|embed-teacher|sentences`: the shard writers' command line.
 
 Arguments are parsed here and each handler calls its writer in data_prep/ (imported when the command
 runs: pandas, scikit-learn and datasets are heavy); clipx/cli.py adds these subcommands to its parser
@@ -26,6 +26,8 @@ def add_prep(commands) -> None:
     digits.add_argument("--templates", default=None, help="YAML with classnames and templates (default: digits)")
     digits.add_argument("--classes", default=None, help="only these labels, e.g. 0-4 (a fine-tuning task)")
     digits.set_defaults(func=_prep_digits)
+
+    photos = _add_photos(sources)
 
     for name, help_text in (("folder", "a folder of images + a captions file"),
                             ("csv", "a captions table whose image column holds paths")):
@@ -59,7 +61,7 @@ def add_prep(commands) -> None:
     for sub in sources.choices.values():
         sub.add_argument("--out", required=True, help="output folder for shards and sizes.json")
         sub.add_argument("--workers", type=int, default=2, help="image re-encoding processes")
-        if sub is not digits:
+        if sub not in (digits, photos):
             sub.add_argument("--image-size", type=int, default=224)
             sub.add_argument("--shard-size", type=int, default=10000)
     _add_embed_teacher(sources)
@@ -128,6 +130,30 @@ def _prep_digits(args) -> int:
                             test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
                             templates_file=args.templates,
                             classes=parse_classes(args.classes) if args.classes else None)
+    for split, summary in summaries.items():
+        print(f"{split}: {summary.format()}")
+    return 0
+
+
+def _add_photos(sources):
+    photos = sources.add_parser("photos", help="crops of the photographs shipped in scikit-image and scikit-learn, "
+                                "one class per photo; train/ and test/ from disjoint parts (needs scikit-image)")
+    photos.add_argument("--image-size", type=int, default=32)
+    photos.add_argument("--shard-size", type=int, default=256)
+    photos.add_argument("--seed", type=int, default=0)
+    photos.add_argument("--train-per-class", type=int, default=87, help="train crops per photo")
+    photos.add_argument("--test-per-class", type=int, default=22, help="test crops per photo")
+    photos.add_argument("--templates", default=None, help="YAML with classnames and templates (default: photos)")
+    photos.set_defaults(func=_prep_photos)
+    return photos
+
+
+def _prep_photos(args) -> int:
+    from data_prep.photos import prep_photos
+
+    summaries = prep_photos(Path(args.out), image_size=args.image_size, train_per_class=args.train_per_class,
+                            test_per_class=args.test_per_class, seed=args.seed, workers=args.workers,
+                            templates_file=args.templates, shard_size=args.shard_size)
     for split, summary in summaries.items():
         print(f"{split}: {summary.format()}")
     return 0

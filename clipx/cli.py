@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from clipx.apps.checkpoint_cli import add_checkpoint_commands, add_precision, add_weights
+from clipx.apps.curate_cli import add_curate
 from clipx.apps.prep_cli import add_prep
 from clipx.apps.text_eval import add_text_eval
 from clipx.errors import ClipxError
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipx", description="CLIP-style contrastive training on webdataset shards")
     commands = parser.add_subparsers(dest="command", required=True)
     add_prep(commands)
+    add_curate(commands)
     _add_train(commands)
     _add_eval(commands)
     _add_demo(commands)
@@ -205,17 +207,26 @@ def _demo(args) -> int:
 
 
 def _add_report(commands) -> None:
-    report = commands.add_parser("report", help="one self-contained HTML page about a run")
-    report.add_argument("run_dir", help="a training run directory")
-    report.add_argument("--out", default=None, help="HTML file to write (default RUN_DIR/report.html)")
-    report.add_argument("--data", default=None, help="shards for the gallery and confusion matrix (default data.val)")
+    report = commands.add_parser("report", help="one self-contained HTML page about a training run or a curation folder")
+    report.add_argument("run_dir", metavar="RUN_DIR|CUR", help="a training run directory (`clipx train`) or a "
+                        "curation folder (`clipx curate`, it holds curation.json)")
+    report.add_argument("--out", default=None, help="HTML file to write (default RUN_DIR/report.html or CUR/report.html)")
+    report.add_argument("--data", default=None, help="a run's shards for the gallery and confusion matrix "
+                        "(default data.val); a curation report reads the shards its curation.json lists")
     report.set_defaults(func=_report)
 
 
 def _report(args) -> int:
+    from clipx.apps.report.curation import is_curation_dir, write_curation_report
     from clipx.apps.report.html import write_report
 
-    print(f"wrote {write_report(args.run_dir, args.out, args.data)}")
+    if not is_curation_dir(args.run_dir):
+        print(f"wrote {write_report(args.run_dir, args.out, args.data)}")
+        return 0
+    if args.data:
+        raise ClipxError(f"--data is for a run's report, and {args.run_dir} is a curation folder (it reads the "
+                         "shards its curation.json lists): drop --data")
+    print(f"wrote {write_curation_report(args.run_dir, args.out)}")
     return 0
 
 

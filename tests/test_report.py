@@ -32,6 +32,12 @@ def chromium() -> str:
     return path
 
 
+def rendered_dom(page, profile) -> subprocess.CompletedProcess:
+    """The page's DOM after its load handlers ran, as headless Chromium dumps it (``.stdout``)."""
+    return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+
+
 def test_training_writes_plots_beside_its_metrics(run_dir):
     names = {p.name for p in (run_dir / "plots").glob("*.png")}
     assert {"loss.png", "lr.png", "logit_scale.png", "throughput.png", "eval.png"} <= names
@@ -47,8 +53,7 @@ def test_the_report_renders_in_headless_chromium_with_every_image(run_dir, tmp_p
     assert images_in_html >= 5 + 4 * 5 + 1  # plots, 4 queries x top 5, confusion matrix
 
     profile = tmp_path / "profile"
-    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000",
-                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = rendered_dom(page, profile)
     assert 'data-images-rendered="true"' in dom.stdout, dom.stderr[-2000:]
     assert f'data-image-count="{images_in_html}"' in dom.stdout
 

@@ -151,19 +151,20 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "a
     return model, preprocess, Tokenizer(m) if hasattr(model, "encode_text") else None
 
 
-def load_teacher(path: str | Path) -> Teacher:
+def load_teacher(path: str | Path, what: str = "distill.teacher") -> Teacher:
     """The teacher CLIP in folder ``path``, on the CPU: a clipx run or checkpoint (built by its method,
-    its EMA weights when it kept them, as ``load``), an open_clip folder or a transformers CLIPModel folder."""
+    its EMA weights when it kept them, as ``load``), an open_clip folder or a transformers CLIPModel folder.
+    ``what``: the setting or option that named it, for errors."""
     path = Path(path)
     if not path.is_dir():
-        raise ClipxError(f"distill.teacher {path} is not a directory (a clipx run or checkpoint, an open_clip "
+        raise ClipxError(f"{what} {path} is not a directory (a clipx run or checkpoint, an open_clip "
                          "folder or a transformers CLIPModel folder)")
     teacher = library_teacher(path)
     if teacher is not None:
         return teacher
     model, preprocess, tokenizer = load(path)
     if tokenizer is None or not hasattr(model, "encode_image"):
-        raise ClipxError(f"distill.teacher {path} is an {'image' if tokenizer is None else 'text'}-only model; "
+        raise ClipxError(f"{what} {path} is an {'image' if tokenizer is None else 'text'}-only model; "
                          "a teacher needs both towers")
     return teacher_of(model, preprocess, tokenizer, f"clipx:{path}")
 

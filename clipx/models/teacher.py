@@ -39,8 +39,17 @@ class Teacher:
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (F.normalize(self._encode_image(images).float(), dim=-1),
-                F.normalize(self._encode_text(tokens).float(), dim=-1))
+        return self.embed_images(images), self.embed_texts(tokens)
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) unit rows, fp32."""
+        return F.normalize(self._encode_image(images).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, D) unit rows, fp32."""
+        return F.normalize(self._encode_text(tokens).float(), dim=-1)
 
 
 def teacher_of(model: torch.nn.Module, transform: Callable, tokenize: Callable, source: str) -> Teacher:

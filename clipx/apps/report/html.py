@@ -5,60 +5,24 @@ and, when the run has validation shards, a retrieval gallery (for a few captions
 retrieved images, the right one marked) and a zero-shot confusion matrix; when `clipx wise-ft --alphas`
 wrote its curve into the run directory (wise_ft.json), that curve's plot and table. Every image is inlined
 as a data: URI, so the file can be mailed or archived alone. A script on the page records whether
-every image decoded (``data-images-rendered`` on <body>), which the browser test reads.
+every image decoded (see clipx/apps/report/page.py), which the browser test reads.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import tarfile
 from pathlib import Path
 
 import torch
 
-from clipx.apps.report.plots import write_plots
+from clipx.apps.report.page import data_uri, section, write_page
+from clipx.apps.report.plots import png_bytes, pyplot, write_plots
 from clipx.errors import ClipxError
 
 GALLERY_QUERIES = 4
 GALLERY_TOP = 5
-
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>clipx report: {title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-h1 {{ font-size: 1.5em; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: .25em .6em; text-align: left; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.plots img {{ width: 48%; margin: .5%; border: 1px solid #eee; }}
-.query {{ margin: 1em 0; }} .hits {{ display: flex; gap: .6em; }}
-.hit {{ width: 110px; font-size: .75em; text-align: center; }}
-.hit img {{ width: 96px; height: 96px; image-rendering: pixelated; border: 3px solid #ccc; }}
-.hit.right img {{ border-color: #2a9d2a; }} .hit.right {{ font-weight: bold; color: #2a7a2a; }}
-pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: .8em; }}
-</style></head>
-<body data-images-rendered="pending">
-<h1>clipx report: {title}</h1>
-{sections}
-<script>
-window.addEventListener("load", () => {{
-  const images = Array.from(document.images);
-  document.body.dataset.imagesRendered = String(images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0));
-  document.body.dataset.imageCount = String(images.length);
-}});
-</script>
-</body></html>
-"""
-
-
-def _data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def _section(title: str, body: str) -> str:
-    return f"<h2>{html.escape(title)}</h2>\n{body}\n"
 
 
 def _metrics_table(summary: dict) -> str:
@@ -87,8 +51,9 @@ def _raw_images(shards: str, keys: set[str]) -> dict[str, tuple[str, bytes]]:
         with opener.open(url) as stream, tarfile.open(fileobj=stream) as tar:
             for member in tar:
                 key, _, suffix = member.name.partition(".")
-                if key in keys and suffix in mimes and key not in found:
-                    found[key] = (mimes[suffix], tar.extractfile(member).read())
+                body = tar.extractfile(member) if key in keys and suffix in mimes and key not in found else None
+                if body is not None:  # None for members that are not regular files
+                    found[key] = (mimes[suffix], body.read())
     return found
 
 
@@ -107,7 +72,7 @@ def _gallery(embeddings, captions: list[str], shards: str) -> str:
             key = embeddings.keys[index]
             mime, data = images[key]
             mark = " right" if index == right else ""
-            hits.append(f"<div class='hit{mark}'><img src='{_data_uri(data, mime)}' alt='{html.escape(key)}'>"
+            hits.append(f"<div class='hit{mark}'><img src='{data_uri(data, mime)}' alt='{html.escape(key)}'>"
                         f"<br>{rank}. {html.escape(key)}{' ✓' if mark else ''}</div>")
         blocks.append(f"<div class='query'>“{html.escape(captions[query])}”<div class='hits'>{''.join(hits)}</div></div>")
     return ("<p>For each caption, the five most similar validation images; a green frame and ✓ mark the "
@@ -115,11 +80,7 @@ def _gallery(embeddings, captions: list[str], shards: str) -> str:
 
 
 def _confusion_png(labels: torch.Tensor, predictions: torch.Tensor, classnames: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     count = len(classnames)
     matrix = torch.zeros(count, count, dtype=torch.long)
     matrix.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
@@ -136,10 +97,7 @@ def _confusion_png(labels: torch.Tensor, predictions: torch.Tensor, classnames: 
                           color="white" if matrix[i, j] > matrix.max() / 2 else "black")
     axis.set_title("zero-shot confusion matrix")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)
 
 
 def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> str:
@@ -155,7 +113,7 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
 
     model, config = load_model(run_dir)
     if not hasattr(model, "encode_text"):
-        return _section("Evaluation", "<p>Image-only model: see its kNN and linear-probe results.</p>")
+        return section("Evaluation", "<p>Image-only model: see its kNN and linear-probe results.</p>")
     tokenizer = Tokenizer(config.model)
     preprocess = eval_transform(image_size(config.model), config.model.image_mean, config.model.image_std)
     captions: list[str] = []  # the texts behind embeddings.text_features, in the order embed_dataset meets them
@@ -169,14 +127,14 @@ def _evaluation_sections(run_dir: Path, shards: str, templates: str | None) -> s
     embeddings = embed_dataset(model, recording_captions(loader), tokenizer, "cpu", config.model.arch["embed_dim"])
     out = ""
     if len(embeddings.text_features):
-        out += _section("Retrieval gallery", _gallery(embeddings, captions, shards))
+        out += section("Retrieval gallery", _gallery(embeddings, captions, shards))
     labelled = embeddings.labels >= 0
     if templates and labelled.any():
         classnames, prompts = load_templates(templates)
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, prompts, "cpu")
         predictions = (embeddings.image_features[labelled] @ classifier).argmax(dim=1)
         png = _confusion_png(embeddings.labels[labelled], predictions, classnames)
-        out += _section("Zero-shot confusion matrix", f"<img src='{_data_uri(png)}' alt='confusion matrix'>")
+        out += section("Zero-shot confusion matrix", f"<img src='{data_uri(png)}' alt='confusion matrix'>")
     return out
 
 
@@ -197,7 +155,7 @@ def _wise_ft_section(run_dir: Path) -> str:
     intro = (f"<p>Weights (1 − α)·zero-shot + α·fine-tuned (WiSE-FT, Wortsman et al. 2022), zero-shot "
              f"{html.escape(str(curve.get('zero_shot')))}; task accuracy is {html.escape(str(task.get('metric')))} "
              f"on {html.escape(str(task.get('data')))}, held-out sets are scored zero-shot.</p>")
-    return _section("WiSE-FT curve", intro + f"<img src='{_data_uri(curve_png(rows))}' alt='WiSE-FT curve'>"
+    return section("WiSE-FT curve", intro + f"<img src='{data_uri(curve_png(rows))}' alt='WiSE-FT curve'>"
                     f"<table><tr>{head}</tr>{body}</table>")
 
 
@@ -207,21 +165,18 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
 
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
-        raise ClipxError(f"{run_dir} is not a clipx run directory (no metrics.jsonl and config.yaml)")
+        raise ClipxError(f"{run_dir} is neither a clipx run directory (no metrics.jsonl and config.yaml) nor a curation "
+                         "folder (no curation.json): pass a folder that `clipx train` or `clipx curate` wrote")
     config = load_config(run_dir / "config.yaml")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     plots = write_plots(run_dir)
-    sections = _section("Final metrics", _metrics_table(summary))
-    sections += _section("Training curves", "<div class='plots'>" + "".join(
-        f"<img src='{_data_uri(p.read_bytes())}' alt='{p.stem}'>" for p in plots) + "</div>")
+    sections = section("Final metrics", _metrics_table(summary))
+    sections += section("Training curves", "<div class='plots'>" + "".join(
+        f"<img src='{data_uri(p.read_bytes())}' alt='{p.stem}'>" for p in plots) + "</div>")
     shards = data or config.data.val
     if shards:
         sections += _evaluation_sections(run_dir, shards, config.eval.templates if config.eval.zero_shot else None)
     sections += _wise_ft_section(run_dir)
-    sections += _section("Config", f"<pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre>")
-    out = Path(out) if out else run_dir / "report.html"
-    tmp = out.with_name(f".{out.name}.tmp")
+    sections += section("Config", f"<pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre>")
     title = f"{run_dir.resolve().parent.name}/{run_dir.name}"
-    tmp.write_text(PAGE.format(title=html.escape(title), sections=sections), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_page(Path(out) if out else run_dir / "report.html", title, sections)

@@ -1,0 +1,287 @@
+"""`clipx curate score`: a scorer CLIP's view of every sample of a set of shards, as parquet sidecars.
+
+A curation folder (CUR) holds ``curation.json`` (the manifest: scorer, shards, the stages run so far)
+and ``scores/<shard basename>.parquet``, one table per input shard with one row per sample: its
+``shard``, ``index`` (the tar reader's numbering, which keep-lists and the loader share), ``key``,
+``caption`` (the .txt's first line), ``sha1`` of the image bytes, ``has_image``, ``score`` (cosine of
+the scorer's unit image and text embeddings; NaN without an image or a caption) and, with
+``embeddings``, both embeddings in float16 (zeros where missing). With an ``image_model`` (an image
+encoder trained for instance discrimination, such as a clipx SimCLR or MoCo run: what copy-detection
+descriptors like SSCD are), each image's unit embedding under it is kept as ``copy_embedding``, the
+descriptor deduplication and decontamination then compare: a CLIP trained on class-level captions
+maps every image of a class close together, where near-duplicates must stand out from their class.
+The stages that read these tables live in ``curate_stages.py``.
+
+Scoring is shard by shard, and a shard's batches never mix with another's: a shard's table is the
+same whichever process scores it, so any number of processes (``processes``, or one per rank under
+srun, torchrun or an MPI launcher) gives the tables one process gives. Each table is written
+atomically; a rerun skips the shards already scored by the same scorer, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from clipx.data.captions import first_caption
+from clipx.data.opener import ShardOpener
+from clipx.data.pipeline import decode_or_reason, sample_image_bytes
+from clipx.data.remote import RemoteOptions
+from clipx.data.shards import expand_shards
+from clipx.data.skips import SkipCounter
+from clipx.data.tar_reader import shard_samples
+from clipx.errors import ClipxError
+from clipx.fileio import write_json_atomic
+
+MANIFEST = "curation.json"
+SCORES = "scores"
+STAGES = "stages"
+KEEP = "keep.parquet"
+
+
+def shard_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def scores_path(cur: Path, url: str) -> Path:
+    return cur / SCORES / f"{shard_name(url)}.parquet"
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """What every scoring process needs; picklable for spawned processes."""
+
+    model: str
+    cur: str
+    embeddings: bool
+    batch_size: int
+    device: str
+    precision: str
+    options: RemoteOptions
+    image_model: str | None = None
+    threads: int | None = None
+
+
+def score_shards(shards: str, model: str, out: str | Path, embeddings: bool = False, batch_size: int = 256,
+                 processes: int = 1, device: str | None = None, precision: str = "fp32",
+                 options: RemoteOptions | None = None, image_model: str | None = None) -> dict:
+    """Score every shard of ``shards`` (a pattern, local or remote) with the CLIP in ``model`` (a clipx
+    run or checkpoint, an open_clip or a transformers CLIPModel folder) into the curation folder
+    ``out``; returns {"shards", "scored", "already_scored", "samples", "usable"}.
+
+    ``processes`` > 1 spawns that many scoring processes on this machine; a process started by a
+    launcher (WORLD_SIZE, or srun's and MPI's variables) scores its own share instead and spawns none.
+    """
+    if processes < 1:
+        raise ClipxError(f"--processes must be at least 1, got {processes}")
+    if precision not in ("fp32", "bf16"):
+        raise ClipxError(f"--precision must be fp32 or bf16, got {precision}")
+    options = options or RemoteOptions()
+    urls = expand_shards(shards, "--shards", options=options)
+    names = [shard_name(url) for url in urls]
+    if len(set(names)) != len(names):
+        raise ClipxError("--shards names two shards alike; their score tables would overwrite each other")
+    cur = Path(out)
+    slot = launcher_slot(os.environ)
+    _check_manifest(cur, {"scorer": model, "shards": urls, "embeddings": embeddings, "image_model": image_model},
+                    writer=slot is None or slot[0] == 0)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    job = ScoreJob(model, str(cur), embeddings, batch_size, device, precision, options, image_model)
+    todo = [url for url in urls if not scores_path(cur, url).is_file()]
+    if slot is not None:
+        rank, world = slot
+        _score_part(job, todo[rank::world])
+    elif processes == 1:
+        _score_part(job, todo)
+    else:
+        _spawn(job, todo, processes)
+    done = sum(scores_path(cur, url).is_file() for url in urls)
+    return {"shards": len(urls), "scored_now": done - (len(urls) - len(todo)), "already_scored": len(urls) - len(todo),
+            "not_scored": len(urls) - done}
+
+
+def launcher_slot(env) -> tuple[int, int] | None:
+    """(rank, world size) when a launcher started this process among others, else None."""
+    from clipx.cluster_env import placement
+
+    if env.get("WORLD_SIZE") and int(env["WORLD_SIZE"]) > 1:
+        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
+    where = placement(env)
+    return (where.rank, where.world_size) if where is not None and where.world_size > 1 else None
+
+
+def _spawn(job: ScoreJob, todo: list[str], processes: int) -> None:
+    # spawn, not fork: the parent holds torch's threads. Each process gets an equal share of the cores.
+    threads = max(1, (os.cpu_count() or processes) // processes)
+    context = multiprocessing.get_context("spawn")
+    parts = [todo[rank::processes] for rank in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        for future in [pool.submit(_score_part, ScoreJob(**{**job.__dict__, "threads": threads}), part)
+                       for part in parts if part]:
+            future.result()
+
+
+def _score_part(job: ScoreJob, urls: list[str]) -> None:
+    from clipx.methods import load_teacher
+
+    if not urls:
+        return
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    scorer = load_teacher(job.model, what="--model").to(job.device)
+    describer = _image_model(job)
+    opener = ShardOpener(job.options)
+    for url in urls:
+        table = _score_shard(scorer, describer, opener, url, job)
+        _write_table(table, scores_path(Path(job.cur), url))
+
+
+def _image_model(job: ScoreJob):
+    """The copy descriptor's encoder: (preprocess, encode_image), or None without --image-model."""
+    if job.image_model is None:
+        return None
+    from clipx.methods import load
+
+    if not Path(job.image_model).is_dir():
+        raise ClipxError(f"--image-model {job.image_model} is not a clipx run or checkpoint directory")
+    model, preprocess, _ = load(job.image_model, job.device)
+    if not hasattr(model, "encode_image"):
+        raise ClipxError(f"--image-model {job.image_model} has no image tower (a text-only model)")
+    return preprocess, model.encode_image
+
+
+def _score_shard(scorer, describer, opener: ShardOpener, url: str, job: ScoreJob):
+    import pyarrow as pa
+
+    rows: dict[str, list] = {name: [] for name in ("shard", "index", "key", "caption", "sha1", "has_image")}
+    scores, images, texts, copies = [], [], [], []
+    for batch in _batches(_samples(opener, url), job.batch_size):
+        image_emb, text_emb = _embed(scorer, batch, job)
+        copies += _describe(describer, batch, job) if describer is not None else []
+        for (index, sample), image, text in zip(batch, image_emb, text_emb):
+            data = sample_image_bytes(sample)
+            rows["shard"].append(shard_name(url))
+            rows["index"].append(index)
+            rows["key"].append(sample["__key__"])
+            rows["caption"].append(first_caption(sample))
+            rows["sha1"].append(hashlib.sha1(data).hexdigest() if data is not None else None)
+            rows["has_image"].append(image is not None)
+            scores.append(float(image @ text) if image is not None and text is not None else float("nan"))
+            images.append(image)
+            texts.append(text)
+    columns = {**rows, "index": pa.array(rows["index"], pa.int32()), "score": pa.array(scores, pa.float32())}
+    if job.embeddings:
+        columns["image_embedding"] = _half_list(images)
+        columns["text_embedding"] = _half_list(texts)
+    if describer is not None:
+        columns["copy_embedding"] = _half_list(copies)
+    return pa.table(columns)
+
+
+def _samples(opener: ShardOpener, url: str) -> Iterator[tuple[int, dict]]:
+    try:
+        with opener.open(url) as stream:
+            yield from shard_samples(stream, SkipCounter())
+    except OSError as error:
+        raise ClipxError(f"cannot read shard {url}: {error}") from None
+
+
+def _batches(samples, size: int) -> Iterator[list]:
+    iterator = iter(samples)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+@torch.no_grad()
+def _embed(scorer, batch: list, job: ScoreJob) -> tuple[list, list]:
+    """Each sample's unit image and text embeddings as float32 numpy rows (D,), or None where missing."""
+    decoded = [decode_or_reason(sample, scorer.transform)[0] for _, sample in batch]
+    captions = [first_caption(sample) for _, sample in batch]
+    images: list = [None] * len(batch)
+    texts: list = [None] * len(batch)
+    with torch.autocast(torch.device(job.device).type, dtype=torch.bfloat16, enabled=job.precision == "bf16"):
+        have = [i for i, image in enumerate(decoded) if image is not None]
+        if have:
+            rows = scorer.embed_images(torch.stack([decoded[i] for i in have]).to(job.device)).float().cpu().numpy()
+            for i, row in zip(have, rows):
+                images[i] = row
+        have = [i for i, caption in enumerate(captions) if caption is not None]
+        if have:
+            tokens = scorer.tokenize([captions[i] for i in have]).to(job.device)
+            rows = scorer.embed_texts(tokens).float().cpu().numpy()
+            for i, row in zip(have, rows):
+                texts[i] = row
+    return images, texts
+
+
+@torch.no_grad()
+def _describe(describer, batch: list, job: ScoreJob) -> list:
+    """Each sample's unit copy descriptor (D,) under the image model, or None without a usable image."""
+    preprocess, encode_image = describer
+    decoded = [decode_or_reason(sample, preprocess)[0] for _, sample in batch]
+    out: list = [None] * len(batch)
+    have = [i for i, image in enumerate(decoded) if image is not None]
+    if have:
+        with torch.autocast(torch.device(job.device).type, dtype=torch.bfloat16, enabled=job.precision == "bf16"):
+            rows = encode_image(torch.stack([decoded[i] for i in have]).to(job.device))
+        rows = torch.nn.functional.normalize(rows.float(), dim=-1).cpu().numpy()
+        for i, row in zip(have, rows):
+            out[i] = row
+    return out
+
+
+def _half_list(rows: list):
+    import pyarrow as pa
+
+    dim = next((len(row) for row in rows if row is not None), 0)
+    matrix = np.stack([row if row is not None else np.zeros(dim, np.float32) for row in rows]) if rows \
+        else np.zeros((0, dim), np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.astype(np.float16).reshape(-1)), dim)
+
+
+def _write_table(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)  # a table is there whole or not at all: a rerun redoes only missing shards
+
+
+# ---- the manifest -------------------------------------------------------------------------------
+
+def read_manifest(cur: Path) -> dict:
+    import json
+
+    path = Path(cur) / MANIFEST
+    if not path.is_file():
+        raise ClipxError(f"{cur} is not a curation folder (no {MANIFEST}); run `clipx curate score --out {cur}` first")
+    return json.loads(path.read_text())
+
+
+def write_manifest(cur: Path, manifest: dict) -> None:
+    write_json_atomic(Path(cur) / MANIFEST, manifest)
+
+
+def _check_manifest(cur: Path, how: dict, writer: bool) -> None:
+    """Start the manifest (``writer``: the one process that does), or check that a folder being
+    resumed is scored the way it was (``how``: scorer, shards, embeddings, image_model)."""
+    if (cur / MANIFEST).is_file():
+        old = read_manifest(cur)
+        if any(old.get(name) != value for name, value in how.items()):
+            raise ClipxError(f"{cur} was scored by {old['scorer']} on {len(old['shards'])} shards (embeddings "
+                             f"{old['embeddings']}, image model {old.get('image_model')}); resume with the same "
+                             "--model, --shards, --embeddings and --image-model, or give another --out")
+        return
+    cur.mkdir(parents=True, exist_ok=True)
+    if writer:
+        write_manifest(cur, {"version": 1, **how, "stages": []})

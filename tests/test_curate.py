@@ -1,0 +1,162 @@
+"""`clipx curate`: scoring shards into a curation folder (resumable, any number of processes, remote
+shards), the stages' bookkeeping on a hand-made pool, applying the result, and decontamination on a
+case built for it. The algorithms themselves are tested on hand-made arrays in test_curation_stages.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipx.apps.curate import MANIFEST, SCORES, score_shards
+from clipx.apps.curate_stages import apply, run_balance, run_decontaminate, run_dedup, run_filter
+from clipx.data.remote import RemoteOptions
+from clipx.errors import ClipxError
+from tests.conftest import clipx_in_process
+
+
+@pytest.fixture(scope="module")
+def scored(digits_dir, tmp_path_factory) -> Path:
+    """The digits training shards scored by the seeded tiny teacher, with embeddings, in one process."""
+    cur = tmp_path_factory.mktemp("curate") / "cur"
+    score_shards(str(digits_dir / "train"), str(digits_dir / "teacher"), cur, embeddings=True, batch_size=100)
+    return cur
+
+
+def tables(cur: Path) -> dict[str, pa.Table]:
+    return {path.name: pq.read_table(path) for path in sorted((cur / SCORES).glob("*.parquet"))}
+
+
+def test_two_processes_score_what_one_does_and_a_rerun_resumes(scored, digits_dir, tmp_path):
+    two = tmp_path / "two"
+    clipx_in_process("curate", "score", "--shards", digits_dir / "train", "--model", digits_dir / "teacher", "--out",
+                     two, "--embeddings", "--batch-size", 100, "--processes", 2, check=True)
+    one = tables(scored)
+    assert len(one) == 6 and tables(two).keys() == one.keys()
+    for name, table in tables(two).items():
+        assert table.equals(one[name]), name  # scores and embeddings bitwise
+    first = one["shard-000000.tar.parquet"]
+    assert first.column("index").to_pylist() == list(range(first.num_rows))
+    assert np.isfinite(first.column("score").to_numpy()).all()
+
+    (two / SCORES / "shard-000003.tar.parquet").unlink()  # an interrupted run: one table never written
+    summary = score_shards(str(digits_dir / "train"), str(digits_dir / "teacher"), two, embeddings=True, batch_size=100)
+    assert (summary["already_scored"], summary["scored_now"]) == (5, 1)
+    assert tables(two)["shard-000003.tar.parquet"].equals(one["shard-000003.tar.parquet"])
+    refused = clipx_in_process("curate", "score", "--shards", digits_dir / "train", "--model", digits_dir / "teacher",
+                               "--out", two)  # without --embeddings: not how the folder was scored
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "resume with the same" in refused.stderr
+
+
+def test_remote_shards_score_as_the_local_ones(scored, digits_dir, tmp_path, monkeypatch):
+    from tests.netservers import apply_s3_env, s3_server, upload_folder
+
+    apply_s3_env(monkeypatch)
+    with s3_server() as endpoint:
+        upload_folder(endpoint, "digits", digits_dir / "train", prefix="train")
+        score_shards("s3://digits/train/shard-{000000..000005}.tar", str(digits_dir / "teacher"), tmp_path / "s3",
+                     embeddings=True, batch_size=100, options=RemoteOptions(endpoint_url=endpoint))
+    assert tables(tmp_path / "s3").keys() == tables(scored).keys()
+    for name, table in tables(tmp_path / "s3").items():
+        assert table.equals(tables(scored)[name]), name
+
+
+# ---- the stages' bookkeeping on a hand-made pool --------------------------------------------------------------
+
+def unit(rows) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def write_pool(cur: Path, scorer: str, shards: dict[str, dict]) -> None:
+    """A curation folder by hand: ``shards`` maps a shard name to its columns (score, caption, sha1, image)."""
+    (cur / SCORES).mkdir(parents=True)
+    for name, columns in shards.items():
+        n = len(columns["score"])
+        image = unit(columns["image"]).astype(np.float16)
+        text = np.zeros_like(image)
+        pq.write_table(pa.table({
+            "shard": [name] * n, "index": pa.array(range(n), pa.int32()), "key": [f"{name}-{i}" for i in range(n)],
+            "caption": columns["caption"], "sha1": columns["sha1"], "has_image": [True] * n,
+            "score": pa.array(columns["score"], pa.float32()),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(image.reshape(-1)), image.shape[1]),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1)), image.shape[1])}),
+            cur / SCORES / f"{name}.parquet")
+    (cur / MANIFEST).write_text(json.dumps({"version": 1, "scorer": scorer, "shards": [f"/data/{n}" for n in shards],
+                                            "embeddings": True, "stages": []}))
+
+
+def hand_pool(tmp_path: Path) -> Path:
+    """Two shards, 12 samples. Directions: e0..e5 distinct; a.tar-3 is a.tar-1's exact copy (same sha1),
+    b.tar-2 a near copy of a.tar-2 (cosine ~0.999); a.tar-5 scores lowest and b.tar-5 NaN (no caption)."""
+    eye = np.eye(8)
+    image_a = [eye[0], eye[1], eye[2], eye[1], eye[3], eye[4]]
+    image_b = [eye[5], eye[6], eye[2] + 0.03 * eye[7], eye[7], eye[0] + eye[7], eye[6] + eye[5]]
+    captions = ["a photo of a cat", "a dog", "a cat on a mat", "a dog", "a cat", "a bird"]
+    write_pool(tmp_path / "cur", "scorer-x", {
+        "a.tar": {"score": [0.9, 0.8, 0.7, 0.8, 0.6, 0.1], "caption": captions,
+                  "sha1": ["h0", "h1", "h2", "h1", "h4", "h5"], "image": image_a},
+        "b.tar": {"score": [0.9, 0.85, 0.75, 0.65, 0.55, float("nan")], "caption": [*captions[:5], None],
+                  "sha1": ["g0", "g1", "g2", "g3", "g4", "g5"], "image": image_b}})
+    return tmp_path / "cur"
+
+
+def removed_keys(cur: Path, stage: str) -> list[str]:
+    return sorted(pq.read_table(cur / "stages" / f"{stage}.parquet").column("key").to_pylist())
+
+
+def test_stages_run_in_order_each_on_what_the_stages_before_it_kept(tmp_path):
+    cur = hand_pool(tmp_path)
+    report = run_filter(cur, threshold=0.58)
+    assert removed_keys(cur, "filter") == ["a.tar-5", "b.tar-4", "b.tar-5"]
+    assert report["removed_by_reason"] == {"low_score": 2, "unusable": 1} and report["after"] == 9
+
+    report = run_dedup(cur, exact=True, threshold=0.99, clusters=2)
+    removed = removed_keys(cur, "dedup")
+    near = [key for key in removed if key != "a.tar-3"]
+    assert "a.tar-3" in removed and near in (["a.tar-2"], ["b.tar-2"])  # one of the near pair stays
+    assert report["removed_by_reason"] == {"exact_duplicate": 1, "near_duplicate": 1}
+    table = pq.read_table(cur / "stages" / "dedup.parquet")
+    details = dict(zip(table.column("key").to_pylist(), table.column("detail").to_pylist()))
+    assert details["a.tar-3"] == "a.tar-1"
+    assert details[near[0]] == ({"a.tar-2", "b.tar-2"} - set(near)).pop()
+
+    report = run_balance(cur, t=2, concepts=str(concepts_file(tmp_path, ["cat", "dog"])), seed=3)
+    concepts = dict(zip(report["concepts"]["entries"], report["concepts"]["after"]))
+    assert concepts == {"cat": 2, "dog": 2}  # 4 cats and 3 dogs were left, every caption names one
+    assert report["removed_by_reason"] == {"balance": 3} and report["concepts"]["before"] == [4, 3]
+
+    manifest = json.loads((cur / MANIFEST).read_text())
+    assert [s["name"] for s in manifest["stages"]] == ["filter", "dedup", "balance"]
+    summary = apply(cur)
+    kept = pq.read_table(cur / "keep.parquet").to_pylist()
+    gone = set(removed_keys(cur, "filter") + removed_keys(cur, "dedup") + removed_keys(cur, "balance"))
+    assert [row["key"] for row in kept] == [f"{s}-{i}" for s in ("a.tar", "b.tar") for i in range(6)
+                                            if f"{s}-{i}" not in gone]
+    assert summary["kept"] == len(kept) == 12 - len(gone)
+
+    run_filter(cur, top_fraction=0.545)  # 6 of the 11 scores; a stage run again forgets the stages after it
+    manifest = json.loads((cur / MANIFEST).read_text())
+    assert [s["name"] for s in manifest["stages"]] == ["filter"]
+    assert not (cur / "stages" / "dedup.parquet").exists()
+    assert removed_keys(cur, "filter") == ["a.tar-2", "a.tar-4", "a.tar-5", "b.tar-3", "b.tar-4", "b.tar-5"]
+
+
+def concepts_file(tmp_path: Path, entries: list[str]) -> Path:
+    path = tmp_path / "concepts.txt"
+    path.write_text("\n".join(entries) + "\n")
+    return path
+
+
+def test_decontamination_needs_the_same_scorer(tmp_path):
+    cur = hand_pool(tmp_path)
+    write_pool(tmp_path / "eval", "scorer-y", {"e.tar": {"score": [0.5], "caption": ["x"], "sha1": ["z"],
+                                                         "image": [np.eye(8)[3]]}})
+    with pytest.raises(ClipxError, match="not comparable"):
+        run_decontaminate(cur, tmp_path / "eval")
+

@@ -15,12 +15,10 @@ DataComp scores its pool with a CLIP trained on other, cleaner data (OpenAI's), 
 setting in small. The pool is made from the other four fifths.
 
 1. raw: the demo CLIP (configs/demo-digits.yaml) trained on the whole noisy pool, one run per seed.
-2. scorer: the same CLIP trained on the clean fifth; copy descriptor: the SimCLR demo
-   (configs/simclr-digits.yaml) trained on the pool's images (no captions, no labels), SSCD's
-   recipe for copy detection in small.
-3. score the pool with both (--embeddings --image-model); filter --threshold auto (Otsu's split
-   of the scores); dedup (exact bytes, then SemDeDup at --dedup-threshold on the copy
-   descriptors); apply: keep.parquet.
+2. scorer: the same CLIP trained on the clean fifth.
+3. score the pool with it (--embeddings, --copy-descriptor as given: thumbnail by default); filter
+   --threshold auto (Otsu's split of the scores); dedup (exact bytes, then SemDeDup at
+   --dedup-threshold on the copy descriptors); apply: keep.parquet.
 4. curated: the same CLIP, same steps and seeds, trained with data.keep.
 
 Reported per dataset: swapped pairs removed and good pairs lost (good: neither swapped nor a planted
@@ -43,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from bench.harness import add_report_arguments, run_or_render  # noqa: E402
 
 DEMO = REPO / "configs" / "demo-digits.yaml"
+SWEEP = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
 TEMPLATES = {"digits": "digits", "photos": "photos"}
 
 
@@ -82,15 +81,6 @@ def split_clean(train: Path, rest: Path, aside: Path, fraction: float, seed: int
         with ShardWriter(out, shard_size) as writer:
             for n in part:
                 writer.add(f"{n:09d}", samples[n]["jpg"], samples[n]["txt"], samples[n]["meta"])
-
-
-def train_simclr(shards: Path, out: Path, steps: int) -> str:
-    from clipx.config import load_config
-    from clipx.train.loop import train
-
-    overrides = [f"data.train={shards}", f"train.output_dir={out}", f"train.steps={steps}",
-                 f"train.checkpoint_every={steps}", "train.plots=false", "train.precision=bf16"]
-    return train(load_config(REPO / "configs" / "simclr-digits.yaml", overrides))["checkpoint"]
 
 
 def train_clip(dataset: str, shards: Path, test: Path, out: Path, steps: int, seed: int, keep: Path | None) -> dict:
@@ -144,15 +134,19 @@ def measure_dataset(dataset: str, args) -> dict:
     runs = work / dataset / "runs"
     raw = {seed: train_clip(dataset, pool, test, runs / f"raw-{seed}", args.steps, seed, None) for seed in args.seeds}
     scorer = train_clip(dataset, scorer_data, test, runs / "scorer", args.steps, 0, None)
-    describer = train_simclr(pool, runs / "simclr", args.ssl_steps)
     cur = work / dataset / "cur"
-    score_shards(str(pool), scorer["checkpoint"], cur, embeddings=True, image_model=describer)
+    score_shards(str(pool), scorer["checkpoint"], cur, embeddings=True, copy_descriptor=args.copy_descriptor)
     filtered = run_filter(cur, threshold="auto")
+    sweep = {}
+    for threshold in SWEEP:  # the trade-off at other thresholds; the run below uses --dedup-threshold
+        run_dedup(cur, exact=True, threshold=threshold, seed=0)
+        rates = removal_rates(cur, truth)
+        sweep[str(threshold)] = {k: rates[k] for k in ("duplicates_removed", "false_dedup_removals")}
     deduped = run_dedup(cur, exact=True, threshold=args.dedup_threshold, seed=0)
     kept = apply(cur)
     curated = {seed: train_clip(dataset, pool, test, runs / f"curated-{seed}", args.steps, seed, cur / "keep.parquet")
                for seed in args.seeds}
-    return {"removal": removal_rates(cur, truth), "threshold": filtered["threshold"],
+    return {"removal": removal_rates(cur, truth), "threshold": filtered["threshold"], "dedup_sweep": sweep,
             "dedup_removed": deduped["removed"], "kept": kept["kept"], "scorer_zero_shot_top1": scorer["zero_shot_top1"],
             "raw": {str(s): r["zero_shot_top1"] for s, r in raw.items()},
             "curated": {str(s): r["zero_shot_top1"] for s, r in curated.items()}}
@@ -160,14 +154,14 @@ def measure_dataset(dataset: str, args) -> dict:
 
 def measure(args) -> dict:
     return {"command": "bench/curation.py " + " ".join(sys.argv[1:]), "steps": args.steps, "seeds": args.seeds,
-            "ssl_steps": args.ssl_steps,
+            "copy_descriptor": args.copy_descriptor,
             "dedup_threshold": args.dedup_threshold,
             "datasets": {dataset: measure_dataset(dataset, args) for dataset in args.datasets}}
 
 
 def markdown(results: dict) -> str:
     lines = [f"`{results['command']}`: {results['steps']} steps, seeds {results['seeds']}, dedup threshold "
-             f"{results['dedup_threshold']}.", "",
+             f"{results['dedup_threshold']} on the {results['copy_descriptor']} descriptor.", "",
              "| dataset | pool | kept | swapped removed (>= 0.90) | good lost (<= 0.10) | duplicates removed (>= 0.95) "
              "| false dedup removals (<= 0.02) | zero-shot raw | zero-shot curated |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -178,6 +172,12 @@ def markdown(results: dict) -> str:
                      f"| {r['duplicates_removed']:.3f} | {r['false_dedup_removals']:.3f} "
                      f"| {sum(raw) / len(raw):.3f} ({', '.join(f'{v:.3f}' for v in raw)}) "
                      f"| {sum(cur) / len(cur):.3f} ({', '.join(f'{v:.3f}' for v in cur)}) |")
+    lines += ["", "Deduplication's trade-off (after the filter, exact pass included) at other thresholds:", "",
+              "| dataset | " + " | ".join(results["datasets"][next(iter(results["datasets"]))]["dedup_sweep"]) + " |",
+              "|---|" + "---:|" * len(SWEEP)]
+    for name, row in results["datasets"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{v['duplicates_removed']:.3f} removed, {v['false_dedup_removals']:.3f} "
+                                                 "false" for v in row["dedup_sweep"].values()) + " |")
     return "\n".join(lines)
 
 
@@ -185,9 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--ssl-steps", type=int, default=300, help="steps of the SimCLR copy descriptor")
+    parser.add_argument("--copy-descriptor", default="thumbnail", help="curate score --copy-descriptor")
     parser.add_argument("--datasets", nargs="+", default=["digits", "photos"])
-    parser.add_argument("--dedup-threshold", type=float, default=0.95)
+    parser.add_argument("--dedup-threshold", type=float, default=0.98)
     add_report_arguments(parser, "curation")
     args = parser.parse_args()
     run_or_render(args, lambda: measure(args), markdown)

@@ -271,7 +271,7 @@ class EvalConfig:
     every: int = 0  # steps between evaluations during training; 0 evaluates only after the last step
     zero_shot: bool = True  # zero-shot classification on data.val (image-text methods)
     retrieval: bool = True  # image-text retrieval on data.val (image-text methods)
-    # Class names and prompt templates: a name shipped in clipx/templates ("digits", "imagenet")
+    # Class names and prompt templates: a name shipped in clipx/templates ("digits", "photos", "imagenet")
     # or a path to a YAML file with `classnames` and `templates`.
     templates: str = "digits"
     label_key: str = "label"  # field of each sample's .json (or a .cls member) holding the class index (also SupCon's)

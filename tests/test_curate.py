@@ -4,13 +4,16 @@ case built for it. The algorithms themselves are tested on hand-made arrays in t
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from clipx.apps.curate import MANIFEST, SCORES, score_shards
 from clipx.apps.curate_stages import apply, run_balance, run_decontaminate, run_dedup, run_filter
@@ -160,3 +163,46 @@ def test_decontamination_needs_the_same_scorer(tmp_path):
     with pytest.raises(ClipxError, match="not comparable"):
         run_decontaminate(cur, tmp_path / "eval")
 
+
+# ---- decontamination on a case built for it ---------------------------------------------------------------------
+
+def planted_copies(test_shard: Path, out: Path) -> list[str]:
+    """A shard of altered copies of ten test images (a re-encode at JPEG quality 60, a brightened
+    re-encode, the same bytes), captioned; returns their keys. The nearest of the 1,437 training
+    scans to any test scan has a thumbnail cosine of 0.993, every copy above 0.999."""
+    import tarfile
+
+    from clipx.data.opener import ShardOpener
+    from clipx.data.skips import SkipCounter
+    from clipx.data.tar_reader import shard_samples
+
+    with ShardOpener().open(str(test_shard)) as stream:
+        originals = [sample for _, sample in shard_samples(stream, SkipCounter())][:30:3]
+    keys = []
+    with tarfile.open(out, "w") as tar:
+        for n, sample in enumerate(originals):
+            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+            if n % 3 == 1:
+                image = image.point(lambda v: min(255, v + 12))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=60)
+            data = sample["jpg"] if n % 3 == 2 else buffer.getvalue()
+            key = f"planted-{n:03d}"
+            for suffix, body in (("jpg", data), ("txt", sample["txt"])):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+            keys.append(key)
+    return keys
+
+
+def test_decontamination_removes_every_planted_copy_of_a_test_image_and_nothing_else(digits_dir, tmp_path):
+    pool = tmp_path / "pool"
+    shutil.copytree(digits_dir / "train", pool)
+    planted = planted_copies(digits_dir / "test" / "shard-000000.tar", pool / "shard-000006.tar")
+    teacher = str(digits_dir / "teacher")
+    for shards, cur in ((pool, "cur"), (digits_dir / "test", "eval")):
+        score_shards(str(shards), teacher, tmp_path / cur, embeddings=True, batch_size=200, copy_descriptor="thumbnail")
+    report = run_decontaminate(tmp_path / "cur", tmp_path / "eval", threshold=0.997)
+    assert removed_keys(tmp_path / "cur", "decontaminate") == planted
+    assert report["removed"] == len(planted) == 10 and len(report["pairs"]) == 8

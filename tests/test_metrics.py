@@ -1,5 +1,7 @@
 """Metric functions on hand-made embeddings whose answers are known by construction."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -84,6 +86,17 @@ def test_templates_must_be_valid(tmp_path):
             load_templates(path)
     with pytest.raises(ClipxError, match="neither a file nor a shipped set"):
         load_templates("nonexistent-set")
+
+
+def test_a_folder_named_like_a_shipped_set_is_not_taken_for_its_templates(tmp_path, monkeypatch):
+    from clipx.templates import load_templates
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()  # a user's own photos/, beside `clipx prep photos`
+    assert load_templates("photos") == load_templates(Path(__file__).parents[1] / "clipx" / "templates" / "photos.yaml")
+    (tmp_path / "photos" / "classnames.txt").write_text("cat\ndog\n")
+    (tmp_path / "photos" / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    assert load_templates("photos") == (["cat", "dog"], ["a photo of a {}."])
 
 
 def test_merged_embeddings_are_ordered_by_key_and_deduplicated():

@@ -5,11 +5,13 @@ and ``scores/<shard basename>.parquet``, one table per input shard with one row 
 ``shard``, ``index`` (the tar reader's numbering, which keep-lists and the loader share), ``key``,
 ``caption`` (the .txt's first line), ``sha1`` of the image bytes, ``has_image``, ``score`` (cosine of
 the scorer's unit image and text embeddings; NaN without an image or a caption) and, with
-``embeddings``, both embeddings in float16 (zeros where missing). With an ``image_model`` (an image
-encoder trained for instance discrimination, such as a clipx SimCLR or MoCo run: what copy-detection
-descriptors like SSCD are), each image's unit embedding under it is kept as ``copy_embedding``, the
-descriptor deduplication and decontamination then compare: a CLIP trained on class-level captions
-maps every image of a class close together, where near-duplicates must stand out from their class.
+``embeddings``, both embeddings in float16 (zeros where missing). With a ``copy_descriptor``, each
+image also gets a unit ``copy_embedding``, which deduplication and decontamination then compare
+instead of the scorer's image embedding: a CLIP trained on class-level captions maps every image of
+a class close together, where a copy must stand out from its class. The descriptor is "thumbnail"
+(``thumbnail_descriptor``: a perceptual hash in continuous form, no model) or an image encoder
+trained for instance discrimination (a clipx SimCLR or MoCo run, as copy-detection descriptors such
+as SSCD are trained).
 The stages that read these tables live in ``curate_stages.py``.
 
 Scoring is shard by shard, and a shard's batches never mix with another's: a shard's table is the
@@ -67,13 +69,13 @@ class ScoreJob:
     device: str
     precision: str
     options: RemoteOptions
-    image_model: str | None = None
+    copy_descriptor: str | None = None
     threads: int | None = None
 
 
 def score_shards(shards: str, model: str, out: str | Path, embeddings: bool = False, batch_size: int = 256,
                  processes: int = 1, device: str | None = None, precision: str = "fp32",
-                 options: RemoteOptions | None = None, image_model: str | None = None) -> dict:
+                 options: RemoteOptions | None = None, copy_descriptor: str | None = None) -> dict:
     """Score every shard of ``shards`` (a pattern, local or remote) with the CLIP in ``model`` (a clipx
     run or checkpoint, an open_clip or a transformers CLIPModel folder) into the curation folder
     ``out``; returns {"shards", "scored", "already_scored", "samples", "usable"}.
@@ -92,10 +94,11 @@ def score_shards(shards: str, model: str, out: str | Path, embeddings: bool = Fa
         raise ClipxError("--shards names two shards alike; their score tables would overwrite each other")
     cur = Path(out)
     slot = launcher_slot(os.environ)
-    _check_manifest(cur, {"scorer": model, "shards": urls, "embeddings": embeddings, "image_model": image_model},
+    _check_manifest(cur, {"scorer": model, "shards": urls, "embeddings": embeddings,
+                          "copy_descriptor": copy_descriptor},
                     writer=slot is None or slot[0] == 0)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    job = ScoreJob(model, str(cur), embeddings, batch_size, device, precision, options, image_model)
+    job = ScoreJob(model, str(cur), embeddings, batch_size, device, precision, options, copy_descriptor)
     todo = [url for url in urls if not scores_path(cur, url).is_file()]
     if slot is not None:
         rank, world = slot
@@ -138,24 +141,42 @@ def _score_part(job: ScoreJob, urls: list[str]) -> None:
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     scorer = load_teacher(job.model, what="--model").to(job.device)
-    describer = _image_model(job)
+    describer = _copy_descriptor(job)
     opener = ShardOpener(job.options)
     for url in urls:
         table = _score_shard(scorer, describer, opener, url, job)
         _write_table(table, scores_path(Path(job.cur), url))
 
 
-def _image_model(job: ScoreJob):
-    """The copy descriptor's encoder: (preprocess, encode_image), or None without --image-model."""
-    if job.image_model is None:
+THUMBNAIL = 16  # px: the thumbnail descriptor's side
+
+
+def thumbnail_descriptor(image) -> torch.Tensor:
+    """(THUMBNAIL², ) float32: the grey image averaged down to 16 x 16, minus its mean. Its cosine is
+    a perceptual hash's comparison made continuous: a re-encode, a resize or a brightness change
+    moves it little, a small crop a little more, and another image of the same class far more than a
+    class-level CLIP embedding moves (tests/test_curate.py's decontamination case)."""
+    from PIL import Image
+
+    grey = image.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+    pixels = torch.from_numpy(np.asarray(grey, np.float32))
+    return (pixels - pixels.mean()).reshape(-1)
+
+
+def _copy_descriptor(job: ScoreJob):
+    """(preprocess, encode_image) of the copy descriptor, or None without one."""
+    if job.copy_descriptor is None:
         return None
+    if job.copy_descriptor == "thumbnail":
+        return thumbnail_descriptor, lambda rows: rows
     from clipx.methods import load
 
-    if not Path(job.image_model).is_dir():
-        raise ClipxError(f"--image-model {job.image_model} is not a clipx run or checkpoint directory")
-    model, preprocess, _ = load(job.image_model, job.device)
+    if not Path(job.copy_descriptor).is_dir():
+        raise ClipxError(f"--copy-descriptor {job.copy_descriptor} is neither 'thumbnail' nor a clipx run or "
+                         "checkpoint directory")
+    model, preprocess, _ = load(job.copy_descriptor, job.device)
     if not hasattr(model, "encode_image"):
-        raise ClipxError(f"--image-model {job.image_model} has no image tower (a text-only model)")
+        raise ClipxError(f"--copy-descriptor {job.copy_descriptor} has no image tower (a text-only model)")
     return preprocess, model.encode_image
 
 
@@ -225,7 +246,7 @@ def _embed(scorer, batch: list, job: ScoreJob) -> tuple[list, list]:
 
 @torch.no_grad()
 def _describe(describer, batch: list, job: ScoreJob) -> list:
-    """Each sample's unit copy descriptor (D,) under the image model, or None without a usable image."""
+    """Each sample's unit copy descriptor (D,), or None without a usable image."""
     preprocess, encode_image = describer
     decoded = [decode_or_reason(sample, preprocess)[0] for _, sample in batch]
     out: list = [None] * len(batch)
@@ -274,13 +295,13 @@ def write_manifest(cur: Path, manifest: dict) -> None:
 
 def _check_manifest(cur: Path, how: dict, writer: bool) -> None:
     """Start the manifest (``writer``: the one process that does), or check that a folder being
-    resumed is scored the way it was (``how``: scorer, shards, embeddings, image_model)."""
+    resumed is scored the way it was (``how``: scorer, shards, embeddings, copy_descriptor)."""
     if (cur / MANIFEST).is_file():
         old = read_manifest(cur)
         if any(old.get(name) != value for name, value in how.items()):
             raise ClipxError(f"{cur} was scored by {old['scorer']} on {len(old['shards'])} shards (embeddings "
-                             f"{old['embeddings']}, image model {old.get('image_model')}); resume with the same "
-                             "--model, --shards, --embeddings and --image-model, or give another --out")
+                             f"{old['embeddings']}, copy descriptor {old.get('copy_descriptor')}); resume with the "
+                             "same --model, --shards, --embeddings and --copy-descriptor, or give another --out")
         return
     cur.mkdir(parents=True, exist_ok=True)
     if writer:

@@ -22,9 +22,10 @@ def _add_score(stages) -> None:
     score.add_argument("--out", required=True, help="the curation folder (a rerun resumes it)")
     score.add_argument("--embeddings", action="store_true",
                        help="also keep the image and text embeddings (float16): dedup, decontaminate and --target need them")
-    score.add_argument("--image-model", default=None,
-                       help="an image encoder trained for instance discrimination (a clipx SimCLR or MoCo run) whose "
-                            "embeddings dedup and decontaminate compare instead of the scorer's (with --embeddings)")
+    score.add_argument("--copy-descriptor", default=None,
+                       help="what dedup and decontaminate compare instead of the scorer's image embeddings: 'thumbnail' "
+                            "(a continuous perceptual hash, no model) or an image encoder trained for instance "
+                            "discrimination (a clipx SimCLR or MoCo run)")
     score.add_argument("--batch-size", type=int, default=256)
     score.add_argument("--processes", type=int, default=1,
                        help="scoring processes on this machine (under srun/torchrun each rank scores its share)")
@@ -91,7 +92,7 @@ def _score(args: argparse.Namespace) -> int:
 
     return _print(score_shards(args.shards, args.model, args.out, args.embeddings, args.batch_size, args.processes,
                                args.device, args.precision, RemoteOptions(endpoint_url=args.endpoint_url),
-                               args.image_model))
+                               args.copy_descriptor))
 
 
 def _filter(args: argparse.Namespace) -> int:

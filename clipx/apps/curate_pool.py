@@ -37,7 +37,7 @@ class Pool:
     score: np.ndarray  # (N,) float32, NaN where the image or the caption is missing
     image: torch.Tensor | None  # (N, D) float16 unit image embeddings, or None when not scored with them
     text: torch.Tensor | None  # (N, D) float16
-    copy: torch.Tensor | None = None  # (N, D') float16 copy descriptors (--image-model), or None
+    copy: torch.Tensor | None = None  # (N, D') float16 copy descriptors (--copy-descriptor), or None
 
     def __len__(self) -> int:
         return len(self.key)
@@ -54,8 +54,8 @@ class Pool:
         return self.image
 
     def descriptors(self, what: str) -> torch.Tensor:
-        """What near-duplicates are found with: the copy descriptors when scored with --image-model,
-        else the scorer's image embeddings."""
+        """What near-duplicates are found with: the copy descriptors when scored with
+        --copy-descriptor, else the scorer's image embeddings."""
         return self.copy if self.copy is not None else self.images(what)
 
 
@@ -73,7 +73,7 @@ def load_pool(cur: str | Path, embeddings: bool = False) -> Pool:
     wanted = ["shard", "index", "key", "caption", "sha1", "has_image", "score"]
     if embeddings and manifest["embeddings"]:
         wanted += ["image_embedding", "text_embedding"]
-    if embeddings and manifest.get("image_model"):
+    if embeddings and manifest.get("copy_descriptor"):
         wanted.append("copy_embedding")
     table = pa.concat_tables([pq.read_table(scores_path(cur, url), columns=wanted) for url in manifest["shards"]])
     columns = {name: table.column(name) for name in wanted}

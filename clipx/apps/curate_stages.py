@@ -147,11 +147,12 @@ def _target_images(cur: Path, other: Path, what: str, copies: bool = False):
     """The image embeddings (``copies``: the descriptors near-duplicates are found with) of another
     curation folder's samples that have an image, checked to come from the same models as ``cur``'s."""
     mine, theirs = read_manifest(cur), read_manifest(other)
-    names = ("scorer", "image_model") if copies else ("scorer",)
+    names = ("scorer", "copy_descriptor") if copies else ("scorer",)
     if any(mine.get(name) != theirs.get(name) for name in names):
-        raise ClipxError(f"{what} {other} was scored by {theirs['scorer']} (image model {theirs.get('image_model')}), "
-                         f"{cur} by {mine['scorer']} (image model {mine.get('image_model')}); their embeddings are "
-                         "not comparable: score both with the same --model and --image-model")
+        raise ClipxError(f"{what} {other} was scored by {theirs['scorer']} (copy descriptor "
+                         f"{theirs.get('copy_descriptor')}), {cur} by {mine['scorer']} (copy descriptor "
+                         f"{mine.get('copy_descriptor')}); their embeddings are not comparable: score both with the "
+                         "same --model and --copy-descriptor")
     pool = load_pool(other, embeddings=True)
     matrix = pool.descriptors(f"{what} {other}") if copies else pool.images(f"{what} {other}")
     return matrix[np.flatnonzero(pool.has_image)]

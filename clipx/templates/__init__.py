@@ -30,7 +30,10 @@ def load_templates(name_or_path: str | Path) -> tuple[list[str], list[str]]:
     Every problem with the file is a one-line ClipxError.
     """
     path = Path(name_or_path)
-    if path.is_dir():
+    shipped_name = (resources.files("clipx.templates") / f"{name_or_path}.yaml").is_file()
+    # A folder that merely shares a shipped set's name (a user's photos/ beside `clipx prep photos`)
+    # is taken for templates only when it holds CLIP_benchmark's files.
+    if path.is_dir() and not (shipped_name and not (path / CLIP_BENCHMARK_FILES[0]).is_file()):
         return load_clip_benchmark_templates(path)
     if path.is_file():
         text = path.read_text(encoding="utf-8")

@@ -229,6 +229,25 @@ def test_a_resume_gives_the_unbroken_batches_and_decodes_nothing_before_its_posi
     assert transform.calls == 2 * BATCH
 
 
+def test_positions_counted_in_one_keep_list_are_refused_under_another(kept, tmp_path):
+    shards, keep, expected = kept
+    data = DataConfig(train=shards, keep=keep, workers=0, shuffle_buffer=40)
+    first = stream(data)
+    take(first, first.batches(), 5)
+    state = json.loads(json.dumps(first.state_dict()))
+    rows = [(f"shard-{s:06d}.tar", i, f"{s:06d}{i:05d}") for s in range(8) for i in range(96) if i % 3 != 2]
+    other = DataConfig(train=shards, keep=str(write_keep(tmp_path / "other.parquet", rows)), workers=0,
+                       shuffle_buffer=40)
+    for load in (lambda run: run.load_state_dict(state), lambda run: run.load_elastic([state])):
+        with pytest.raises(ClipxError, match="another keep-list than data.keep=.*other.parquet"):
+            load(stream(other))
+    with pytest.raises(ClipxError, match="another keep-list"):  # positions over whole shards, then a keep-list
+        whole = stream(DataConfig(train=shards, workers=0, shuffle_buffer=40))
+        take(whole, whole.batches(), 2)
+        stream(data).load_state_dict(whole.state_dict())
+    stream(data).load_state_dict(state)  # the same list, read again: accepted
+
+
 @pytest.mark.parametrize("old_world,new_world,consumed", [(2, 4, 12), (2, 1, 7)])
 def test_an_epoch_finished_on_another_world_size_reads_each_kept_sample_once(kept, old_world, new_world, consumed):
     shards, keep, expected = kept

@@ -13,6 +13,7 @@ have millions of rows, and loader workers forked from the process share them wit
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,15 @@ class KeepList:
 
     def __init__(self, views: dict[str, ShardView], source: str = KEEP_FILE):
         self.views, self.source = views, source
+
+    def fingerprint(self) -> str:
+        """A digest of which samples the list keeps: data positions count kept samples, so a
+        checkpoint's positions hold only under the list they were counted in."""
+        digest = hashlib.sha1()
+        for name in sorted(self.views):
+            digest.update(name.encode("utf-8") + b"\0")
+            digest.update(np.ascontiguousarray(self.views[name].indices, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
     def of(self, url: str) -> ShardView | None:
         """The shard's view; None when the list names no sample of it (it keeps nothing there)."""

@@ -54,13 +54,24 @@ class TrainStream:
     def state_dict(self) -> dict:
         return {"epoch": self.current, "in_epoch": self.in_epoch, **self.layout(),
                 "positions": {str(worker): p for worker, p in self.positions.items()},
-                "remainder": self.remainder, "carried": self.carried}
+                "remainder": self.remainder, "carried": self.carried, "keep": self.keep_fingerprint()}
+
+    def keep_fingerprint(self) -> str | None:
+        return self.keep.fingerprint() if self.keep is not None else None
+
+    def check_keep(self, state: dict) -> None:
+        """Positions count the samples of one keep-list (data.keep): refuse them under another."""
+        if "epoch" in state and state.get("keep") != self.keep_fingerprint():
+            raise ClipxError("this checkpoint's data positions count the samples of another keep-list than "
+                             f"data.keep={self.data_cfg.keep}; resume with the data.keep it was written with, "
+                             "or start a new run")
 
     def needs_elastic(self, state: dict) -> bool:
         """Whether ``state`` (a checkpoint's, written by another run) cannot be resumed as it is."""
         return "epoch" in state and any(state.get(k, v) != v for k, v in self.layout().items())
 
     def load_state_dict(self, state: dict) -> None:
+        self.check_keep(state)
         self.positions = {int(worker): p for worker, p in state.get("positions", {}).items()}
         if "epoch" in state:
             self.resume_point = (state["epoch"], state["in_epoch"])
@@ -73,6 +84,7 @@ class TrainStream:
         were in: this rank's workers read their share of what those left unread (clipx.train.elastic)."""
         from clipx.train.elastic import continue_epoch
 
+        self.check_keep(old_states[0])
         self.resume_point, self.remainder, counts = continue_epoch(self, old_states)
         self.positions = {}
         if self.rank == 0 and counts:  # counted once, not once per new rank

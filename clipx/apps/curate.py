@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from clipx.data.captions import first_caption
+from clipx.data.keep import shard_name
 from clipx.data.opener import ShardOpener
 from clipx.data.pipeline import decode_or_reason, sample_image_bytes
 from clipx.data.remote import RemoteOptions
@@ -47,11 +48,7 @@ from clipx.fileio import write_json_atomic
 MANIFEST = "curation.json"
 SCORES = "scores"
 STAGES = "stages"
-KEEP = "keep.parquet"
-
-
-def shard_name(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
+VERSION = 1  # of the manifest's layout
 
 
 def scores_path(cur: Path, url: str) -> Path:
@@ -281,12 +278,25 @@ def _write_table(table, path: Path) -> None:
 # ---- the manifest -------------------------------------------------------------------------------
 
 def read_manifest(cur: Path) -> dict:
+    """CUR/curation.json, checked for what its readers rely on: this version, a list of shards, a list
+    of named stages."""
     import json
 
     path = Path(cur) / MANIFEST
     if not path.is_file():
         raise ClipxError(f"{cur} is not a curation folder (no {MANIFEST}); run `clipx curate score --out {cur}` first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ClipxError(f"{path} cannot be read as a curation manifest ({error}): "
+                         "run `clipx curate score` again to write it") from None
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    if (not isinstance(manifest, dict) or manifest.get("version") != VERSION or not isinstance(stages, list)
+            or not isinstance(manifest.get("shards"), list)
+            or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in stages)):
+        raise ClipxError(f"{path} is not a version-{VERSION} curation manifest (version, shards and named stages "
+                         "expected): write it with a `clipx curate` of this clipx version")
+    return manifest
 
 
 def write_manifest(cur: Path, manifest: dict) -> None:
@@ -305,4 +315,4 @@ def _check_manifest(cur: Path, how: dict, writer: bool) -> None:
         return
     cur.mkdir(parents=True, exist_ok=True)
     if writer:
-        write_manifest(cur, {"version": 1, **how, "stages": []})
+        write_manifest(cur, {"version": VERSION, **how, "stages": []})

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipx.apps.curate import KEEP, read_manifest, shard_name
+from clipx.apps.curate import read_manifest, shard_name
 from clipx.apps.curate_pool import Pool, StageResult, alive, load_pool, record_stage, stages_before, write_keep_list
+from clipx.data.keep import KEEP_FILE
 from clipx.errors import ClipxError
 from clipx.fileio import write_json_atomic
 
@@ -165,7 +166,7 @@ def apply(cur: str | Path, rewrite: str | Path | None = None) -> dict:
     manifest = read_manifest(cur)
     pool = load_pool(cur)
     keep = alive(cur, pool, manifest["stages"])
-    write_keep_list(cur, pool, keep, cur / KEEP)
+    write_keep_list(cur, pool, keep, cur / KEEP_FILE)
     summary = {"kept": int(keep.sum()), "total": len(pool), "stages": [s["name"] for s in manifest["stages"]]}
     write_json_atomic(cur / "keep.json", summary)
     if rewrite is not None:

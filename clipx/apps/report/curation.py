@@ -22,13 +22,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from clipx.apps.curate import MANIFEST, read_manifest
 from clipx.apps.report.page import data_uri, section, write_page
 from clipx.apps.report.plots import histogram_png
+from clipx.data.pipeline import IMAGE_EXTENSIONS
 from clipx.errors import ClipxError
 
-MANIFEST = "curation.json"
-VERSION = 1
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 THUMBNAIL_PIXELS = 192  # the longest side; shown at 96 CSS pixels, so it stays sharp on dense screens
 POOL_BINS = 40
 
@@ -48,23 +47,6 @@ URL = "_url"  # the key under which a shown row carries the URL of the shard its
 def is_curation_dir(path: str | Path) -> bool:
     """Whether ``path`` is a curation folder (it holds curation.json)."""
     return (Path(path) / MANIFEST).is_file()
-
-
-def read_manifest(cur: Path) -> dict:
-    """CUR/curation.json, checked for what the report reads: version 1, a list of shards, a list of named stages."""
-    path = cur / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ClipxError(f"{path} cannot be read as a curation manifest ({error}): "
-                         "run `clipx curate` again to write it") from None
-    stages = manifest.get("stages") if isinstance(manifest, dict) else None
-    if (not isinstance(manifest, dict) or manifest.get("version") != VERSION or not isinstance(stages, list)
-            or not isinstance(manifest.get("shards"), list)
-            or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in stages)):
-        raise ClipxError(f"{path} is not a version-{VERSION} curation manifest (version, shards and named stages "
-                         "expected): write it with a `clipx curate` of this clipx version")
-    return manifest
 
 
 def write_curation_report(cur_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -213,7 +195,7 @@ def _thumbnail(sample: dict) -> tuple[str | None, str]:
     """(data: URI of a small JPEG of the sample's image, "") or (None, why there is none)."""
     from PIL import Image
 
-    suffix = next((s for s in IMAGE_SUFFIXES if s in sample), None)
+    suffix = next((s for s in IMAGE_EXTENSIONS if s in sample), None)
     if suffix is None:
         return None, "no image in the sample"
     buffer = io.BytesIO()

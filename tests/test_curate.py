@@ -133,6 +133,8 @@ def test_stages_run_in_order_each_on_what_the_stages_before_it_kept(tmp_path):
     concepts = dict(zip(report["concepts"]["entries"], report["concepts"]["after"]))
     assert concepts == {"cat": 2, "dog": 2}  # 4 cats and 3 dogs were left, every caption names one
     assert report["removed_by_reason"] == {"balance": 3} and report["concepts"]["before"] == [4, 3]
+    counts = pq.read_table(cur / "stages" / "balance.counts.parquet").to_pylist()
+    assert counts == [{"entry": "cat", "before": 4, "after": 2}, {"entry": "dog", "before": 3, "after": 2}]
 
     manifest = json.loads((cur / MANIFEST).read_text())
     assert [s["name"] for s in manifest["stages"]] == ["filter", "dedup", "balance"]

@@ -137,7 +137,7 @@ def record_stage(cur: str | Path, pool: Pool, name: str, args: dict, result: Sta
     manifest = read_manifest(cur)
     before = stages_before(manifest, name)
     for stale in manifest["stages"][len(before):]:
-        for suffix in (".parquet", ".json"):
+        for suffix in (".parquet", ".json", ".counts.parquet"):
             (cur / STAGES / f"{stale['name']}{suffix}").unlink(missing_ok=True)
     rows = result.seen[result.removed]
     reasons = [r for r, gone in zip(result.reason, result.removed) if gone]

@@ -121,7 +121,20 @@ def run_balance(cur: str | Path, t: int, concepts: str = "digits,imagenet", seed
                            "capped_entries": int((result.counts_before > t).sum()), "total_entries": len(entries)}}
     reason = ["balance" if len(m) else "unmatched" for m in matches]
     args = {"t": t, "concepts": concepts, "seed": seed, "unmatched": unmatched}
-    return record_stage(cur, pool, "balance", args, StageResult(seen, ~result.keep, reason, [""] * len(seen), extras))
+    report = record_stage(cur, pool, "balance", args, StageResult(seen, ~result.keep, reason, [""] * len(seen), extras))
+    _write_counts(cur / "stages" / "balance.counts.parquet", entries, result.counts_before, result.counts_after)
+    return report
+
+
+def _write_counts(path: Path, entries: list[str], before: np.ndarray, after: np.ndarray) -> None:
+    """Every entry's sample count before and after balancing (the report shows the top ones)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table({"entry": entries, "before": pa.array(before, pa.int64()),
+                             "after": pa.array(after, pa.int64())}), tmp)
+    tmp.replace(path)
 
 
 def run_decontaminate(cur: str | Path, against: str | Path, threshold: float = 0.95) -> dict:

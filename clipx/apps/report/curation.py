@@ -319,8 +319,8 @@ def _concepts(concepts: Any) -> str:
     rows = "".join(f"<tr class='{'capped' if over else ''}'><td>{html.escape(str(e))}</td><td class='num'>{_count(b)}"
                    f"</td><td class='num'>{_count(a)}</td><td>{'over t' if over else ''}</td></tr>"
                    for e, b, a, over in zip(entries, before, after, capped))
-    return (f"<h3>Top concepts, t = {_count(t)}</h3><p>An entry matched by more than t samples keeps about t of "
-            "them (marked); the others keep all theirs.</p><table class='concepts'><tr><th>entry</th><th>before"
+    return (f"<h3>Top concepts, t = {_count(t)}</h3><p>An entry matched by more than t samples keeps t of "
+            "them (marked), more only through samples that another entry kept; the others keep all theirs.</p><table class='concepts'><tr><th>entry</th><th>before"
             f"</th><th>after</th><th>capped</th></tr>{rows}</table>")
 
 

@@ -208,3 +208,16 @@ def test_decontamination_removes_every_planted_copy_of_a_test_image_and_nothing_
     report = run_decontaminate(tmp_path / "cur", tmp_path / "eval", threshold=0.997)
     assert removed_keys(tmp_path / "cur", "decontaminate") == planted
     assert report["removed"] == len(planted) == 10 and len(report["pairs"]) == 8
+
+
+def test_open_clip_and_transformers_exports_of_the_scorer_score_alike(scored, digits_dir, tmp_path):
+    from clipx.apps.export import export_open_clip
+    from clipx.apps.export_hf import export_hf
+
+    teacher = digits_dir / "teacher"
+    reference = tables(scored)["shard-000005.tar.parquet"].column("score").to_numpy()
+    for name, folder in (("open_clip", export_open_clip(teacher, tmp_path / "open_clip")),
+                         ("transformers", export_hf(teacher, tmp_path / "hf"))):
+        score_shards(str(digits_dir / "train" / "shard-000005.tar"), str(folder), tmp_path / name, batch_size=100)
+        scores = tables(tmp_path / name)["shard-000005.tar.parquet"].column("score").to_numpy()
+        assert np.abs(scores - reference).max() < 1e-4, name

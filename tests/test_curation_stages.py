@@ -56,6 +56,16 @@ def test_kmeans_finds_three_separated_blobs(monkeypatch, block):
         assert centroids[cluster, blob] > 0.99
 
 
+def test_kmeans_seeded_from_a_sample_still_finds_the_blobs(monkeypatch):
+    monkeypatch.setattr(kmeans_module, "SEEDING_ROWS_PER_CENTRE", 4)  # 12 of the 300 rows seed it
+    drawn = []
+    seeding = kmeans_module._kmeans_plus_plus
+    monkeypatch.setattr(kmeans_module, "_kmeans_plus_plus", lambda rows, k, g: drawn.append(len(rows)) or seeding(rows, k, g))
+    points, truth = blobs(per_blob=100)
+    _, labels = spherical_kmeans(points, k=3, seed=2)
+    assert drawn == [12] and same_partition(labels, truth)
+
+
 def test_kmeans_is_bitwise_repeatable_for_a_seed():
     points = torch.randn(400, 16, generator=torch.Generator().manual_seed(3))
     first, second = spherical_kmeans(points, 7, seed=5), spherical_kmeans(points, 7, seed=5)

@@ -56,6 +56,18 @@ def test_two_processes_score_what_one_does_and_a_rerun_resumes(scored, digits_di
     assert "resume with the same" in refused.stderr
 
 
+def test_ranks_a_launcher_started_score_their_share_of_the_shards(scored, digits_dir, tmp_path, monkeypatch):
+    cur = tmp_path / "ranks"
+    for rank in (1, 0):  # srun's variables, as each of two tasks sees them
+        monkeypatch.setenv("SLURM_PROCID", str(rank))
+        monkeypatch.setenv("SLURM_LOCALID", str(rank))
+        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+        score_shards(str(digits_dir / "train"), str(digits_dir / "teacher"), cur, embeddings=True, batch_size=100)
+        if rank == 1:  # the second task alone: every other shard, from the second on
+            assert sorted(tables(cur)) == [f"shard-00000{n}.tar.parquet" for n in (1, 3, 5)]
+    assert all(table.equals(tables(scored)[name]) for name, table in tables(cur).items()) and len(tables(cur)) == 6
+
+
 def test_remote_shards_score_as_the_local_ones(scored, digits_dir, tmp_path, monkeypatch):
     from tests.netservers import apply_s3_env, s3_server, upload_folder
 

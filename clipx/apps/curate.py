@@ -27,7 +27,7 @@ import itertools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -75,10 +75,13 @@ def score_shards(shards: str, model: str, out: str | Path, embeddings: bool = Fa
                  options: RemoteOptions | None = None, copy_descriptor: str | None = None) -> dict:
     """Score every shard of ``shards`` (a pattern, local or remote) with the CLIP in ``model`` (a clipx
     run or checkpoint, an open_clip or a transformers CLIPModel folder) into the curation folder
-    ``out``; returns {"shards", "scored", "already_scored", "samples", "usable"}.
+    ``out``; returns {"shards", "scored_now", "already_scored", "not_scored"}.
 
     ``processes`` > 1 spawns that many scoring processes on this machine; a process started by a
     launcher (WORLD_SIZE, or srun's and MPI's variables) scores its own share instead and spawns none.
+    Shards are dealt by their place in the list, not by what is left to score, so processes that
+    look at the folder at different moments still deal alike. With several GPUs, the process of
+    local rank r scores on GPU r (modulo their number).
     """
     if processes < 1:
         raise ClipxError(f"--processes must be at least 1, got {processes}")
@@ -98,35 +101,47 @@ def score_shards(shards: str, model: str, out: str | Path, embeddings: bool = Fa
     job = ScoreJob(model, str(cur), embeddings, batch_size, device, precision, options, copy_descriptor)
     todo = [url for url in urls if not scores_path(cur, url).is_file()]
     if slot is not None:
-        rank, world = slot
-        _score_part(job, todo[rank::world])
+        rank, world, local_rank = slot
+        left = set(todo)
+        mine = [url for url in urls[rank::world] if url in left]
+        _score_part(replace(job, device=device_of(device, local_rank)), mine)
     elif processes == 1:
         _score_part(job, todo)
     else:
-        _spawn(job, todo, processes)
+        _spawn(job, urls, processes)
     done = sum(scores_path(cur, url).is_file() for url in urls)
     return {"shards": len(urls), "scored_now": done - (len(urls) - len(todo)), "already_scored": len(urls) - len(todo),
             "not_scored": len(urls) - done}
 
 
-def launcher_slot(env) -> tuple[int, int] | None:
-    """(rank, world size) when a launcher started this process among others, else None."""
+def launcher_slot(env) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when a launcher started this process among others, else None."""
     from clipx.cluster_env import placement
 
     if env.get("WORLD_SIZE") and int(env["WORLD_SIZE"]) > 1:
-        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
+        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
     where = placement(env)
-    return (where.rank, where.world_size) if where is not None and where.world_size > 1 else None
+    if where is None or where.world_size <= 1:
+        return None
+    return where.rank, where.world_size, where.local_rank
 
 
-def _spawn(job: ScoreJob, todo: list[str], processes: int) -> None:
+def device_of(device: str, local_rank: int) -> str:
+    """``device`` for the process of ``local_rank``: a bare "cuda" becomes that process's own GPU."""
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def _spawn(job: ScoreJob, urls: list[str], processes: int) -> None:
     # spawn, not fork: the parent holds torch's threads. Each process gets an equal share of the cores.
     threads = max(1, (os.cpu_count() or processes) // processes)
     context = multiprocessing.get_context("spawn")
-    parts = [todo[rank::processes] for rank in range(processes)]
+    cur = Path(job.cur)
+    parts = [[url for url in urls[rank::processes] if not scores_path(cur, url).is_file()] for rank in range(processes)]
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        for future in [pool.submit(_score_part, ScoreJob(**{**job.__dict__, "threads": threads}), part)
-                       for part in parts if part]:
+        for future in [pool.submit(_score_part, replace(job, threads=threads, device=device_of(job.device, rank)), part)
+                       for rank, part in enumerate(parts) if part]:
             future.result()
 
 

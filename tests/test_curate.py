@@ -233,3 +233,25 @@ def test_open_clip_and_transformers_exports_of_the_scorer_score_alike(scored, di
         score_shards(str(digits_dir / "train" / "shard-000005.tar"), str(folder), tmp_path / name, batch_size=100)
         scores = tables(tmp_path / name)["shard-000005.tar.parquet"].column("score").to_numpy()
         assert np.abs(scores - reference).max() < 1e-4, name
+
+
+def test_apply_rewrites_exactly_the_kept_samples_member_for_member(scored, digits_dir, tmp_path):
+    from clipx.data.opener import ShardOpener
+    from clipx.data.skips import SkipCounter
+    from clipx.data.tar_reader import shard_samples
+
+    cur = tmp_path / "cur"
+    shutil.copytree(scored, cur)
+    run_filter(cur, top_fraction=0.5)
+    summary = apply(cur, rewrite=tmp_path / "curated")
+    kept = pq.read_table(cur / "keep.parquet").to_pylist()
+    assert summary["kept"] == len(kept) == round(0.5 * 1437) == 718  # Python rounds 718.5 to even
+    sizes = json.loads((tmp_path / "curated" / "sizes.json").read_text())
+    for name in sorted(sizes):
+        with ShardOpener().open(str(digits_dir / "train" / name)) as stream:
+            originals = dict(shard_samples(stream, SkipCounter()))
+        with ShardOpener().open(str(tmp_path / "curated" / name)) as stream:
+            rewritten = [sample for _, sample in shard_samples(stream, SkipCounter())]
+        wanted = [row["index"] for row in kept if row["shard"] == name]
+        assert sizes[name] == len(rewritten) == len(wanted)
+        assert rewritten == [originals[index] for index in wanted], name  # every member, byte for byte, in order

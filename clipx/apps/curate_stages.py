@@ -34,7 +34,9 @@ def run_filter(cur: str | Path, threshold: float | str | None = None, top_fracti
     image falls in a k-means cluster (of ``clusters``) that a target image is nearest to."""
     from clipx.curation.filtering import image_based_filter, keep_above, keep_top_fraction, otsu_threshold
 
-    if (threshold is None) == (top_fraction is None) and target is None:
+    if threshold is not None and top_fraction is not None:
+        raise ClipxError("filter: give --threshold or --top-fraction, not both")
+    if threshold is None and top_fraction is None and target is None:
         raise ClipxError("filter: give --threshold (a number or auto) or --top-fraction, and/or --target")
     cur = Path(cur)
     pool, seen = _seen(cur, "filter", embeddings=target is not None)
@@ -76,22 +78,22 @@ def run_dedup(cur: str | Path, exact: bool = True, threshold: float | None = 0.9
     pairs: list = []
     if exact:
         keep, of = exact_duplicates([pool.sha1[i] for i in seen])
-        _mark(pool, seen, removed, reason, detail, pairs, np.flatnonzero(~keep), of, "exact_duplicate")
+        gone = np.flatnonzero(~keep)
+        _mark(pool, seen, removed, reason, detail, pairs, gone, of[gone], "exact_duplicate")
     if threshold is not None:
         rest = np.flatnonzero(~removed)
         k = clusters or max(1, len(rest) // 1000)
         keep, of = semantic_duplicates(pool.descriptors("dedup --threshold")[seen[rest]], threshold, k, seed)
         gone = np.flatnonzero(~keep)
-        _mark(pool, seen, removed, reason, detail, pairs, rest[gone], np.where(of >= 0, rest[of], -1)[gone],
-              "near_duplicate", positions=gone)
+        _mark(pool, seen, removed, reason, detail, pairs, rest[gone], rest[of[gone]], "near_duplicate")
     args = {"exact": exact, "threshold": threshold, "clusters": clusters, "seed": seed,
             "descriptor": "copy_embedding" if pool.copy is not None else "image_embedding"}
     return record_stage(cur, pool, "dedup", args, StageResult(seen, removed, reason, detail, {"pairs": pairs[:8]}))
 
 
-def _mark(pool: Pool, seen, removed, reason, detail, pairs, which, of, why: str, positions=None) -> None:
-    """Mark ``which`` (positions in ``seen``) removed as duplicates of ``of`` (positions too)."""
-    originals = of if positions is not None else of[which]
+def _mark(pool: Pool, seen, removed, reason, detail, pairs, which, originals, why: str) -> None:
+    """Mark ``which`` (positions in ``seen``) removed as duplicates of ``originals`` (positions too,
+    one each), the first pairs kept for the report."""
     for position, original in zip(which, originals):
         removed[position] = True
         reason[position] = why

@@ -22,7 +22,6 @@ from clipx.data.remote import RemoteOptions
 from clipx.errors import ClipxError
 from tests.conftest import clipx_in_process
 
-
 SHARDS = "shard-{000000..000002}.tar"  # three of the digits' six training shards: 768 samples
 
 

@@ -332,3 +332,16 @@ def test_training_on_a_keep_list_for_other_shards_stops_with_one_line(hostile, t
     none = write_keep(tmp_path / "none.parquet", [("shard-9.tar", 0, "h9-000")])
     with pytest.raises(ClipxError, match="^data.keep .* keeps no sample of data.train's 4 shards"):
         stream(DataConfig(train=shards, keep=str(none), workers=0))
+
+
+def test_a_bad_keep_list_is_refused_before_launch(kept, tmp_path):
+    from clipx.config import load_config
+    from clipx.train.build import check_inputs
+
+    shards, keep, _ = kept
+    check_inputs(load_config(None, [f"data.train={shards}", f"data.keep={keep}"]))  # a good one passes
+    with pytest.raises(ClipxError, match="data.keep: .*missing.parquet does not exist"):
+        check_inputs(load_config(None, [f"data.train={shards}", f"data.keep={tmp_path / 'missing.parquet'}"]))
+    other = write_keep(tmp_path / "other.parquet", [("elsewhere-000000.tar", 0, "x")])
+    with pytest.raises(ClipxError, match="keeps no sample of data.train"):
+        check_inputs(load_config(None, [f"data.train={shards}", f"data.keep={other}"]))

@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 from clipx.compat.torch import set_lr_lambdas
 from clipx.config import Config, config_to_dict
 from clipx.data.crops import DeviceImages
+from clipx.data.keep import load_keep
 from clipx.data.remote import RemoteOptions
 from clipx.data.shards import expand_shards
 from clipx.dist import unwrap
@@ -99,11 +100,15 @@ def retime_epoch_run(trainer: "Trainer", batches_done: int) -> None:
 
 def check_inputs(config: Config) -> Method:
     """Fail before any process group forms, not after training, when the method cannot train this
-    config, or the training or validation shards, the initial weights or the templates are unusable.
+    config, or the training or validation shards, the keep-list, the initial weights or the templates
+    are unusable.
     Returns the method."""
     method = method_of(config)
     options = RemoteOptions.from_config(config.data)
-    expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls, options=options)
+    urls = expand_shards(config.data.train, "data.train", allow_pipe=config.data.allow_pipe_urls, options=options)
+    keep = load_keep(config.data)
+    if keep is not None:
+        keep.shards(urls)  # refuses a keep-list that keeps no sample of data.train
     method.check_processes(config, launched_processes(), "cuda" if torch.accelerator.is_available() else "cpu")
     check_sharding(config.train, "cuda" if torch.accelerator.is_available() else "cpu")
     if config.model.pretrained and not Path(config.model.pretrained).exists():

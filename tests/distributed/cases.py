@@ -283,11 +283,18 @@ def main() -> None:
     results = CASES[case](out_dir, *sys.argv[3:])
     results.update(rank=dist.get_rank(), world_size=dist.get_world_size())
     torch.save(results, out_dir / f"rank{dist.get_rank()}.pt")
-    if case == "timeout":
-        # The group is broken on purpose: its destructor may abort the process at exit (gloo
-        # terminates on work it never finished), so leave without running destructors.
-        os._exit(0)
-    dist.barrier()
+    if case != "timeout":  # the group is broken on purpose there: no barrier can pass
+        dist.barrier()
+    leave_without_destructors()
+
+
+def leave_without_destructors() -> None:
+    """Exit 0 once every rank's results are saved, without C++ destructors: at interpreter exit,
+    gloo's threads can abort a rank ("terminate called without an active exception", seen in a CI
+    run after every result was written), and a broken group's destructor does for certain."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

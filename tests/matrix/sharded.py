@@ -142,6 +142,9 @@ def main() -> None:
         torch.save({"cases": results, "world_size": world}, out / f"results-w{world}.pt")
     torch_dist.barrier()
     torch_dist.destroy_process_group()
+    from tests.distributed.cases import leave_without_destructors
+
+    leave_without_destructors()  # a CI run saw a rank abort at exit after results-w4.pt was written
 
 
 def overflow_on_one_rank(rank: int) -> dict:

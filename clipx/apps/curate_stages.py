@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from clipx.apps.curate import read_manifest, shard_name
 from clipx.apps.curate_pool import Pool, StageResult, alive, load_pool, record_stage, stages_before, write_keep_list
@@ -53,7 +54,7 @@ def run_filter(cur: str | Path, threshold: float | str | None = None, top_fracti
         keep &= keep_top_fraction(scores, top_fraction)
         extras["threshold"] = float(np.nanmin(scores[keep])) if keep.any() else None
     if target is not None:
-        targets = _target_images(cur, Path(target), "filter --target")
+        _, targets = _target_images(cur, Path(target), "filter --target")
         in_cluster = image_based_filter(pool.images("filter --target")[seen], targets, clusters, seed, nearest)
         reason[keep & ~in_cluster] = "image_cluster"
         keep &= in_cluster
@@ -147,8 +148,7 @@ def run_decontaminate(cur: str | Path, against: str | Path, threshold: float = 0
 
     cur, against = Path(cur), Path(against)
     pool, seen = _seen(cur, "decontaminate", embeddings=True)
-    reference = load_pool(against, embeddings=True)
-    images = _target_images(cur, against, "decontaminate --against", copies=True)
+    reference, images = _target_images(cur, against, "decontaminate --against", copies=True)
     hit, nearest, similarity = near_duplicates_of(pool.descriptors("decontaminate")[seen], images, threshold)
     has = np.flatnonzero(reference.has_image)
     detail = [f"{reference.shard[has[n]]}/{reference.key[has[n]]} ({s:.4f})" for n, s in zip(nearest, similarity)]
@@ -159,9 +159,10 @@ def run_decontaminate(cur: str | Path, against: str | Path, threshold: float = 0
     return record_stage(cur, pool, "decontaminate", args, result)
 
 
-def _target_images(cur: Path, other: Path, what: str, copies: bool = False):
-    """The image embeddings (``copies``: the descriptors near-duplicates are found with) of another
-    curation folder's samples that have an image, checked to come from the same models as ``cur``'s."""
+def _target_images(cur: Path, other: Path, what: str, copies: bool = False) -> tuple[Pool, torch.Tensor]:
+    """(another curation folder's pool, the image embeddings of its samples that have an image, in
+    order; ``copies``: the descriptors near-duplicates are found with), checked to come from the same
+    models as ``cur``'s."""
     mine, theirs = read_manifest(cur), read_manifest(other)
     names = ("scorer", "copy_descriptor") if copies else ("scorer",)
     if any(mine.get(name) != theirs.get(name) for name in names):
@@ -171,7 +172,7 @@ def _target_images(cur: Path, other: Path, what: str, copies: bool = False):
                          "same --model and --copy-descriptor")
     pool = load_pool(other, embeddings=True)
     matrix = pool.descriptors(f"{what} {other}") if copies else pool.images(f"{what} {other}")
-    return matrix[np.flatnonzero(pool.has_image)]
+    return pool, matrix[np.flatnonzero(pool.has_image)]
 
 
 def apply(cur: str | Path, rewrite: str | Path | None = None) -> dict:

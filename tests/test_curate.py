@@ -189,8 +189,7 @@ def test_decontamination_needs_the_same_scorer(tmp_path):
 
 def planted_copies(test_shard: Path, out: Path) -> list[str]:
     """A shard of altered copies of ten test images (a re-encode at JPEG quality 60, a brightened
-    re-encode, the same bytes), captioned; returns their keys. The nearest of the 1,437 training
-    scans to any test scan has a thumbnail cosine of 0.993, every copy above 0.999."""
+    re-encode, the same bytes), captioned; returns their keys."""
     import tarfile
 
     from clipx.data.opener import ShardOpener

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from clipx.apps.caption_cli import add_caption
 from clipx.apps.checkpoint_cli import add_checkpoint_commands, add_precision, add_weights
 from clipx.apps.curate_cli import add_curate
 from clipx.apps.prep_cli import add_prep
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_prep(commands)
     add_curate(commands)
+    add_caption(commands)
     _add_train(commands)
     _add_eval(commands)
     _add_demo(commands)

@@ -39,6 +39,7 @@ from clipx.config_schema import (
     MixMode,
     MoCoConfig,
     ModelConfig,
+    SigLip2Config,
     SSLConfig,
     SwAVConfig,
     TrainConfig,
@@ -47,7 +48,7 @@ from clipx.config_schema import (
 from clipx.errors import ClipxError
 
 __all__ = ["ATTENTION_SETTINGS", "BATCHNORM_MODES", "GATHER_MODES", "LORA_TARGETS", "Config", "DataConfig",
-           "DistillConfig", "EvalConfig", "GatherMode", "LossConfig", "MixMode", "ModelConfig", "MoCoConfig",
+           "DistillConfig", "EvalConfig", "GatherMode", "LossConfig", "MixMode", "ModelConfig", "MoCoConfig", "SigLip2Config",
            "SSLConfig", "SwAVConfig", "TrainConfig", "ViewsConfig", "FLAT_SSL_KEYS", "LEGACY_VALUES", "load_config",
            "config_from_dict", "config_to_dict", "dump_config"]
 

@@ -144,6 +144,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class SigLip2Config:
+    """loss.siglip2 (loss.name: siglip2): SigLIP's sigmoid loss plus the terms SigLIP 2 adds, each
+    off at weight 0. The self-distillation and masked-prediction terms run for the last
+    ``late_fraction`` of the steps, against an EMA teacher initialised from the student when they
+    start; the student's local views are ssl.views (ssl.views.count crops from ssl.views.crop_scale_min)."""
+
+    decoder_weight: float = 1.0  # LocCa: a decoder's next-token cross-entropy on the caption
+    decoder_layers: Optional[int] = None  # the decoder's depth; None: the text tower's
+    silc_weight: float = 1.0  # SILC: local views of the student against the teacher's global view
+    tips_weight: float = 0.25  # TIPS: the student's masked patches against the teacher's patch features
+    late_fraction: float = 0.2  # the share of the run, at its end, that trains the two terms above
+    mask_ratio: float = 0.5  # the share of patches the student sees replaced by a mask token
+    teacher_momentum: float = 0.996  # teacher <- m teacher + (1 - m) student, after every applied step
+    prototypes: int = 1024  # the output width of the self-distillation heads (DINO's prototypes)
+    head_hidden: int = 512  # their hidden width
+    head_bottleneck: int = 128  # their normalised bottleneck width
+    student_temperature: float = 0.1  # the softmax temperature of the student's head outputs
+    teacher_temperature: float = 0.04  # the teacher's, lower: its targets are sharper (DINO)
+    center_momentum: float = 0.9  # the teacher's output centre, an EMA of its batch means over all ranks
+
+
+@dataclass(frozen=True)
 class LossConfig:
     """The method (loss.name picks everything that differs between methods: model, views, loss,
     per-step state) and how its negatives are shared across ranks."""
@@ -155,6 +177,11 @@ class LossConfig:
     # slip: the weight of the image tower's SimCLR term (NT-Xent on two views, at ssl.temperature)
     # added to the CLIP loss; SLIP used 1.0.
     ssl_weight: float = 1.0
+    # coca: the loss is contrastive_weight x CLIP's loss + caption_weight x the decoder's next-token
+    # cross-entropy (open_clip's defaults: 1 and 2).
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0  # coca: the weight of the captioning loss (see contrastive_weight)
+    siglip2: SigLip2Config = field(default_factory=SigLip2Config)
 
 
 @dataclass(frozen=True)

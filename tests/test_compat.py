@@ -44,6 +44,22 @@ def test_open_clips_tower_builders_take_an_architecture_dict_and_give_features()
     assert text(torch.randint(0, 100, (2, 8))).shape == (2, 16)
 
 
+def test_open_clips_coca_decoder_still_has_what_clipx_caption_transformer_reads():
+    from open_clip.coca_model import CoCa
+
+    arch = {**TINY, "text_cfg": {**TINY["text_cfg"], "embed_cls": True, "output_tokens": True},
+            "vision_cfg": {**TINY["vision_cfg"], "output_tokens": True},
+            "multimodal_cfg": {"width": 32, "heads": 2, "layers": 1, "context_length": 8, "vocab_size": 100}}
+    theirs = CoCa(arch["embed_dim"], arch["multimodal_cfg"], arch["text_cfg"], arch["vision_cfg"]).eval()
+    torch.nn.init.normal_(theirs.text_decoder.text_projection)  # open_clip leaves it torch.empty
+    ours = compat_open_clip.build_multimodal_decoder(100, arch["multimodal_cfg"]).eval()
+    assert ours.load_state_dict(theirs.text_decoder.state_dict()) is not None  # the same parameters, same names
+    image, text = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    rows = torch.tensor([[True] * 3 + [False] * 4, [True] * 7])
+    torch.testing.assert_close(ours(image, text), theirs.text_decoder(image, text))
+    torch.testing.assert_close(ours(image, text, rows), theirs.text_decoder(image, text)[rows])
+
+
 # ----------------------------------------------------------------------------------------- accelerate
 
 @pytest.fixture

@@ -433,3 +433,13 @@ def test_the_parse_check_refuses_a_bad_command(tmp_path):
         (command,) = commands(page)
         with pytest.raises((AssertionError, pytest.fail.Exception)):
             check_parses(command)
+
+
+def test_readmes_objectives_table_names_every_registered_method_and_its_paper():
+    from clipx.methods import METHODS
+
+    section = README.read_text().split("## What clipx is")[1].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in section.splitlines() if line.startswith("| `")][1:]  # past the header
+    assert sorted(row[0].strip("`") for row in rows) == sorted(METHODS.list())
+    for name, _, paper in rows:
+        assert re.search(r"et al\. (19|20)\d\d", paper), f"README's objectives table: {name} names no paper"

@@ -199,6 +199,10 @@ def test_across_processes_loss_and_gradients_equal_one_process_on_the_union_batc
         assert grads.keys() == expected["grads"].keys(), case.name
         for name, value in expected["grads"].items():
             _close(grads[name], value, f"{case.name}: {name}")
+        for r in ranks:  # state staged for after_step from every rank's outputs (SigLIP 2's centres)
+            assert r["cases"][case.name]["staged"].keys() == expected["staged"].keys(), case.name
+            for name, value in expected["staged"].items():
+                _close(r["cases"][case.name]["staged"][name], value, f"{case.name}: staged {name} on rank {r['rank']}")
         scale = max(1.0, max(value.abs().max().item() for value in expected["grads"].values()))
         for r in ranks[1:]:  # the other ranks' gradients, as their distance from rank 0's
             difference = r["cases"][case.name]["grads_vs_rank0"].item()

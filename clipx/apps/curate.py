@@ -197,7 +197,7 @@ def _score_shard(scorer, describer, opener: ShardOpener, url: str, job: ScoreJob
 
     rows: dict[str, list] = {name: [] for name in ("shard", "index", "key", "caption", "sha1", "has_image")}
     scores, images, texts, copies = [], [], [], []
-    for batch in _batches(_samples(opener, url), job.batch_size):
+    for batch in batches_of(shard_samples_of(opener, url), job.batch_size):
         image_emb, text_emb = _embed(scorer, batch, job)
         copies += _describe(describer, batch, job) if describer is not None else []
         for (index, sample), image, text in zip(batch, image_emb, text_emb):
@@ -220,7 +220,8 @@ def _score_shard(scorer, describer, opener: ShardOpener, url: str, job: ScoreJob
     return pa.table(columns)
 
 
-def _samples(opener: ShardOpener, url: str) -> Iterator[tuple[int, dict]]:
+def shard_samples_of(opener: ShardOpener, url: str) -> Iterator[tuple[int, dict]]:
+    """The numbered samples of shard ``url``; an unreadable shard is a one-line error."""
     try:
         with opener.open(url) as stream:
             yield from shard_samples(stream, SkipCounter())
@@ -228,7 +229,8 @@ def _samples(opener: ShardOpener, url: str) -> Iterator[tuple[int, dict]]:
         raise ClipxError(f"cannot read shard {url}: {error}") from None
 
 
-def _batches(samples, size: int) -> Iterator[list]:
+def batches_of(samples, size: int) -> Iterator[list]:
+    """``samples`` in lists of ``size`` (the last one shorter)."""
     iterator = iter(samples)
     while batch := list(itertools.islice(iterator, size)):
         yield batch

@@ -37,7 +37,9 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, weights: str = "au
     if config.model.text_tower != "open_clip":
         raise ClipxError("a model with a transformers text tower (model.text_tower=hf) has no open_clip or CLIPModel "
                          "layout to export to; load it with clipx.load")
-    model_cfg = {**config.model.arch, "custom_text": True}
+    # A CoCa's dict has its decoder (multimodal_cfg) and towers that hand out tokens: open_clip then
+    # builds its CoCa class, whose state dict clipx's CoCa model has.
+    model_cfg = {**getattr(model, "open_clip_arch", config.model.arch), "custom_text": True}
     if config.model.init_logit_bias is not None:  # SigLIP: open_clip then builds the logit_bias parameter
         model_cfg["init_logit_bias"] = config.model.init_logit_bias
     preprocess_cfg = {"size": image_size(config.model), "mode": "RGB", "mean": list(config.model.image_mean),

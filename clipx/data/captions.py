@@ -53,16 +53,21 @@ def _lines(raw) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _json_fields(sample: dict) -> dict:
-    """The sample's .json as a dict; empty when it is missing or not a JSON object."""
+def json_object(sample: dict) -> dict | None:
+    """The sample's .json as a dict ({} without one), or None when it is not a JSON object."""
     raw = sample.get("json")
     if raw is None:
         return {}
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _json_fields(sample: dict) -> dict:
+    """The sample's .json as a dict; empty when it is missing or not a JSON object."""
+    return json_object(sample) or {}
 
 
 def _strings(value) -> list[str]:

@@ -22,11 +22,13 @@ from clipx.data.transforms import eval_transform
 from clipx.errors import ClipxError
 from clipx.methods.classify import Classify
 from clipx.methods.clip import CLIP
+from clipx.methods.coca import CoCa
 from clipx.methods.distill import Distilled
 from clipx.methods.image_text import ImageTextMethod
 from clipx.methods.moco import MoCo
 from clipx.methods.objective import Method, Objective
 from clipx.methods.siglip import SigLIP
+from clipx.methods.siglip2 import SigLIP2
 from clipx.methods.simclr import SimCLR
 from clipx.methods.simcse import SimCSE
 from clipx.methods.slip import SLIP
@@ -48,6 +50,8 @@ METHODS.register("slip")(SLIP())
 METHODS.register("classify")(Classify())
 METHODS.register("supcon")(SupCon())
 METHODS.register("simcse")(SimCSE())
+METHODS.register("coca")(CoCa())
+METHODS.register("siglip2")(SigLIP2())
 
 
 def method_of(config) -> Method:

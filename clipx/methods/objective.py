@@ -118,6 +118,12 @@ class Method:
     # Whether its training images can be decoded on the device (data.decode: device): one crop of
     # each image, made by clipx.data.crops.TrainImage and collated by clipx.data.batch.collate_images.
     decodes_on_device: bool = False
+    # Whether its model reads the patch tokens of an open_clip ViT (a text decoder, masked patches:
+    # CoCa, SigLIP 2): ModifiedResNets and torchvision encoders cannot serve it.
+    needs_patch_tokens: bool = False
+    # Whether it trains with FLIP's patch dropout (model.patch_dropout) as configured by default
+    # (SigLIP 2's masked prediction must know which patches its student saw).
+    takes_patch_dropout: bool = True
     # Whether ``prepare`` reads the weights' values (classification's zero-shot head): such a method
     # cannot be prepared on the meta device, so a sharded run builds its whole model on every rank.
     prepare_reads_weights: bool = False

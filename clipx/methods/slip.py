@@ -11,19 +11,17 @@ from __future__ import annotations
 import torch
 
 from clipx.config import GATHER_MODES
-from clipx.config_rules import parse_randaugment
 from clipx.data.batch import IMAGE, VIEWS, ImageTextViewsBatch
 from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer
 from clipx.errors import ClipxError
 from clipx.losses import ClipLoss, NTXentLoss
 from clipx.methods.image_text import ContrastiveObjective, ImageTextMethod, texts
-from clipx.methods.views import ViewsMethod
-from clipx.models import create_model, image_size
+from clipx.methods.views import ViewsMethod, captioned_image_and_views
+from clipx.models import create_model
 from clipx.precision import upcast
 from clipx.ssl.batchnorm import split_batchnorm_
 from clipx.ssl.encoder import projection_head
-from clipx.ssl.views import ssl_views
 
 
 class SlipObjective(ContrastiveObjective):
@@ -48,16 +46,6 @@ class SlipObjective(ContrastiveObjective):
         return {**out, "loss": clip + self.ssl_weight * ssl}
 
 
-class ImageAndViews:
-    """PIL image -> [the captioned image's transform of it, then the SSL views of it]."""
-
-    def __init__(self, image_transform, views):
-        self.image_transform, self.views = image_transform, views
-
-    def __call__(self, image) -> list[torch.Tensor]:
-        return [self.image_transform(image), *self.views(image)]
-
-
 class SLIP(ImageTextMethod):
     gather_modes = GATHER_MODES  # CLIP's and NT-Xent's negatives gathered alike
     hard_negatives = True
@@ -78,10 +66,7 @@ class SLIP(ImageTextMethod):
         return split_batchnorm_(create_model(config.model, image_head=head), config.ssl.bn_splits)
 
     def train_transform(self, config):
-        m = config.model
-        views = ssl_views(config.ssl.views, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min,
-                          parse_randaugment(config.data.randaugment))
-        return ImageAndViews(super().train_transform(config), views)
+        return captioned_image_and_views(config, super().train_transform(config))
 
     def collate(self, config):
         return ImageTextViewsBatch(Tokenizer(config.model, config.data.trim_padding), caption_chooser(config.data, config.eval))

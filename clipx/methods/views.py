@@ -41,3 +41,22 @@ class ViewsMethod(Method):
 
     def collate(self, config):
         return ViewsBatch()
+
+
+class ImageAndViews:
+    """PIL image -> [the captioned image's transform of it, then the SSL views of it]."""
+
+    def __init__(self, image_transform, views):
+        self.image_transform, self.views = image_transform, views
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [self.image_transform(image), *self.views(image)]
+
+
+def captioned_image_and_views(config, image_transform) -> ImageAndViews:
+    """The transform of the image-text methods that also train on SSL views of the image (SLIP's
+    NT-Xent, SigLIP 2's local views): ``image_transform`` (the captioned image's), then ssl.views."""
+    m = config.model
+    views = ssl_views(config.ssl.views, image_size(m), m.image_mean, m.image_std, config.data.crop_scale_min,
+                      parse_randaugment(config.data.randaugment))
+    return ImageAndViews(image_transform, views)

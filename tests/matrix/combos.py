@@ -117,13 +117,15 @@ class Tower:
     cpu_fp16: bool = True
     locked_prefixes: tuple[str, ...] = ()  # state-dict prefixes that must stay bitwise unchanged
     text_only: bool = False  # also a text-only model's tower (its image side is no different from "vit")
+    patch_tokens: bool = False  # an open_clip ViT and text transformer: serves the decoders' methods (CoCa, SigLIP 2)
 
 
 TOWERS = {
-    "vit": Tower(TINY_VIT),
+    "vit": Tower(TINY_VIT, patch_tokens=True),
     "modified_resnet": Tower(TINY_RESNET),
     "torchvision_resnet18": Tower(TINY_VIT, {"ssl.encoder": "resnet18"}, views_only=True, cpu_fp16=False),
-    "vit_locked": Tower(TINY_VIT, {"model.lock_image": True}, image_text_only=True, locked_prefixes=("visual.",)),
+    "vit_locked": Tower(TINY_VIT, {"model.lock_image": True}, image_text_only=True, locked_prefixes=("visual.",),
+                        patch_tokens=True),
     "modified_resnet_locked": Tower(TINY_RESNET, {"model.lock_image": True}, image_text_only=True,
                                     locked_prefixes=("visual.",)),
     "minilm_locked": Tower(TINY_VIT, {"model.text_tower": "hf", "model.lock_text": True}, needs_minilm=True,
@@ -220,6 +222,8 @@ def recipe_applies(recipe: str, objective: str) -> bool:
         return method.text_only
     if recipe in DEVICE_DECODE_RECIPES:
         return method.decodes_on_device and not method.text_only
+    if recipe == "patch_dropout":
+        return method.takes_patch_dropout and not method.text_only
     if recipe in IMAGE_RECIPES:
         return not method.text_only
     if recipe in CAPTION_RECIPES:
@@ -229,6 +233,8 @@ def recipe_applies(recipe: str, objective: str) -> bool:
 
 def _serves(tower: str, objective: str) -> bool:
     t, text_tower = TOWERS[tower], has_text_tower(objective)
+    if METHODS.get(objective).needs_patch_tokens and not t.patch_tokens:
+        return False
     if is_text_only(objective):
         return t.text_only
     return not (t.image_text_only and not text_tower) and not (t.views_only and text_tower)

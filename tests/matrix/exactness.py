@@ -28,6 +28,15 @@ import torch
 from clipx.methods import METHODS
 from tests.matrix.combos import TINY_VIT, flavours, has_text_tower, is_image_text
 
+# The decoders' methods (CoCa, SigLIP 2) run on the matrix's tiny ViT with a vocabulary of 512 tokens
+# (the cases' random ids are below 400): their decoder projections and embedding tables of 49,408
+# tokens would hold gigabytes of float64 gradients over the cases on every rank. (Classifiers keep
+# the whole vocabulary: their zero-shot head is built from tokenized prompts.)
+SMALL_VOCABULARY = {**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "vocab_size": 512}}
+
+
+def small_vocabulary(arch_path: Path) -> Path:
+    return arch_path.with_name("arch-512-tokens.json")
 GLOBAL = 12  # samples in the union batch: divisible by 1, 2, 3 and 4 ranks, and by 2 micro-batches of each
 
 
@@ -65,6 +74,13 @@ def cases() -> list[Case]:
     return out
 
 
+# SigLIP 2's self-distillation terms from the first step (the cases run no step before), with small heads.
+SIGLIP2_LATE = {"loss.siglip2.late_fraction": 1.0, "loss.siglip2.prototypes": 16, "loss.siglip2.head_hidden": 32,
+                "loss.siglip2.head_bottleneck": 8}
+# What a step stages for after_step that every rank must compute alike, as one process on the union
+# batch would: the teacher's centres, means over every rank's outputs.
+GLOBAL_STAGED = ("silc_centre", "tips_centre")
+
 # Embedded teacher embeddings come with the batch; their logit scale would come from teacher.json.
 DISTILL = {"distill.embedded": True, "distill.teacher_logit_scale": 7.0, "distill.weight": 0.5}
 TEACHER_DIM = 24  # unlike the students' 32: the loss must not need them alike
@@ -76,10 +92,12 @@ def build(case: Case, world: int, arch_path: Path):
     from clipx.methods import build_model, method_of
 
     per_micro = GLOBAL // world // case.micro_batches
+    if METHODS.get(case.objective).needs_patch_tokens:
+        arch_path = small_vocabulary(arch_path)
     values = {"model.name": str(arch_path), "loss.name": case.objective, "train.batch_size": per_micro,
               "train.accum_steps": case.micro_batches, "ssl.head_hidden": 32, "ssl.head_out": 16,
               "ssl.moco.predictor_hidden": 32, "ssl.moco.queue_size": 2 * GLOBAL, "ssl.swav.queue_size": 2 * GLOBAL,
-              "ssl.swav.prototypes": 16, **case.overrides}
+              "ssl.swav.prototypes": 16, **SIGLIP2_LATE, **case.overrides}
     config = load_config(None, [f"{k}={v}" for k, v in values.items()])
     torch.manual_seed(0)
     # As a run prepares it (a classifier's zero-shot head and frozen text tower: DDP must not wait for
@@ -113,6 +131,17 @@ def global_batch(case: Case) -> dict:
     # spread over every rank's rows, and every fourth sample without a label (-1, instance positives).
     labels = torch.randint(0, 3, (GLOBAL,), generator=generator).masked_fill(torch.arange(GLOBAL) % 4 == 1, -1)
     return {"views": views, "label": labels}
+
+
+class FixedMasker:
+    """A patch masker whose masks are the same however the union batch is split: each image masks
+    the half of its patches with the largest mean pixel value (a run draws them at random:
+    clipx/methods/siglip2.py:PatchMasker)."""
+
+    def __call__(self, images: torch.Tensor, patches: int) -> torch.Tensor:
+        side = int(patches ** 0.5)
+        means = torch.nn.functional.adaptive_avg_pool2d(images.mean(dim=1), side).flatten(1)
+        return means.argsort(dim=1).argsort(dim=1) >= patches // 2
 
 
 class FixedMix:
@@ -161,6 +190,9 @@ def _step_gradients(case: Case, accelerator, world: int, rank: int, arch_path: P
     objective = build_objective(model, config)
     if case.mix:
         objective.mixer = FixedMix(case.mix_blocks)
+    inner = getattr(objective, "student", objective)  # the method's own objective inside distillation's
+    if hasattr(inner, "masker"):
+        inner.masker = FixedMasker()
     per_rank = GLOBAL // world
     mine = rows(global_batch(case), slice(rank * per_rank, (rank + 1) * per_rank))
     size = per_rank // case.micro_batches
@@ -168,7 +200,8 @@ def _step_gradients(case: Case, accelerator, world: int, rank: int, arch_path: P
     out = micro_batch_gradients(accelerator or _NoAccelerator(), model, objective, micro, "features")
     bare = getattr(model, "module", model)
     return {"loss": out["loss"].detach(),
-            "grads": {n: p.grad.detach().clone() for n, p in bare.named_parameters() if p.grad is not None}}
+            "grads": {n: p.grad.detach().clone() for n, p in bare.named_parameters() if p.grad is not None},
+            "staged": {name: objective.staged(name)[-1] for name in GLOBAL_STAGED if objective.staged(name)}}
 
 
 class _NoAccelerator:
@@ -198,7 +231,8 @@ def reference(case: Case, world: int, arch_path: Path) -> dict:
                             arch_path)
              for r in range(world)]
     return {"loss": sum(p["loss"] for p in parts) / world,
-            "grads": {n: sum(p["grads"][n] for p in parts) / world for n in parts[0]["grads"]}}
+            "grads": {n: sum(p["grads"][n] for p in parts) / world for n in parts[0]["grads"]},
+            "staged": {n: sum(p["staged"][n] for p in parts) / world for n in parts[0]["staged"]}}
 
 
 def _compare_with_rank_zero(result: dict, rank: int) -> None:
@@ -231,10 +265,12 @@ def main() -> None:
     arch_path = out / "arch.json"
     if rank == 0:
         arch_path.write_text(json.dumps(TINY_VIT))
+        small_vocabulary(arch_path).write_text(json.dumps(SMALL_VOCABULARY))
     dist.barrier()
-    results = {case.name: step_gradients(case, accelerator, world, rank, arch_path) for case in cases()}
-    for result in results.values():
-        _compare_with_rank_zero(result, rank)
+    results = {}
+    for case in cases():  # compared at once: the other ranks keep one number per case, not its gradients
+        results[case.name] = step_gradients(case, accelerator, world, rank, arch_path)
+        _compare_with_rank_zero(results[case.name], rank)
     torch.save({"cases": results, "rank": rank, "world_size": world}, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -3,7 +3,7 @@
     .venv/bin/python bench/siglip2_ablation.py [--steps 600] [--seeds 0 1] [--datasets digits photos]
     .venv/bin/python bench/siglip2_ablation.py --markdown runs/bench/siglip2_ablation.json
 
-Every run is configs/siglip-digits.yaml (the demo's tiny ViT, batch 128) in bf16, on scikit-learn's
+Every run is configs/siglip-digits.yaml (the demo's tiny ViT; batch 128, or --batch-size) in bf16, on scikit-learn's
 digits (`clipx prep digits`) or the photographs shipped with scikit-image and scikit-learn
 (`clipx prep photos`), evaluated zero-shot on the held-out split at its last step:
 
@@ -52,7 +52,7 @@ def dataset(name: str, work: Path) -> Path:
     return folder
 
 
-def train_run(name: str, data: Path, out: Path, steps: int, seed: int, overrides: list[str]) -> dict:
+def train_run(name: str, data: Path, out: Path, steps: int, seed: int, overrides: list[str], batch: int) -> dict:
     from clipx.apps.run_hooks import run_hooks
     from clipx.config import load_config
     from clipx.methods.siglip2 import late_start
@@ -60,7 +60,8 @@ def train_run(name: str, data: Path, out: Path, steps: int, seed: int, overrides
 
     values = [f"data.train={data / 'train'}", f"data.val={data / 'test'}", f"train.output_dir={out}",
               f"train.steps={steps}", f"train.seed={seed}", f"eval.every={steps}", f"train.checkpoint_every={steps}",
-              f"eval.templates={name}", "train.plots=false", "train.precision=bf16", *overrides]
+              f"eval.templates={name}", "train.plots=false", "train.precision=bf16", f"train.batch_size={batch}",
+              *overrides]
     config = load_config(CONFIG, values)
     summary = train(config, hooks=run_hooks())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -82,16 +83,17 @@ def measure(args) -> dict:
     for name in args.datasets:
         data = dataset(name, work)
         results[name] = {variant: {seed: train_run(name, data, work / name / f"{variant.replace(' ', '-')}-{seed}",
-                                                   args.steps, seed, overrides)
+                                                   args.steps, seed, overrides, args.batch_size)
                                    for seed in args.seeds}
                          for variant, overrides in VARIANTS.items()}
     return {"command": "bench/siglip2_ablation.py " + " ".join(sys.argv[1:]), "steps": args.steps,
-            "seeds": args.seeds, "datasets": results}
+            "batch_size": args.batch_size, "seeds": args.seeds, "datasets": results}
 
 
 def markdown(results: dict) -> str:
     names = list(results["datasets"])
-    lines = [f"`{results['command']}`: {results['steps']} steps of 128 pairs in bf16, seeds {results['seeds']}; "
+    lines = [f"`{results['command']}`: {results['steps']} steps of {results['batch_size']} pairs in bf16, seeds "
+             f"{results['seeds']}; "
              "zero-shot top-1 on the held-out split (mean, then each seed), and seconds per step (median over "
              "the runs' logged rates) before the switch and in the last 20% of the steps, where SILC and TIPS "
              "run.", "",
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--datasets", nargs="+", default=["digits", "photos"])
+    parser.add_argument("--batch-size", type=int, default=128)
     add_report_arguments(parser, "siglip2_ablation")
     args = parser.parse_args()
     run_or_render(args, lambda: measure(args), markdown)

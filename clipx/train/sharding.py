@@ -118,12 +118,20 @@ def is_sharded(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def gradient_sync_off(model: nn.Module):
     """Context: a sharded model accumulates gradients locally (no reduce-scatter) until the last
-    micro-batch, FSDP's counterpart of DDP's ``no_sync``."""
-    model.set_requires_gradient_sync(False)
+    micro-batch, FSDP's counterpart of DDP's ``no_sync``.
+
+    Units with nothing to train (a frozen tower, SigLIP 2's EMA teacher) are left syncing: they
+    reduce no gradient anyway, and torch 2.14's post-backward, with the sync off, reads the gathered
+    parameter of every unit, which a unit that has not run a forward yet (the teacher before its
+    terms start) does not have."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and any(p.requires_grad for p in m.parameters())]
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)
 
 
 def use_sharded_scaler(accelerator, init_scale: float) -> None:

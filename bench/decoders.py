@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.harness import add_report_arguments, run_or_render  # noqa: E402
+from bench.harness import add_report_arguments, finished, run_or_render  # noqa: E402
 
 DEMO = REPO / "configs" / "demo-digits.yaml"
 KEY = "synthetic_caption"
@@ -53,7 +53,7 @@ def train_run(data: Path, out: Path, steps: int, seed: int, *overrides: str) -> 
     values = [f"data.train={data / 'train'}", f"data.val={data / 'test'}", f"train.output_dir={out}",
               f"train.steps={steps}", f"train.seed={seed}", f"eval.every={steps}", f"train.checkpoint_every={steps}",
               "train.plots=false", "train.precision=bf16", *overrides]
-    summary = train(load_config(DEMO, values), hooks=run_hooks())
+    summary = finished(out, steps) or train(load_config(DEMO, values), hooks=run_hooks())
     return {"zero_shot_top1": summary["eval"]["zero_shot"]["top1"], "checkpoint": str(summary["checkpoint"]),
             "step_seconds": median_step_seconds(out)}
 

@@ -31,6 +31,16 @@ def run_or_render(args, measure: Callable[[], dict], markdown: Callable[[dict], 
     print(markdown(results))
 
 
+def finished(run: Path, steps: int) -> dict | None:
+    """The summary of a training run already finished in ``run`` at ``steps`` steps (a rerun of a
+    benchmark reuses it rather than train it again), or None."""
+    path = run / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("steps") == steps and "eval" in summary else None
+
+
 def digits_shards(work: Path) -> str:
     """The digits' training shards under ``work`` (written once): real shards for ``build_trainer``,
     which checks that data exists, where the timed steps themselves use a synthetic batch."""

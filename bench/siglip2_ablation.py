@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.harness import add_report_arguments, run_or_render  # noqa: E402
+from bench.harness import add_report_arguments, finished, run_or_render  # noqa: E402
 
 CONFIG = REPO / "configs" / "siglip-digits.yaml"
 SIGLIP2 = ["loss.name=siglip2", "ssl.views.crop_scale_min=0.2", "ssl.views.flip_prob=0"]
@@ -63,7 +63,7 @@ def train_run(name: str, data: Path, out: Path, steps: int, seed: int, overrides
               f"eval.templates={name}", "train.plots=false", "train.precision=bf16", f"train.batch_size={batch}",
               *overrides]
     config = load_config(CONFIG, values)
-    summary = train(config, hooks=run_hooks())
+    summary = finished(out, steps) or train(config, hooks=run_hooks())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [row for row in rows if row.get("kind") == "train" and row.get("samples_per_second")]
     start = late_start(steps, config.loss.siglip2.late_fraction)

@@ -189,8 +189,8 @@ def _caption_shard(captioner: Captioner, tokenizer, opener: ShardOpener, url: st
     name = shard_name(url)
 
     def samples() -> Iterator[dict]:
-        samples = (sample for _, sample in shard_samples_of(opener, url))
-        for index, batch in enumerate(batches_of(samples, job.batch_size)):
+        read = (sample for _, sample in shard_samples_of(opener, url))
+        for index, batch in enumerate(batches_of(read, job.batch_size)):
             generator = torch.Generator().manual_seed(batch_seed(job.seed, name, index)) \
                 if job.method == "sample" else None
             for sample, caption in zip(batch, caption_batch(captioner, tokenizer, batch, job, generator, counts)):

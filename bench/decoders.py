@@ -128,7 +128,7 @@ def markdown(results: dict) -> str:
     ratio = (sum(top1["recaptioned"]) / len(top1["recaptioned"])) / (sum(top1["clip"]) / len(top1["clip"]))
     lines = [f"`{results['command']}`: {results['steps']} steps of 128 pairs in bf16, seeds {results['seeds']}; "
              "zero-shot top-1 on the 360 held-out digits (mean, then each seed).", "",
-             "| run | zero-shot top-1 | s per step |", "|---|---:|---:|",
+             "| run | zero-shot top-1 | s per step (median of the run's logged rates) |", "|---|---:|---:|",
              f"| CLIP | {_mean(top1['clip'])} | {step['clip']:.3f} |",
              f"| CoCa (contrastive half) | {_mean(top1['coca'])} | {step['coca']:.3f} |",
              f"| CLIP on CoCa's captions alone (recaptioned) | {_mean(top1['recaptioned'])} | |", "",

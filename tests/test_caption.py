@@ -196,3 +196,24 @@ def test_training_reads_the_new_caption_key(made):
     assert CaptionChooser({KEY: 1.0})(sample, 0) == generated
     mixed = CaptionChooser({"txt": 0.5, KEY: 0.5})
     assert {mixed(sample, seed) for seed in range(20)} == {generated, sample["txt"].decode().strip()}
+
+
+@pytest.mark.parametrize("method", ["coca", "siglip2"])
+def test_an_export_loads_in_open_clip_and_embeds_as_clipx_does(made, tmp_path, method):
+    """CoCa exports as open_clip's CoCa (decoder included), SigLIP 2 as a SigLIP (decoder, heads and
+    teacher left out): open_clip's model embeds images and texts as clipx's does."""
+    import open_clip
+
+    from clipx.api import load_model
+    from clipx.apps.export import export_open_clip
+
+    extra = ["model.init_logit_bias=-10"] if method == "siglip2" else []
+    checkpoint = write_random(tmp_path / method, made["arch"], f"loss.name={method}", *extra)
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export_open_clip(checkpoint, tmp_path / 'oc')}")
+    ours, _ = load_model(checkpoint)
+    images, tokens = torch.randn(3, 3, 32, 32), torch.randint(1, 400, (3, 16))
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode_image(images, normalize=True), ours.encode_image(images))
+        torch.testing.assert_close(theirs.encode_text(tokens, normalize=True), ours.encode_text(tokens))
+    assert (type(theirs).__name__ == "CoCa") == (method == "coca")

@@ -55,9 +55,9 @@ def test_open_clips_coca_decoder_still_has_what_clipx_caption_transformer_reads(
     ours = compat_open_clip.build_multimodal_decoder(100, arch["multimodal_cfg"]).eval()
     assert ours.load_state_dict(theirs.text_decoder.state_dict()) is not None  # the same parameters, same names
     image, text = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
-    rows = torch.tensor([[True] * 3 + [False] * 4, [True] * 7])
+    positions = torch.tensor([0, 1, 2, 7, 8, 13])  # flat indices into the 2 x 7 positions
     torch.testing.assert_close(ours(image, text), theirs.text_decoder(image, text))
-    torch.testing.assert_close(ours(image, text, rows), theirs.text_decoder(image, text)[rows])
+    torch.testing.assert_close(ours(image, text, positions), theirs.text_decoder(image, text).flatten(0, 1)[positions])
 
 
 # ----------------------------------------------------------------------------------------- accelerate

@@ -34,15 +34,15 @@ def caption_transformer_class() -> type:
     ``text_projection`` to the vocabulary), subclassed so its forward can project chosen rows only.
 
     The caption loss ignores padding, and at a small width the (B, L, vocabulary) logits cost more
-    than the whole decoder: projecting only the rows with a label is the same loss at a fraction
-    of the time. The state dict is the parent's, so open_clip loads an exported decoder."""
+    than the whole decoder: projecting only the positions with a label is the same loss at a
+    fraction of the time. The state dict is the parent's, so open_clip loads an exported decoder."""
     from open_clip.transformer import MultimodalTransformer
     from torch.utils.checkpoint import checkpoint
 
     class CaptionTransformer(MultimodalTransformer):
-        def forward(self, image_embs, text_embs, rows=None):
-            """(image tokens (B, N, W), text tokens (B, L, W)[, rows (B, L) bool]) -> logits (B, L, V),
-            or (rows.sum(), V) for the chosen rows."""
+        def forward(self, image_embs, text_embs, positions=None):
+            """(image tokens (B, N, W), text tokens (B, L, W)[, positions (n,) flat indices into the
+            B x L positions]) -> logits (B, L, V), or (n, V) at those positions."""
             mask = self.attn_mask[: text_embs.shape[1], : text_embs.shape[1]]
             for block, cross in zip(self.resblocks, self.cross_attn):
                 if self.grad_checkpointing:
@@ -52,7 +52,7 @@ def caption_transformer_class() -> type:
                     text_embs = block(text_embs, attn_mask=mask)
                     text_embs = cross(text_embs, k_x=image_embs, v_x=image_embs)
             out = self.ln_final(text_embs)
-            return (out if rows is None else out[rows]) @ self.text_projection
+            return (out if positions is None else out.flatten(0, 1)[positions]) @ self.text_projection
 
     return CaptionTransformer
 

@@ -24,6 +24,10 @@ POSITIVE_TEXT = "positive_text"  # (B, L) token ids of each sample's paired text
 # Distillation (clipx/methods/distill.py): the teacher's own inputs, or its stored embeddings.
 TEACHER_IMAGE = "teacher_image"  # (B, 3, H', W') the image through the teacher's transform
 TEACHER_TEXT = "teacher_text"  # (B, L') the caption through the teacher's tokenizer
+# (n,) int64: the flat indices into text[:, 1:] of the tokens a text decoder predicts (padding left
+# out), made on the host with the batch, so that picking them on the device waits for nothing.
+CAPTION_POSITIONS = "caption_positions"
+PAD = 0  # the token id of padding (open_clip's tokenizer): no caption token
 TEACHER_EMBEDDING = "teacher_embedding"  # (B, 2, Dt) float: the teacher's image and text embeddings
 # data.decode: device: the batch's JPEGs still encoded, {"data": [n bytes], "boxes": [n crop boxes
 # (left, top, right, bottom)], "rows": [n batch rows]}; IMAGE then holds the other B - n rows, and
@@ -137,6 +141,37 @@ class ImageTextViewsBatch(ImageTextBatch):
         batch = super().__call__([{**s, "image": s["image"][0]} for s in samples])
         views = len(samples[0]["image"]) - 1
         return {**batch, VIEWS: [torch.stack([s["image"][1 + v] for s in samples]) for v in range(views)]}
+
+
+def caption_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) token ids -> the flat indices into tokens[:, 1:] of those that are not padding: the
+    positions whose next token a decoder predicts (CAPTION_POSITIONS)."""
+    return (tokens[:, 1:] != PAD).flatten().nonzero().squeeze(1)
+
+
+def caption_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch's CAPTION_POSITIONS, the token at each): what a decoder predicts. A batch made
+    without them (by hand, in tests) has them computed here, which on a GPU waits for the device."""
+    positions = batch.get(CAPTION_POSITIONS)
+    if positions is None:
+        positions = caption_positions(batch[TEXT])
+    return positions, batch[TEXT][:, 1:].flatten()[positions]
+
+
+class ImageCaptionBatch(ImageTextBatch):
+    """An image-text batch plus CAPTION_POSITIONS, for methods with a text decoder (CoCa)."""
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = super().__call__(samples)
+        return {**batch, CAPTION_POSITIONS: caption_positions(batch[TEXT])}
+
+
+class ImageCaptionViewsBatch(ImageTextViewsBatch):
+    """An image-text batch with views plus CAPTION_POSITIONS (SigLIP 2: local views and a decoder)."""
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = super().__call__(samples)
+        return {**batch, CAPTION_POSITIONS: caption_positions(batch[TEXT])}
 
 
 class LabelledImageBatch:

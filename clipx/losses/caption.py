@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from clipx import dist
+from clipx.data.batch import PAD
 from clipx.precision import upcast
 
-PAD = 0  # open_clip's padding token id: no label
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = PAD, gather: bool = True) -> torch.Tensor:
     """logits (..., V) of tokens ``labels`` (...) -> the mean cross-entropy per non-pad token (the

@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 
 from clipx.config import GATHER_MODES
-from clipx.data.batch import IMAGE, TEXT
+from clipx.data.batch import IMAGE, TEXT, ImageCaptionBatch, caption_targets
+from clipx.data.captions import caption_chooser
+from clipx.data.tokenizer import Tokenizer
 from clipx.errors import ClipxError
 from clipx.losses import ClipLoss
-from clipx.losses.caption import PAD, caption_loss
+from clipx.losses.caption import caption_loss
 from clipx.methods.image_text import ContrastiveObjective, ImageTextMethod
 from clipx.models.factory import create_coca
 
@@ -34,9 +36,9 @@ class CaptioningObjective(ContrastiveObjective):
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         # Only the positions with a label (not padding) are projected to the vocabulary: the same
         # loss, at a fraction of the cost when captions are short (logits (n, V), labels (n,)).
-        labels = batch[TEXT][:, 1:]
-        *outputs, logits = self.model(batch[IMAGE], batch[TEXT], labels != PAD)
-        return {**self.named(batch, *outputs), "caption_logits": logits, "caption_labels": labels[labels != PAD]}
+        positions, labels = caption_targets(batch)
+        *outputs, logits = self.model(batch[IMAGE], batch[TEXT], positions)
+        return {**self.named(batch, *outputs), "caption_logits": logits, "caption_labels": labels}
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
         out = super().loss_from_features(features)
@@ -59,6 +61,9 @@ class CoCa(ImageTextMethod):
 
     def build_model(self, config) -> torch.nn.Module:
         return create_coca(config.model)
+
+    def collate(self, config):
+        return ImageCaptionBatch(Tokenizer(config.model, config.data.trim_padding), caption_chooser(config.data, config.eval))
 
     def objective(self, model, config):
         return CaptioningObjective(model, ClipLoss(config.loss.gather), config.loss.caption_weight,

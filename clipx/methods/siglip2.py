@@ -23,13 +23,13 @@ import math
 
 import torch
 
-from clipx.data.batch import IMAGE, TEXT, VIEWS, ImageTextViewsBatch
+from clipx.data.batch import IMAGE, TEXT, VIEWS, ImageCaptionViewsBatch, caption_targets
 from clipx.data.captions import caption_chooser
 from clipx.data.tokenizer import Tokenizer
 from clipx.dist import unwrap
 from clipx.errors import ClipxError
 from clipx.losses import SigLipLoss
-from clipx.losses.caption import PAD, caption_loss
+from clipx.losses.caption import caption_loss
 from clipx.losses.self_distillation import masked_patch_distillation, next_centre, teacher_targets, view_distillation
 from clipx.losses.siglip import SIGLIP_GATHER_MODES
 from clipx.methods.image_text import ContrastiveObjective, ImageTextMethod
@@ -87,11 +87,11 @@ class SigLip2Objective(ContrastiveObjective):
         mask = None
         if late and model.tips_head is not None:
             mask = self.masker(batch[IMAGE], math.prod(model.visual.grid_size))
-        image, text, scale, bias, extra = self.model(batch[IMAGE], batch[TEXT], views, mask)
+        positions, labels = caption_targets(batch)
+        image, text, scale, bias, extra = self.model(batch[IMAGE], batch[TEXT], views, mask, positions)
         out = {**self.named(batch, image, text, scale, bias), **{k: extra[k] for k in ("unused",) if k in extra}}
         if "caption_logits" in extra:
-            labels = batch[TEXT][:, 1:]
-            out.update(caption_logits=extra["caption_logits"], caption_labels=labels[labels != PAD])
+            out.update(caption_logits=extra["caption_logits"], caption_labels=labels)
         if "student_silc" in extra:  # (V*B, K) -> (B, V, K): batch-first, as micro-batches concatenate
             student = extra["student_silc"]
             out["student_silc"] = student.view(-1, len(image), student.shape[-1]).transpose(0, 1)
@@ -198,8 +198,8 @@ class SigLIP2(ImageTextMethod):
         return captioned_image_and_views(config, super().train_transform(config))
 
     def collate(self, config):
-        return ImageTextViewsBatch(Tokenizer(config.model, config.data.trim_padding),
-                                   caption_chooser(config.data, config.eval))
+        return ImageCaptionViewsBatch(Tokenizer(config.model, config.data.trim_padding),
+                                      caption_chooser(config.data, config.eval))
 
     def objective(self, model, config):
         return SigLip2Objective(model, SigLipLoss(config.loss.gather), config.loss.siglip2, config.train.steps)

@@ -83,12 +83,13 @@ class CoCaModel(DualEncoder):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(tokens)[0], dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None):
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None):
         """DualEncoder's four outputs, then the decoder's logits (B, L - 1, V) of tokens[:, 1:] given
-        the tokens before each (teacher forcing); with ``rows`` (B, L - 1) bool, only those rows' (n, V)."""
+        the tokens before each (teacher forcing); with ``positions`` (n,) (flat indices into
+        tokens[:, 1:], clipx.data.batch.caption_positions), only theirs (n, V)."""
         image_latent, image_tokens = self.visual(images)
         text_latent, token_outputs = self.text(tokens)
-        logits = self.text_decoder(image_tokens, token_outputs[:, :-1], rows)
+        logits = self.text_decoder(image_tokens, token_outputs[:, :-1], positions)
         bias = self.logit_bias.reshape(()) if self.logit_bias is not None else None
         return F.normalize(image_latent, dim=-1), F.normalize(text_latent, dim=-1), self.scale(), bias, logits
 
@@ -129,11 +130,11 @@ class CaptionDecoder(nn.Module):
         self.transformer.set_grad_checkpointing(enable)
 
     def forward(self, image_tokens: torch.Tensor, tokens: torch.Tensor,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(image tokens (B, N, Wv), token ids (B, L)) -> logits (B, L, V) of each next token, or
-        with ``rows`` (B, L) bool only those rows' (n, V)."""
+        with ``positions`` (n,) (flat indices into the B x L positions) only theirs (n, V)."""
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        return self.transformer(self.image_projection(image_tokens), x, rows)
+        return self.transformer(self.image_projection(image_tokens), x, positions)
 
 
 def locca_cfg(arch: dict, layers: Optional[int] = None) -> dict:

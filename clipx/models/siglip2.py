@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipx.losses.caption import PAD
 from clipx.models.decoders import CaptionDecoder
 from clipx.models.dual_encoder import DualEncoder
 
@@ -103,9 +102,9 @@ class SigLip2Model(DualEncoder):
         return [getattr(self, n) for n in names], [getattr(self.teacher, n) for n in names]
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, local_views: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None):
+                mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
         """SigLIP's four outputs, then a dict of what the extra terms read: ``caption_logits``
-        (n, V) of the n tokens of tokens[:, 1:] that are not padding; with ``local_views`` (V*B, 3, H, W), ``student_silc`` (V*B, K);
+        (B, L - 1, V) of tokens[:, 1:], or (n, V) at ``positions`` (clipx.data.batch.caption_positions); with ``local_views`` (V*B, 3, H, W), ``student_silc`` (V*B, K);
         with ``mask`` (B, N), ``student_tips`` (B, N, K) of the masked image; with either, the
         teacher's outputs on the whole image. Heads the call leaves unused are touched at weight 0
         (``unused``, a 0 to add to the loss), so DDP finds a gradient (zero) for every parameter at
@@ -114,8 +113,8 @@ class SigLip2Model(DualEncoder):
         image, text, scale, bias = F.normalize(latent, dim=-1), F.normalize(self.text(tokens), dim=-1), \
             self.scale(), self.logit_bias.reshape(())
         extra: dict[str, torch.Tensor] = {}
-        if self.decoder is not None:  # the logits of the labelled positions only (n, V)
-            extra["caption_logits"] = self.decoder(patch_tokens, tokens[:, :-1], tokens[:, 1:] != PAD)
+        if self.decoder is not None:
+            extra["caption_logits"] = self.decoder(patch_tokens, tokens[:, :-1], positions)
         unused: list[torch.Tensor] = []
         if self.silc_head is not None:
             if local_views is not None:

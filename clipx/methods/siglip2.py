@@ -89,7 +89,9 @@ class SigLip2Objective(ContrastiveObjective):
             mask = self.masker(batch[IMAGE], math.prod(model.visual.grid_size))
         positions, labels = caption_targets(batch)
         image, text, scale, bias, extra = self.model(batch[IMAGE], batch[TEXT], views, mask, positions)
-        out = {**self.named(batch, image, text, scale, bias), **{k: extra[k] for k in ("unused",) if k in extra}}
+        out = self.named(batch, image, text, scale, bias)
+        if "unused" in extra:
+            out["unused"] = extra["unused"]
         if "caption_logits" in extra:
             out.update(caption_logits=extra["caption_logits"], caption_labels=labels)
         if "student_silc" in extra:  # (V*B, K) -> (B, V, K): batch-first, as micro-batches concatenate
@@ -106,6 +108,7 @@ class SigLip2Objective(ContrastiveObjective):
         return {**self.features(batch), **{n: cached[n] for n in TEACHER_OUTPUTS if n in cached}}
 
     def loss_from_features(self, features: dict[str, torch.Tensor]) -> dict:
+        """The sum of the weighted terms; each weighted term is also a metric (``<term>_loss``)."""
         out = super().loss_from_features(features)
         terms, metrics = self.terms, out["metrics"]
         parts = {"sigmoid": out["loss"]}

@@ -92,8 +92,11 @@ def _check_distill(config) -> None:
     if d.teacher is not None and d.embedded:
         raise ClipxError("distill.teacher (run the teacher online) and distill.embedded (read its embeddings from "
                          "the shards) exclude each other; set one")
-    if not (math.isfinite(d.weight) and d.weight >= 0):
-        raise ClipxError(f"distill.weight must be a finite number >= 0; got {d.weight}")
+    for name, value in (("weight", d.weight), ("student_weight", d.student_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ClipxError(f"distill.{name} must be a finite number >= 0; got {value}")
+    if d.teacher is not None and not all(path.strip() for path in d.teacher.split(",")):
+        raise ClipxError(f"distill.teacher names an empty path in {d.teacher!r}; give paths separated by commas")
     if d.teacher_logit_scale is not None and not d.teacher_logit_scale > 0:
         raise ClipxError(f"distill.teacher_logit_scale must be positive (or null); got {d.teacher_logit_scale}")
 

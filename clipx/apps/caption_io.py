@@ -87,20 +87,22 @@ def write_sizes_when_complete(out: Path, names: list[str]) -> bool:
     return True
 
 
-def check_settings(out: Path, settings: dict, writer: bool) -> None:
-    """Record ``settings`` in OUT/caption.json (``writer``: the one process that does), or check that a
-    folder being resumed is captioned as it was: a change that alters the captions is refused."""
-    path = out / SETTINGS
+def check_settings(out: Path, settings: dict, writer: bool, relevant: tuple[str, ...] | None = None,
+                   name: str = SETTINGS) -> None:
+    """Record ``settings`` in OUT/``name`` (``writer``: the one process that does), or check that a
+    folder being resumed is written as it was: a change to one of ``relevant`` (by default what
+    changes the captions of the decoding method) is refused."""
+    path = out / name
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as error:
             raise ClipxError(f"{path} cannot be read ({error}); give another --out") from None
-        changed = [name for name in RELEVANT[settings["method"]] if old.get(name) != settings[name]]
+        changed = [key for key in relevant or RELEVANT[settings["method"]] if old.get(key) != settings[key]]
         if changed:
-            was = ", ".join(f"{name}={old.get(name)!r}" for name in changed)
-            now = ", ".join(f"{name}={settings[name]!r}" for name in changed)
-            raise ClipxError(f"{out} was captioned with {was}, not {now}; resume with the same settings or give "
+            was = ", ".join(f"{key}={old.get(key)!r}" for key in changed)
+            now = ", ".join(f"{key}={settings[key]!r}" for key in changed)
+            raise ClipxError(f"{out} was written with {was}, not {now}; resume with the same settings or give "
                              "another --out")
         return
     try:
@@ -108,6 +110,6 @@ def check_settings(out: Path, settings: dict, writer: bool) -> None:
     except (FileExistsError, NotADirectoryError):
         raise ClipxError(f"--out {out} is a file; give a folder") from None
     if writer:
-        tmp = out / f".{SETTINGS}.{os.getpid()}.tmp"
+        tmp = out / f".{name}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""`clipx prep digits|photos|folder|csv|labelled|hf|embed-teacher|sentences`: the shard writers' command line.
+"""`clipx prep digits|photos|folder|csv|labelled|hf|embed-teacher|reinforce|sentences`: the shard writers' command line.
 
 Arguments are parsed here and each handler calls its writer in data_prep/ (imported when the command
 runs: pandas, scikit-learn and datasets are heavy); clipx/cli.py adds these subcommands to its parser
@@ -65,6 +65,7 @@ def add_prep(commands) -> None:
             sub.add_argument("--image-size", type=int, default=224)
             sub.add_argument("--shard-size", type=int, default=10000)
     _add_embed_teacher(sources)
+    _add_reinforce(sources)
     _add_sentences(sources)
 
 
@@ -188,4 +189,48 @@ def _prep_hf(args) -> int:
                       caption_column=args.caption_column, split=args.split, builder=args.builder,
                       image_size=args.image_size, shard_size=args.shard_size, workers=args.workers)
     print(summary.format())
+    return 0
+
+
+def _add_reinforce(sources) -> None:
+    sub = sources.add_parser("reinforce", help="copy shards adding stored augmentations, synthetic captions and an "
+                                               "ensemble of teachers' embeddings of both (data.reinforced)")
+    sub.add_argument("--teachers", required=True, help="comma-separated: clipx runs or checkpoints, open_clip or "
+                                                       "transformers CLIP folders")
+    sub.add_argument("--shards", required=True, help="shard pattern (local or remote) to reinforce")
+    sub.add_argument("--out", required=True, help="output folder: the shards again, sizes.json, reinforce.json")
+    sub.add_argument("--augmentations", type=int, default=4, help="stored views per image (K)")
+    sub.add_argument("--captions", type=int, default=2, help="synthetic captions per image (N)")
+    sub.add_argument("--captioner", default=None, help="a clipx coca/siglip2 run or an open_clip CoCa folder; "
+                                                        "without it the .json's --caption-key field is used")
+    sub.add_argument("--caption-key", default="synthetic_captions", help="the .json field of the synthetic captions")
+    sub.add_argument("--caption-method", default="sample", choices=("greedy", "beam", "sample"))
+    sub.add_argument("--temperature", type=float, default=1.0)
+    sub.add_argument("--top-k", type=int, default=0)
+    sub.add_argument("--max-tokens", type=int, default=30)
+    sub.add_argument("--image-size", type=int, default=224, help="the student's image size (px): views are stored at it")
+    sub.add_argument("--crop-scale-min", type=float, default=0.35)
+    sub.add_argument("--flip-prob", type=float, default=0.5)
+    sub.add_argument("--jitter-prob", type=float, default=0.8)
+    sub.add_argument("--jitter-strength", type=float, default=1.0)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--batch-size", type=int, default=64)
+    sub.add_argument("--processes", type=int, default=1)
+    sub.add_argument("--device", default=None)
+    sub.set_defaults(func=_prep_reinforce)
+
+
+def _prep_reinforce(args) -> int:
+    from clipx.data.reinforce import ViewRecipe
+    from data_prep.reinforce import Decoding, reinforce_shards, summary_line
+
+    result = reinforce_shards(
+        [path.strip() for path in args.teachers.split(",")], args.shards, args.out,
+        augmentations=args.augmentations, captions=args.captions, captioner=args.captioner,
+        caption_key=args.caption_key, image_size=args.image_size,
+        recipe=ViewRecipe(args.crop_scale_min, args.flip_prob, args.jitter_prob, args.jitter_strength),
+        decoding=Decoding(args.caption_method, temperature=args.temperature, top_k=args.top_k,
+                          max_tokens=args.max_tokens),
+        seed=args.seed, batch_size=args.batch_size, processes=args.processes, device=args.device)
+    print(summary_line(result))
     return 0

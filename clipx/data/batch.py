@@ -22,13 +22,14 @@ NEGATIVE_TEXT = "negative_text"  # (B, L) token ids of each sample's hard-negati
 NEGATIVE_MASK = "negative_mask"  # (B,) bool: whether the sample has a hard negative
 POSITIVE_TEXT = "positive_text"  # (B, L) token ids of each sample's paired text, or of its caption again (SimCSE)
 # Distillation (clipx/methods/distill.py): the teacher's own inputs, or its stored embeddings.
-TEACHER_IMAGE = "teacher_image"  # (B, 3, H', W') the image through the teacher's transform
-TEACHER_TEXT = "teacher_text"  # (B, L') the caption through the teacher's tokenizer
+TEACHER_IMAGE = "teacher_image"  # [(B, 3, H', W')]: the image through each teacher's transform
+TEACHER_TEXT = "teacher_text"  # [(B, L')]: the caption through each teacher's tokenizer
 # (n,) int64: the flat indices into text[:, 1:] of the tokens a text decoder predicts (padding left
 # out), made on the host with the batch, so that picking them on the device waits for nothing.
 CAPTION_POSITIONS = "caption_positions"
 PAD = 0  # the token id of padding (open_clip's tokenizer): no caption token
-TEACHER_EMBEDDING = "teacher_embedding"  # (B, 2, Dt) float: the teacher's image and text embeddings
+# Distillation's lists hold one entry per teacher (an ensemble; one teacher is a list of one).
+TEACHER_EMBEDDING = "teacher_embedding"  # [(B, 2, Dt) float]: each teacher's image and text embeddings
 # data.decode: device: the batch's JPEGs still encoded, {"data": [n bytes], "boxes": [n crop boxes
 # (left, top, right, bottom)], "rows": [n batch rows]}; IMAGE then holds the other B - n rows, and
 # clipx.data.crops.DeviceImages decodes these on the training device.
@@ -42,9 +43,19 @@ class EncodedImage(NamedTuple):
     box: tuple[int, int, int, int]
 
 
+class ReplayedView(NamedTuple):
+    """A stored view of a reinforced sample (clipx/data/reinforce.py), replayed by the loader: its
+    uint8 (3, S, S) pixels, which of the sample's views it is, and each online teacher's input."""
+
+    pixels: torch.Tensor
+    index: int
+    teacher_inputs: tuple = ()
+
+
 def collate_images(images: list) -> dict:
     """Samples' images -> {"image": (B, 3, H, W)}, or, when some are ``EncodedImage``,
     {"image": the other rows stacked, "encoded_images": those, with their rows}."""
+    images = [image.pixels if isinstance(image, ReplayedView) else image for image in images]
     encoded = [(row, image) for row, image in enumerate(images) if isinstance(image, EncodedImage)]
     if not encoded:
         return {IMAGE: torch.stack(images)}

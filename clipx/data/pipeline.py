@@ -170,7 +170,10 @@ def decode_or_reason(sample: dict, transform):
     if data is None:
         return None, "missing_image"
     try:
-        # A transform that takes the bytes decodes them itself, only as far as its crop needs.
+        # A transform that takes the bytes decodes them itself, only as far as its crop needs; one
+        # that takes the sample (clipx.data.reinforce.ReplayedViews) also reads its stored views.
+        if getattr(transform, "takes_sample", False):
+            return transform(sample), None
         return (transform(data) if getattr(transform, "takes_bytes", False) else transform(decode_image(data))), None
     except ImageTooLarge:
         return None, "oversized_image"

@@ -52,11 +52,12 @@ class RandomResizedCrop:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.ratio = ratio
 
-    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+    def box(self, width: int, height: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
         """(left, top, right, bottom): a random area fraction in ``scale`` and aspect ratio in
-        ``ratio``; the centre crop at the nearest allowed ratio if 10 draws do not fit."""
+        ``ratio``; the centre crop at the nearest allowed ratio if 10 draws do not fit. The draws
+        come from ``generator``, else from torch's global one."""
         area = width * height
-        for u_area, u_ratio, u_top, u_left in torch.rand(self.ATTEMPTS, 4).tolist():
+        for u_area, u_ratio, u_top, u_left in torch.rand(self.ATTEMPTS, 4, generator=generator).tolist():
             target = area * (self.scale[0] + u_area * (self.scale[1] - self.scale[0]))
             aspect = math.exp(self.log_ratio[0] + u_ratio * (self.log_ratio[1] - self.log_ratio[0]))
             w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))

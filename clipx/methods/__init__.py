@@ -79,6 +79,8 @@ def method_of(config) -> Method:
         _check_mixing(config, method)
     if config.data.decode == "device":
         _check_device_decoding(config, method)
+    if config.data.reinforced:
+        _check_reinforced(config, method)
     if config.distill.enabled:
         if not isinstance(method, ImageTextMethod):
             raise ClipxError(f"distill (a teacher CLIP's similarities as targets) applies to image-text methods, "
@@ -99,6 +101,16 @@ def _check_device_decoding(config, method: Method) -> None:
     if config.distill.enabled and not config.distill.embedded:
         raise ClipxError("distill with an online teacher decodes each image for the teacher in the loader; use "
                          "data.decode=loader, or embed the teacher first (clipx prep embed-teacher, distill.embedded)")
+
+
+def _check_reinforced(config, method: Method) -> None:
+    name, takers = config.loss.name, ", ".join(m for m in METHODS.list() if METHODS.get(m).replays_views)
+    if not method.replays_views:
+        raise ClipxError(f"data.reinforced replays one stored view per sample, for loss.name={takers}, not {name}; "
+                         "train it on the shards' images (data.reinforced=false)")
+    if config.data.decode == "device" or config.data.randaugment is not None:
+        raise ClipxError("data.reinforced replays the views the shards store: data.decode=device and "
+                         "data.randaugment do not apply; set data.decode=loader and data.randaugment=null")
 
 
 def _check_mixing(config, method: Method) -> None:

@@ -9,6 +9,8 @@ from clipx.config_rules import parse_randaugment
 from clipx.data.batch import IMAGE, NEGATIVE_MASK, NEGATIVE_TEXT, TEXT, ImageTextBatch
 from clipx.data.captions import caption_chooser
 from clipx.data.crops import TrainImage
+from clipx.data.reinforce import ReinforceInfo, ReplayedViews, check_view_size
+from clipx.data.remote import RemoteOptions
 from clipx.data.tokenizer import Tokenizer
 from clipx.data.transforms import rand_augment
 from clipx.dist import unwrap
@@ -63,6 +65,14 @@ class ContrastiveObjective(Objective):
         unwrap(self.model).clamp_logit_scale_()
 
 
+def replayed_views(config, teacher_transforms=()) -> ReplayedViews:
+    """The transform that replays reinforced shards' stored views at the model's image size, also
+    handing each of ``teacher_transforms`` (online teachers' preprocessing) the view."""
+    size = image_size(config.model)
+    check_view_size(ReinforceInfo.read(config.data.train, RemoteOptions.from_config(config.data)), size)
+    return ReplayedViews(size, teacher_transforms)
+
+
 def texts(batch: dict) -> torch.Tensor:
     """The token ids the text tower embeds: the captions, then the hard negatives when the batch has
     them (one call of the tower for both)."""
@@ -80,8 +90,12 @@ class ImageTextMethod(Method):
     def build_model(self, config) -> torch.nn.Module:
         return create_model(config.model)
 
+    replays_views = True
+
     def train_transform(self, config):
         m = config.model
+        if config.data.reinforced:  # a stored view, replayed (uint8 like the crops below)
+            return replayed_views(config)
         # uint8 crops, normalised on the device (clipx.data.crops); data.decode: device leaves JPEGs encoded.
         return TrainImage(image_size(m), config.data.crop_scale_min, rand_augment(parse_randaugment(config.data.randaugment)),
                           defer=config.data.decode == "device")

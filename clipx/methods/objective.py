@@ -124,6 +124,9 @@ class Method:
     # Whether it trains with FLIP's patch dropout (model.patch_dropout) as configured by default
     # (SigLIP 2's masked prediction must know which patches its student saw).
     takes_patch_dropout: bool = True
+    # Whether its training image can be a view replayed from reinforced shards (data.reinforced): one
+    # image per sample, made by ``train_transform`` (clipx.data.reinforce.ReplayedViews), not views of it.
+    replays_views: bool = False
     # Whether ``prepare`` reads the weights' values (classification's zero-shot head): such a method
     # cannot be prepared on the meta device, so a sharded run builds its whole model on every rank.
     prepare_reads_weights: bool = False
@@ -146,7 +149,8 @@ class Method:
     def train_transform(self, config):
         """An image -> what a training sample holds (one tensor, or a list of augmented views). The
         image is a decoded PIL image, or the sample's encoded bytes when the transform says
-        ``takes_bytes`` (clipx.data.crops.TrainImage, which decodes only what its crop needs)."""
+        ``takes_bytes`` (clipx.data.crops.TrainImage, which decodes only what its crop needs), or
+        the whole sample when it says ``takes_sample`` (clipx.data.reinforce.ReplayedViews)."""
         raise NotImplementedError
 
     def collate(self, config):

@@ -176,6 +176,7 @@ class SigLIP2(ImageTextMethod):
     variants = {"": {"model.init_logit_bias": -10.0, "model.init_temperature": 0.1}}
     needs_patch_tokens = True
     decodes_on_device = False  # its local views are made from the decoded image in the loader
+    replays_views = False  # nor are they replayed from reinforced shards
     updated_outside_optimizer = ("teacher.",)
     takes_patch_dropout = False  # with TIPS on, as by default
 

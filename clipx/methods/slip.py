@@ -51,6 +51,7 @@ class SLIP(ImageTextMethod):
     hard_negatives = True
     evaluators = ("zero_shot", "retrieval", "knn", "linear_probe")
     decodes_on_device = False  # its SSL views are made from the decoded image in the loader
+    replays_views = False  # nor are they replayed from reinforced shards
     # The head's BatchNorm: per device, or synchronised across GPUs, as for the image-only methods.
     check_processes = ViewsMethod.check_processes
     prepare = ViewsMethod.prepare

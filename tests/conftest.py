@@ -33,15 +33,24 @@ def attention_kernel_cache(tmp_path_factory):
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn digits as shards: <dir>/train (6 shards of <=256) and <dir>/test (2 shards), and
     <dir>/teacher, a seeded untrained tiny CLIP checkpoint that distillation runs use as their teacher,
-    <dir>/train-teacher, the training shards with its embeddings (for distill.embedded), and
+    <dir>/train-teacher, the training shards with its embeddings (for distill.embedded),
+    <dir>/teacher2, another such teacher, and <dir>/train-reinforced, the training shards reinforced
+    with the two as an ensemble (2 views per image; each .json's class name as its one "synthetic"
+    caption, a list in field "classname"), and
     <dir>/keep.parquet, a keep-list of three training samples in four (for data.keep)."""
+    from clipx.data.reinforce import ViewRecipe
     from data_prep import prep_digits
     from data_prep.embed_teacher import embed_teacher
+    from data_prep.reinforce import reinforce_shards
 
     out = tmp_path_factory.mktemp("digits")
     prep_digits(out, image_size=32, shard_size=256, workers=0)
     write_tiny_teacher(out / "teacher")
     embed_teacher(out / "teacher", str(out / "train"), out / "train-teacher")
+    write_tiny_teacher(out / "teacher2", seed=4321)
+    reinforce_shards([str(out / "teacher"), str(out / "teacher2")], str(out / "train"), out / "train-reinforced",
+                     augmentations=2, captions=1, caption_key="classname", image_size=32,
+                     recipe=ViewRecipe(crop_scale_min=0.8, flip_prob=0.0), batch_size=256)
     write_keep_list(out / "train", out / "keep.parquet")
     return out
 
@@ -67,7 +76,7 @@ def write_keep_list(shards: Path, out: Path) -> Path:
     return out
 
 
-def write_tiny_teacher(out: Path) -> Path:
+def write_tiny_teacher(out: Path, seed: int = 1234) -> Path:
     """A clipx checkpoint (config.yaml + model.safetensors) of a seeded random tiny CLIP whose
     embeddings are 24 wide, unlike the students' 32: the distillation loss must not need them alike."""
     import torch
@@ -80,7 +89,7 @@ def write_tiny_teacher(out: Path) -> Path:
     arch = out / "arch.json"
     arch.write_text(json.dumps({**TINY_ARCH, "embed_dim": 24}))
     config = load_config(None, [f"model.name={arch}"])
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     save_file(build_model(config).state_dict(), str(out / "model.safetensors"))
     dump_config(config, out / "config.yaml")
     return out

@@ -15,7 +15,7 @@ import torch
 
 from clipx.config import load_config
 from clipx.errors import ClipxError
-from clipx.losses.distill import DistillLoss
+from clipx.losses.distill import DistillLoss, TeacherView
 from tests.conftest import DEMO, clipx_in_process, on_device, tiny_overrides
 
 
@@ -44,17 +44,18 @@ def test_the_loss_is_the_kl_of_teacher_to_student_similarities_in_both_direction
     images, texts = _unit(5, 4, seed=0), _unit(5, 4, seed=1)
     teacher_images, teacher_texts = _unit(5, 3, seed=2), _unit(5, 3, seed=3)  # another width than the student's
     scale = torch.tensor(6.0, dtype=torch.float64)
-    got = DistillLoss("none")(images, texts, scale, teacher_images, teacher_texts, 11.0)
+    teacher = [TeacherView(teacher_images, teacher_texts, 11.0)]
+    got = DistillLoss("none")(images, texts, scale, teacher)
     assert abs(got.item() - _reference(images, texts, 6.0, teacher_images, teacher_texts, 11.0)) < 1e-9
     # One process: every gather mode is the dense loss.
     for gather in ("global", "local"):
-        assert torch.equal(DistillLoss(gather)(images, texts, scale, teacher_images, teacher_texts, 11.0), got)
+        assert torch.equal(DistillLoss(gather)(images, texts, scale, teacher), got)
     # A student that is its teacher has nothing left to learn from it; targets carry no gradient.
-    assert DistillLoss("none")(images, texts, scale, images, texts, 6.0).abs().item() < 1e-12
+    assert DistillLoss("none")(images, texts, scale, [TeacherView(images, texts, 6.0)]).abs().item() < 1e-12
     student = images.clone().requires_grad_()
-    teacher = teacher_images.clone().requires_grad_()
-    DistillLoss("none")(student, texts, scale, teacher, teacher_texts, 11.0).backward()
-    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    target = teacher_images.clone().requires_grad_()
+    DistillLoss("none")(student, texts, scale, [TeacherView(target, teacher_texts, 11.0)]).backward()
+    assert student.grad.abs().sum() > 0 and target.grad is None
 
 
 def _configs(digits_dir: Path, tiny_model_json: Path, embedded_dir: Path, out: Path):
@@ -211,7 +212,7 @@ def test_feature_cached_accumulation_runs_an_online_teacher_once_per_micro_batch
     torch.manual_seed(0)
     model = build_model(config).eval()  # no dropout: the two ways see the same function
     objective = build_objective(model, config)
-    teacher, calls = objective.teacher, []
+    (teacher,), calls = objective.teachers, []
     embed = teacher.embed
     monkeypatch.setattr(teacher, "embed", lambda *args: calls.append(1) or embed(*args))  # a cached, shared teacher
     micro_batch_gradients(OneProcess(), model, objective, micro_batches, "features")

@@ -110,8 +110,8 @@ def render_view(data: bytes, record: Sequence[float], size: int) -> torch.Tensor
 
 
 def jitter(view: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float) -> torch.Tensor:
-    """Colour jitter of a uint8 (3, H, W) view in a fixed order, each step rounded to uint8 as
-    torchvision's ColorJitter on uint8 images does; factors of 1 and a hue of 0 change nothing."""
+    """Colour jitter of a uint8 (3, H, W) view in a fixed order, each step back to uint8 (truncated,
+    as torchvision's ColorJitter on uint8 images does); factors of 1 and a hue of 0 change nothing."""
     if brightness != 1.0:
         view = TF.adjust_brightness(view, brightness)
     if contrast != 1.0:
@@ -129,7 +129,7 @@ def _adjust_contrast(view: torch.Tensor, factor: float) -> torch.Tensor:
     grey_sum = int((view.to(torch.int64) * torch.tensor([299, 587, 114]).view(3, 1, 1)).sum())
     mean = grey_sum / (1000 * view.shape[-1] * view.shape[-2])
     out = view.to(torch.float32) * factor + (1.0 - factor) * mean
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.clamp_(0, 255).to(torch.uint8)
 
 
 def load_records(sample: dict) -> np.ndarray:

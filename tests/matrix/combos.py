@@ -14,7 +14,7 @@ bf16 with the unfused kernel forced, on one and on two processes. One image-text
 flavour also run torch.compile'd in bf16, on one process and (image-text) on two. Recipes that are
 options (RECIPES: patch dropout, several captions, hard negatives, EMA weights, layer-wise
 learning-rate decay, distillation, LoRA, RandAugment, i-Mix, text pairs, JPEGs decoded on the device, a
-curated keep-list) run with every flavour they
+curated keep-list, reinforced shards with a stored or an online teacher ensemble) run with every flavour they
 apply to on one process and with an image-text, an image-only and a text-only flavour (each where it
 applies) on two; EMA also runs sharded with those flavours on one and on two processes, and LoRA
 sharded with the image-text one. Text-only methods (SimCSE) train the default tower's text
@@ -75,7 +75,13 @@ RECIPES = {"plain": {},
            "icutmix": {"ssl.mix": "cutmix"},
            "text_pairs": {"data.positive_key": "classname"},
            "device_decode": {"data.decode": "device"},
-           "keep_list": {"data.keep": "{data_dir}/keep.parquet"}}
+           "keep_list": {"data.keep": "{data_dir}/keep.parquet"},
+           "reinforced": {"data.train": "{data_dir}/train-reinforced", "data.reinforced": True,
+                          "distill.embedded": True, "distill.weight": 0.7, "distill.student_weight": 0.3,
+                          "data.caption_keys": {"txt": 0.5, "classname": 0.5}},
+           "reinforced_online": {"data.train": "{data_dir}/train-reinforced", "data.reinforced": True,
+                                 "distill.teacher": "{data_dir}/teacher,{data_dir}/teacher2",
+                                 "distill.ensemble": "logits"}}
 # Recipes about an image and its caption: image-text only; about captions alone: text-only methods
 # too. Recipes about the towers' blocks: models with a text tower. About images: not text-only ones.
 IMAGE_TEXT_RECIPES = {"distill", "flyp"}
@@ -88,6 +94,11 @@ PAIR_RECIPES = {"text_pairs"}
 # JPEGs decoded on the training device (METHODS' ``decodes_on_device``), here the CPU's decoder: the
 # crop boxes drawn in the loader must replay and resume like the decoded ones.
 DEVICE_DECODE_RECIPES = {"device_decode"}
+# Reinforced shards (`clipx prep reinforce`: stored views, an ensemble of two teachers, the class name
+# as a synthetic caption): their replayed views and the ensemble's stored embeddings (MobileCLIP's
+# convex weights, real and synthetic captions mixed), or the ensemble run online on the replayed
+# views; on the methods that train on one image per sample (METHODS' ``replays_views``).
+REINFORCED_RECIPES = {"reinforced", "reinforced_online"}
 # About which samples are read (a curated keep-list, `clipx curate apply`), not how a method uses
 # them: one flavour of each kind (image-text, image-only, text-only) covers it.
 DATA_RECIPES = {"keep_list"}
@@ -216,6 +227,8 @@ def recipe_applies(recipe: str, objective: str) -> bool:
         return method.hard_negatives
     if recipe in MIX_RECIPES:
         return method.mixing
+    if recipe in REINFORCED_RECIPES:
+        return method.replays_views
     if recipe in TEXT_TOWER_RECIPES:
         return has_text_tower(objective)
     if recipe in PAIR_RECIPES:

@@ -68,9 +68,11 @@ def cases() -> list[Case]:
                 if spec.mixing:  # i-Mix's virtual labels: partners on their own rank, targets gathered
                     out.append(Case(prefix + "/imix", objective, gather, micro_batches, {**base, "ssl.mix": "mixup"},
                                     mix=True))
-                if is_image_text(objective):  # the teacher's logits gathered like the student's
-                    out.append(Case(prefix + "/distill", objective, gather, micro_batches,
-                                    {**base, **DISTILL}, distill=True))
+                if is_image_text(objective):  # the teachers' logits gathered like the student's
+                    ensemble = "probabilities" if micro_batches == 1 else "logits"
+                    distill = {**DISTILL, "distill.ensemble": ensemble} if spec.replays_views else ONE_TEACHER
+                    out.append(Case(prefix + "/distill", objective, gather, micro_batches, {**base, **distill},
+                                    distill=True))
     return out
 
 
@@ -81,9 +83,28 @@ SIGLIP2_LATE = {"loss.siglip2.late_fraction": 1.0, "loss.siglip2.prototypes": 16
 # batch would: the teacher's centres, means over every rank's outputs.
 GLOBAL_STAGED = ("silc_centre", "tips_centre")
 
-# Embedded teacher embeddings come with the batch; their logit scale would come from teacher.json.
-DISTILL = {"distill.embedded": True, "distill.teacher_logit_scale": 7.0, "distill.weight": 0.5}
-TEACHER_DIM = 24  # unlike the students' 32: the loss must not need them alike
+# An ensemble of two teachers, embedded: their embeddings come with the batch, their widths (unlike
+# the students' 32 and each other's: the loss must not need them alike) and logit scales (each its own
+# temperature) from the reinforce.json that ``ensemble_shards`` writes. One micro-batch averages the
+# teachers' probabilities, two their logits.
+DISTILL = {"distill.embedded": True, "data.reinforced": True, "distill.weight": 0.5}
+TEACHERS = ({"source": "a", "logit_scale": 7.0, "dim": 24}, {"source": "b", "logit_scale": 11.0, "dim": 16})
+# Methods whose image comes with views (SLIP, SigLIP 2) read no reinforced shards: one embedded
+# teacher (embed-teacher's form), its scale given as teacher.json would give it.
+ONE_TEACHER = {"distill.embedded": True, "distill.teacher_logit_scale": 7.0, "distill.weight": 0.5}
+
+
+def ensemble_shards(folder: Path) -> Path:
+    """An (empty) shard with a reinforce.json beside it naming ``TEACHERS``: all the objective reads.
+    Rank 0 writes it before the cases run."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "reinforce.json").write_text(json.dumps({
+        "teachers": TEACHERS, "augmentations": 1, "image_size": 32, "caption_key": "synthetic", "captions": 0,
+        "recipe": {}}))
+    (folder / "shard-000000.tar").touch()
+    return folder / "shard-000000.tar"
 
 
 def build(case: Case, world: int, arch_path: Path):
@@ -98,6 +119,8 @@ def build(case: Case, world: int, arch_path: Path):
               "train.accum_steps": case.micro_batches, "ssl.head_hidden": 32, "ssl.head_out": 16,
               "ssl.moco.predictor_hidden": 32, "ssl.moco.queue_size": 2 * GLOBAL, "ssl.swav.queue_size": 2 * GLOBAL,
               "ssl.swav.prototypes": 16, **SIGLIP2_LATE, **case.overrides}
+    if case.overrides.get("data.reinforced"):
+        values["data.train"] = str(arch_path.parent / "ensemble" / "shard-000000.tar")
     config = load_config(None, [f"{k}={v}" for k, v in values.items()])
     torch.manual_seed(0)
     # As a run prepares it (a classifier's zero-shot head and frozen text tower: DDP must not wait for
@@ -123,8 +146,9 @@ def global_batch(case: Case) -> dict:
             batch.update(negative_text=torch.randint(1, 400, (GLOBAL, 16), generator=generator),
                          negative_mask=torch.arange(GLOBAL) % 3 != 1)
         if case.distill:
-            teacher = torch.randn(GLOBAL, 2, TEACHER_DIM, generator=generator)
-            batch["teacher_embedding"] = teacher / teacher.norm(dim=-1, keepdim=True)
+            teachers = [torch.randn(GLOBAL, 2, t["dim"], generator=generator)
+                        for t in (TEACHERS if case.overrides.get("data.reinforced") else TEACHERS[:1])]
+            batch["teacher_embedding"] = [t / t.norm(dim=-1, keepdim=True) for t in teachers]
         return batch
     views = [torch.randn(GLOBAL, 3, 32, 32, generator=generator) for _ in range(2)]
     # Labels for the image-only methods that read them (SupCon; the others ignore them): 3 classes
@@ -266,6 +290,7 @@ def main() -> None:
     if rank == 0:
         arch_path.write_text(json.dumps(TINY_VIT))
         small_vocabulary(arch_path).write_text(json.dumps(SMALL_VOCABULARY))
+        ensemble_shards(out / "ensemble")
     dist.barrier()
     results = {}
     for case in cases():  # compared at once: the other ranks keep one number per case, not its gradients

@@ -13,15 +13,19 @@ and scikit-learn, `clipx prep photos`; both at 32 px):
    mirrored digit is another sign), both teachers' float16 embeddings of every view and caption;
 3. the student (configs/distill-digits.yaml's micro model: one block per tower, 32 wide, 8 px
    patches) for --steps steps of 128 pairs in bf16, per seed, alternating: plain (the original
-   shards, its random crop) and reinforced (data.reinforced, distill.embedded at weight 1: the
+   shards, its random crop), reinforced (data.reinforced, distill.embedded at weight 1: the
    ensemble's averaged similarity distributions, each teacher at its own temperature, added to
-   the contrastive loss);
+   the contrastive loss, open_clip's sum), and reinforced with the distillation term alone
+   (distill.student_weight=0: MobileCLIP's lambda = 1);
 4. the loss at step 1 of one-step runs of the offline (stored) and online (teachers run in the
    loop on the replayed view) ensemble forms, same seed.
 
+5. timing: --timing-pairs short runs of each form (--timing-steps steps), alternating, nothing else
+   running: the accuracy runs above share the machine with whatever else runs.
+
 Reported: zero-shot top-1 on the held-out split (mean of the seeds, then each), the median seconds
-per step of each form (the runs' logged rates, plain and reinforced alternating), their ratio, the
-bytes reinforcement adds per sample, and the step-1 losses of the two forms and their difference.
+per step of each form (from 5), their ratio, the bytes reinforcement adds per sample, and the
+step-1 losses of the two forms and their difference.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ from bench.harness import add_report_arguments, finished, run_or_render  # noqa:
 TEACHER = REPO / "configs" / "demo-digits.yaml"
 STUDENT = REPO / "configs" / "distill-digits.yaml"
 FLIPS = {"digits": 0.0, "photos": 0.5}
+# name -> (run folder, reads the reinforced shards, overrides of the student's config)
+FORMS = {"plain": ("plain", False, ["distill.embedded=false"]),
+         "reinforced": ("reinforced", True, ["data.reinforced=true"]),
+         "reinforced, distillation alone": ("distilled", True, ["data.reinforced=true", "distill.student_weight=0"])}
 
 
 def dataset(name: str, work: Path) -> Path:
@@ -102,18 +110,24 @@ def measure_dataset(name: str, work: Path, args) -> dict:
                                recipe=ViewRecipe(crop_scale_min=0.8, flip_prob=FLIPS[name]), batch_size=256)
     if not written["reinforced"]:  # shards written by an earlier run of this script: count what they add
         written["bytes_per_sample"] = _bytes_per_sample(reinforced, data / "train")
-    runs: dict = {"plain": {}, "reinforced": {}}
-    for seed in args.seeds:
-        runs["plain"][seed] = train_run(STUDENT, name, data / "train", data / "test", work / f"plain-{seed}",
-                                        args.steps, seed, "distill.embedded=false")
-        runs["reinforced"][seed] = train_run(STUDENT, name, reinforced, data / "test", work / f"reinforced-{seed}",
-                                             args.steps, seed, "data.reinforced=true")
+    runs: dict = {name: {} for name in FORMS}
+    for seed in args.seeds:  # the forms alternate within each seed
+        for form, (folder, reads_reinforced, overrides) in FORMS.items():
+            train = reinforced if reads_reinforced else data / "train"
+            runs[form][seed] = train_run(STUDENT, name, train, data / "test", work / f"{folder}-{seed}", args.steps,
+                                         seed, *overrides)
+    timing = {"plain": [], "reinforced": []}
+    for index in range(args.timing_pairs):  # nothing else running: short runs, alternating, for the step times
+        for form, train, extra in (("plain", data / "train", "distill.embedded=false"),
+                                   ("reinforced", reinforced, "data.reinforced=true")):
+            timing[form].append(train_run(STUDENT, name, train, data / "test", work / f"timing-{form}-{index}",
+                                          args.timing_steps, index, extra, "train.log_every=5")["step_seconds"])
     online = ",".join(t["checkpoint"] for t in teachers)
     step1 = {"offline": first_step_loss(name, reinforced, work / "step1-offline", "data.reinforced=true"),
              "online": first_step_loss(name, reinforced, work / "step1-online", "data.reinforced=true",
                                        "distill.embedded=false", f"distill.teacher={online}")}
     return {"teachers": [t["zero_shot_top1"] for t in teachers], "bytes_per_sample": written["bytes_per_sample"],
-            "runs": runs, "step1": step1}
+            "runs": runs, "timing": timing, "step1": step1}
 
 
 def _bytes_per_sample(reinforced: Path, original: Path) -> float:
@@ -126,6 +140,7 @@ def measure(args) -> dict:
     work = Path(args.work) / "reinforce"
     return {"command": "bench/reinforce.py " + " ".join(sys.argv[1:]), "steps": args.steps,
             "teacher_steps": args.teacher_steps, "augmentations": args.augmentations, "seeds": args.seeds,
+            "timing_steps": args.timing_steps, "timing_pairs": args.timing_pairs,
             "datasets": {name: measure_dataset(name, work / name, args) for name in args.datasets}}
 
 
@@ -137,17 +152,18 @@ def markdown(results: dict) -> str:
     lines = [f"`{results['command']}`: teachers {results['teacher_steps']} steps each; students "
              f"{results['steps']} steps of 128 pairs in bf16, seeds {results['seeds']}; "
              f"{results['augmentations']} stored views per image. Zero-shot top-1 on the held-out split (mean, then "
-             "each seed); seconds per step: the median over each form's runs of their logged rates.", "",
-             "| dataset | teachers' top-1 | plain top-1 | reinforced top-1 | plain s/step | reinforced s/step | "
-             "ratio | bytes added per sample | step-1 loss offline | online | difference |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"each seed); seconds per step: the median of {results['timing_pairs']} runs of each form of "
+             f"{results['timing_steps']} steps, plain and reinforced alternating (each run's median logged rate, "
+             "every 5 steps).", "",
+             "| dataset | teachers' top-1 | " + " | ".join(f"{form} top-1" for form in FORMS) + " | plain s/step | "
+             "reinforced s/step | ratio | bytes added per sample | step-1 loss offline | online | difference |",
+             "|---|---|" + "---:|" * (len(FORMS) + 7)]
     for name, result in results["datasets"].items():
         top1 = {form: [r["zero_shot_top1"] for r in runs.values()] for form, runs in result["runs"].items()}
-        step = {form: statistics.median(r["step_seconds"] for r in runs.values())
-                for form, runs in result["runs"].items()}
+        step = {form: statistics.median(seconds) for form, seconds in result["timing"].items()}
         offline, online = result["step1"]["offline"]["loss"], result["step1"]["online"]["loss"]
-        lines.append(f"| {name} | {', '.join(f'{t:.3f}' for t in result['teachers'])} | {_mean(top1['plain'])} | "
-                     f"{_mean(top1['reinforced'])} | {step['plain']:.3f} | {step['reinforced']:.3f} | "
+        lines.append(f"| {name} | {', '.join(f'{t:.3f}' for t in result['teachers'])} | "
+                     + " | ".join(_mean(top1[form]) for form in FORMS) + f" | {step['plain']:.3f} | {step['reinforced']:.3f} | "
                      f"{step['reinforced'] / step['plain']:.2f} | {result['bytes_per_sample']:.0f} | {offline:.6f} | "
                      f"{online:.6f} | {abs(offline - online):.1e} |")
     return "\n".join(lines)
@@ -159,6 +175,8 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--augmentations", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--timing-steps", type=int, default=80)
+    parser.add_argument("--timing-pairs", type=int, default=3)
     parser.add_argument("--datasets", nargs="+", default=["digits", "photos"])
     add_report_arguments(parser, "reinforce")
     args = parser.parse_args()

@@ -119,10 +119,8 @@ class DataConfig:
     # (the .txt member's lines), "class_prompt" (a prompt of the sample's class) or a .json field;
     # each sample draws one caption per epoch. None: the first line of the .txt.
     caption_keys: Optional[dict] = None
-    # Reinforced shards (`clipx prep reinforce`, reinforce.json beside them): each sample's image is one of
-    # its stored augmented views, chosen per sample and epoch with the seeded generator, instead of a new
-    # crop (clipx/data/reinforce.py); with distill.embedded the teachers' stored embeddings of that view and
-    # of the drawn caption are the distillation targets. Synthetic captions: data.caption_keys.
+    # Reinforced shards (`clipx prep reinforce`): each image is one of its stored views, chosen per sample and
+    # epoch (seeded), not a new crop; with distill.embedded the teachers' stored embeddings are the targets.
     reinforced: bool = False
     # Hard negatives (NegCLIP): each sample's negative caption, from its .neg.txt member ("neg.txt")
     # or a .json field, joins the text columns of the image-to-text loss. None: off.
@@ -192,27 +190,23 @@ class LossConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation from a frozen teacher CLIP (clipx/methods/distill.py), on any
-    image-text method, or from an ensemble of them: weight x KL(teachers || student) of the similarity
-    softmaxes, both directions. The teachers run online (``teacher``) or were run once by ``clipx prep
-    embed-teacher`` (one teacher, a ``teacher.npy`` member per sample) or ``clipx prep reinforce`` (an
-    ensemble, on each stored view: ``data.reinforced``), and ``embedded: true`` reads them.
+    image-text method, or from an ensemble: weight x KL(teachers || student) of the similarity softmaxes,
+    both directions. The teachers run online (``teacher``), or ``embedded: true`` reads what ``clipx prep
+    embed-teacher`` (one teacher) or ``clipx prep reinforce`` (an ensemble, per stored view) stored.
     """
 
     # The online teacher: a clipx run or checkpoint, an open_clip folder or a transformers
     # CLIPModel folder; several, comma-separated, are an ensemble (MobileCLIP). None: no online teacher.
     teacher: Optional[str] = None
-    # Read the teachers' embeddings from the shards: `clipx prep embed-teacher`'s teacher.npy, or with
-    # data.reinforced the ensemble `clipx prep reinforce` stored for each view and caption.
+    # Read the teachers' embeddings from the shards (prep embed-teacher's; prep reinforce's with data.reinforced).
     embedded: bool = False
     weight: float = 1.0  # the distillation term's weight (MobileCLIP's lambda)
-    # The weight of the method's own loss beside it: 1 adds the two (open_clip's DistillClipLoss);
-    # 1 - weight is MobileCLIP's convex mix of the ground-truth and the distillation losses.
+    # The method's own loss's weight: 1 adds the two (open_clip's); 1 - weight is MobileCLIP's convex mix.
     student_weight: float = 1.0
-    # How an ensemble's targets combine: "probabilities", the mean of the teachers' similarity softmaxes,
-    # each at its own temperature (MobileCLIP); "logits", the softmax of the mean of their scaled logits.
+    # An ensemble's targets: "probabilities", the mean of the teachers' softmaxes at their own temperatures
+    # (MobileCLIP), or "logits", the softmax of the mean of their scaled logits.
     ensemble: Literal["probabilities", "logits"] = "probabilities"
-    # Every teacher's logit scale (exp'd) for its logits; None: [run time] each teacher's own, read from
-    # the online teacher or from what embed-teacher (teacher.json) or reinforce (reinforce.json) recorded.
+    # Every teacher's logit scale (exp'd); None: [run time] each teacher's own (teacher.json or reinforce.json).
     teacher_logit_scale: Optional[float] = None
 
     @property

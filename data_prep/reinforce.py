@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
-import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,7 +31,7 @@ import torch
 
 from clipx.apps.caption import batch_seed, generate_captions, load_captioner
 from clipx.apps.caption_io import check_settings, write_shard, write_sizes_when_complete
-from clipx.apps.curate import batches_of, device_of, launcher_slot, shard_samples_of
+from clipx.apps.shard_work import batches_of, is_writer, run_parts, shard_samples_of
 from clipx.data.captions import all_captions, json_object
 from clipx.data.keep import shard_name
 from clipx.data.opener import ShardOpener
@@ -115,19 +112,10 @@ def reinforce_shards(teachers: list[str], shards: str, out: str | Path, *, augme
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     job = ReinforceJob(tuple(teachers), str(dest), augmentations, captions, caption_key, image_size, recipe, seed,
                        captioner, decoding, batch_size, device, options)
-    slot = launcher_slot(os.environ)
-    check_settings(dest, asdict(_info(job)), writer=slot is None or slot[0] == 0, relevant=RELEVANT,
-                   name=INFO_FILE)
+    check_settings(dest, asdict(_info(job)), writer=is_writer(), relevant=RELEVANT, name=INFO_FILE)
     todo = [url for url in urls if not (dest / shard_name(url)).is_file()]
-    if slot is not None:
-        rank, world, local_rank = slot
-        left = set(todo)
-        counts = _reinforce_part(replace(job, device=device_of(device, local_rank)),
-                                 [url for url in urls[rank::world] if url in left])
-    elif processes == 1:
-        counts = _reinforce_part(job, todo)
-    else:
-        counts = _spawn(job, urls, processes)
+    counts = {**dict.fromkeys(COUNTS, 0),
+              **run_parts(_reinforce_part, job, urls, processes, done=lambda url: (dest / shard_name(url)).is_file())}
     write_sizes_when_complete(dest, names)
     per_sample = counts["added_bytes"] / counts["reinforced"] if counts["reinforced"] else 0.0
     return {"shards": len(urls), "skipped": len(urls) - len(todo), **counts, "bytes_per_sample": per_sample}
@@ -163,22 +151,6 @@ def _info(job: ReinforceJob) -> ReinforceInfo:
 def _width(teacher) -> int:
     with torch.no_grad():
         return int(teacher.embed_texts(teacher.tokenize(["a"])).shape[-1])
-
-
-def _spawn(job: ReinforceJob, urls: list[str], processes: int) -> dict:
-    # spawn, not fork: the parent holds torch's threads. Each process gets an equal share of the cores.
-    threads = max(1, (os.cpu_count() or processes) // processes)
-    context = multiprocessing.get_context("spawn")
-    out = Path(job.out)
-    parts = [[url for url in urls[rank::processes] if not (out / shard_name(url)).is_file()]
-             for rank in range(processes)]
-    totals = dict.fromkeys(COUNTS, 0)
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        for future in [pool.submit(_reinforce_part, replace(job, threads=threads, device=device_of(job.device, rank)),
-                                   part) for rank, part in enumerate(parts) if part]:
-            for name, value in future.result().items():
-                totals[name] += value
-    return totals
 
 
 def _reinforce_part(job: ReinforceJob, urls: list[str]) -> dict:

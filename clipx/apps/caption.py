@@ -18,18 +18,15 @@ renamed when complete; a rerun skips the shards already written, so an interrupt
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from clipx.apps.caption_io import check_settings, with_caption, write_shard, write_sizes_when_complete
-from clipx.apps.curate import batches_of, device_of, launcher_slot, shard_samples_of
+from clipx.apps.shard_work import batches_of, is_writer, run_parts, shard_samples_of
 from clipx.data.captions import json_object
 from clipx.data.keep import shard_name
 from clipx.data.opener import ShardOpener
@@ -102,21 +99,13 @@ def caption_shards(checkpoint: str | Path, data: str, out: str | Path, *, key: s
     settings = {"checkpoint": source, "weights": chosen, "method": method, "beams": beams, "temperature": temperature,
                 "top_k": top_k, "seed": seed, "max_tokens": max_tokens, "min_tokens": min_tokens, "key": key,
                 "batch_size": batch_size, "data": data}
-    slot = launcher_slot(os.environ)
-    check_settings(dest, settings, writer=slot is None or slot[0] == 0)
+    check_settings(dest, settings, writer=is_writer())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     job = CaptionJob(source, chosen, str(dest), key, method, beams, temperature, top_k, seed, max_tokens,
                      min_tokens, batch_size, device, options)
     todo = [url for url in urls if not (dest / shard_name(url)).is_file()]
-    if slot is not None:
-        rank, world, local_rank = slot
-        left = set(todo)
-        counts = _caption_part(replace(job, device=device_of(device, local_rank)),
-                               [url for url in urls[rank::world] if url in left])
-    elif processes == 1:
-        counts = _caption_part(job, todo)
-    else:
-        counts = _spawn(job, urls, processes)
+    counts = {**dict.fromkeys(COUNTS, 0),
+              **run_parts(_caption_part, job, urls, processes, done=lambda url: (dest / shard_name(url)).is_file())}
     write_sizes_when_complete(dest, names)
     return {"shards": len(urls), "skipped": len(urls) - len(todo), **counts}
 
@@ -146,22 +135,6 @@ def _resolve(checkpoint: str | Path, weights: str) -> tuple[str, str | None]:
         return str(path.resolve()), None
     path = as_checkpoint(path)
     return str(path.resolve()), choose_weights(path, weights)
-
-
-def _spawn(job: CaptionJob, urls: list[str], processes: int) -> dict:
-    # spawn, not fork: the parent holds torch's threads. Each process gets an equal share of the cores.
-    threads = max(1, (os.cpu_count() or processes) // processes)
-    context = multiprocessing.get_context("spawn")
-    out = Path(job.out)
-    parts = [[url for url in urls[rank::processes] if not (out / shard_name(url)).is_file()]
-             for rank in range(processes)]
-    totals = dict.fromkeys(COUNTS, 0)
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        for future in [pool.submit(_caption_part, replace(job, threads=threads, device=device_of(job.device, rank)),
-                                   part) for rank, part in enumerate(parts) if part]:
-            for name, value in future.result().items():
-                totals[name] += value
-    return totals
 
 
 def _caption_part(job: CaptionJob, urls: list[str]) -> dict:

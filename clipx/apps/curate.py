@@ -23,25 +23,20 @@ atomically; a rerun skips the shards already scored by the same scorer, so an in
 from __future__ import annotations
 
 import hashlib
-import itertools
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from clipx.apps.shard_work import batches_of, is_writer, run_parts, shard_samples_of
 from clipx.data.captions import first_caption
 from clipx.data.keep import shard_name
 from clipx.data.opener import ShardOpener
 from clipx.data.pipeline import decode_or_reason, sample_image_bytes
 from clipx.data.remote import RemoteOptions
 from clipx.data.shards import expand_shards
-from clipx.data.skips import SkipCounter
-from clipx.data.tar_reader import shard_samples
 from clipx.errors import ClipxError
 from clipx.fileio import write_json_atomic
 
@@ -93,56 +88,15 @@ def score_shards(shards: str, model: str, out: str | Path, embeddings: bool = Fa
     if len(set(names)) != len(names):
         raise ClipxError("--shards names two shards alike; their score tables would overwrite each other")
     cur = Path(out)
-    slot = launcher_slot(os.environ)
     _check_manifest(cur, {"scorer": model, "shards": urls, "embeddings": embeddings,
-                          "copy_descriptor": copy_descriptor},
-                    writer=slot is None or slot[0] == 0)
+                          "copy_descriptor": copy_descriptor}, writer=is_writer())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     job = ScoreJob(model, str(cur), embeddings, batch_size, device, precision, options, copy_descriptor)
     todo = [url for url in urls if not scores_path(cur, url).is_file()]
-    if slot is not None:
-        rank, world, local_rank = slot
-        left = set(todo)
-        mine = [url for url in urls[rank::world] if url in left]
-        _score_part(replace(job, device=device_of(device, local_rank)), mine)
-    elif processes == 1:
-        _score_part(job, todo)
-    else:
-        _spawn(job, urls, processes)
+    run_parts(_score_part, job, urls, processes, done=lambda url: scores_path(cur, url).is_file())
     done = sum(scores_path(cur, url).is_file() for url in urls)
     return {"shards": len(urls), "scored_now": done - (len(urls) - len(todo)), "already_scored": len(urls) - len(todo),
             "not_scored": len(urls) - done}
-
-
-def launcher_slot(env) -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when a launcher started this process among others, else None."""
-    from clipx.cluster_env import placement
-
-    if env.get("WORLD_SIZE") and int(env["WORLD_SIZE"]) > 1:
-        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    where = placement(env)
-    if where is None or where.world_size <= 1:
-        return None
-    return where.rank, where.world_size, where.local_rank
-
-
-def device_of(device: str, local_rank: int) -> str:
-    """``device`` for the process of ``local_rank``: a bare "cuda" becomes that process's own GPU."""
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
-    return device
-
-
-def _spawn(job: ScoreJob, urls: list[str], processes: int) -> None:
-    # spawn, not fork: the parent holds torch's threads. Each process gets an equal share of the cores.
-    threads = max(1, (os.cpu_count() or processes) // processes)
-    context = multiprocessing.get_context("spawn")
-    cur = Path(job.cur)
-    parts = [[url for url in urls[rank::processes] if not scores_path(cur, url).is_file()] for rank in range(processes)]
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        for future in [pool.submit(_score_part, replace(job, threads=threads, device=device_of(job.device, rank)), part)
-                       for rank, part in enumerate(parts) if part]:
-            future.result()
 
 
 def _score_part(job: ScoreJob, urls: list[str]) -> None:
@@ -218,22 +172,6 @@ def _score_shard(scorer, describer, opener: ShardOpener, url: str, job: ScoreJob
     if describer is not None:
         columns["copy_embedding"] = _half_list(copies)
     return pa.table(columns)
-
-
-def shard_samples_of(opener: ShardOpener, url: str) -> Iterator[tuple[int, dict]]:
-    """The numbered samples of shard ``url``; an unreadable shard is a one-line error."""
-    try:
-        with opener.open(url) as stream:
-            yield from shard_samples(stream, SkipCounter())
-    except OSError as error:
-        raise ClipxError(f"cannot read shard {url}: {error}") from None
-
-
-def batches_of(samples, size: int) -> Iterator[list]:
-    """``samples`` in lists of ``size`` (the last one shorter)."""
-    iterator = iter(samples)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
 
 
 @torch.no_grad()

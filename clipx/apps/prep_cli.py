@@ -197,7 +197,8 @@ def _add_reinforce(sources) -> None:
                                                "ensemble of teachers' embeddings of both (data.reinforced)")
     sub.add_argument("--teachers", required=True, help="comma-separated: clipx runs or checkpoints, open_clip or "
                                                        "transformers CLIP folders")
-    sub.add_argument("--shards", required=True, help="shard pattern (local or remote) to reinforce")
+    sub.add_argument("--shards", required=True, help="shard pattern or folder, local or remote (s3://, https://)")
+    sub.add_argument("--endpoint-url", default=None, help="S3-compatible store of remote shards")
     sub.add_argument("--out", required=True, help="output folder: the shards again, sizes.json, reinforce.json")
     sub.add_argument("--augmentations", type=int, default=4, help="stored views per image (K)")
     sub.add_argument("--captions", type=int, default=2, help="synthetic captions per image (N)")
@@ -213,6 +214,7 @@ def _add_reinforce(sources) -> None:
     sub.add_argument("--flip-prob", type=float, default=0.5)
     sub.add_argument("--jitter-prob", type=float, default=0.8)
     sub.add_argument("--jitter-strength", type=float, default=1.0)
+    sub.add_argument("--hue", type=float, default=0.0, help="the largest hue shift, in turns (0: none)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--batch-size", type=int, default=64)
     sub.add_argument("--processes", type=int, default=1)
@@ -222,15 +224,17 @@ def _add_reinforce(sources) -> None:
 
 def _prep_reinforce(args) -> int:
     from clipx.data.reinforce import ViewRecipe
+    from clipx.data.remote import RemoteOptions
     from data_prep.reinforce import Decoding, reinforce_shards, summary_line
 
     result = reinforce_shards(
         [path.strip() for path in args.teachers.split(",")], args.shards, args.out,
         augmentations=args.augmentations, captions=args.captions, captioner=args.captioner,
         caption_key=args.caption_key, image_size=args.image_size,
-        recipe=ViewRecipe(args.crop_scale_min, args.flip_prob, args.jitter_prob, args.jitter_strength),
+        recipe=ViewRecipe(args.crop_scale_min, args.flip_prob, args.jitter_prob, args.jitter_strength, args.hue),
         decoding=Decoding(args.caption_method, temperature=args.temperature, top_k=args.top_k,
                           max_tokens=args.max_tokens),
-        seed=args.seed, batch_size=args.batch_size, processes=args.processes, device=args.device)
+        seed=args.seed, batch_size=args.batch_size, processes=args.processes, device=args.device,
+        options=RemoteOptions(endpoint_url=args.endpoint_url))
     print(summary_line(result))
     return 0

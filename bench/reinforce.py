@@ -8,15 +8,17 @@ and scikit-learn, `clipx prep photos`; both at 32 px):
 
 1. teachers: two CLIPs of the demo's model (configs/demo-digits.yaml, models/tiny-digits.json:
    4 blocks, 128 wide, 4 px patches), trained --teacher-steps steps with seeds 0 and 1, in bf16;
-2. `clipx prep reinforce --teachers A,B --augmentations K --captions 0`: K stored views per image
-   (the student's own crop range, 0.8 to 1 of the area, colour jitter, flips only on the photos: a
-   mirrored digit is another sign), both teachers' float16 embeddings of every view and caption;
+2. `clipx prep reinforce --teachers A,B --augmentations K --captions 0`, twice: K stored views per
+   image as the student's own crops (0.8 to 1 of the area; flips only on the photos, a mirrored
+   digit being another sign), and the same with the writer's default colour jitter on top; both
+   teachers' float16 embeddings of every view and caption;
 3. the student (configs/distill-digits.yaml's micro model: one block per tower, 32 wide, 8 px
    patches) for --steps steps of 128 pairs in bf16, per seed, alternating: plain (the original
-   shards, its random crop), reinforced (data.reinforced, distill.embedded at weight 1: the
-   ensemble's averaged similarity distributions, each teacher at its own temperature, added to
-   the contrastive loss, open_clip's sum), and reinforced with the distillation term alone
-   (distill.student_weight=0: MobileCLIP's lambda = 1);
+   shards, its random crop), reinforced (the crops' shards, data.reinforced, distill.embedded at
+   weight 1: the ensemble's averaged similarity distributions, each teacher at its own
+   temperature, added to the contrastive loss, open_clip's sum), the same on the jittered views,
+   and on the jittered views with the distillation term alone (distill.student_weight=0,
+   MobileCLIP's lambda = 1);
 4. the loss at step 1 of one-step runs of the offline (stored) and online (teachers run in the
    loop on the replayed view) ensemble forms, same seed.
 
@@ -44,10 +46,16 @@ from bench.harness import add_report_arguments, finished, run_or_render  # noqa:
 TEACHER = REPO / "configs" / "demo-digits.yaml"
 STUDENT = REPO / "configs" / "distill-digits.yaml"
 FLIPS = {"digits": 0.0, "photos": 0.5}
-# name -> (run folder, reads the reinforced shards, overrides of the student's config)
-FORMS = {"plain": ("plain", False, ["distill.embedded=false"]),
-         "reinforced": ("reinforced", True, ["data.reinforced=true"]),
-         "reinforced, distillation alone": ("distilled", True, ["data.reinforced=true", "distill.student_weight=0"])}
+# The stored views: the student's own augmentation (its crop range, no colour jitter), so that the
+# comparison with plain training isolates what reinforcement adds; and the writer's default colour
+# jitter on top (brightness, contrast, saturation within 1 +- 0.4, on 80% of the views).
+VIEWS = {"crops": {"jitter_prob": 0.0}, "jittered": {}}
+# form -> (run folder, the views it reads or None for the plain shards, overrides of the student's config)
+FORMS = {"plain": ("plain", None, ["distill.embedded=false"]),
+         "reinforced": ("crops", "crops", ["data.reinforced=true"]),
+         "reinforced, jittered views": ("reinforced", "jittered", ["data.reinforced=true"]),
+         "jittered views, distillation alone": ("distilled", "jittered",
+                                                ["data.reinforced=true", "distill.student_weight=0"])}
 
 
 def dataset(name: str, work: Path) -> Path:
@@ -104,16 +112,17 @@ def measure_dataset(name: str, work: Path, args) -> dict:
     data = dataset(name, work)
     teachers = [train_run(TEACHER, name, data / "train", data / "test", work / f"teacher-{seed}", args.teacher_steps,
                           seed) for seed in (0, 1)]
-    reinforced = work / "reinforced"
-    written = reinforce_shards([t["checkpoint"] for t in teachers], str(data / "train"), reinforced,
-                               augmentations=args.augmentations, captions=0, image_size=32,
-                               recipe=ViewRecipe(crop_scale_min=0.8, flip_prob=FLIPS[name]), batch_size=256)
-    if not written["reinforced"]:  # shards written by an earlier run of this script: count what they add
-        written["bytes_per_sample"] = _bytes_per_sample(reinforced, data / "train")
+    shards = {views: work / ("reinforced" if views == "jittered" else f"reinforced-{views}") for views in VIEWS}
+    written = {views: reinforce_shards([t["checkpoint"] for t in teachers], str(data / "train"), shards[views],
+                                       augmentations=args.augmentations, captions=0, image_size=32,
+                                       recipe=ViewRecipe(crop_scale_min=0.8, flip_prob=FLIPS[name], **recipe),
+                                       batch_size=256)
+               for views, recipe in VIEWS.items()}
+    reinforced = shards["crops"]
     runs: dict = {name: {} for name in FORMS}
     for seed in args.seeds:  # the forms alternate within each seed
-        for form, (folder, reads_reinforced, overrides) in FORMS.items():
-            train = reinforced if reads_reinforced else data / "train"
+        for form, (folder, views, overrides) in FORMS.items():
+            train = shards[views] if views else data / "train"
             runs[form][seed] = train_run(STUDENT, name, train, data / "test", work / f"{folder}-{seed}", args.steps,
                                          seed, *overrides)
     timing = {"plain": [], "reinforced": []}
@@ -126,7 +135,9 @@ def measure_dataset(name: str, work: Path, args) -> dict:
     step1 = {"offline": first_step_loss(name, reinforced, work / "step1-offline", "data.reinforced=true"),
              "online": first_step_loss(name, reinforced, work / "step1-online", "data.reinforced=true",
                                        "distill.embedded=false", f"distill.teacher={online}")}
-    return {"teachers": [t["zero_shot_top1"] for t in teachers], "bytes_per_sample": written["bytes_per_sample"],
+    # A rerun finds the shards written already: their growth on disk, tar padding included.
+    per_sample = written["crops"]["bytes_per_sample"] or _bytes_per_sample(reinforced, data / "train")
+    return {"teachers": [t["zero_shot_top1"] for t in teachers], "bytes_per_sample": per_sample,
             "runs": runs, "timing": timing, "step1": step1}
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from clipx.data.batch import TEACHER_EMBEDDING, TEACHER_IMAGE, TEACHER_TEXT, ReplayedView
-from clipx.data.reinforce import STORED_TORCH_DTYPE, ReinforceInfo, stored_captions, teacher_member
+from clipx.data.reinforce import STORED_TORCH_DTYPE, ReinforceInfo, read_npy, stored_captions, teacher_member
 from clipx.data.remote import RemoteOptions
 from clipx.dist import unwrap
 from clipx.errors import ClipxError
@@ -146,7 +146,7 @@ def _reinforced_rows(sample: dict, info: ReinforceInfo) -> list[np.ndarray]:
                          f"{info.caption_key!r} only") from None
     rows = []
     for t in range(len(info.teachers)):
-        array = np.load(io.BytesIO(sample[teacher_member(t)]), allow_pickle=False)
+        array = read_npy(sample[teacher_member(t)])
         if array.ndim != 2 or array.shape[0] != info.augmentations + len(captions):
             raise ClipxError(f"sample {sample['key']}: {teacher_member(t)} holds {array.shape}, not "
                              f"({info.augmentations} views + {len(captions)} captions, dim); reinforce the shards again")

@@ -141,7 +141,7 @@ def _info(job: ReinforceJob) -> ReinforceInfo:
     """reinforce.json's content, the teachers' sources and scales read from their files."""
     described = []
     for path in job.teachers:
-        teacher = load_teacher(path)
+        teacher = load_teacher(path, what="--teachers")
         described.append({"source": teacher.source, "logit_scale": teacher.logit_scale, "dim": _width(teacher)})
     settings = {"seed": job.seed, "captioner": job.captioner, "decoding": asdict(job.decoding)}
     return ReinforceInfo(described, job.augmentations, job.image_size, job.caption_key, job.captions,
@@ -160,7 +160,7 @@ def _reinforce_part(job: ReinforceJob, urls: list[str]) -> dict:
         return counts
     if job.threads is not None:
         torch.set_num_threads(job.threads)
-    teachers = [load_teacher(path).to(job.device) for path in job.teachers]
+    teachers = [load_teacher(path, what="--teachers").to(job.device) for path in job.teachers]
     captioner = load_captioner(job.captioner, device=job.device) if job.captioner is not None else None
     opener = ShardOpener(job.options)
     for url in urls:

@@ -396,3 +396,25 @@ def tiny_overrides_list(digits_dir, tiny_model_json, out):
     return tiny_overrides(digits_dir, tiny_model_json, out, **{
         "data.train": str(digits_dir / "train-reinforced"), "data.reinforced": "true", "distill.embedded": "true",
         "data.val": "null", "data.caption_keys": "{txt: 1, negative: 1}"})
+
+
+def test_without_distillation_the_views_are_replayed_all_the_same(written, digits_dir):
+    """data.reinforced alone: the stored views, no teacher, the plain image-text collation."""
+    from clipx.config import load_config
+    from clipx.data.batch import IMAGE
+    from clipx.data.pipeline import decode_or_reason
+    from clipx.data.reinforce import ReplayedViews
+    from clipx.methods import method_of
+
+    out = written["root"] / "out"
+    config = load_config(None, [f"model.name={digits_dir / 'teacher' / 'arch.json'}", f"data.train={out}",
+                                "data.reinforced=true"])
+    method = method_of(config)
+    transform, collate = method.train_transform(config), method.collate(config)
+    assert isinstance(transform, ReplayedViews) and not getattr(collate, "members", ())
+    samples = _samples(out / "a-000.tar")[:8]
+    views = [decode_or_reason(sample, transform)[0] for sample in samples]
+    batch = collate([{"image": v, "text": "a digit", "key": s["__key__"]} for v, s in zip(views, samples)])
+    for row, (view, sample) in enumerate(zip(views, samples)):
+        record = tuple(float(v) for v in load_records(sample)[view.index])
+        assert torch.equal(batch[IMAGE][row], written["seen"][(sample_image_bytes(sample), record)])

@@ -52,6 +52,7 @@ from clipx.data.shards import expand_shards
 from clipx.data.transforms import decode_image, open_image
 from clipx.errors import ClipxError
 from clipx.methods import load_teacher
+from clipx.models.decoding import generate
 
 COUNTS = ("written", "reinforced", "unusable", "added_bytes")
 # What changes the stored bytes: a resumed folder must agree on these.
@@ -135,6 +136,10 @@ def _check_arguments(teachers, augmentations, captions, caption_key, image_size,
     if captioner is not None and captions > 1 and decoding.method != "sample":
         raise ClipxError(f"--captions {captions} from one captioner need --caption-method sample (greedy and beam "
                          "search write one caption per image)")
+    if captioner is not None:  # the decoding settings, checked in one line before any model is loaded
+        generate(lambda tokens, source: tokens, 0, sot=0, eot=1, max_tokens=decoding.max_tokens,
+                 method=decoding.method, beams=decoding.beams, temperature=decoding.temperature,
+                 top_k=decoding.top_k, min_tokens=decoding.min_tokens)
 
 
 def _info(job: ReinforceJob) -> ReinforceInfo:
@@ -143,7 +148,10 @@ def _info(job: ReinforceJob) -> ReinforceInfo:
     for path in job.teachers:
         teacher = load_teacher(path, what="--teachers")
         described.append({"source": teacher.source, "logit_scale": teacher.logit_scale, "dim": _width(teacher)})
-    settings = {"seed": job.seed, "captioner": job.captioner, "decoding": asdict(job.decoding)}
+    # Sampled captions draw per batch: the batch size shapes them (and nothing else).
+    sampled = job.captioner is not None and job.decoding.method == "sample"
+    settings = {"seed": job.seed, "captioner": job.captioner, "decoding": asdict(job.decoding),
+                "batch_size": job.batch_size if sampled else None}
     return ReinforceInfo(described, job.augmentations, job.image_size, job.caption_key, job.captions,
                          asdict(job.recipe), settings)
 

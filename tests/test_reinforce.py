@@ -346,6 +346,7 @@ def test_synthetic_captions_from_a_captioner_are_stored_and_embedded(written, tm
     (("--caption-key", "txt"), "--caption-key 'txt'"),
     (("--captions", 2, "--captioner", "{coca}", "--caption-method", "greedy"), "need --caption-method sample"),
     (("--crop-scale-min", 0), "--crop-scale-min must be in"),
+    (("--captions", 1, "--captioner", "{coca}", "--temperature", 0), "temperature"),
 ])
 def test_bad_writer_input_is_refused_in_one_line(written, tmp_path, extra, message):
     extra = tuple(str(v).replace("{coca}", str(tmp_path)) for v in extra)

@@ -64,8 +64,10 @@ def teacher_logit_scales(config, load: Callable[[str], Teacher]) -> list[float]:
         scales = [cached_teacher(path, load).logit_scale for path in teacher_paths(config)]
     elif config.data.reinforced:
         scales = [float(t["logit_scale"]) for t in reinforce_info(config).teachers]
+    elif d.teacher_logit_scale is not None:  # embed-teacher's one teacher; its teacher.json is not needed
+        return [d.teacher_logit_scale]
     else:
-        scales = [_embedded_scale(config) if d.teacher_logit_scale is None else d.teacher_logit_scale]
+        scales = [_embedded_scale(config)]
     return [d.teacher_logit_scale] * len(scales) if d.teacher_logit_scale is not None else scales
 
 
